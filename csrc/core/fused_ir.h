@@ -1,0 +1,162 @@
+// Fused MobileNetV2 inverted-residual block on raw pointers (no torch).
+//
+//   a1 = relu6(We x + be)              (skipped when t == 1: a1 = x)
+//   a2 = relu6(dw3x3(a1, stride) + bd)
+//   y  = Wp a2 + bp (+ x)
+//
+// The hidden tensor a1/a2 never exists in full: rows of it are produced into a
+// per-thread ring of three rows and consumed immediately (paper section 5.1).
+// Tensors are addressed through element strides, so NCHW, channels_last and
+// arbitrary strided views are all read and written in place.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mnv2 {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
+const char* isa_name(Isa isa);
+
+// Element strides of an (N, C, H, W) tensor.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+struct BlockShape {
+  int64_t batch, in_h, in_w;
+  int64_t cin, hidden, cout;
+  int stride;       // 1 or 2
+  bool has_expand;  // false when t == 1 (then hidden == cin)
+  bool residual;    // requires stride == 1 and cin == cout
+  int64_t out_h() const { return (in_h - 1) / stride + 1; }
+  int64_t out_w() const { return (in_w - 1) / stride + 1; }
+};
+
+// Returns nullptr when the shape is valid, else a message naming the problem.
+const char* validate_shape(const BlockShape& s);
+
+// Channel counts padded to the kernel's vector width, and where each packed
+// weight lives inside one float buffer.
+struct Layout {
+  int64_t vl;                // vector width in floats (channel padding unit)
+  int64_t hp, cin_p, cout_p; // padded hidden / input / output channels
+  // forward weights
+  int64_t we_kn;  // expand  [cin][hp]
+  int64_t be;     // [hp]
+  int64_t wd;     // depthwise [9][hp]
+  int64_t bd;     // [hp]
+  int64_t wp_kn;  // project [hp][cout_p]
+  int64_t bp;     // [cout_p]
+  // transposed copies used by the backward
+  int64_t we_nk;  // expand  [hp][cin_p]
+  int64_t wp_nk;  // project [cout][hp]
+  int64_t total;
+};
+Layout make_layout(const BlockShape& s, int64_t vl);
+
+// Weight-gradient accumulators (one set per backward task), padded layout.
+struct GradLayout {
+  int64_t g_weT;  // [cin][hp]
+  int64_t g_be;   // [hp]
+  int64_t g_wd;   // [9][hp]
+  int64_t g_bd;   // [hp]
+  int64_t g_wp;   // [cout][hp]
+  int64_t g_bp;   // [cout_p]
+  int64_t total;
+};
+GradLayout make_grad_layout(const BlockShape& s, const Layout& l);
+
+// Repacks contiguous weights into `packed` (l.total floats).
+//   w_expand [hidden][cin] (ignored when !has_expand), b_expand [hidden],
+//   w_dw [hidden][9], b_dw [hidden], w_project [cout][hidden], b_project [cout]
+void pack_weights(const BlockShape& s, const Layout& l, const float* w_expand,
+                  const float* b_expand, const float* w_dw, const float* b_dw,
+                  const float* w_project, const float* b_project, float* packed);
+
+// Work split of the forward: items are (image, row band, column tile).
+struct ForwardPlan {
+  int64_t rows_per_band, n_bands;
+  int64_t cols_per_tile, n_col_tiles;
+  int64_t rows_per_step;   // output rows whose project is one GEMM
+  int64_t hidden_chunk;    // hidden channels per pass (multiple of vl); < hp splits the
+                           // block into a sum over chunks (paper section 5.1)
+  int64_t scratch_floats;  // per thread
+  int64_t items(const BlockShape& s) const { return s.batch * n_bands * n_col_tiles; }
+};
+// `threads` is how many workers will share the items; the scratch budget keeps
+// the ring of expanded rows in L2.
+ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads);
+// Re-derives the dependent fields after a caller overrides the tile sizes.
+void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p);
+
+struct ForwardArgs {
+  BlockShape shape;
+  Layout layout;
+  const float* x;
+  Strides4 xs;
+  const float* packed;
+  float* y;
+  Strides4 ys;
+};
+
+// Work split of the backward: items are (image, row band). Bands span whole
+// rows; an input row shared by two bands is written by the first and the
+// second band's share goes to a side buffer added in backward_finish.
+struct BackwardPlan {
+  int64_t rows_per_band, n_bands;
+  int64_t scratch_floats;       // per thread
+  int64_t side_rows_per_item;   // 3 - stride
+  int64_t side_floats;          // whole side buffer
+  int64_t items(const BlockShape& s) const { return s.batch * n_bands; }
+};
+BackwardPlan plan_backward(const BlockShape& s, const Layout& l, int threads);
+void finish_backward_plan(const BlockShape& s, const Layout& l, BackwardPlan* p);
+
+struct BackwardArgs {
+  BlockShape shape;
+  Layout layout;
+  const float* x;
+  Strides4 xs;
+  const float* gy;
+  Strides4 gys;
+  const float* packed;
+  float* gx;  // may be null when the input gradient is not needed
+  Strides4 gxs;
+  float* side;  // plan.side_floats, only used when gx != nullptr
+};
+
+// Adds the side-buffer rows into gx. Serial; call after every item is done.
+void backward_finish(const BackwardArgs& a, const BackwardPlan& p);
+
+// Sums `tasks` partial gradient buffers in order (deterministic) and writes
+// the unpadded gradients. Any output pointer may be null.
+//   g_we [hidden][cin], g_be [hidden], g_wd [hidden][9], g_bd [hidden],
+//   g_wp [cout][hidden], g_bp [cout]
+void reduce_grads(const BlockShape& s, const Layout& l, const float* partials,
+                  int64_t tasks, float* g_we, float* g_be, float* g_wd, float* g_bd,
+                  float* g_wp, float* g_bp);
+
+// One instruction-set implementation of the kernels.
+struct KernelTable {
+  Isa isa;
+  int64_t vl;
+  // Processes forward items [begin, end). scratch: plan.scratch_floats.
+  void (*forward)(const ForwardArgs& a, const ForwardPlan& p, int64_t begin, int64_t end,
+                  float* scratch);
+  // Processes backward items [begin, end), accumulating weight gradients into
+  // grads (GradLayout::total floats, zeroed by the caller).
+  void (*backward)(const BackwardArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,
+                   float* grads, float* scratch);
+};
+
+// The table for `isa`, or nullptr when it is not compiled in or the CPU lacks it.
+const KernelTable* kernel_table(Isa isa);
+bool cpu_supports(Isa isa);
+bool isa_compiled(Isa isa);
+// The table in use: the best the CPU supports, or the one MNV2_CPU_ISA names
+// (scalar|avx2|avx512|neon). Chosen once. Throws std::runtime_error when the
+// variable names an unknown ISA or one this CPU or build cannot run.
+const KernelTable& active_kernels();
+
+}  // namespace mnv2

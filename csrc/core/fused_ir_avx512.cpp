@@ -1,0 +1,11 @@
+// AVX-512F build of the fused block. Compiled with -mavx512f -mfma -ffp-contract=fast.
+#if !defined(__AVX512F__)
+#error "fused_ir_avx512.cpp must be compiled with -mavx512f"
+#endif
+#define MNV2_VL 16
+#define MNV2_MR 8  // 8 x 32 floats: 16 of the 32 zmm registers hold accumulators
+#include "fused_ir_impl.inl"
+
+namespace mnv2 {
+extern const KernelTable kKernelsAvx512 = {Isa::kAvx512, MNV2_VL, &forward_entry, &backward_entry};
+}  // namespace mnv2

@@ -1,0 +1,513 @@
+// Fused inverted-residual forward and backward, written once with GCC/Clang
+// vector extensions and compiled once per instruction set. Each ISA
+// translation unit defines, before including this file:
+//   MNV2_VL   vector width in floats (also the channel padding unit)
+//   MNV2_MR   rows of the GEMM register tile
+// and is compiled with that ISA's flags. Everything here has internal linkage
+// so no code compiled for one ISA can be picked up by another at link time;
+// for the same reason nothing here calls inline functions from std headers.
+#include <cstring>
+
+#include "fused_ir.h"
+
+#if defined(__clang__)
+#define MNV2_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define MNV2_UNROLL _Pragma("GCC unroll 16")
+#else
+#define MNV2_UNROLL
+#endif
+
+namespace mnv2 {
+namespace {
+
+constexpr int64_t VL = MNV2_VL;
+constexpr int MR = MNV2_MR;
+typedef float vf __attribute__((vector_size(MNV2_VL * sizeof(float))));
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+inline vf vload(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+inline vf vsplat(float x) { return vf{} + x; }
+
+// min/max written as selects so that NaN passes through, as in torch.
+inline vf relu6(vf v) {
+  const vf zero = {};
+  const vf six = zero + 6.0f;
+  v = v < zero ? zero : v;
+  return v > six ? six : v;
+}
+
+// g where 0 < a < 6 (the ReLU6 derivative, as hardtanh_backward), else 0.
+inline vf relu6_grad(vf g, vf a) {
+  const vf zero = {};
+  const vf six = zero + 6.0f;
+  return ((a > zero) & (a < six)) ? g : zero;
+}
+
+// ---------------------------------------------------------------------------
+// GEMM: C[M x N] (+)= A[M x K] * B[K x N] (+ bias[N]), optional ReLU6.
+// A is addressed by strides (A(i,k) = A[i*sam + k*sak]) so a strided tensor or
+// a transposed row can be used in place. B and C have unit stride along N, and
+// N is a multiple of VL.
+enum : unsigned { kAccumulate = 1u, kRelu6 = 2u };
+
+template <int ROWS, int NV>
+inline void gemm_tile(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, const float* bias, unsigned flags) {
+  vf acc[ROWS][NV];
+  MNV2_UNROLL for (int i = 0; i < ROWS; ++i) {
+    MNV2_UNROLL for (int j = 0; j < NV; ++j) {
+      vf v = bias != nullptr ? vload(bias + j * VL) : vf{};
+      if (flags & kAccumulate) v += vload(C + i * ldc + j * VL);
+      acc[i][j] = v;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[NV];
+    MNV2_UNROLL for (int j = 0; j < NV; ++j) b[j] = vload(B + j * VL);
+    MNV2_UNROLL for (int i = 0; i < ROWS; ++i) {
+      const vf a = vsplat(A[i * sam]);
+      MNV2_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+    }
+    A += sak;
+    B += ldb;
+  }
+  MNV2_UNROLL for (int i = 0; i < ROWS; ++i) {
+    MNV2_UNROLL for (int j = 0; j < NV; ++j) {
+      vstore(C + i * ldc + j * VL, (flags & kRelu6) ? relu6(acc[i][j]) : acc[i][j]);
+    }
+  }
+}
+
+template <int NV, int ROWS>
+inline void gemm_rows_tail(int64_t rows, int64_t K, const float* A, int64_t sam, int64_t sak,
+                           const float* B, int64_t ldb, float* C, int64_t ldc, const float* bias,
+                           unsigned flags) {
+  if constexpr (ROWS > 0) {
+    if (rows == ROWS) {
+      gemm_tile<ROWS, NV>(K, A, sam, sak, B, ldb, C, ldc, bias, flags);
+    } else {
+      gemm_rows_tail<NV, ROWS - 1>(rows, K, A, sam, sak, B, ldb, C, ldc, bias, flags);
+    }
+  }
+}
+
+template <int NV>
+inline void gemm_panel(int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak,
+                       const float* B, int64_t ldb, float* C, int64_t ldc, const float* bias,
+                       unsigned flags) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) {
+    gemm_tile<MR, NV>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, bias, flags);
+  }
+  gemm_rows_tail<NV, MR - 1>(M - m, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, bias,
+                             flags);
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
+          const float* B, int64_t ldb, float* C, int64_t ldc, const float* bias, unsigned flags) {
+  // Panel by panel of B so that each K x NR panel is reused across all of M.
+  int64_t n = 0;
+  for (; n + 2 * VL <= N; n += 2 * VL) {
+    gemm_panel<2>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, bias ? bias + n : nullptr, flags);
+  }
+  for (; n < N; n += VL) {
+    gemm_panel<1>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, bias ? bias + n : nullptr, flags);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Depthwise 3x3 for one output row, vectorised over channels.
+// rows[ky] holds input columns [c_lo, c_lo + nvalid) with hc channels each
+// (an all-zero row stands in for rows outside the image). Output columns
+// [oc0, oc0 + tw) go to out[tw][hc].
+void dw3x3_row(const float* const rows[3], int64_t c_lo, int64_t in_w, int st, int64_t oc0,
+               int64_t tw, int64_t hc, const float* wd, int64_t ldw, const float* bd, float* out,
+               bool relu) {
+  for (int64_t c = 0; c < hc; c += VL) {
+    vf w[9];
+    MNV2_UNROLL for (int t = 0; t < 9; ++t) w[t] = vload(wd + t * ldw + c);
+    const vf b = vload(bd + c);
+    for (int64_t p = 0; p < tw; ++p) {
+      const int64_t q0 = (oc0 + p) * st - 1;  // leftmost input column of the tap
+      vf acc = b;
+      if (q0 >= 0 && q0 + 2 < in_w) {
+        MNV2_UNROLL for (int ky = 0; ky < 3; ++ky) {
+          const float* r = rows[ky] + (q0 - c_lo) * hc + c;
+          acc += w[ky * 3 + 0] * vload(r) + w[ky * 3 + 1] * vload(r + hc) +
+                 w[ky * 3 + 2] * vload(r + 2 * hc);
+        }
+      } else {
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t q = q0 + kx;
+          if (q < 0 || q >= in_w) continue;
+          MNV2_UNROLL for (int ky = 0; ky < 3; ++ky) {
+            acc += w[ky * 3 + kx] * vload(rows[ky] + (q - c_lo) * hc + c);
+          }
+        }
+      }
+      vstore(out + p * hc + c, relu ? relu6(acc) : acc);
+    }
+  }
+}
+
+// Backward of the depthwise step for one output row (full width, c_lo = 0):
+// accumulates the weight and bias gradients and scatters gz2 into the three
+// input-row gradient accumulators ga1[ky].
+void dw3x3_row_backward(const float* const rows[3], float* const ga1[3], const float* gz2,
+                        int64_t in_w, int st, int64_t out_w, int64_t hp, const float* wd,
+                        float* g_wd, float* g_bd) {
+  for (int64_t c = 0; c < hp; c += VL) {
+    vf w[9], gw[9];
+    MNV2_UNROLL for (int t = 0; t < 9; ++t) {
+      w[t] = vload(wd + t * hp + c);
+      gw[t] = vf{};
+    }
+    vf gb = {};
+    for (int64_t p = 0; p < out_w; ++p) {
+      const vf g = vload(gz2 + p * hp + c);
+      gb += g;
+      const int64_t q0 = p * st - 1;
+      for (int kx = 0; kx < 3; ++kx) {
+        const int64_t q = q0 + kx;
+        if (q < 0 || q >= in_w) continue;
+        MNV2_UNROLL for (int ky = 0; ky < 3; ++ky) {
+          const int64_t off = q * hp + c;
+          gw[ky * 3 + kx] += g * vload(rows[ky] + off);
+          vstore(ga1[ky] + off, vload(ga1[ky] + off) + g * w[ky * 3 + kx]);
+        }
+      }
+    }
+    MNV2_UNROLL for (int t = 0; t < 9; ++t) {
+      vstore(g_wd + t * hp + c, vload(g_wd + t * hp + c) + gw[t]);
+    }
+    vstore(g_bd + c, vload(g_bd + c) + gb);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A window of expanded input rows (a1) for one image, one column range and one
+// chunk of hidden channels. Rows are kept in a ring of `slots`; rows outside
+// the image read as the zero row.
+struct Window {
+  const ForwardArgs* a;  // shape, layout, x, packed weights
+  int64_t n;             // image
+  int64_t c_lo, nvalid;  // input columns held
+  int64_t h0, hc;        // hidden channels [h0, h0 + hc)
+  int64_t slots;
+  float* ring;        // [slots][nvalid][hc]
+  const float* zero;  // [nvalid][hc] zeros
+  int64_t have_hi;    // highest row held (rows have_hi - slots + 1 .. have_hi)
+
+  int64_t row_floats() const { return nvalid * hc; }
+  float* slot(int64_t i) const { return ring + (i % slots) * row_floats(); }
+
+  const float* row(int64_t i) const {
+    const int64_t H = a->shape.in_h;
+    if (i < 0 || i >= H) return zero;
+    return slot(i);
+  }
+
+  // Makes input rows [lo, hi] available (rows are requested in increasing order).
+  void fill(int64_t lo, int64_t hi) {
+    const int64_t H = a->shape.in_h;
+    lo = imax(imax(lo, have_hi + 1), 0);
+    hi = imin(hi, H - 1);
+    while (lo <= hi) {
+      // rows [lo, seg_hi] occupy consecutive slots
+      const int64_t seg_hi = imin(hi, lo + (slots - lo % slots) - 1);
+      compute_rows(lo, seg_hi);
+      lo = seg_hi + 1;
+    }
+    have_hi = imax(have_hi, hi);
+  }
+
+  void compute_rows(int64_t lo, int64_t hi) {
+    const BlockShape& s = a->shape;
+    const Layout& l = a->layout;
+    const Strides4& xs = a->xs;
+    const float* xrow = a->x + n * xs.n + c_lo * xs.w;
+    float* dst = slot(lo);
+    const int64_t rows = hi - lo + 1;
+    if (s.has_expand) {
+      const float* B = a->packed + l.we_kn + h0;
+      const float* bias = a->packed + l.be + h0;
+      if (rows == 1 || xs.h == nvalid * xs.w) {
+        // consecutive rows are one uniformly strided matrix: a single GEMM
+        gemm(rows * nvalid, hc, s.cin, xrow + lo * xs.h, xs.w, xs.c, B, l.hp, dst, hc, bias,
+             kRelu6);
+      } else {
+        for (int64_t i = lo; i <= hi; ++i) {
+          gemm(nvalid, hc, s.cin, xrow + i * xs.h, xs.w, xs.c, B, l.hp, dst + (i - lo) * row_floats(),
+               hc, bias, kRelu6);
+        }
+      }
+      // Padded channels must be exactly zero: with an infinite input, the
+      // GEMM would leave inf * 0 = NaN there and the project would spread it.
+      const int64_t valid = s.hidden - h0;
+      if (valid < hc) {
+        for (int64_t p = 0; p < rows * nvalid; ++p) {
+          std::memset(dst + p * hc + valid, 0, sizeof(float) * (hc - valid));
+        }
+      }
+    } else {
+      for (int64_t i = lo; i <= hi; ++i) {
+        float* d = dst + (i - lo) * row_floats();
+        const float* src = xrow + i * xs.h;
+        for (int64_t p = 0; p < nvalid; ++p) {
+          for (int64_t c = 0; c < hc; ++c) {
+            const int64_t ch = h0 + c;
+            d[p * hc + c] = ch < s.cin ? src[p * xs.w + ch * xs.c] : 0.0f;
+          }
+        }
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+void store_output_rows(const ForwardArgs& a, int64_t n, int64_t r, int64_t rows, int64_t oc0,
+                       int64_t tw, const float* acc) {
+  const BlockShape& s = a.shape;
+  const int64_t cp = a.layout.cout_p;
+  const Strides4& ys = a.ys;
+  const Strides4& xs = a.xs;
+  for (int64_t q = 0; q < rows; ++q) {
+    float* y = a.y + n * ys.n + (r + q) * ys.h + oc0 * ys.w;
+    // the residual only exists at stride 1, where output and input rows coincide
+    const float* x = s.residual ? a.x + n * xs.n + (r + q) * xs.h + oc0 * xs.w : nullptr;
+    const float* src = acc + q * tw * cp;
+    // walk the output along whichever of channels / columns is contiguous
+    if (ys.c == 1) {
+      for (int64_t p = 0; p < tw; ++p) {
+        for (int64_t o = 0; o < s.cout; ++o) {
+          float v = src[p * cp + o];
+          if (s.residual) v += x[p * xs.w + o * xs.c];
+          y[p * ys.w + o] = v;
+        }
+      }
+    } else {
+      for (int64_t o = 0; o < s.cout; ++o) {
+        for (int64_t p = 0; p < tw; ++p) {
+          float v = src[p * cp + o];
+          if (s.residual) v += x[p * xs.w + o * xs.c];
+          y[p * ys.w + o * ys.c] = v;
+        }
+      }
+    }
+  }
+}
+
+struct ForwardGeometry {
+  int64_t slots, nvalid_max, hc, n_chunks, acc_rows;
+};
+
+ForwardGeometry forward_geometry(const BlockShape& s, const Layout& l, const ForwardPlan& p) {
+  ForwardGeometry g;
+  g.slots = (p.rows_per_step - 1) * s.stride + 3;
+  g.nvalid_max = imin(s.in_w, (p.cols_per_tile - 1) * s.stride + 3);
+  g.hc = p.hidden_chunk;
+  g.n_chunks = (l.hp + g.hc - 1) / g.hc;
+  g.acc_rows = g.n_chunks > 1 ? p.rows_per_band : p.rows_per_step;
+  return g;
+}
+
+void forward_item(const ForwardArgs& a, const ForwardPlan& p, const ForwardGeometry& g,
+                  int64_t item, float* scratch) {
+  const BlockShape& s = a.shape;
+  const Layout& l = a.layout;
+  const int st = s.stride;
+  const int64_t Ho = s.out_h(), Wo = s.out_w();
+  const int64_t ct = item % p.n_col_tiles;
+  const int64_t band = (item / p.n_col_tiles) % p.n_bands;
+  const int64_t n = item / (p.n_col_tiles * p.n_bands);
+  const int64_t oc0 = ct * p.cols_per_tile;
+  const int64_t tw = imin(p.cols_per_tile, Wo - oc0);
+  const int64_t c_lo = imax(0, oc0 * st - 1);
+  const int64_t c_hi = imin(s.in_w - 1, (oc0 + tw - 1) * st + 1);
+  const int64_t r0 = band * p.rows_per_band;
+  const int64_t r1 = imin(Ho, r0 + p.rows_per_band);
+
+  float* ring = scratch;
+  float* zero = ring + g.slots * g.nvalid_max * g.hc;
+  float* dwbuf = zero + g.nvalid_max * g.hc;
+  float* acc = dwbuf + p.rows_per_step * p.cols_per_tile * g.hc;
+
+  Window win{&a, n, c_lo, c_hi - c_lo + 1, 0, 0, g.slots, ring, zero, 0};
+  for (int64_t chunk = 0; chunk < g.n_chunks; ++chunk) {
+    win.h0 = chunk * g.hc;
+    win.hc = imin(g.hc, l.hp - win.h0);
+    win.have_hi = -1 - 2 * int64_t{st};  // nothing held
+    const bool first = chunk == 0;
+    for (int64_t r = r0; r < r1; r += p.rows_per_step) {
+      const int64_t rows = imin(p.rows_per_step, r1 - r);
+      win.fill(r * st - 1, (r + rows - 1) * st + 1);
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t i = (r + q) * st;
+        const float* rr[3] = {win.row(i - 1), win.row(i), win.row(i + 1)};
+        dw3x3_row(rr, c_lo, s.in_w, st, oc0, tw, win.hc, a.packed + l.wd + win.h0, l.hp,
+                  a.packed + l.bd + win.h0, dwbuf + q * tw * win.hc, true);
+      }
+      float* accr = g.n_chunks > 1 ? acc + (r - r0) * tw * l.cout_p : acc;
+      gemm(rows * tw, l.cout_p, win.hc, dwbuf, win.hc, 1, a.packed + l.wp_kn + win.h0 * l.cout_p,
+           l.cout_p, accr, l.cout_p, first ? a.packed + l.bp : nullptr, first ? 0u : kAccumulate);
+      if (g.n_chunks == 1) store_output_rows(a, n, r, rows, oc0, tw, accr);
+    }
+  }
+  if (g.n_chunks > 1) store_output_rows(a, n, r0, r1 - r0, oc0, tw, acc);
+}
+
+void forward_entry(const ForwardArgs& a, const ForwardPlan& p, int64_t begin, int64_t end,
+                   float* scratch) {
+  const ForwardGeometry g = forward_geometry(a.shape, a.layout, p);
+  std::memset(scratch + g.slots * g.nvalid_max * g.hc, 0, sizeof(float) * g.nvalid_max * g.hc);
+  for (int64_t item = begin; item < end; ++item) forward_item(a, p, g, item, scratch);
+}
+
+// ---------------------------------------------------------------------------
+// Backward. Per (image, band of output rows), walking rows top to bottom:
+//   recompute a1 rows (window) and z2 for output row r,
+//   g_wp += gy^T a2,  g_bp += sum gy,  gz2 = (gy Wp) * relu6'(z2),
+//   g_wd, g_bd from gz2 and a1, and scatter gz2 into the ga1 row ring;
+// then every input row no later output row touches is finished:
+//   gz1 = ga1 * relu6'(a1),  g_we += gz1^T x,  g_be += sum gz1,  gx = gz1 We.
+
+struct BackwardBuffers {
+  float* ring;   // [3][W][hp]
+  float* zero;   // [W][hp]
+  float* ga1;    // [3][W][hp]
+  float* trash;  // [W][hp] scatter target for rows outside the image
+  float* z2;     // [Wo][hp]
+  float* a2;     // [Wo][hp]
+  float* gz2;    // [Wo][hp]
+  float* gxrow;  // [W][cin_p]
+};
+
+BackwardBuffers carve_backward(const BlockShape& s, const Layout& l, float* scratch) {
+  const int64_t row = s.in_w * l.hp, orow = s.out_w() * l.hp;
+  BackwardBuffers b;
+  b.ring = scratch;
+  b.zero = b.ring + 3 * row;
+  b.ga1 = b.zero + row;
+  b.trash = b.ga1 + 3 * row;
+  b.z2 = b.trash + row;
+  b.a2 = b.z2 + orow;
+  b.gz2 = b.a2 + orow;
+  b.gxrow = b.gz2 + orow;
+  return b;
+}
+
+void backward_item(const BackwardArgs& a, const BackwardPlan& p, int64_t item, float* grads,
+                   const BackwardBuffers& buf) {
+  const BlockShape& s = a.shape;
+  const Layout& l = a.layout;
+  const GradLayout gl = make_grad_layout(s, l);
+  const int st = s.stride;
+  const int64_t H = s.in_h, W = s.in_w, Ho = s.out_h(), Wo = s.out_w(), hp = l.hp;
+  const int64_t n = item / p.n_bands, band = item % p.n_bands;
+  const int64_t r0 = band * p.rows_per_band, r1 = imin(Ho, r0 + p.rows_per_band);
+  const int64_t i_first = imax(0, r0 * st - 1), i_last = imin(H - 1, (r1 - 1) * st + 1);
+  const int64_t shared_hi = band > 0 ? (r0 - 1) * st + 1 : -1;  // rows the previous band wrote
+
+  const ForwardArgs fa{s, l, a.x, a.xs, a.packed, nullptr, {}};
+  Window win{&fa, n, 0, W, 0, hp, 3, buf.ring, buf.zero, -1 - 2 * int64_t{st}};
+  int64_t ga1_tag[3] = {-1, -1, -1};
+  auto ga1_row = [&](int64_t i) -> float* {
+    if (i < 0 || i >= H) return buf.trash;
+    return buf.ga1 + (i % 3) * W * hp;
+  };
+
+  const float* wd = a.packed + l.wd;
+  const float* gy_n = a.gy + n * a.gys.n;
+  const float* x_n = a.x + n * a.xs.n;
+
+  auto finish_row = [&](int64_t i) {
+    float* g = ga1_row(i);
+    const float* src = g;
+    int64_t ld = hp;
+    if (s.has_expand) {
+      const float* a1 = win.row(i);
+      for (int64_t e = 0; e < W * hp; e += VL) vstore(g + e, relu6_grad(vload(g + e), vload(a1 + e)));
+      float* g_be = grads + gl.g_be;
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t c = 0; c < hp; c += VL) vstore(g_be + c, vload(g_be + c) + vload(g + w * hp + c));
+      }
+      gemm(s.cin, hp, W, x_n + i * a.xs.h, a.xs.c, a.xs.w, g, hp, grads + gl.g_weT, hp, nullptr,
+           kAccumulate);
+      if (a.gx == nullptr) return;
+      gemm(W, l.cin_p, hp, g, hp, 1, a.packed + l.we_nk, l.cin_p, buf.gxrow, l.cin_p, nullptr, 0);
+      src = buf.gxrow;
+      ld = l.cin_p;
+    }
+    if (a.gx == nullptr) return;
+    if (i <= shared_hi) {
+      float* side = a.side + ((n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item + (i - i_first)) *
+                                 W * s.cin;
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t c = 0; c < s.cin; ++c) side[w * s.cin + c] = src[w * ld + c];
+      }
+      return;
+    }
+    float* gx = a.gx + n * a.gxs.n + i * a.gxs.h;
+    const float* gyr = gy_n + i * a.gys.h;  // residual implies stride 1: same row
+    for (int64_t w = 0; w < W; ++w) {
+      for (int64_t c = 0; c < s.cin; ++c) {
+        float v = src[w * ld + c];
+        if (s.residual) v += gyr[w * a.gys.w + c * a.gys.c];
+        gx[w * a.gxs.w + c * a.gxs.c] = v;
+      }
+    }
+  };
+
+  int64_t next_final = i_first;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i0 = r * st - 1;
+    win.fill(i0, i0 + 2);
+    for (int64_t i = i0; i <= i0 + 2; ++i) {
+      if (i < 0 || i >= H || ga1_tag[i % 3] == i) continue;
+      std::memset(ga1_row(i), 0, sizeof(float) * W * hp);
+      ga1_tag[i % 3] = i;
+    }
+    const float* rr[3] = {win.row(i0), win.row(i0 + 1), win.row(i0 + 2)};
+    dw3x3_row(rr, 0, W, st, 0, Wo, hp, wd, hp, a.packed + l.bd, buf.z2, false);
+    for (int64_t e = 0; e < Wo * hp; e += VL) vstore(buf.a2 + e, relu6(vload(buf.z2 + e)));
+
+    const float* gyr = gy_n + r * a.gys.h;
+    float* g_bp = grads + gl.g_bp;
+    for (int64_t o = 0; o < s.cout; ++o) {
+      float sum = 0.0f;
+      for (int64_t q = 0; q < Wo; ++q) sum += gyr[o * a.gys.c + q * a.gys.w];
+      g_bp[o] += sum;
+    }
+    gemm(s.cout, hp, Wo, gyr, a.gys.c, a.gys.w, buf.a2, hp, grads + gl.g_wp, hp, nullptr,
+         kAccumulate);
+    gemm(Wo, hp, s.cout, gyr, a.gys.w, a.gys.c, a.packed + l.wp_nk, hp, buf.gz2, hp, nullptr, 0);
+    for (int64_t e = 0; e < Wo * hp; e += VL) {
+      vstore(buf.gz2 + e, relu6_grad(vload(buf.gz2 + e), vload(buf.z2 + e)));
+    }
+    float* const ga[3] = {ga1_row(i0), ga1_row(i0 + 1), ga1_row(i0 + 2)};
+    dw3x3_row_backward(rr, ga, buf.gz2, W, st, Wo, hp, wd, grads + gl.g_wd, grads + gl.g_bd);
+
+    const int64_t last = r == r1 - 1 ? i_last : imin(i_last, (r + 1) * st - 2);
+    for (; next_final <= last; ++next_final) finish_row(next_final);
+  }
+}
+
+void backward_entry(const BackwardArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,
+                    float* grads, float* scratch) {
+  const BackwardBuffers buf = carve_backward(a.shape, a.layout, scratch);
+  std::memset(buf.zero, 0, sizeof(float) * a.shape.in_w * a.layout.hp);
+  for (int64_t item = begin; item < end; ++item) backward_item(a, p, item, grads, buf);
+}
+
+}  // namespace
+}  // namespace mnv2

@@ -1,0 +1,11 @@
+// AArch64 build of the fused block (NEON is part of the base ISA there).
+#if !defined(__aarch64__)
+#error "fused_ir_neon.cpp is for AArch64"
+#endif
+#define MNV2_VL 4
+#define MNV2_MR 8  // 8 x 8 floats: 16 of the 32 q registers hold accumulators
+#include "fused_ir_impl.inl"
+
+namespace mnv2 {
+extern const KernelTable kKernelsNeon = {Isa::kNeon, MNV2_VL, &forward_entry, &backward_entry};
+}  // namespace mnv2

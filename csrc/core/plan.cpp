@@ -1,0 +1,233 @@
+// ISA-independent parts of the fused block: validation, weight packing, work
+// planning and the deterministic reductions of the backward.
+#include <algorithm>
+#include <cstring>
+
+#include "fused_ir.h"
+
+namespace mnv2 {
+namespace {
+
+// Working-set target per thread: this fraction of a 512 KiB L2 keeps the
+// expanded-row window, the weight chunk and the output accumulator resident.
+constexpr int64_t kCacheBudgetFloats = (320 * 1024) / sizeof(float);
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kNeon: return "neon";
+  }
+  return "unknown";
+}
+
+const char* validate_shape(const BlockShape& s) {
+  if (s.batch < 0) return "batch size must be >= 0";
+  if (s.in_h < 1 || s.in_w < 1) return "input height and width must be >= 1";
+  if (s.cin < 1 || s.hidden < 1 || s.cout < 1) return "channel counts must be >= 1";
+  if (s.stride != 1 && s.stride != 2) return "stride must be 1 or 2";
+  if (!s.has_expand && s.hidden != s.cin) return "without an expand step, hidden must equal cin";
+  if (s.residual && (s.stride != 1 || s.cin != s.cout)) {
+    return "the residual needs stride 1 and cin == cout";
+  }
+  return nullptr;
+}
+
+Layout make_layout(const BlockShape& s, int64_t vl) {
+  Layout l;
+  l.vl = vl;
+  l.hp = round_up(s.hidden, vl);
+  l.cin_p = round_up(s.cin, vl);
+  l.cout_p = round_up(s.cout, vl);
+  int64_t off = 0;
+  auto take = [&](int64_t n) {
+    const int64_t at = off;
+    off += round_up(n, 16);  // keep every array 64-byte aligned
+    return at;
+  };
+  l.we_kn = take(s.cin * l.hp);
+  l.be = take(l.hp);
+  l.wd = take(9 * l.hp);
+  l.bd = take(l.hp);
+  l.wp_kn = take(l.hp * l.cout_p);
+  l.bp = take(l.cout_p);
+  l.we_nk = take(l.hp * l.cin_p);
+  l.wp_nk = take(s.cout * l.hp);
+  l.total = off;
+  return l;
+}
+
+GradLayout make_grad_layout(const BlockShape& s, const Layout& l) {
+  GradLayout g;
+  g.g_weT = 0;
+  g.g_be = g.g_weT + s.cin * l.hp;
+  g.g_wd = g.g_be + l.hp;
+  g.g_bd = g.g_wd + 9 * l.hp;
+  g.g_wp = g.g_bd + l.hp;
+  g.g_bp = g.g_wp + s.cout * l.hp;
+  g.total = g.g_bp + l.cout_p;
+  return g;
+}
+
+void pack_weights(const BlockShape& s, const Layout& l, const float* w_expand,
+                  const float* b_expand, const float* w_dw, const float* b_dw,
+                  const float* w_project, const float* b_project, float* packed) {
+  std::memset(packed, 0, sizeof(float) * l.total);
+  for (int64_t h = 0; h < s.hidden; ++h) {
+    if (s.has_expand) {
+      packed[l.be + h] = b_expand[h];
+      for (int64_t c = 0; c < s.cin; ++c) {
+        const float w = w_expand[h * s.cin + c];
+        packed[l.we_kn + c * l.hp + h] = w;
+        packed[l.we_nk + h * l.cin_p + c] = w;
+      }
+    }
+    for (int t = 0; t < 9; ++t) packed[l.wd + t * l.hp + h] = w_dw[h * 9 + t];
+    packed[l.bd + h] = b_dw[h];
+    for (int64_t o = 0; o < s.cout; ++o) {
+      const float w = w_project[o * s.hidden + h];
+      packed[l.wp_kn + h * l.cout_p + o] = w;
+      packed[l.wp_nk + o * l.hp + h] = w;
+    }
+  }
+  for (int64_t o = 0; o < s.cout; ++o) packed[l.bp + o] = b_project[o];
+}
+
+void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
+  const int64_t Ho = s.out_h(), Wo = s.out_w();
+  p->cols_per_tile = std::clamp<int64_t>(p->cols_per_tile, 1, Wo);
+  p->n_col_tiles = ceil_div(Wo, p->cols_per_tile);
+  p->rows_per_band = std::clamp<int64_t>(p->rows_per_band, 1, Ho);
+  p->n_bands = ceil_div(Ho, p->rows_per_band);
+  p->rows_per_step = std::clamp<int64_t>(p->rows_per_step, 1, p->rows_per_band);
+  p->hidden_chunk = std::clamp<int64_t>(round_up(p->hidden_chunk, l.vl), l.vl, l.hp);
+  const int64_t slots = (p->rows_per_step - 1) * s.stride + 3;
+  const int64_t nvalid = std::min(s.in_w, (p->cols_per_tile - 1) * s.stride + 3);
+  const int64_t hc = p->hidden_chunk;
+  const int64_t acc_rows = hc < l.hp ? p->rows_per_band : p->rows_per_step;
+  p->scratch_floats = (slots + 1) * nvalid * hc + p->rows_per_step * p->cols_per_tile * hc +
+                      acc_rows * p->cols_per_tile * l.cout_p;
+}
+
+ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {
+  threads = std::max(threads, 1);
+  const int64_t Ho = s.out_h(), Wo = s.out_w(), st = s.stride, hp = l.hp;
+  ForwardPlan p{};
+
+  // Column tiles only when three rows of the expansion would take more than
+  // half the budget at full width.
+  const int64_t half = kCacheBudgetFloats / 2;
+  p.cols_per_tile = Wo;
+  if (3 * std::min(s.in_w, (Wo - 1) * st + 3) * hp > half) {
+    p.cols_per_tile = std::max<int64_t>(1, (half / (3 * hp) - 3) / st + 1);
+  }
+  p.n_col_tiles = ceil_div(Wo, p.cols_per_tile);
+  p.cols_per_tile = ceil_div(Wo, p.n_col_tiles);
+
+  // Row bands: at least one item per thread (batch 1 splits rows).
+  const int64_t per_band = s.batch * p.n_col_tiles;
+  const int64_t bands =
+      per_band >= threads || per_band == 0 ? 1 : std::min(Ho, ceil_div(threads, per_band));
+  p.rows_per_band = ceil_div(Ho, bands);
+
+  // Project GEMM over at least ~32 output pixels.
+  p.rows_per_step = std::min(p.rows_per_band, ceil_div(32, p.cols_per_tile));
+
+  // Hidden chunk: the fewest chunks whose working set fits the budget.
+  const int64_t tw = p.cols_per_tile, R = p.rows_per_step;
+  const int64_t slots = (R - 1) * st + 3;
+  const int64_t nvalid = std::min(s.in_w, (tw - 1) * st + 3);
+  for (int64_t chunks = 1;; ++chunks) {
+    const int64_t hc = round_up(ceil_div(hp, chunks), l.vl);
+    const int64_t acc_rows = hc < hp ? p.rows_per_band : R;
+    const int64_t ws = (s.cin + l.cout_p + 11) * hc + (slots + 1) * nvalid * hc + R * tw * hc +
+                       acc_rows * tw * l.cout_p;
+    p.hidden_chunk = hc;
+    if (ws <= kCacheBudgetFloats || hc == l.vl) break;
+  }
+  // A chunked pass accumulates a whole band of output: bound it so scratch
+  // never grows with H.
+  if (p.hidden_chunk < hp) {
+    const int64_t max_rows = std::max<int64_t>(R, (kCacheBudgetFloats / 4) / (tw * l.cout_p));
+    p.rows_per_band = std::min(p.rows_per_band, max_rows);
+  }
+  finish_forward_plan(s, l, &p);
+  return p;
+}
+
+void finish_backward_plan(const BlockShape& s, const Layout& l, BackwardPlan* p) {
+  const int64_t Ho = s.out_h(), W = s.in_w, Wo = s.out_w();
+  p->rows_per_band = std::clamp<int64_t>(p->rows_per_band, 1, Ho);
+  p->n_bands = ceil_div(Ho, p->rows_per_band);
+  p->scratch_floats = 8 * W * l.hp + 3 * Wo * l.hp + W * l.cin_p;
+  p->side_rows_per_item = 3 - s.stride;
+  p->side_floats = s.batch * (p->n_bands - 1) * p->side_rows_per_item * W * s.cin;
+}
+
+BackwardPlan plan_backward(const BlockShape& s, const Layout& l, int threads) {
+  threads = std::max(threads, 1);
+  const int64_t Ho = s.out_h();
+  BackwardPlan p{};
+  const int64_t bands =
+      s.batch >= threads || s.batch == 0 ? 1 : std::min(Ho, ceil_div(threads, s.batch));
+  p.rows_per_band = ceil_div(Ho, bands);
+  finish_backward_plan(s, l, &p);
+  return p;
+}
+
+void backward_finish(const BackwardArgs& a, const BackwardPlan& p) {
+  if (a.gx == nullptr || p.n_bands < 2) return;
+  const BlockShape& s = a.shape;
+  const int64_t W = s.in_w;
+  for (int64_t n = 0; n < s.batch; ++n) {
+    for (int64_t band = 1; band < p.n_bands; ++band) {
+      const int64_t i_first = band * p.rows_per_band * s.stride - 1;
+      const float* side =
+          a.side + (n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item * W * s.cin;
+      for (int64_t j = 0; j < p.side_rows_per_item; ++j) {
+        float* gx = a.gx + n * a.gxs.n + (i_first + j) * a.gxs.h;
+        const float* src = side + j * W * s.cin;
+        for (int64_t w = 0; w < W; ++w) {
+          for (int64_t c = 0; c < s.cin; ++c) gx[w * a.gxs.w + c * a.gxs.c] += src[w * s.cin + c];
+        }
+      }
+    }
+  }
+}
+
+void reduce_grads(const BlockShape& s, const Layout& l, const float* partials, int64_t tasks,
+                  float* g_we, float* g_be, float* g_wd, float* g_bd, float* g_wp, float* g_bp) {
+  const GradLayout gl = make_grad_layout(s, l);
+  // Sum task 0, 1, 2, ... in that order for every element: bitwise repeatable.
+  auto sum = [&](int64_t off) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < tasks; ++t) acc += partials[t * gl.total + off];
+    return acc;
+  };
+  for (int64_t h = 0; h < s.hidden; ++h) {
+    if (s.has_expand) {
+      if (g_we) {
+        for (int64_t c = 0; c < s.cin; ++c) g_we[h * s.cin + c] = sum(gl.g_weT + c * l.hp + h);
+      }
+      if (g_be) g_be[h] = sum(gl.g_be + h);
+    }
+    if (g_wd) {
+      for (int t = 0; t < 9; ++t) g_wd[h * 9 + t] = sum(gl.g_wd + t * l.hp + h);
+    }
+    if (g_bd) g_bd[h] = sum(gl.g_bd + h);
+    if (g_wp) {
+      for (int64_t o = 0; o < s.cout; ++o) g_wp[o * s.hidden + h] = sum(gl.g_wp + o * l.hp + h);
+    }
+  }
+  if (g_bp) {
+    for (int64_t o = 0; o < s.cout; ++o) g_bp[o] = sum(gl.g_bp + o);
+  }
+}
+
+}  // namespace mnv2

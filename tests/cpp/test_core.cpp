@@ -1,0 +1,422 @@
+// Checks every compiled ISA path of the fused block against a naive
+// double-precision reference: forward, input gradient and every weight and
+// bias gradient, for the 17 MobileNetV2 block shapes and awkward ones, in
+// NCHW, NHWC and padded strided layouts, with forced tilings that exercise
+// column tiles, row bands, hidden chunks and multi-task reductions.
+//
+// Inputs and weights are small dyadic rationals (k/16), so the forward sums
+// are exact in float: ReLU6 masks agree exactly with the reference, including
+// values sitting exactly on 0 or 6.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "fused_ir.h"
+
+using namespace mnv2;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+struct Case {
+  int64_t n, cin, h, w, cout, t;
+  int stride;
+};
+
+struct Tensor4 {
+  int64_t N, C, H, W;
+  Strides4 st;
+  std::vector<float> data;
+  float& at(int64_t n, int64_t c, int64_t h, int64_t w) {
+    return data[n * st.n + c * st.c + h * st.h + w * st.w];
+  }
+  float at(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    return data[n * st.n + c * st.c + h * st.h + w * st.w];
+  }
+};
+
+enum class Fmt { kNCHW, kNHWC, kPadded };
+
+Tensor4 make_tensor(int64_t N, int64_t C, int64_t H, int64_t W, Fmt f) {
+  Tensor4 t{N, C, H, W, {}, {}};
+  switch (f) {
+    case Fmt::kNCHW: t.st = {C * H * W, H * W, W, 1}; break;
+    case Fmt::kNHWC: t.st = {H * W * C, 1, W * C, C}; break;
+    case Fmt::kPadded:  // NHWC with two spare channels and a spare column: a sliced view
+      t.st = {H * (W + 1) * (C + 2), 1, (W + 1) * (C + 2), C + 2};
+      break;
+  }
+  t.data.assign(static_cast<size_t>(std::max<int64_t>(N, 1) * t.st.n), 1e30f);  // poison gaps
+  return t;
+}
+
+struct Weights {
+  std::vector<float> we, be, wd, bd, wp, bp;
+};
+
+float dyadic(std::mt19937& rng, int lo, int hi) {
+  return static_cast<float>(std::uniform_int_distribution<int>(lo, hi)(rng)) / 16.0f;
+}
+
+struct Reference {
+  // forward
+  std::vector<double> a1, z1, z2, a2, y;  // NCHW dense
+  // backward
+  std::vector<double> gx, gwe, gbe, gwd, gbd, gwp, gbp;
+};
+
+double relu6d(double v) { return v < 0 ? 0 : (v > 6 ? 6 : v); }
+double dmask(double z) { return (z > 0 && z < 6) ? 1.0 : 0.0; }
+
+Reference reference(const BlockShape& s, const Tensor4& x, const Weights& wt, const Tensor4* gy) {
+  const int64_t N = s.batch, H = s.in_h, W = s.in_w, Ho = s.out_h(), Wo = s.out_w();
+  const int64_t C = s.cin, Hd = s.hidden, O = s.cout;
+  const int st = s.stride;
+  Reference r;
+  auto i1 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * H + i) * W + j; };
+  auto i2 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * Ho + i) * Wo + j; };
+  r.a1.assign(N * Hd * H * W, 0);
+  r.z1.assign(N * Hd * H * W, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < Hd; ++h)
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j) {
+          double z;
+          if (s.has_expand) {
+            z = wt.be[h];
+            for (int64_t c = 0; c < C; ++c) z += double(wt.we[h * C + c]) * x.at(n, c, i, j);
+            r.a1[i1(n, h, i, j)] = relu6d(z);
+          } else {
+            z = x.at(n, h, i, j);
+            r.a1[i1(n, h, i, j)] = z;
+          }
+          r.z1[i1(n, h, i, j)] = z;
+        }
+  r.z2.assign(N * Hd * Ho * Wo, 0);
+  r.a2.assign(N * Hd * Ho * Wo, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < Hd; ++h)
+      for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) {
+          double z = wt.bd[h];
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx) {
+              const int64_t ii = i * st + ky - 1, jj = j * st + kx - 1;
+              if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
+              z += double(wt.wd[h * 9 + ky * 3 + kx]) * r.a1[i1(n, h, ii, jj)];
+            }
+          r.z2[i2(n, h, i, j)] = z;
+          r.a2[i2(n, h, i, j)] = relu6d(z);
+        }
+  r.y.assign(N * O * Ho * Wo, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) {
+          double v = wt.bp[o];
+          for (int64_t h = 0; h < Hd; ++h) v += double(wt.wp[o * Hd + h]) * r.a2[i2(n, h, i, j)];
+          if (s.residual) v += x.at(n, o, i, j);
+          r.y[((n * O + o) * Ho + i) * Wo + j] = v;
+        }
+  if (gy == nullptr) return r;
+
+  r.gwp.assign(O * Hd, 0);
+  r.gbp.assign(O, 0);
+  std::vector<double> gz2(N * Hd * Ho * Wo, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < Ho; ++i)
+      for (int64_t j = 0; j < Wo; ++j)
+        for (int64_t o = 0; o < O; ++o) {
+          const double g = gy->at(n, o, i, j);
+          r.gbp[o] += g;
+          for (int64_t h = 0; h < Hd; ++h) {
+            r.gwp[o * Hd + h] += g * r.a2[i2(n, h, i, j)];
+            gz2[i2(n, h, i, j)] += g * wt.wp[o * Hd + h];
+          }
+        }
+  for (size_t e = 0; e < gz2.size(); ++e) gz2[e] *= dmask(r.z2[e]);
+  r.gwd.assign(Hd * 9, 0);
+  r.gbd.assign(Hd, 0);
+  std::vector<double> ga1(N * Hd * H * W, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < Hd; ++h)
+      for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) {
+          const double g = gz2[i2(n, h, i, j)];
+          r.gbd[h] += g;
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx) {
+              const int64_t ii = i * st + ky - 1, jj = j * st + kx - 1;
+              if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
+              r.gwd[h * 9 + ky * 3 + kx] += g * r.a1[i1(n, h, ii, jj)];
+              ga1[i1(n, h, ii, jj)] += g * wt.wd[h * 9 + ky * 3 + kx];
+            }
+        }
+  r.gx.assign(N * C * H * W, 0);
+  if (s.has_expand) {
+    r.gwe.assign(Hd * C, 0);
+    r.gbe.assign(Hd, 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < Hd; ++h)
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t j = 0; j < W; ++j) {
+            const double g = ga1[i1(n, h, i, j)] * dmask(r.z1[i1(n, h, i, j)]);
+            r.gbe[h] += g;
+            for (int64_t c = 0; c < C; ++c) {
+              r.gwe[h * C + c] += g * x.at(n, c, i, j);
+              r.gx[((n * C + c) * H + i) * W + j] += g * wt.we[h * C + c];
+            }
+          }
+  } else {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t j = 0; j < W; ++j)
+            r.gx[((n * C + c) * H + i) * W + j] = ga1[i1(n, c, i, j)];
+  }
+  if (s.residual) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t j = 0; j < W; ++j) r.gx[((n * C + c) * H + i) * W + j] += gy->at(n, c, i, j);
+  }
+  return r;
+}
+
+// Normwise relative error |got - ref| / |ref|; exact zeros compare absolutely.
+double rel_err(const std::vector<double>& ref, const std::function<double(size_t)>& got) {
+  double num = 0, den = 0;
+  for (size_t e = 0; e < ref.size(); ++e) {
+    const double d = got(e) - ref[e];
+    if (!std::isfinite(got(e))) return INFINITY;
+    num += d * d;
+    den += ref[e] * ref[e];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+void expect_close(const std::string& what, const std::vector<double>& ref,
+                  const std::function<double(size_t)>& got, double tol) {
+  ++g_checks;
+  const double e = rel_err(ref, got);
+  if (!(e <= tol)) {
+    ++g_failures;
+    std::printf("FAIL %s: relative error %.3g > %.1g\n", what.c_str(), e, tol);
+  }
+}
+
+struct PlanOverride {
+  int64_t cols = 0, band_rows = 0, step_rows = 0, chunk = 0, bwd_band_rows = 0;
+  int tasks = 1;
+  bool threaded = false;
+};
+
+void run_case(const KernelTable& kt, const Case& c, Fmt fmt, const PlanOverride& ov,
+              const std::string& label, bool backward) {
+  BlockShape s{};
+  s.batch = c.n;
+  s.in_h = c.h;
+  s.in_w = c.w;
+  s.cin = c.cin;
+  s.hidden = c.cin * c.t;
+  s.cout = c.cout;
+  s.stride = c.stride;
+  s.has_expand = c.t != 1;
+  s.residual = c.stride == 1 && c.cin == c.cout;
+  if (const char* err = validate_shape(s)) {
+    std::printf("FAIL %s: invalid case: %s\n", label.c_str(), err);
+    ++g_failures;
+    return;
+  }
+  std::mt19937 rng(static_cast<unsigned>(c.cin * 131 + c.h * 7 + c.t + c.stride));
+  Tensor4 x = make_tensor(c.n, c.cin, c.h, c.w, fmt);
+  for (int64_t n = 0; n < c.n; ++n)
+    for (int64_t ch = 0; ch < c.cin; ++ch)
+      for (int64_t i = 0; i < c.h; ++i)
+        for (int64_t j = 0; j < c.w; ++j) x.at(n, ch, i, j) = dyadic(rng, -24, 24);
+  Weights wt;
+  for (int64_t e = 0; e < s.hidden * s.cin; ++e) wt.we.push_back(dyadic(rng, -8, 8));
+  for (int64_t e = 0; e < s.hidden; ++e) wt.be.push_back(dyadic(rng, -16, 40));
+  for (int64_t e = 0; e < s.hidden * 9; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
+  for (int64_t e = 0; e < s.hidden; ++e) wt.bd.push_back(dyadic(rng, -16, 40));
+  for (int64_t e = 0; e < s.cout * s.hidden; ++e) wt.wp.push_back(dyadic(rng, -8, 8));
+  for (int64_t e = 0; e < s.cout; ++e) wt.bp.push_back(dyadic(rng, -16, 16));
+  const int64_t Ho = s.out_h(), Wo = s.out_w();
+  Tensor4 gy = make_tensor(c.n, c.cout, Ho, Wo, fmt);
+  for (int64_t n = 0; n < c.n; ++n)
+    for (int64_t o = 0; o < c.cout; ++o)
+      for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) gy.at(n, o, i, j) = dyadic(rng, -16, 16);
+
+  const Reference ref = reference(s, x, wt, backward ? &gy : nullptr);
+
+  const Layout l = make_layout(s, kt.vl);
+  std::vector<float> packed(l.total);
+  pack_weights(s, l, wt.we.data(), wt.be.data(), wt.wd.data(), wt.bd.data(), wt.wp.data(),
+               wt.bp.data(), packed.data());
+
+  // forward
+  ForwardPlan fp = plan_forward(s, l, ov.tasks);
+  if (ov.cols) fp.cols_per_tile = ov.cols;
+  if (ov.band_rows) fp.rows_per_band = ov.band_rows;
+  if (ov.step_rows) fp.rows_per_step = ov.step_rows;
+  if (ov.chunk) fp.hidden_chunk = ov.chunk;
+  finish_forward_plan(s, l, &fp);
+  Tensor4 y = make_tensor(c.n, c.cout, Ho, Wo, fmt);
+  ForwardArgs fa{s, l, x.data.data(), x.st, packed.data(), y.data.data(), y.st};
+  const int64_t items = fp.items(s);
+  auto run_forward_range = [&](int64_t b, int64_t e) {
+    std::vector<float> scratch(fp.scratch_floats);
+    kt.forward(fa, fp, b, e, scratch.data());
+  };
+  if (ov.threaded) {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < ov.tasks; ++t) {
+      pool.emplace_back(run_forward_range, items * t / ov.tasks, items * (t + 1) / ov.tasks);
+    }
+    for (auto& th : pool) th.join();
+  } else {
+    for (int t = 0; t < ov.tasks; ++t) run_forward_range(items * t / ov.tasks, items * (t + 1) / ov.tasks);
+  }
+  auto dense = [&](const Tensor4& t) {
+    return [&t](size_t e) {
+      const int64_t j = e % t.W, i = (e / t.W) % t.H, ch = (e / (t.W * t.H)) % t.C,
+                    n = e / (t.W * t.H * t.C);
+      return double(t.at(n, ch, i, j));
+    };
+  };
+  // The forward is exact with dyadic data; allow only summation-order rounding.
+  expect_close(label + " forward", ref.y, dense(y), 1e-6);
+  if (!backward) return;
+
+  BackwardPlan bp = plan_backward(s, l, ov.tasks);
+  if (ov.bwd_band_rows) {
+    bp.rows_per_band = ov.bwd_band_rows;
+    finish_backward_plan(s, l, &bp);
+  }
+  const GradLayout gl = make_grad_layout(s, l);
+  Tensor4 gx = make_tensor(c.n, c.cin, c.h, c.w, fmt);
+  std::vector<float> side(bp.side_floats);
+  BackwardArgs ba{s, l, x.data.data(), x.st, gy.data.data(), gy.st, packed.data(),
+                  gx.data.data(), gx.st, side.data()};
+  const int64_t bitems = bp.items(s);
+  const int tasks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ov.tasks, bitems)));
+  std::vector<float> partials(tasks * gl.total, 0.0f);
+  auto run_backward_task = [&](int t) {
+    std::vector<float> scratch(bp.scratch_floats);
+    kt.backward(ba, bp, bitems * t / tasks, bitems * (t + 1) / tasks, partials.data() + t * gl.total,
+                scratch.data());
+  };
+  if (ov.threaded) {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < tasks; ++t) pool.emplace_back(run_backward_task, t);
+    for (auto& th : pool) th.join();
+  } else {
+    for (int t = 0; t < tasks; ++t) run_backward_task(t);
+  }
+  backward_finish(ba, bp);
+  std::vector<float> gwe(s.hidden * s.cin), gbe(s.hidden), gwd(s.hidden * 9), gbd(s.hidden),
+      gwp(s.cout * s.hidden), gbp(s.cout);
+  reduce_grads(s, l, partials.data(), tasks, gwe.data(), gbe.data(), gwd.data(), gbd.data(),
+               gwp.data(), gbp.data());
+  auto vec = [](const std::vector<float>& v) { return [&v](size_t e) { return double(v[e]); }; };
+  const double tol = 1e-5;  // backward sums are no longer exact in float
+  expect_close(label + " grad_x", ref.gx, dense(gx), tol);
+  if (s.has_expand) {
+    expect_close(label + " grad_w_expand", ref.gwe, vec(gwe), tol);
+    expect_close(label + " grad_b_expand", ref.gbe, vec(gbe), tol);
+  }
+  expect_close(label + " grad_w_dw", ref.gwd, vec(gwd), tol);
+  expect_close(label + " grad_b_dw", ref.gbd, vec(gbd), tol);
+  expect_close(label + " grad_w_project", ref.gwp, vec(gwp), tol);
+  expect_close(label + " grad_b_project", ref.gbp, vec(gbp), tol);
+}
+
+std::string describe(const Case& c) {
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "n%lld c%lld h%lldx%lld o%lld t%lld s%d", (long long)c.n,
+                (long long)c.cin, (long long)c.h, (long long)c.w, (long long)c.cout,
+                (long long)c.t, c.stride);
+  return buf;
+}
+
+const char* fmt_name(Fmt f) {
+  return f == Fmt::kNCHW ? "nchw" : (f == Fmt::kNHWC ? "nhwc" : "padded");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  // MobileNetV2-1.0 at 224: (cin, H, cout, t, stride) of the 17 blocks.
+  const Case blocks[] = {
+      {1, 32, 112, 112, 16, 1, 1},  {1, 16, 112, 112, 24, 6, 2}, {1, 24, 56, 56, 24, 6, 1},
+      {1, 24, 56, 56, 32, 6, 2},    {1, 32, 28, 28, 32, 6, 1},   {1, 32, 28, 28, 32, 6, 1},
+      {1, 32, 28, 28, 64, 6, 2},    {1, 64, 14, 14, 64, 6, 1},   {1, 64, 14, 14, 64, 6, 1},
+      {1, 64, 14, 14, 64, 6, 1},    {1, 64, 14, 14, 96, 6, 1},   {1, 96, 14, 14, 96, 6, 1},
+      {1, 96, 14, 14, 96, 6, 1},    {1, 96, 14, 14, 160, 6, 2},  {1, 160, 7, 7, 160, 6, 1},
+      {1, 160, 7, 7, 160, 6, 1},    {1, 160, 7, 7, 320, 6, 1},
+  };
+  const Case awkward[] = {
+      {2, 3, 1, 1, 3, 1, 1},  {3, 5, 1, 1, 7, 6, 2},  {2, 7, 7, 7, 7, 6, 1},   {1, 9, 13, 13, 11, 3, 2},
+      {2, 13, 13, 5, 13, 6, 1}, {1, 17, 6, 13, 17, 1, 2}, {2, 11, 2, 9, 5, 4, 2}, {0, 8, 5, 5, 8, 6, 1},
+      {1, 4, 14, 3, 4, 2, 1},
+  };
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
+    const KernelTable* kt = kernel_table(isa);
+    if (kt == nullptr) {
+      std::printf("skip %s: %s\n", isa_name(isa),
+                  isa_compiled(isa) ? "this CPU lacks it" : "not compiled for this target");
+      continue;
+    }
+    const int before = g_failures, checks_before = g_checks;
+    // The 17 real shapes: forward on all, backward on the smaller ones (the
+    // naive reference is slow), default plan with two tasks.
+    for (const Case& c : blocks) {
+      if (quick && c.h > 28) continue;
+      const bool bwd = c.h * c.w * c.cin * c.t <= 28 * 28 * 32 * 6;
+      PlanOverride ov;
+      ov.tasks = 2;
+      run_case(*kt, c, Fmt::kNHWC, ov, std::string(isa_name(isa)) + " " + describe(c) + " nhwc", bwd);
+    }
+    // Awkward shapes in every layout, under several forced tilings.
+    const PlanOverride tilings[] = {
+        {},                                       // the planner's choice
+        {2, 1, 1, 0, 1, 3, false},                // column tiles, one-row bands, 3 tasks
+        {3, 2, 2, 8, 2, 2, false},                // small hidden chunks (sum over chunks)
+        {0, 3, 3, 0, 2, 4, true},                 // multi-row steps, real threads
+    };
+    for (const Case& c : awkward) {
+      for (Fmt f : {Fmt::kNCHW, Fmt::kNHWC, Fmt::kPadded}) {
+        int k = 0;
+        for (const PlanOverride& ov : tilings) {
+          run_case(*kt, c, f, ov,
+                   std::string(isa_name(isa)) + " " + describe(c) + " " + fmt_name(f) + " tiling" +
+                       std::to_string(k++),
+                   true);
+        }
+      }
+    }
+    // Real shapes reduced to 7 rows, with forced bands and chunks, NCHW.
+    for (const Case& b : blocks) {
+      Case c = b;
+      c.n = 2;
+      c.h = 7;
+      c.w = 9;
+      run_case(*kt, c, Fmt::kNCHW, {4, 2, 2, 16, 2, 3, false},
+               std::string(isa_name(isa)) + " " + describe(c) + " nchw forced", true);
+    }
+    std::printf("%s: %d checks, %d failures\n", isa_name(isa), g_checks - checks_before,
+                g_failures - before);
+  }
+  std::fflush(stdout);
+  std::printf("%s (%d checks, %d failures)\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
+  return g_failures ? 1 : 0;
+}
