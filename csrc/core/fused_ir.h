@@ -67,12 +67,14 @@ struct GradLayout {
 };
 GradLayout make_grad_layout(const BlockShape& s, const Layout& l);
 
-// Repacks contiguous weights into `packed` (l.total floats).
+// Repacks contiguous weights into `packed` (l.total elements).
 //   w_expand [hidden][cin] (ignored when !has_expand), b_expand [hidden],
 //   w_dw [hidden][9], b_dw [hidden], w_project [cout][hidden], b_project [cout]
-void pack_weights(const BlockShape& s, const Layout& l, const float* w_expand,
-                  const float* b_expand, const float* w_dw, const float* b_dw,
-                  const float* w_project, const float* b_project, float* packed);
+// T is float or double here and below.
+template <typename T>
+void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const T* b_expand,
+                  const T* w_dw, const T* b_dw, const T* w_project, const T* b_project,
+                  T* packed);
 
 // Work split of the forward: items are (image, row band, column tile).
 struct ForwardPlan {
@@ -81,7 +83,7 @@ struct ForwardPlan {
   int64_t rows_per_step;   // output rows whose project is one GEMM
   int64_t hidden_chunk;    // hidden channels per pass (multiple of vl); < hp splits the
                            // block into a sum over chunks (paper section 5.1)
-  int64_t scratch_floats;  // per thread
+  int64_t scratch_floats;  // per thread, in elements
   int64_t items(const BlockShape& s) const { return s.batch * n_bands * n_col_tiles; }
 };
 // `threads` is how many workers will share the items; the scratch budget keeps
@@ -90,13 +92,14 @@ ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads);
 // Re-derives the dependent fields after a caller overrides the tile sizes.
 void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p);
 
+template <typename T>
 struct ForwardArgs {
   BlockShape shape;
   Layout layout;
-  const float* x;
+  const T* x;
   Strides4 xs;
-  const float* packed;
-  float* y;
+  const T* packed;
+  T* y;
   Strides4 ys;
 };
 
@@ -113,42 +116,57 @@ struct BackwardPlan {
 BackwardPlan plan_backward(const BlockShape& s, const Layout& l, int threads);
 void finish_backward_plan(const BlockShape& s, const Layout& l, BackwardPlan* p);
 
+template <typename T>
 struct BackwardArgs {
   BlockShape shape;
   Layout layout;
-  const float* x;
+  const T* x;
   Strides4 xs;
-  const float* gy;
+  const T* gy;
   Strides4 gys;
-  const float* packed;
-  float* gx;  // may be null when the input gradient is not needed
+  const T* packed;
+  T* gx;  // may be null when the input gradient is not needed
   Strides4 gxs;
-  float* side;  // plan.side_floats, only used when gx != nullptr
+  T* side;  // plan.side_floats elements, only used when gx != nullptr
 };
 
 // Adds the side-buffer rows into gx. Serial; call after every item is done.
-void backward_finish(const BackwardArgs& a, const BackwardPlan& p);
+template <typename T>
+void backward_finish(const BackwardArgs<T>& a, const BackwardPlan& p);
 
 // Sums `tasks` partial gradient buffers in order (deterministic) and writes
 // the unpadded gradients. Any output pointer may be null.
 //   g_we [hidden][cin], g_be [hidden], g_wd [hidden][9], g_bd [hidden],
 //   g_wp [cout][hidden], g_bp [cout]
-void reduce_grads(const BlockShape& s, const Layout& l, const float* partials,
-                  int64_t tasks, float* g_we, float* g_be, float* g_wd, float* g_bd,
-                  float* g_wp, float* g_bp);
+template <typename T>
+void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64_t tasks,
+                  T* g_we, T* g_be, T* g_wd, T* g_bd, T* g_wp, T* g_bp);
+
+// The kernels of one instruction set for one element type.
+template <typename T>
+struct Kernels {
+  int64_t vl;  // vector width in elements: the Layout's padding unit
+  // Processes forward items [begin, end). scratch: plan.scratch_floats elements.
+  void (*forward)(const ForwardArgs<T>& a, const ForwardPlan& p, int64_t begin, int64_t end,
+                  T* scratch);
+  // Processes backward items [begin, end), accumulating weight gradients into
+  // grads (GradLayout::total elements, zeroed by the caller).
+  void (*backward)(const BackwardArgs<T>& a, const BackwardPlan& p, int64_t begin, int64_t end,
+                   T* grads, T* scratch);
+};
 
 // One instruction-set implementation of the kernels.
 struct KernelTable {
   Isa isa;
-  int64_t vl;
-  // Processes forward items [begin, end). scratch: plan.scratch_floats.
-  void (*forward)(const ForwardArgs& a, const ForwardPlan& p, int64_t begin, int64_t end,
-                  float* scratch);
-  // Processes backward items [begin, end), accumulating weight gradients into
-  // grads (GradLayout::total floats, zeroed by the caller).
-  void (*backward)(const BackwardArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,
-                   float* grads, float* scratch);
+  Kernels<float> f32;
+  Kernels<double> f64;
+  template <typename T>
+  const Kernels<T>& get() const;
 };
+template <>
+inline const Kernels<float>& KernelTable::get<float>() const { return f32; }
+template <>
+inline const Kernels<double>& KernelTable::get<double>() const { return f64; }
 
 // The table for `isa`, or nullptr when it is not compiled in or the CPU lacks it.
 const KernelTable* kernel_table(Isa isa);

@@ -1,8 +1,8 @@
 // Fused inverted-residual forward and backward, written once with GCC/Clang
-// vector extensions and compiled once per instruction set. Each ISA
-// translation unit defines, before including this file:
-//   MNV2_VL   vector width in floats (also the channel padding unit)
-//   MNV2_MR   rows of the GEMM register tile
+// vector extensions for T and double, and compiled once per instruction
+// set. Each ISA translation unit defines, before including this file:
+//   MNV2_VEC_BYTES  vector register width in bytes
+//   MNV2_MR         rows of the GEMM register tile
 // and is compiled with that ISA's flags. Everything here has internal linkage
 // so no code compiled for one ISA can be picked up by another at link time;
 // for the same reason nothing here calls inline functions from std headers.
@@ -21,33 +21,37 @@
 namespace mnv2 {
 namespace {
 
-constexpr int64_t VL = MNV2_VL;
-constexpr int MR = MNV2_MR;
-typedef float vf __attribute__((vector_size(MNV2_VL * sizeof(float))));
-
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-inline vf vload(const float* p) {
+template <typename T>
+struct FusedBlock {
+  static constexpr int64_t VL = MNV2_VEC_BYTES / sizeof(T);  // also the channel padding unit
+  static constexpr int MR = MNV2_MR;
+  typedef T vf __attribute__((vector_size(MNV2_VEC_BYTES)));
+  using FArgs = ForwardArgs<T>;
+  using BArgs = BackwardArgs<T>;
+
+static vf vload(const T* p) {
   vf v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
-inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
-inline vf vsplat(float x) { return vf{} + x; }
+static void vstore(T* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+static vf vsplat(T x) { return vf{} + x; }
 
 // min/max written as selects so that NaN passes through, as in torch.
-inline vf relu6(vf v) {
+static vf relu6(vf v) {
   const vf zero = {};
-  const vf six = zero + 6.0f;
+  const vf six = zero + T(6);
   v = v < zero ? zero : v;
   return v > six ? six : v;
 }
 
 // g where 0 < a < 6 (the ReLU6 derivative, as hardtanh_backward), else 0.
-inline vf relu6_grad(vf g, vf a) {
+static vf relu6_grad(vf g, vf a) {
   const vf zero = {};
-  const vf six = zero + 6.0f;
+  const vf six = zero + T(6);
   return ((a > zero) & (a < six)) ? g : zero;
 }
 
@@ -56,11 +60,11 @@ inline vf relu6_grad(vf g, vf a) {
 // A is addressed by strides (A(i,k) = A[i*sam + k*sak]) so a strided tensor or
 // a transposed row can be used in place. B and C have unit stride along N, and
 // N is a multiple of VL.
-enum : unsigned { kAccumulate = 1u, kRelu6 = 2u };
+static constexpr unsigned kAccumulate = 1u, kRelu6 = 2u;
 
 template <int ROWS, int NV>
-inline void gemm_tile(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
-                      int64_t ldb, float* C, int64_t ldc, const float* bias, unsigned flags) {
+static void gemm_tile(int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, const T* bias, unsigned flags) {
   vf acc[ROWS][NV];
   MNV2_UNROLL for (int i = 0; i < ROWS; ++i) {
     MNV2_UNROLL for (int j = 0; j < NV; ++j) {
@@ -87,8 +91,8 @@ inline void gemm_tile(int64_t K, const float* A, int64_t sam, int64_t sak, const
 }
 
 template <int NV, int ROWS>
-inline void gemm_rows_tail(int64_t rows, int64_t K, const float* A, int64_t sam, int64_t sak,
-                           const float* B, int64_t ldb, float* C, int64_t ldc, const float* bias,
+static void gemm_rows_tail(int64_t rows, int64_t K, const T* A, int64_t sam, int64_t sak,
+                           const T* B, int64_t ldb, T* C, int64_t ldc, const T* bias,
                            unsigned flags) {
   if constexpr (ROWS > 0) {
     if (rows == ROWS) {
@@ -100,8 +104,8 @@ inline void gemm_rows_tail(int64_t rows, int64_t K, const float* A, int64_t sam,
 }
 
 template <int NV>
-inline void gemm_panel(int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak,
-                       const float* B, int64_t ldb, float* C, int64_t ldc, const float* bias,
+static void gemm_panel(int64_t M, int64_t K, const T* A, int64_t sam, int64_t sak,
+                       const T* B, int64_t ldb, T* C, int64_t ldc, const T* bias,
                        unsigned flags) {
   int64_t m = 0;
   for (; m + MR <= M; m += MR) {
@@ -111,8 +115,8 @@ inline void gemm_panel(int64_t M, int64_t K, const float* A, int64_t sam, int64_
                              flags);
 }
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
-          const float* B, int64_t ldb, float* C, int64_t ldc, const float* bias, unsigned flags) {
+static void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
+          const T* B, int64_t ldb, T* C, int64_t ldc, const T* bias, unsigned flags) {
   // Panel by panel of B so that each K x NR panel is reused across all of M.
   int64_t n = 0;
   for (; n + 2 * VL <= N; n += 2 * VL) {
@@ -128,8 +132,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t 
 // rows[ky] holds input columns [c_lo, c_lo + nvalid) with hc channels each
 // (an all-zero row stands in for rows outside the image). Output columns
 // [oc0, oc0 + tw) go to out[tw][hc].
-void dw3x3_row(const float* const rows[3], int64_t c_lo, int64_t in_w, int st, int64_t oc0,
-               int64_t tw, int64_t hc, const float* wd, int64_t ldw, const float* bd, float* out,
+static void dw3x3_row(const T* const rows[3], int64_t c_lo, int64_t in_w, int st, int64_t oc0,
+               int64_t tw, int64_t hc, const T* wd, int64_t ldw, const T* bd, T* out,
                bool relu) {
   for (int64_t c = 0; c < hc; c += VL) {
     vf w[9];
@@ -140,7 +144,7 @@ void dw3x3_row(const float* const rows[3], int64_t c_lo, int64_t in_w, int st, i
       vf acc = b;
       if (q0 >= 0 && q0 + 2 < in_w) {
         MNV2_UNROLL for (int ky = 0; ky < 3; ++ky) {
-          const float* r = rows[ky] + (q0 - c_lo) * hc + c;
+          const T* r = rows[ky] + (q0 - c_lo) * hc + c;
           acc += w[ky * 3 + 0] * vload(r) + w[ky * 3 + 1] * vload(r + hc) +
                  w[ky * 3 + 2] * vload(r + 2 * hc);
         }
@@ -161,9 +165,9 @@ void dw3x3_row(const float* const rows[3], int64_t c_lo, int64_t in_w, int st, i
 // Backward of the depthwise step for one output row (full width, c_lo = 0):
 // accumulates the weight and bias gradients and scatters gz2 into the three
 // input-row gradient accumulators ga1[ky].
-void dw3x3_row_backward(const float* const rows[3], float* const ga1[3], const float* gz2,
-                        int64_t in_w, int st, int64_t out_w, int64_t hp, const float* wd,
-                        float* g_wd, float* g_bd) {
+static void dw3x3_row_backward(const T* const rows[3], T* const ga1[3], const T* gz2,
+                        int64_t in_w, int st, int64_t out_w, int64_t hp, const T* wd,
+                        T* g_wd, T* g_bd) {
   for (int64_t c = 0; c < hp; c += VL) {
     vf w[9], gw[9];
     MNV2_UNROLL for (int t = 0; t < 9; ++t) {
@@ -197,19 +201,19 @@ void dw3x3_row_backward(const float* const rows[3], float* const ga1[3], const f
 // chunk of hidden channels. Rows are kept in a ring of `slots`; rows outside
 // the image read as the zero row.
 struct Window {
-  const ForwardArgs* a;  // shape, layout, x, packed weights
+  const FArgs* a;  // shape, layout, x, packed weights
   int64_t n;             // image
   int64_t c_lo, nvalid;  // input columns held
   int64_t h0, hc;        // hidden channels [h0, h0 + hc)
   int64_t slots;
-  float* ring;        // [slots][nvalid][hc]
-  const float* zero;  // [nvalid][hc] zeros
+  T* ring;        // [slots][nvalid][hc]
+  const T* zero;  // [nvalid][hc] zeros
   int64_t have_hi;    // highest row held (rows have_hi - slots + 1 .. have_hi)
 
   int64_t row_floats() const { return nvalid * hc; }
-  float* slot(int64_t i) const { return ring + (i % slots) * row_floats(); }
+  T* slot(int64_t i) const { return ring + (i % slots) * row_floats(); }
 
-  const float* row(int64_t i) const {
+  const T* row(int64_t i) const {
     const int64_t H = a->shape.in_h;
     if (i < 0 || i >= H) return zero;
     return slot(i);
@@ -233,12 +237,12 @@ struct Window {
     const BlockShape& s = a->shape;
     const Layout& l = a->layout;
     const Strides4& xs = a->xs;
-    const float* xrow = a->x + n * xs.n + c_lo * xs.w;
-    float* dst = slot(lo);
+    const T* xrow = a->x + n * xs.n + c_lo * xs.w;
+    T* dst = slot(lo);
     const int64_t rows = hi - lo + 1;
     if (s.has_expand) {
-      const float* B = a->packed + l.we_kn + h0;
-      const float* bias = a->packed + l.be + h0;
+      const T* B = a->packed + l.we_kn + h0;
+      const T* bias = a->packed + l.be + h0;
       if (rows == 1 || xs.h == nvalid * xs.w) {
         // consecutive rows are one uniformly strided matrix: a single GEMM
         gemm(rows * nvalid, hc, s.cin, xrow + lo * xs.h, xs.w, xs.c, B, l.hp, dst, hc, bias,
@@ -254,17 +258,17 @@ struct Window {
       const int64_t valid = s.hidden - h0;
       if (valid < hc) {
         for (int64_t p = 0; p < rows * nvalid; ++p) {
-          std::memset(dst + p * hc + valid, 0, sizeof(float) * (hc - valid));
+          std::memset(dst + p * hc + valid, 0, sizeof(T) * (hc - valid));
         }
       }
     } else {
       for (int64_t i = lo; i <= hi; ++i) {
-        float* d = dst + (i - lo) * row_floats();
-        const float* src = xrow + i * xs.h;
+        T* d = dst + (i - lo) * row_floats();
+        const T* src = xrow + i * xs.h;
         for (int64_t p = 0; p < nvalid; ++p) {
           for (int64_t c = 0; c < hc; ++c) {
             const int64_t ch = h0 + c;
-            d[p * hc + c] = ch < s.cin ? src[p * xs.w + ch * xs.c] : 0.0f;
+            d[p * hc + c] = ch < s.cin ? src[p * xs.w + ch * xs.c] : T(0);
           }
         }
       }
@@ -275,22 +279,22 @@ struct Window {
 // ---------------------------------------------------------------------------
 // Forward.
 
-void store_output_rows(const ForwardArgs& a, int64_t n, int64_t r, int64_t rows, int64_t oc0,
-                       int64_t tw, const float* acc) {
+static void store_output_rows(const FArgs& a, int64_t n, int64_t r, int64_t rows, int64_t oc0,
+                       int64_t tw, const T* acc) {
   const BlockShape& s = a.shape;
   const int64_t cp = a.layout.cout_p;
   const Strides4& ys = a.ys;
   const Strides4& xs = a.xs;
   for (int64_t q = 0; q < rows; ++q) {
-    float* y = a.y + n * ys.n + (r + q) * ys.h + oc0 * ys.w;
+    T* y = a.y + n * ys.n + (r + q) * ys.h + oc0 * ys.w;
     // the residual only exists at stride 1, where output and input rows coincide
-    const float* x = s.residual ? a.x + n * xs.n + (r + q) * xs.h + oc0 * xs.w : nullptr;
-    const float* src = acc + q * tw * cp;
+    const T* x = s.residual ? a.x + n * xs.n + (r + q) * xs.h + oc0 * xs.w : nullptr;
+    const T* src = acc + q * tw * cp;
     // walk the output along whichever of channels / columns is contiguous
     if (ys.c == 1) {
       for (int64_t p = 0; p < tw; ++p) {
         for (int64_t o = 0; o < s.cout; ++o) {
-          float v = src[p * cp + o];
+          T v = src[p * cp + o];
           if (s.residual) v += x[p * xs.w + o * xs.c];
           y[p * ys.w + o] = v;
         }
@@ -298,7 +302,7 @@ void store_output_rows(const ForwardArgs& a, int64_t n, int64_t r, int64_t rows,
     } else {
       for (int64_t o = 0; o < s.cout; ++o) {
         for (int64_t p = 0; p < tw; ++p) {
-          float v = src[p * cp + o];
+          T v = src[p * cp + o];
           if (s.residual) v += x[p * xs.w + o * xs.c];
           y[p * ys.w + o * ys.c] = v;
         }
@@ -311,7 +315,7 @@ struct ForwardGeometry {
   int64_t slots, nvalid_max, hc, n_chunks, acc_rows;
 };
 
-ForwardGeometry forward_geometry(const BlockShape& s, const Layout& l, const ForwardPlan& p) {
+static ForwardGeometry forward_geometry(const BlockShape& s, const Layout& l, const ForwardPlan& p) {
   ForwardGeometry g;
   g.slots = (p.rows_per_step - 1) * s.stride + 3;
   g.nvalid_max = imin(s.in_w, (p.cols_per_tile - 1) * s.stride + 3);
@@ -321,8 +325,8 @@ ForwardGeometry forward_geometry(const BlockShape& s, const Layout& l, const For
   return g;
 }
 
-void forward_item(const ForwardArgs& a, const ForwardPlan& p, const ForwardGeometry& g,
-                  int64_t item, float* scratch) {
+static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeometry& g,
+                  int64_t item, T* scratch) {
   const BlockShape& s = a.shape;
   const Layout& l = a.layout;
   const int st = s.stride;
@@ -337,10 +341,10 @@ void forward_item(const ForwardArgs& a, const ForwardPlan& p, const ForwardGeome
   const int64_t r0 = band * p.rows_per_band;
   const int64_t r1 = imin(Ho, r0 + p.rows_per_band);
 
-  float* ring = scratch;
-  float* zero = ring + g.slots * g.nvalid_max * g.hc;
-  float* dwbuf = zero + g.nvalid_max * g.hc;
-  float* acc = dwbuf + p.rows_per_step * p.cols_per_tile * g.hc;
+  T* ring = scratch;
+  T* zero = ring + g.slots * g.nvalid_max * g.hc;
+  T* dwbuf = zero + g.nvalid_max * g.hc;
+  T* acc = dwbuf + p.rows_per_step * p.cols_per_tile * g.hc;
 
   Window win{&a, n, c_lo, c_hi - c_lo + 1, 0, 0, g.slots, ring, zero, 0};
   for (int64_t chunk = 0; chunk < g.n_chunks; ++chunk) {
@@ -353,11 +357,11 @@ void forward_item(const ForwardArgs& a, const ForwardPlan& p, const ForwardGeome
       win.fill(r * st - 1, (r + rows - 1) * st + 1);
       for (int64_t q = 0; q < rows; ++q) {
         const int64_t i = (r + q) * st;
-        const float* rr[3] = {win.row(i - 1), win.row(i), win.row(i + 1)};
+        const T* rr[3] = {win.row(i - 1), win.row(i), win.row(i + 1)};
         dw3x3_row(rr, c_lo, s.in_w, st, oc0, tw, win.hc, a.packed + l.wd + win.h0, l.hp,
                   a.packed + l.bd + win.h0, dwbuf + q * tw * win.hc, true);
       }
-      float* accr = g.n_chunks > 1 ? acc + (r - r0) * tw * l.cout_p : acc;
+      T* accr = g.n_chunks > 1 ? acc + (r - r0) * tw * l.cout_p : acc;
       gemm(rows * tw, l.cout_p, win.hc, dwbuf, win.hc, 1, a.packed + l.wp_kn + win.h0 * l.cout_p,
            l.cout_p, accr, l.cout_p, first ? a.packed + l.bp : nullptr, first ? 0u : kAccumulate);
       if (g.n_chunks == 1) store_output_rows(a, n, r, rows, oc0, tw, accr);
@@ -366,10 +370,10 @@ void forward_item(const ForwardArgs& a, const ForwardPlan& p, const ForwardGeome
   if (g.n_chunks > 1) store_output_rows(a, n, r0, r1 - r0, oc0, tw, acc);
 }
 
-void forward_entry(const ForwardArgs& a, const ForwardPlan& p, int64_t begin, int64_t end,
-                   float* scratch) {
+static void forward_entry(const FArgs& a, const ForwardPlan& p, int64_t begin, int64_t end,
+                   T* scratch) {
   const ForwardGeometry g = forward_geometry(a.shape, a.layout, p);
-  std::memset(scratch + g.slots * g.nvalid_max * g.hc, 0, sizeof(float) * g.nvalid_max * g.hc);
+  std::memset(scratch + g.slots * g.nvalid_max * g.hc, 0, sizeof(T) * g.nvalid_max * g.hc);
   for (int64_t item = begin; item < end; ++item) forward_item(a, p, g, item, scratch);
 }
 
@@ -382,17 +386,17 @@ void forward_entry(const ForwardArgs& a, const ForwardPlan& p, int64_t begin, in
 //   gz1 = ga1 * relu6'(a1),  g_we += gz1^T x,  g_be += sum gz1,  gx = gz1 We.
 
 struct BackwardBuffers {
-  float* ring;   // [3][W][hp]
-  float* zero;   // [W][hp]
-  float* ga1;    // [3][W][hp]
-  float* trash;  // [W][hp] scatter target for rows outside the image
-  float* z2;     // [Wo][hp]
-  float* a2;     // [Wo][hp]
-  float* gz2;    // [Wo][hp]
-  float* gxrow;  // [W][cin_p]
+  T* ring;   // [3][W][hp]
+  T* zero;   // [W][hp]
+  T* ga1;    // [3][W][hp]
+  T* trash;  // [W][hp] scatter target for rows outside the image
+  T* z2;     // [Wo][hp]
+  T* a2;     // [Wo][hp]
+  T* gz2;    // [Wo][hp]
+  T* gxrow;  // [W][cin_p]
 };
 
-BackwardBuffers carve_backward(const BlockShape& s, const Layout& l, float* scratch) {
+static BackwardBuffers carve_backward(const BlockShape& s, const Layout& l, T* scratch) {
   const int64_t row = s.in_w * l.hp, orow = s.out_w() * l.hp;
   BackwardBuffers b;
   b.ring = scratch;
@@ -406,7 +410,7 @@ BackwardBuffers carve_backward(const BlockShape& s, const Layout& l, float* scra
   return b;
 }
 
-void backward_item(const BackwardArgs& a, const BackwardPlan& p, int64_t item, float* grads,
+static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T* grads,
                    const BackwardBuffers& buf) {
   const BlockShape& s = a.shape;
   const Layout& l = a.layout;
@@ -418,26 +422,26 @@ void backward_item(const BackwardArgs& a, const BackwardPlan& p, int64_t item, f
   const int64_t i_first = imax(0, r0 * st - 1), i_last = imin(H - 1, (r1 - 1) * st + 1);
   const int64_t shared_hi = band > 0 ? (r0 - 1) * st + 1 : -1;  // rows the previous band wrote
 
-  const ForwardArgs fa{s, l, a.x, a.xs, a.packed, nullptr, {}};
+  const FArgs fa{s, l, a.x, a.xs, a.packed, nullptr, {}};
   Window win{&fa, n, 0, W, 0, hp, 3, buf.ring, buf.zero, -1 - 2 * int64_t{st}};
   int64_t ga1_tag[3] = {-1, -1, -1};
-  auto ga1_row = [&](int64_t i) -> float* {
+  auto ga1_row = [&](int64_t i) -> T* {
     if (i < 0 || i >= H) return buf.trash;
     return buf.ga1 + (i % 3) * W * hp;
   };
 
-  const float* wd = a.packed + l.wd;
-  const float* gy_n = a.gy + n * a.gys.n;
-  const float* x_n = a.x + n * a.xs.n;
+  const T* wd = a.packed + l.wd;
+  const T* gy_n = a.gy + n * a.gys.n;
+  const T* x_n = a.x + n * a.xs.n;
 
   auto finish_row = [&](int64_t i) {
-    float* g = ga1_row(i);
-    const float* src = g;
+    T* g = ga1_row(i);
+    const T* src = g;
     int64_t ld = hp;
     if (s.has_expand) {
-      const float* a1 = win.row(i);
+      const T* a1 = win.row(i);
       for (int64_t e = 0; e < W * hp; e += VL) vstore(g + e, relu6_grad(vload(g + e), vload(a1 + e)));
-      float* g_be = grads + gl.g_be;
+      T* g_be = grads + gl.g_be;
       for (int64_t w = 0; w < W; ++w) {
         for (int64_t c = 0; c < hp; c += VL) vstore(g_be + c, vload(g_be + c) + vload(g + w * hp + c));
       }
@@ -450,18 +454,18 @@ void backward_item(const BackwardArgs& a, const BackwardPlan& p, int64_t item, f
     }
     if (a.gx == nullptr) return;
     if (i <= shared_hi) {
-      float* side = a.side + ((n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item + (i - i_first)) *
+      T* side = a.side + ((n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item + (i - i_first)) *
                                  W * s.cin;
       for (int64_t w = 0; w < W; ++w) {
         for (int64_t c = 0; c < s.cin; ++c) side[w * s.cin + c] = src[w * ld + c];
       }
       return;
     }
-    float* gx = a.gx + n * a.gxs.n + i * a.gxs.h;
-    const float* gyr = gy_n + i * a.gys.h;  // residual implies stride 1: same row
+    T* gx = a.gx + n * a.gxs.n + i * a.gxs.h;
+    const T* gyr = gy_n + i * a.gys.h;  // residual implies stride 1: same row
     for (int64_t w = 0; w < W; ++w) {
       for (int64_t c = 0; c < s.cin; ++c) {
-        float v = src[w * ld + c];
+        T v = src[w * ld + c];
         if (s.residual) v += gyr[w * a.gys.w + c * a.gys.c];
         gx[w * a.gxs.w + c * a.gxs.c] = v;
       }
@@ -474,17 +478,17 @@ void backward_item(const BackwardArgs& a, const BackwardPlan& p, int64_t item, f
     win.fill(i0, i0 + 2);
     for (int64_t i = i0; i <= i0 + 2; ++i) {
       if (i < 0 || i >= H || ga1_tag[i % 3] == i) continue;
-      std::memset(ga1_row(i), 0, sizeof(float) * W * hp);
+      std::memset(ga1_row(i), 0, sizeof(T) * W * hp);
       ga1_tag[i % 3] = i;
     }
-    const float* rr[3] = {win.row(i0), win.row(i0 + 1), win.row(i0 + 2)};
+    const T* rr[3] = {win.row(i0), win.row(i0 + 1), win.row(i0 + 2)};
     dw3x3_row(rr, 0, W, st, 0, Wo, hp, wd, hp, a.packed + l.bd, buf.z2, false);
     for (int64_t e = 0; e < Wo * hp; e += VL) vstore(buf.a2 + e, relu6(vload(buf.z2 + e)));
 
-    const float* gyr = gy_n + r * a.gys.h;
-    float* g_bp = grads + gl.g_bp;
+    const T* gyr = gy_n + r * a.gys.h;
+    T* g_bp = grads + gl.g_bp;
     for (int64_t o = 0; o < s.cout; ++o) {
-      float sum = 0.0f;
+      T sum = T(0);
       for (int64_t q = 0; q < Wo; ++q) sum += gyr[o * a.gys.c + q * a.gys.w];
       g_bp[o] += sum;
     }
@@ -494,7 +498,7 @@ void backward_item(const BackwardArgs& a, const BackwardPlan& p, int64_t item, f
     for (int64_t e = 0; e < Wo * hp; e += VL) {
       vstore(buf.gz2 + e, relu6_grad(vload(buf.gz2 + e), vload(buf.z2 + e)));
     }
-    float* const ga[3] = {ga1_row(i0), ga1_row(i0 + 1), ga1_row(i0 + 2)};
+    T* const ga[3] = {ga1_row(i0), ga1_row(i0 + 1), ga1_row(i0 + 2)};
     dw3x3_row_backward(rr, ga, buf.gz2, W, st, Wo, hp, wd, grads + gl.g_wd, grads + gl.g_bd);
 
     const int64_t last = r == r1 - 1 ? i_last : imin(i_last, (r + 1) * st - 2);
@@ -502,12 +506,14 @@ void backward_item(const BackwardArgs& a, const BackwardPlan& p, int64_t item, f
   }
 }
 
-void backward_entry(const BackwardArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,
-                    float* grads, float* scratch) {
+static void backward_entry(const BArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,
+                    T* grads, T* scratch) {
   const BackwardBuffers buf = carve_backward(a.shape, a.layout, scratch);
-  std::memset(buf.zero, 0, sizeof(float) * a.shape.in_w * a.layout.hp);
+  std::memset(buf.zero, 0, sizeof(T) * a.shape.in_w * a.layout.hp);
   for (int64_t item = begin; item < end; ++item) backward_item(a, p, item, grads, buf);
 }
+
+};  // struct FusedBlock
 
 }  // namespace
 }  // namespace mnv2

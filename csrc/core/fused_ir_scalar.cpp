@@ -1,8 +1,11 @@
 // Portable build of the fused block: no ISA flags beyond the target's baseline.
-#define MNV2_VL 4
+#define MNV2_VEC_BYTES 16
 #define MNV2_MR 4
 #include "fused_ir_impl.inl"
 
 namespace mnv2 {
-extern const KernelTable kKernelsScalar = {Isa::kScalar, MNV2_VL, &forward_entry, &backward_entry};
+extern const KernelTable kKernelsScalar = {
+    Isa::kScalar,
+    {FusedBlock<float>::VL, &FusedBlock<float>::forward_entry, &FusedBlock<float>::backward_entry},
+    {FusedBlock<double>::VL, &FusedBlock<double>::forward_entry, &FusedBlock<double>::backward_entry}};
 }  // namespace mnv2

@@ -75,15 +75,16 @@ GradLayout make_grad_layout(const BlockShape& s, const Layout& l) {
   return g;
 }
 
-void pack_weights(const BlockShape& s, const Layout& l, const float* w_expand,
-                  const float* b_expand, const float* w_dw, const float* b_dw,
-                  const float* w_project, const float* b_project, float* packed) {
-  std::memset(packed, 0, sizeof(float) * l.total);
+template <typename T>
+void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const T* b_expand,
+                  const T* w_dw, const T* b_dw, const T* w_project, const T* b_project,
+                  T* packed) {
+  std::memset(packed, 0, sizeof(T) * l.total);
   for (int64_t h = 0; h < s.hidden; ++h) {
     if (s.has_expand) {
       packed[l.be + h] = b_expand[h];
       for (int64_t c = 0; c < s.cin; ++c) {
-        const float w = w_expand[h * s.cin + c];
+        const T w = w_expand[h * s.cin + c];
         packed[l.we_kn + c * l.hp + h] = w;
         packed[l.we_nk + h * l.cin_p + c] = w;
       }
@@ -91,7 +92,7 @@ void pack_weights(const BlockShape& s, const Layout& l, const float* w_expand,
     for (int t = 0; t < 9; ++t) packed[l.wd + t * l.hp + h] = w_dw[h * 9 + t];
     packed[l.bd + h] = b_dw[h];
     for (int64_t o = 0; o < s.cout; ++o) {
-      const float w = w_project[o * s.hidden + h];
+      const T w = w_project[o * s.hidden + h];
       packed[l.wp_kn + h * l.cout_p + o] = w;
       packed[l.wp_nk + o * l.hp + h] = w;
     }
@@ -181,18 +182,19 @@ BackwardPlan plan_backward(const BlockShape& s, const Layout& l, int threads) {
   return p;
 }
 
-void backward_finish(const BackwardArgs& a, const BackwardPlan& p) {
+template <typename T>
+void backward_finish(const BackwardArgs<T>& a, const BackwardPlan& p) {
   if (a.gx == nullptr || p.n_bands < 2) return;
   const BlockShape& s = a.shape;
   const int64_t W = s.in_w;
   for (int64_t n = 0; n < s.batch; ++n) {
     for (int64_t band = 1; band < p.n_bands; ++band) {
       const int64_t i_first = band * p.rows_per_band * s.stride - 1;
-      const float* side =
+      const T* side =
           a.side + (n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item * W * s.cin;
       for (int64_t j = 0; j < p.side_rows_per_item; ++j) {
-        float* gx = a.gx + n * a.gxs.n + (i_first + j) * a.gxs.h;
-        const float* src = side + j * W * s.cin;
+        T* gx = a.gx + n * a.gxs.n + (i_first + j) * a.gxs.h;
+        const T* src = side + j * W * s.cin;
         for (int64_t w = 0; w < W; ++w) {
           for (int64_t c = 0; c < s.cin; ++c) gx[w * a.gxs.w + c * a.gxs.c] += src[w * s.cin + c];
         }
@@ -201,12 +203,13 @@ void backward_finish(const BackwardArgs& a, const BackwardPlan& p) {
   }
 }
 
-void reduce_grads(const BlockShape& s, const Layout& l, const float* partials, int64_t tasks,
-                  float* g_we, float* g_be, float* g_wd, float* g_bd, float* g_wp, float* g_bp) {
+template <typename T>
+void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64_t tasks, T* g_we,
+                  T* g_be, T* g_wd, T* g_bd, T* g_wp, T* g_bp) {
   const GradLayout gl = make_grad_layout(s, l);
   // Sum task 0, 1, 2, ... in that order for every element: bitwise repeatable.
   auto sum = [&](int64_t off) {
-    float acc = 0.0f;
+    T acc = T(0);
     for (int64_t t = 0; t < tasks; ++t) acc += partials[t * gl.total + off];
     return acc;
   };
@@ -229,5 +232,15 @@ void reduce_grads(const BlockShape& s, const Layout& l, const float* partials, i
     for (int64_t o = 0; o < s.cout; ++o) g_bp[o] = sum(gl.g_bp + o);
   }
 }
+
+#define MNV2_INSTANTIATE(T)                                                                \
+  template void pack_weights<T>(const BlockShape&, const Layout&, const T*, const T*, const T*, \
+                                const T*, const T*, const T*, T*);                            \
+  template void backward_finish<T>(const BackwardArgs<T>&, const BackwardPlan&);             \
+  template void reduce_grads<T>(const BlockShape&, const Layout&, const T*, int64_t, T*, T*, T*, \
+                                T*, T*, T*);
+MNV2_INSTANTIATE(float)
+MNV2_INSTANTIATE(double)
+#undef MNV2_INSTANTIATE
 
 }  // namespace mnv2
