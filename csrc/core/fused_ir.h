@@ -67,24 +67,32 @@ struct GradLayout {
 };
 GradLayout make_grad_layout(const BlockShape& s, const Layout& l);
 
-// Repacks contiguous weights into `packed` (l.total elements).
+// Repacks hidden channels [h_begin, h_end) of contiguous weights into
+// `packed` (l.total elements); the range that ends at s.hidden also writes the
+// padding. Disjoint ranges may be packed concurrently. The transposed copies
+// the backward needs (we_nk, wp_nk) are written only when `for_backward`.
 //   w_expand [hidden][cin] (ignored when !has_expand), b_expand [hidden],
 //   w_dw [hidden][9], b_dw [hidden], w_project [cout][hidden], b_project [cout]
 // T is float or double here and below.
 template <typename T>
 void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const T* b_expand,
                   const T* w_dw, const T* b_dw, const T* w_project, const T* b_project,
-                  T* packed);
+                  bool for_backward, int64_t h_begin, int64_t h_end, T* packed);
 
-// Work split of the forward: items are (image, row band, column tile).
+// Work split of the forward: items are (image, row band, column tile, hidden
+// split). Hidden splits (for small images, where the weights dominate) each
+// compute a partial output over their share of the hidden channels into a
+// partial buffer that reduce_forward_splits sums in split order.
 struct ForwardPlan {
   int64_t rows_per_band, n_bands;
   int64_t cols_per_tile, n_col_tiles;
+  int64_t n_splits, split_channels;  // hidden channels per split (multiple of vl)
+  int64_t partial_floats;            // whole partial buffer when n_splits > 1
   int64_t rows_per_step;   // output rows whose project is one GEMM
   int64_t hidden_chunk;    // hidden channels per pass (multiple of vl); < hp splits the
                            // block into a sum over chunks (paper section 5.1)
   int64_t scratch_floats;  // per thread, in elements
-  int64_t items(const BlockShape& s) const { return s.batch * n_bands * n_col_tiles; }
+  int64_t items(const BlockShape& s) const { return s.batch * n_bands * n_col_tiles * n_splits; }
 };
 // `threads` is how many workers will share the items; the scratch budget keeps
 // the ring of expanded rows in L2.
@@ -101,7 +109,15 @@ struct ForwardArgs {
   const T* packed;
   T* y;
   Strides4 ys;
+  T* partial;  // plan.partial_floats elements when plan.n_splits > 1, else unused
 };
+
+// With hidden splits: y = sum of the partial outputs (+ x) for output rows
+// [row_begin, row_end) of the flattened (image, row) range. Call after every
+// forward item is done; disjoint ranges may run concurrently.
+template <typename T>
+void reduce_forward_splits(const ForwardArgs<T>& a, const ForwardPlan& p, int64_t row_begin,
+                           int64_t row_end);
 
 // Work split of the backward: items are (image, row band). Bands span whole
 // rows; an input row shared by two bands is written by the first and the

@@ -262,14 +262,18 @@ struct Window {
         }
       }
     } else {
+      // t == 1: the window holds x itself, channels [h0, h0 + hc), zero-padded
+      const int64_t real = imin(hc, s.cin - h0);
       for (int64_t i = lo; i <= hi; ++i) {
         T* d = dst + (i - lo) * row_floats();
-        const T* src = xrow + i * xs.h;
+        const T* src = xrow + i * xs.h + h0 * xs.c;
         for (int64_t p = 0; p < nvalid; ++p) {
-          for (int64_t c = 0; c < hc; ++c) {
-            const int64_t ch = h0 + c;
-            d[p * hc + c] = ch < s.cin ? src[p * xs.w + ch * xs.c] : T(0);
+          if (xs.c == 1) {
+            std::memcpy(d + p * hc, src + p * xs.w, sizeof(T) * real);
+          } else {
+            for (int64_t c = 0; c < real; ++c) d[p * hc + c] = src[p * xs.w + c * xs.c];
           }
+          for (int64_t c = real; c < hc; ++c) d[p * hc + c] = T(0);
         }
       }
     }
@@ -291,7 +295,18 @@ static void store_output_rows(const FArgs& a, int64_t n, int64_t r, int64_t rows
     const T* x = s.residual ? a.x + n * xs.n + (r + q) * xs.h + oc0 * xs.w : nullptr;
     const T* src = acc + q * tw * cp;
     // walk the output along whichever of channels / columns is contiguous
-    if (ys.c == 1) {
+    if (ys.c == 1 && (x == nullptr || xs.c == 1)) {
+      for (int64_t p = 0; p < tw; ++p) {
+        T* yp = y + p * ys.w;
+        const T* sp = src + p * cp;
+        if (x == nullptr) {
+          for (int64_t o = 0; o < s.cout; ++o) yp[o] = sp[o];
+        } else {
+          const T* xp = x + p * xs.w;
+          for (int64_t o = 0; o < s.cout; ++o) yp[o] = sp[o] + xp[o];
+        }
+      }
+    } else if (ys.c == 1) {
       for (int64_t p = 0; p < tw; ++p) {
         for (int64_t o = 0; o < s.cout; ++o) {
           T v = src[p * cp + o];
@@ -312,17 +327,29 @@ static void store_output_rows(const FArgs& a, int64_t n, int64_t r, int64_t rows
 }
 
 struct ForwardGeometry {
-  int64_t slots, nvalid_max, hc, n_chunks, acc_rows;
+  int64_t slots, nvalid_max, hc;
+  bool chunked;  // a split takes several chunks: accumulate a whole band
 };
 
-static ForwardGeometry forward_geometry(const BlockShape& s, const Layout& l, const ForwardPlan& p) {
+static ForwardGeometry forward_geometry(const BlockShape& s, const ForwardPlan& p) {
   ForwardGeometry g;
   g.slots = (p.rows_per_step - 1) * s.stride + 3;
   g.nvalid_max = imin(s.in_w, (p.cols_per_tile - 1) * s.stride + 3);
   g.hc = p.hidden_chunk;
-  g.n_chunks = (l.hp + g.hc - 1) / g.hc;
-  g.acc_rows = g.n_chunks > 1 ? p.rows_per_band : p.rows_per_step;
+  g.chunked = g.hc < p.split_channels;
   return g;
+}
+
+// Copies accumulated rows of one hidden split into the partial buffer
+// [split][n][Ho][Wo][cout_p]; reduce_forward_splits adds them up.
+static void store_partial_rows(const FArgs& a, int64_t split, int64_t n, int64_t r, int64_t rows,
+                               int64_t oc0, int64_t tw, const T* acc) {
+  const BlockShape& s = a.shape;
+  const int64_t Ho = s.out_h(), Wo = s.out_w(), cp = a.layout.cout_p;
+  for (int64_t q = 0; q < rows; ++q) {
+    T* dst = a.partial + (((split * s.batch + n) * Ho + r + q) * Wo + oc0) * cp;
+    std::memcpy(dst, acc + q * tw * cp, sizeof(T) * tw * cp);
+  }
 }
 
 static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeometry& g,
@@ -331,9 +358,12 @@ static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeom
   const Layout& l = a.layout;
   const int st = s.stride;
   const int64_t Ho = s.out_h(), Wo = s.out_w();
-  const int64_t ct = item % p.n_col_tiles;
-  const int64_t band = (item / p.n_col_tiles) % p.n_bands;
-  const int64_t n = item / (p.n_col_tiles * p.n_bands);
+  const int64_t split = item % p.n_splits;
+  const int64_t ct = (item / p.n_splits) % p.n_col_tiles;
+  const int64_t band = (item / (p.n_splits * p.n_col_tiles)) % p.n_bands;
+  const int64_t n = item / (p.n_splits * p.n_col_tiles * p.n_bands);
+  const int64_t hs0 = split * p.split_channels;
+  const int64_t hs1 = imin(l.hp, hs0 + p.split_channels);
   const int64_t oc0 = ct * p.cols_per_tile;
   const int64_t tw = imin(p.cols_per_tile, Wo - oc0);
   const int64_t c_lo = imax(0, oc0 * st - 1);
@@ -346,12 +376,21 @@ static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeom
   T* dwbuf = zero + g.nvalid_max * g.hc;
   T* acc = dwbuf + p.rows_per_step * p.cols_per_tile * g.hc;
 
+  auto store = [&](int64_t r, int64_t rows, const T* accr) {
+    if (p.n_splits > 1) {
+      store_partial_rows(a, split, n, r, rows, oc0, tw, accr);
+    } else {
+      store_output_rows(a, n, r, rows, oc0, tw, accr);
+    }
+  };
   Window win{&a, n, c_lo, c_hi - c_lo + 1, 0, 0, g.slots, ring, zero, 0};
-  for (int64_t chunk = 0; chunk < g.n_chunks; ++chunk) {
-    win.h0 = chunk * g.hc;
-    win.hc = imin(g.hc, l.hp - win.h0);
+  for (int64_t h0 = hs0; h0 < hs1; h0 += g.hc) {
+    win.h0 = h0;
+    win.hc = imin(g.hc, hs1 - h0);
     win.have_hi = -1 - 2 * int64_t{st};  // nothing held
-    const bool first = chunk == 0;
+    const bool first = h0 == hs0;
+    // the bias goes in once: with the first chunk of the first split
+    const T* bias = first && split == 0 ? a.packed + l.bp : nullptr;
     for (int64_t r = r0; r < r1; r += p.rows_per_step) {
       const int64_t rows = imin(p.rows_per_step, r1 - r);
       win.fill(r * st - 1, (r + rows - 1) * st + 1);
@@ -361,18 +400,18 @@ static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeom
         dw3x3_row(rr, c_lo, s.in_w, st, oc0, tw, win.hc, a.packed + l.wd + win.h0, l.hp,
                   a.packed + l.bd + win.h0, dwbuf + q * tw * win.hc, true);
       }
-      T* accr = g.n_chunks > 1 ? acc + (r - r0) * tw * l.cout_p : acc;
+      T* accr = g.chunked ? acc + (r - r0) * tw * l.cout_p : acc;
       gemm(rows * tw, l.cout_p, win.hc, dwbuf, win.hc, 1, a.packed + l.wp_kn + win.h0 * l.cout_p,
-           l.cout_p, accr, l.cout_p, first ? a.packed + l.bp : nullptr, first ? 0u : kAccumulate);
-      if (g.n_chunks == 1) store_output_rows(a, n, r, rows, oc0, tw, accr);
+           l.cout_p, accr, l.cout_p, bias, first ? 0u : kAccumulate);
+      if (!g.chunked) store(r, rows, accr);
     }
   }
-  if (g.n_chunks > 1) store_output_rows(a, n, r0, r1 - r0, oc0, tw, acc);
+  if (g.chunked) store(r0, r1 - r0, acc);
 }
 
 static void forward_entry(const FArgs& a, const ForwardPlan& p, int64_t begin, int64_t end,
                    T* scratch) {
-  const ForwardGeometry g = forward_geometry(a.shape, a.layout, p);
+  const ForwardGeometry g = forward_geometry(a.shape, p);
   std::memset(scratch + g.slots * g.nvalid_max * g.hc, 0, sizeof(T) * g.nvalid_max * g.hc);
   for (int64_t item = begin; item < end; ++item) forward_item(a, p, g, item, scratch);
 }
@@ -422,7 +461,7 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
   const int64_t i_first = imax(0, r0 * st - 1), i_last = imin(H - 1, (r1 - 1) * st + 1);
   const int64_t shared_hi = band > 0 ? (r0 - 1) * st + 1 : -1;  // rows the previous band wrote
 
-  const FArgs fa{s, l, a.x, a.xs, a.packed, nullptr, {}};
+  const FArgs fa{s, l, a.x, a.xs, a.packed, nullptr, {}, nullptr};
   Window win{&fa, n, 0, W, 0, hp, 3, buf.ring, buf.zero, -1 - 2 * int64_t{st}};
   int64_t ga1_tag[3] = {-1, -1, -1};
   auto ga1_row = [&](int64_t i) -> T* {

@@ -78,26 +78,45 @@ GradLayout make_grad_layout(const BlockShape& s, const Layout& l) {
 template <typename T>
 void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const T* b_expand,
                   const T* w_dw, const T* b_dw, const T* w_project, const T* b_project,
-                  T* packed) {
-  std::memset(packed, 0, sizeof(T) * l.total);
-  for (int64_t h = 0; h < s.hidden; ++h) {
+                  bool for_backward, int64_t h_begin, int64_t h_end, T* packed) {
+  const bool last = h_end == s.hidden;
+  const int64_t pad_end = last ? l.hp : h_end;  // the last range also zeroes [hidden, hp)
+  constexpr int64_t kBlock = 16;  // transposes go block by block to stay in L1
+  for (int64_t h0 = h_begin; h0 < pad_end; h0 += kBlock) {
+    const int64_t h1 = std::min(h0 + kBlock, pad_end);
+    const int64_t hv = std::min(h1, s.hidden);  // [h0, hv) real, [hv, h1) padding
     if (s.has_expand) {
-      packed[l.be + h] = b_expand[h];
       for (int64_t c = 0; c < s.cin; ++c) {
-        const T w = w_expand[h * s.cin + c];
-        packed[l.we_kn + c * l.hp + h] = w;
-        packed[l.we_nk + h * l.cin_p + c] = w;
+        T* dst = packed + l.we_kn + c * l.hp;
+        for (int64_t h = h0; h < hv; ++h) dst[h] = w_expand[h * s.cin + c];
+        for (int64_t h = hv; h < h1; ++h) dst[h] = T(0);
+      }
+      for (int64_t h = h0; h < h1; ++h) packed[l.be + h] = h < hv ? b_expand[h] : T(0);
+      if (for_backward) {
+        for (int64_t h = h0; h < h1; ++h) {
+          T* dst = packed + l.we_nk + h * l.cin_p;
+          for (int64_t c = 0; c < l.cin_p; ++c) dst[c] = h < hv && c < s.cin ? w_expand[h * s.cin + c] : T(0);
+        }
       }
     }
-    for (int t = 0; t < 9; ++t) packed[l.wd + t * l.hp + h] = w_dw[h * 9 + t];
-    packed[l.bd + h] = b_dw[h];
-    for (int64_t o = 0; o < s.cout; ++o) {
-      const T w = w_project[o * s.hidden + h];
-      packed[l.wp_kn + h * l.cout_p + o] = w;
-      packed[l.wp_nk + o * l.hp + h] = w;
+    for (int t = 0; t < 9; ++t) {
+      for (int64_t h = h0; h < h1; ++h) packed[l.wd + t * l.hp + h] = h < hv ? w_dw[h * 9 + t] : T(0);
+    }
+    for (int64_t h = h0; h < h1; ++h) packed[l.bd + h] = h < hv ? b_dw[h] : T(0);
+    for (int64_t h = h0; h < h1; ++h) {
+      T* dst = packed + l.wp_kn + h * l.cout_p;
+      for (int64_t o = 0; o < l.cout_p; ++o) dst[o] = h < hv && o < s.cout ? w_project[o * s.hidden + h] : T(0);
+    }
+    if (for_backward) {
+      for (int64_t o = 0; o < s.cout; ++o) {
+        T* dst = packed + l.wp_nk + o * l.hp;
+        for (int64_t h = h0; h < h1; ++h) dst[h] = h < hv ? w_project[o * s.hidden + h] : T(0);
+      }
     }
   }
-  for (int64_t o = 0; o < s.cout; ++o) packed[l.bp + o] = b_project[o];
+  if (last) {
+    for (int64_t o = 0; o < l.cout_p; ++o) packed[l.bp + o] = o < s.cout ? b_project[o] : T(0);
+  }
 }
 
 void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
@@ -107,11 +126,15 @@ void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
   p->rows_per_band = std::clamp<int64_t>(p->rows_per_band, 1, Ho);
   p->n_bands = ceil_div(Ho, p->rows_per_band);
   p->rows_per_step = std::clamp<int64_t>(p->rows_per_step, 1, p->rows_per_band);
-  p->hidden_chunk = std::clamp<int64_t>(round_up(p->hidden_chunk, l.vl), l.vl, l.hp);
+  p->n_splits = std::clamp<int64_t>(p->n_splits, 1, l.hp / l.vl);
+  p->split_channels = round_up(ceil_div(l.hp, p->n_splits), l.vl);
+  p->n_splits = ceil_div(l.hp, p->split_channels);
+  p->hidden_chunk = std::clamp<int64_t>(round_up(p->hidden_chunk, l.vl), l.vl, p->split_channels);
+  p->partial_floats = p->n_splits > 1 ? p->n_splits * s.batch * Ho * Wo * l.cout_p : 0;
   const int64_t slots = (p->rows_per_step - 1) * s.stride + 3;
   const int64_t nvalid = std::min(s.in_w, (p->cols_per_tile - 1) * s.stride + 3);
   const int64_t hc = p->hidden_chunk;
-  const int64_t acc_rows = hc < l.hp ? p->rows_per_band : p->rows_per_step;
+  const int64_t acc_rows = hc < p->split_channels ? p->rows_per_band : p->rows_per_step;
   p->scratch_floats = (slots + 1) * nvalid * hc + p->rows_per_step * p->cols_per_tile * hc +
                       acc_rows * p->cols_per_tile * l.cout_p;
 }
@@ -131,22 +154,33 @@ ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {
   p.n_col_tiles = ceil_div(Wo, p.cols_per_tile);
   p.cols_per_tile = ceil_div(Wo, p.n_col_tiles);
 
-  // Row bands: at least one item per thread (batch 1 splits rows).
-  const int64_t per_band = s.batch * p.n_col_tiles;
-  const int64_t bands =
-      per_band >= threads || per_band == 0 ? 1 : std::min(Ho, ceil_div(threads, per_band));
+  // Too few images for the threads: split small images by hidden channels
+  // (each thread streams only its share of the weights, which dominate there)
+  // and large ones by row bands (the halo rows recomputed per band are few).
+  const int64_t per_image = s.batch * p.n_col_tiles;
+  const int64_t ways = per_image >= threads || per_image == 0 ? 1 : ceil_div(threads, per_image);
+  p.n_splits = 1;
+  int64_t bands = 1;
+  if (ways > 1) {
+    if (Ho * Wo <= 28 * 28 && hp >= 64 * ways) {
+      p.n_splits = ways;
+    } else {
+      bands = std::min(Ho, ways);
+    }
+  }
   p.rows_per_band = ceil_div(Ho, bands);
+  const int64_t split_hp = round_up(ceil_div(hp, p.n_splits), l.vl);
 
   // Project GEMM over at least ~32 output pixels.
   p.rows_per_step = std::min(p.rows_per_band, ceil_div(32, p.cols_per_tile));
 
-  // Hidden chunk: the fewest chunks whose working set fits the budget.
+  // Hidden chunk: the fewest chunks of a split whose working set fits the budget.
   const int64_t tw = p.cols_per_tile, R = p.rows_per_step;
   const int64_t slots = (R - 1) * st + 3;
   const int64_t nvalid = std::min(s.in_w, (tw - 1) * st + 3);
   for (int64_t chunks = 1;; ++chunks) {
-    const int64_t hc = round_up(ceil_div(hp, chunks), l.vl);
-    const int64_t acc_rows = hc < hp ? p.rows_per_band : R;
+    const int64_t hc = round_up(ceil_div(split_hp, chunks), l.vl);
+    const int64_t acc_rows = hc < split_hp ? p.rows_per_band : R;
     const int64_t ws = (s.cin + l.cout_p + 11) * hc + (slots + 1) * nvalid * hc + R * tw * hc +
                        acc_rows * tw * l.cout_p;
     p.hidden_chunk = hc;
@@ -154,12 +188,34 @@ ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {
   }
   // A chunked pass accumulates a whole band of output: bound it so scratch
   // never grows with H.
-  if (p.hidden_chunk < hp) {
+  if (p.hidden_chunk < split_hp) {
     const int64_t max_rows = std::max<int64_t>(R, (kCacheBudgetFloats / 4) / (tw * l.cout_p));
     p.rows_per_band = std::min(p.rows_per_band, max_rows);
   }
   finish_forward_plan(s, l, &p);
   return p;
+}
+
+template <typename T>
+void reduce_forward_splits(const ForwardArgs<T>& a, const ForwardPlan& p, int64_t row_begin,
+                           int64_t row_end) {
+  const BlockShape& s = a.shape;
+  const int64_t Ho = s.out_h(), Wo = s.out_w(), cp = a.layout.cout_p;
+  const int64_t split_stride = s.batch * Ho * Wo * cp;
+  for (int64_t nr = row_begin; nr < row_end; ++nr) {
+    const int64_t n = nr / Ho, r = nr % Ho;
+    const T* part = a.partial + nr * Wo * cp;
+    T* y = a.y + n * a.ys.n + r * a.ys.h;
+    const T* x = s.residual ? a.x + n * a.xs.n + r * a.xs.h : nullptr;
+    for (int64_t q = 0; q < Wo; ++q) {
+      for (int64_t o = 0; o < s.cout; ++o) {
+        T v = part[q * cp + o];
+        for (int64_t sp = 1; sp < p.n_splits; ++sp) v += part[sp * split_stride + q * cp + o];
+        if (x != nullptr) v += x[q * a.xs.w + o * a.xs.c];
+        y[q * a.ys.w + o * a.ys.c] = v;
+      }
+    }
+  }
 }
 
 void finish_backward_plan(const BlockShape& s, const Layout& l, BackwardPlan* p) {
@@ -235,7 +291,9 @@ void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64
 
 #define MNV2_INSTANTIATE(T)                                                                \
   template void pack_weights<T>(const BlockShape&, const Layout&, const T*, const T*, const T*, \
-                                const T*, const T*, const T*, T*);                            \
+                                const T*, const T*, const T*, bool, int64_t, int64_t, T*);    \
+  template void reduce_forward_splits<T>(const ForwardArgs<T>&, const ForwardPlan&, int64_t,   \
+                                         int64_t);                                             \
   template void backward_finish<T>(const BackwardArgs<T>&, const BackwardPlan&);             \
   template void reduce_grads<T>(const BlockShape&, const Layout&, const T*, int64_t, T*, T*, T*, \
                                 T*, T*, T*);

@@ -221,6 +221,7 @@ struct PlanOverride {
   int64_t cols = 0, band_rows = 0, step_rows = 0, chunk = 0, bwd_band_rows = 0;
   int tasks = 1;
   bool threaded = false;
+  int64_t splits = 0;
 };
 
 template <typename T>
@@ -265,9 +266,13 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   const Reference ref = reference(s, x, wt, backward ? &gy : nullptr);
 
   const Layout l = make_layout(s, kt.vl);
-  std::vector<T> packed(l.total);
-  pack_weights(s, l, wt.we.data(), wt.be.data(), wt.wd.data(), wt.bd.data(), wt.wp.data(),
-               wt.bp.data(), packed.data());
+  // Packed in two ranges, as the glue does across threads.
+  std::vector<T> packed(l.total, T(7));  // poison: every element read must be written
+  const int64_t mid = s.hidden / 2;
+  for (auto [h0, h1] : {std::pair<int64_t, int64_t>{0, mid}, {mid, s.hidden}}) {
+    pack_weights<T>(s, l, wt.we.data(), wt.be.data(), wt.wd.data(), wt.bd.data(), wt.wp.data(),
+                    wt.bp.data(), backward, h0, h1, packed.data());
+  }
 
   // forward
   ForwardPlan fp = plan_forward(s, l, ov.tasks);
@@ -275,9 +280,11 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   if (ov.band_rows) fp.rows_per_band = ov.band_rows;
   if (ov.step_rows) fp.rows_per_step = ov.step_rows;
   if (ov.chunk) fp.hidden_chunk = ov.chunk;
+  if (ov.splits) fp.n_splits = ov.splits;
   finish_forward_plan(s, l, &fp);
+  std::vector<T> partial(fp.partial_floats);
   Tensor4<T> y = make_tensor<T>(c.n, c.cout, Ho, Wo, fmt);
-  ForwardArgs<T> fa{s, l, x.data.data(), x.st, packed.data(), y.data.data(), y.st};
+  ForwardArgs<T> fa{s, l, x.data.data(), x.st, packed.data(), y.data.data(), y.st, partial.data()};
   const int64_t items = fp.items(s);
   auto run_forward_range = [&](int64_t b, int64_t e) {
     std::vector<T> scratch(fp.scratch_floats);
@@ -291,6 +298,11 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
     for (auto& th : pool) th.join();
   } else {
     for (int t = 0; t < ov.tasks; ++t) run_forward_range(items * t / ov.tasks, items * (t + 1) / ov.tasks);
+  }
+  if (fp.n_splits > 1) {
+    const int64_t rows = s.batch * Ho;
+    reduce_forward_splits<T>(fa, fp, 0, rows / 2);
+    reduce_forward_splits<T>(fa, fp, rows / 2, rows);
   }
   auto dense = [&](const Tensor4<T>& t) {
     return [&t](size_t e) {
@@ -399,9 +411,11 @@ int main(int argc, char** argv) {
       // Awkward shapes in every layout, under several forced tilings.
       const PlanOverride tilings[] = {
           {},                                       // the planner's choice
-          {2, 1, 1, 0, 1, 3, false},                // column tiles, one-row bands, 3 tasks
-          {3, 2, 2, 8, 2, 2, false},                // small hidden chunks (sum over chunks)
-          {0, 3, 3, 0, 2, 4, true},                 // multi-row steps, real threads
+          {2, 1, 1, 0, 1, 3, false, 0},             // column tiles, one-row bands, 3 tasks
+          {3, 2, 2, 8, 2, 2, false, 0},             // small hidden chunks (sum over chunks)
+          {0, 3, 3, 0, 2, 4, true, 0},              // multi-row steps, real threads
+          {0, 0, 0, 8, 0, 3, false, 3},             // hidden splits, chunked within each
+          {2, 2, 1, 0, 0, 2, true, 2},              // hidden splits with column tiles, threads
       };
       for (const Case& c : awkward) {
         for (Fmt f : {Fmt::kNCHW, Fmt::kNHWC, Fmt::kPadded}) {
@@ -420,7 +434,7 @@ int main(int argc, char** argv) {
         c.n = 2;
         c.h = 7;
         c.w = 9;
-        run_case<T>(*kt, c, Fmt::kNCHW, {4, 2, 2, 16, 2, 3, false},
+        run_case<T>(*kt, c, Fmt::kNCHW, {4, 2, 2, 16, 2, 3, false, 2},
                  std::string(isa_name(isa)) + " " + dtype + " " + describe(c) + " nchw forced", true);
       }
       std::printf("%s %s: %d checks, %d failures\n", isa_name(isa), dtype, g_checks - checks_before,

@@ -1,0 +1,296 @@
+// CPU implementations of the mnv2 operators: argument checks, memory format,
+// at::parallel_for over the core's work items.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <stdexcept>
+#include <tuple>
+
+#include "core/fused_ir.h"
+
+namespace mnv2 {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+void check_param(const at::Tensor& p, const char* name, const at::Tensor& ref,
+                 at::IntArrayRef expected) {
+  TORCH_CHECK(p.device() == ref.device(), "mnv2: ", name, " is on ", p.device(), " but x is on ",
+              ref.device());
+  TORCH_CHECK(p.scalar_type() == ref.scalar_type(), "mnv2: ", name, " has dtype ", p.scalar_type(),
+              " but x has dtype ", ref.scalar_type());
+  TORCH_CHECK(p.sizes() == expected, "mnv2: ", name, " must have shape ", expected, ", got ",
+              p.sizes());
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "mnv2: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.layout() == at::kStrided, "mnv2: x must be a dense (strided) tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "mnv2: the CPU kernel supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "mnv2: x must have height and width >= 1, got ",
+              x.sizes());
+}
+
+// Validates the weights against `ref` (x, whose device and dtype they must
+// share) and returns the block's channel counts in a shape.
+BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTensor& w_expand,
+                         const OptTensor& b_expand, const at::Tensor& w_dw, const at::Tensor& b_dw,
+                         const at::Tensor& w_project, const at::Tensor& b_project) {
+  TORCH_CHECK(w_expand.has_value() == b_expand.has_value(),
+              "mnv2: w_expand and b_expand must be given together (or both omitted when t == 1)");
+  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, 3, 3), got ", w_dw.sizes());
+  TORCH_CHECK(w_project.dim() == 2, "mnv2: w_project must be 2-D (Cout, hidden), got ",
+              w_project.sizes());
+  BlockShape s{};
+  s.cin = cin;
+  s.hidden = w_dw.size(0);
+  s.cout = w_project.size(0);
+  s.has_expand = w_expand.has_value();
+  if (s.has_expand) {
+    check_param(*w_expand, "w_expand", ref, {s.hidden, s.cin});
+    check_param(*b_expand, "b_expand", ref, {s.hidden});
+  } else {
+    TORCH_CHECK(s.hidden == s.cin, "mnv2: without w_expand (t == 1) w_dw must have x's ", s.cin,
+                " channels, got ", s.hidden);
+  }
+  check_param(w_dw, "w_dw", ref, {s.hidden, 3, 3});
+  check_param(b_dw, "b_dw", ref, {s.hidden});
+  check_param(w_project, "w_project", ref, {s.cout, s.hidden});
+  check_param(b_project, "b_project", ref, {s.cout});
+  return s;
+}
+
+// Completes `s` with x's geometry, the stride and the residual, and validates it.
+void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, bool residual) {
+  TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
+              "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
+              ", Cout ", s.cout);
+  s.batch = x.size(0);
+  s.in_h = x.size(2);
+  s.in_w = x.size(3);
+  s.stride = static_cast<int>(stride);
+  s.residual = residual;
+  const char* err = validate_shape(s);
+  TORCH_CHECK(err == nullptr, "mnv2: ", err);
+}
+
+BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
+                       const at::Tensor& w_dw, const at::Tensor& b_dw,
+                       const at::Tensor& w_project, const at::Tensor& b_project, int64_t stride,
+                       bool residual) {
+  check_x(x);
+  BlockShape s = check_weights(x, x.size(1), w_expand, b_expand, w_dw, b_dw, w_project, b_project);
+  finish_shape(s, x, stride, residual);
+  return s;
+}
+
+const KernelTable& kernels() {
+  try {
+    return active_kernels();
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, "mnv2: ", e.what());
+  }
+}
+
+template <typename T>
+at::Tensor pack(const BlockShape& s, const Layout& l, const at::TensorOptions& opts,
+                const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
+                const at::Tensor& b_dw, const at::Tensor& w_project, const at::Tensor& b_project,
+                bool for_backward) {
+  at::Tensor packed = at::empty({l.total}, opts);
+  const at::Tensor we = s.has_expand ? w_expand->contiguous() : at::Tensor();
+  const at::Tensor be = s.has_expand ? b_expand->contiguous() : at::Tensor();
+  const at::Tensor wd = w_dw.contiguous(), bd = b_dw.contiguous();
+  const at::Tensor wp = w_project.contiguous(), bp = b_project.contiguous();
+  const T* pwe = s.has_expand ? we.const_data_ptr<T>() : nullptr;
+  const T* pbe = s.has_expand ? be.const_data_ptr<T>() : nullptr;
+  T* out = packed.mutable_data_ptr<T>();
+  // ranges of hidden channels in parallel; the grain keeps small blocks on one thread
+  at::parallel_for(0, s.hidden, 64, [&](int64_t h0, int64_t h1) {
+    pack_weights<T>(s, l, pwe, pbe, wd.const_data_ptr<T>(), bd.const_data_ptr<T>(),
+                    wp.const_data_ptr<T>(), bp.const_data_ptr<T>(), for_backward, h0, h1, out);
+  });
+  return packed;
+}
+
+at::TensorOptions dense_options(const at::Tensor& t) {
+  return t.options().memory_format(at::MemoryFormat::Contiguous);
+}
+
+template <typename T>
+void run_forward(const BlockShape& s, const Layout& l, const at::Tensor& x,
+                 const at::Tensor& packed, const at::Tensor& y) {
+  const Kernels<T>& k = kernels().get<T>();
+  const ForwardPlan plan = plan_forward(s, l, at::get_num_threads());
+  const at::TensorOptions opts = dense_options(x);
+  at::Tensor partial = at::empty({plan.partial_floats}, opts);
+  const ForwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x), packed.const_data_ptr<T>(),
+                            y.mutable_data_ptr<T>(), strides_of(y), partial.mutable_data_ptr<T>()};
+  at::parallel_for(0, plan.items(s), 1, [&](int64_t begin, int64_t end) {
+    // Scratch comes from the c10 allocator so that memory profilers see it.
+    at::Tensor scratch = at::empty({plan.scratch_floats}, opts);
+    k.forward(args, plan, begin, end, scratch.mutable_data_ptr<T>());
+  });
+  if (plan.n_splits > 1) {
+    at::parallel_for(0, s.batch * s.out_h(), 1, [&](int64_t begin, int64_t end) {
+      reduce_forward_splits<T>(args, plan, begin, end);
+    });
+  }
+}
+
+at::Tensor empty_output(const BlockShape& s, const at::Tensor& x) {
+  return at::empty({s.batch, s.cout, s.out_h(), s.out_w()},
+                   x.options().memory_format(x.suggest_memory_format()));
+}
+
+at::Tensor fused_inverted_residual_cpu(const at::Tensor& x, const OptTensor& w_expand,
+                                       const OptTensor& b_expand, const at::Tensor& w_dw,
+                                       const at::Tensor& b_dw, const at::Tensor& w_project,
+                                       const at::Tensor& b_project, int64_t stride, bool residual) {
+  const BlockShape s =
+      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+  at::Tensor y = empty_output(s, x);
+  if (s.batch == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_forward", [&] {
+    const Layout l = make_layout(s, kernels().get<scalar_t>().vl);
+    const at::Tensor packed = pack<scalar_t>(s, l, dense_options(x), w_expand, b_expand, w_dw, b_dw,
+                                             w_project, b_project, false);
+    run_forward<scalar_t>(s, l, x, packed, y);
+  });
+  return y;
+}
+
+at::Tensor pack_weights_cpu(const OptTensor& w_expand, const OptTensor& b_expand,
+                            const at::Tensor& w_dw, const at::Tensor& b_dw,
+                            const at::Tensor& w_project, const at::Tensor& b_project) {
+  TORCH_CHECK(w_dw.scalar_type() == at::kFloat || w_dw.scalar_type() == at::kDouble,
+              "mnv2: the CPU kernel supports float32 and float64, got ", w_dw.scalar_type());
+  const int64_t cin = w_expand.has_value() ? w_expand->size(-1) : w_dw.size(0);
+  BlockShape s = check_weights(w_dw, cin, w_expand, b_expand, w_dw, b_dw, w_project, b_project);
+  at::Tensor packed;
+  AT_DISPATCH_FLOATING_TYPES(w_dw.scalar_type(), "mnv2_pack_weights", [&] {
+    const Layout l = make_layout(s, kernels().get<scalar_t>().vl);
+    packed = pack<scalar_t>(s, l, dense_options(w_dw), w_expand, b_expand, w_dw, b_dw, w_project,
+                            b_project, false);
+  });
+  return packed;
+}
+
+at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                              int64_t hidden, int64_t cout, bool has_expand,
+                                              int64_t stride, bool residual) {
+  check_x(x);
+  TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() &&
+                  packed.dim() == 1 && packed.is_contiguous(),
+              "mnv2: packed weights must be a contiguous 1-D tensor with x's device and dtype");
+  BlockShape s{};
+  s.cin = x.size(1);
+  s.hidden = hidden;
+  s.cout = cout;
+  s.has_expand = has_expand;
+  finish_shape(s, x, stride, residual);
+  at::Tensor y = empty_output(s, x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_forward_packed", [&] {
+    const Layout l = make_layout(s, kernels().get<scalar_t>().vl);
+    TORCH_CHECK(packed.numel() == l.total, "mnv2: packed weights hold ", packed.numel(),
+                " elements but this block (Cin ", s.cin, ", hidden ", s.hidden, ", Cout ", s.cout,
+                ") needs ", l.total, "; re-pack them for this block");
+    if (s.batch > 0) run_forward<scalar_t>(s, l, x, packed, y);
+  });
+  return y;
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
+
+template <typename T>
+void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tensor& x,
+                   const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
+                   const at::Tensor& b_dw, const at::Tensor& w_project,
+                   const at::Tensor& b_project, Grads& out) {
+  const Kernels<T>& k = kernels().get<T>();
+  const Layout l = make_layout(s, k.vl);
+  const GradLayout gl = make_grad_layout(s, l);
+  const at::Tensor packed = pack<T>(s, l, dense_options(x), w_expand, b_expand, w_dw, b_dw,
+                                    w_project, b_project, true);
+  const BackwardPlan plan = plan_backward(s, l, at::get_num_threads());
+  const at::TensorOptions opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor& gx = std::get<0>(out);
+  at::Tensor side = at::empty({plan.side_floats}, opts);
+  const BackwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x), grad_y.const_data_ptr<T>(),
+                             strides_of(grad_y), packed.const_data_ptr<T>(),
+                             gx.mutable_data_ptr<T>(), strides_of(gx), side.mutable_data_ptr<T>()};
+  // A fixed number of tasks, each owning a contiguous range of items and its own
+  // gradient partials, reduced in task order: bitwise repeatable for a given
+  // thread count.
+  const int64_t items = plan.items(s);
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  at::Tensor partials = at::zeros({tasks, gl.total}, opts);
+  T* parts = partials.mutable_data_ptr<T>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({plan.scratch_floats}, opts);
+    for (int64_t t = begin; t < end; ++t) {
+      k.backward(args, plan, items * t / tasks, items * (t + 1) / tasks, parts + t * gl.total,
+                 scratch.mutable_data_ptr<T>());
+    }
+  });
+  backward_finish<T>(args, plan);
+  auto ptr = [](at::Tensor& t) { return t.numel() ? t.mutable_data_ptr<T>() : nullptr; };
+  reduce_grads<T>(s, l, parts, tasks, ptr(std::get<1>(out)), ptr(std::get<2>(out)),
+                  ptr(std::get<3>(out)), ptr(std::get<4>(out)), ptr(std::get<5>(out)),
+                  ptr(std::get<6>(out)));
+}
+
+Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                           const OptTensor& w_expand, const OptTensor& b_expand,
+                                           const at::Tensor& w_dw, const at::Tensor& b_dw,
+                                           const at::Tensor& w_project,
+                                           const at::Tensor& b_project, int64_t stride,
+                                           bool residual) {
+  const BlockShape s =
+      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(),
+              "mnv2: grad_y must match x's device and dtype");
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
+              "mnv2: grad_y must have shape ", at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
+              ", got ", grad_y.sizes());
+  const at::TensorOptions opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const int64_t he = s.has_expand ? s.hidden : 0;
+  Grads out{at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
+            at::zeros({he, s.has_expand ? s.cin : 0}, opts),
+            at::zeros({he}, opts),
+            at::zeros({s.hidden, 3, 3}, opts),
+            at::zeros({s.hidden}, opts),
+            at::zeros({s.cout, s.hidden}, opts),
+            at::zeros({s.cout}, opts)};
+  if (s.batch == 0) {
+    std::get<0>(out).zero_();
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_backward", [&] {
+    backward_impl<scalar_t>(s, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mnv2, CPU, m) {
+  m.impl("fused_inverted_residual", &fused_inverted_residual_cpu);
+  m.impl("fused_inverted_residual_backward", &fused_inverted_residual_backward_cpu);
+  m.impl("pack_weights", &pack_weights_cpu);
+  m.impl("fused_inverted_residual_packed", &fused_inverted_residual_packed_cpu);
+}
+
+}  // namespace mnv2

@@ -1,0 +1,98 @@
+// Every operator schema of the mnv2 library, plus the small non-tensor API
+// (build information, CPU ISA) exposed through pybind11. Backends add
+// implementations with TORCH_LIBRARY_IMPL(mnv2, <Backend>, m).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "core/fused_ir.h"
+
+TORCH_LIBRARY(mnv2, m) {
+  // y = Wp relu6(dw3x3(relu6(We x + be), stride) + bd) + bp (+ x), all BN folded.
+  //   x [N, Cin, H, W]; w_expand [hidden, Cin] and b_expand [hidden], both absent when t == 1;
+  //   w_dw [hidden, 3, 3]; b_dw [hidden]; w_project [Cout, hidden]; b_project [Cout].
+  // The output keeps the input's memory format.
+  m.def(
+      "fused_inverted_residual(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, "
+      "Tensor b_dw, Tensor w_project, Tensor b_project, int stride, bool residual) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients of the above for grad_y; recomputes the hidden activations row by row.
+  // grad_w_expand and grad_b_expand are empty when t == 1.
+  m.def(
+      "fused_inverted_residual_backward(Tensor grad_y, Tensor x, Tensor? w_expand, "
+      "Tensor? b_expand, Tensor w_dw, Tensor b_dw, Tensor w_project, Tensor b_project, "
+      "int stride, bool residual) -> (Tensor grad_x, Tensor grad_w_expand, Tensor grad_b_expand, "
+      "Tensor grad_w_dw, Tensor grad_b_dw, Tensor grad_w_project, Tensor grad_b_project)",
+      {at::Tag::pt2_compliant_tag});
+  // Inference with cached weights: pack_weights folds nothing, it only lays the
+  // (already BN-folded) weights out for this machine's CPU kernel; the result
+  // is opaque and valid for this process's ISA and dtype. The packed forward has
+  // no autograd.
+  m.def(
+      "pack_weights(Tensor? w_expand, Tensor? b_expand, Tensor w_dw, Tensor b_dw, "
+      "Tensor w_project, Tensor b_project) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "fused_inverted_residual_packed(Tensor x, Tensor packed, int hidden, int cout, "
+      "bool has_expand, int stride, bool residual) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Batch statistics for train-mode batch norm without the hidden tensor in
+  // autograd: each op saves only its inputs and recomputes in its backward.
+  // Per-channel mean and biased covariance of x over (N, H, W): bn1's statistics
+  // follow as W mean and diag(W cov W^T).
+  m.def("channel_moments(Tensor x) -> (Tensor mean, Tensor cov)", {at::Tag::pt2_compliant_tag});
+  // Per-channel mean and biased variance over (N, Ho, Wo) of the depthwise output
+  // (before its bias) of relu6(w_expand x + b_expand): bn2's statistics.
+  m.def(
+      "depthwise_moments(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, int stride) "
+      "-> (Tensor mean, Tensor var)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+namespace {
+
+std::string active_cpu_isa() {
+  try {
+    return mnv2::isa_name(mnv2::active_kernels().isa);
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  pybind11::list compiled, supported;
+  for (mnv2::Isa isa : {mnv2::Isa::kScalar, mnv2::Isa::kAvx2, mnv2::Isa::kAvx512,
+                        mnv2::Isa::kNeon}) {
+    if (mnv2::isa_compiled(isa)) compiled.append(mnv2::isa_name(isa));
+    if (mnv2::kernel_table(isa) != nullptr) supported.append(mnv2::isa_name(isa));
+  }
+  info["cpu_isas_compiled"] = compiled;
+  info["cpu_isas_runnable"] = supported;
+#ifdef MNV2_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand, bool is_double) {
+  mnv2::BlockShape s{};
+  s.cin = cin;
+  s.hidden = hidden;
+  s.cout = cout;
+  s.has_expand = has_expand;
+  const mnv2::KernelTable& k = mnv2::active_kernels();
+  return mnv2::make_layout(s, is_double ? k.f64.vl : k.f32.vl).total;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mnv2_kernels compiled backend";
+  m.def("cpu_isa", &active_cpu_isa,
+        "Instruction set of the CPU kernels in use (the best available, or MNV2_CPU_ISA).");
+  m.def("build_info", &build_info, "What this build contains and what this machine can run.");
+  m.def("packed_numel", &packed_numel,
+        "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.");
+}

@@ -1,0 +1,31 @@
+"""mnv2_kernels: MobileNetV2's inverted-residual block as one fused operator.
+
+    from mnv2_kernels import FusedInvertedResidual, mobilenet_v2, convert_model
+
+See README.md for backends and environment switches.
+"""
+
+from . import _extension  # noqa: F401  (loads the compiled operators, or warns once)
+from . import ops, reference  # noqa: F401  (registers fake kernels, autograd, FLOP formulas)
+from ._extension import build_info, cpu_isa
+from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .folding import fold_bn
+from .model import MobileNetV2, convert_model, mobilenet_v2
+from .modules import Conv2dNormActivation, FusedInvertedResidual
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "Conv2dNormActivation",
+    "FusedInvertedResidual",
+    "MobileNetV2",
+    "build_info",
+    "convert_model",
+    "cpu_isa",
+    "fold_bn",
+    "get_backend",
+    "mobilenet_v2",
+    "set_backend",
+    "use_backend",
+]

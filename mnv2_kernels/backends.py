@@ -1,0 +1,113 @@
+"""Which implementation runs the fused block.
+
+    "auto"       the fastest one that can run the given tensors (default)
+    "cpu"        the C++ CPU kernel (float32/float64 CPU tensors)
+    "cuda"       the CUDA kernel (CUDA tensors; needs a build with nvcc)
+    "triton"     the Triton kernel (CUDA tensors)
+    "reference"  plain PyTorch ops: correct everywhere, neither fused nor fast
+
+Choose with ``use_backend(name)`` (a context manager), ``set_backend(name)``,
+or the MNV2_BACKEND environment variable, read at import. Asking for a
+backend that cannot run the given tensors raises; it never falls back
+silently.
+"""
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+from . import _extension
+from .triton_kernels import is_available as _triton_available
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _validate(name):
+    if name not in BACKENDS:
+        raise ValueError(f"mnv2_kernels: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+# A plain module global (not a thread-local or context variable) so that
+# torch.compile can read it and guard on it without a graph break.
+_current = _validate(os.environ.get("MNV2_BACKEND", "auto") or "auto")
+_warned = set()
+
+
+def get_backend() -> str:
+    """The backend name currently selected (may be "auto")."""
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Selects the backend for every later call."""
+    global _current
+    _current = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Selects a backend inside a ``with`` block."""
+    global _current
+    previous = _current
+    _current = _validate(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _cannot(name, x, why):
+    raise RuntimeError(
+        f"mnv2_kernels: backend {name!r} cannot run a {x.dtype} tensor on {x.device}: {why}"
+    )
+
+
+def resolve(x: torch.Tensor) -> str:
+    """The concrete backend that will run a block on input ``x``."""
+    name = _current
+    device = x.device.type
+    if name == "auto":
+        if device == "cpu":
+            if not _extension.has_cpu_kernels():
+                return "reference"  # the import already said so
+            if x.dtype not in CPU_DTYPES:
+                _cannot("auto", x, "the CPU kernel supports float32 and float64; "
+                        "use backend 'reference' for other dtypes")
+            return "cpu"
+        if device == "cuda":
+            if _extension.has_cuda_kernels():
+                return "cuda"
+            if _triton_available():
+                return "triton"
+            _warn_once("cuda", "mnv2_kernels: no fused GPU kernel is available in this build; "
+                       "CUDA tensors run on the 'reference' backend")
+            return "reference"
+        _warn_once(device, f"mnv2_kernels: no fused kernel for device {device!r}; "
+                   "using the 'reference' backend")
+        return "reference"
+    if name == "cpu":
+        if not _extension.has_cpu_kernels():
+            _cannot(name, x, f"the compiled extension is not available ({_extension.LOAD_ERROR})")
+        if device != "cpu":
+            _cannot(name, x, "it runs CPU tensors only")
+        if x.dtype not in CPU_DTYPES:
+            _cannot(name, x, "it supports float32 and float64")
+    elif name == "cuda":
+        if device != "cuda":
+            _cannot(name, x, "it runs CUDA tensors only")
+        if not _extension.has_cuda_kernels():
+            _cannot(name, x, "this build has no CUDA kernels (rebuild with nvcc, MNV2_BUILD_CUDA=1)")
+    elif name == "triton":
+        if not _triton_available():
+            _cannot(name, x, "the Triton kernels are not implemented in this version")
+    return name

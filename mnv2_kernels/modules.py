@@ -1,0 +1,279 @@
+"""FusedInvertedResidual: torchvision's InvertedResidual with a fused forward."""
+
+import weakref
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import backends, ops
+from .folding import (
+    check_batch_count,
+    fold_bn,
+    running_stats,
+    update_running_stats,
+    uses_batch_stats,
+)
+
+
+class Conv2dNormActivation(nn.Sequential):
+    """Conv2d, then norm, then activation: torchvision.ops.Conv2dNormActivation's
+    layout (submodules 0, 1, 2), so state_dict keys match."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: Optional[int] = None,
+        groups: int = 1,
+        norm_layer: Optional[Callable[..., nn.Module]] = nn.BatchNorm2d,
+        activation_layer: Optional[Callable[..., nn.Module]] = nn.ReLU,
+        dilation: int = 1,
+        inplace: Optional[bool] = True,
+        bias: Optional[bool] = None,
+    ) -> None:
+        if padding is None:
+            padding = (kernel_size - 1) // 2 * dilation
+        if bias is None:
+            bias = norm_layer is None
+        layers: List[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                      dilation=dilation, groups=groups, bias=bias)
+        ]
+        if norm_layer is not None:
+            layers.append(norm_layer(out_channels))
+        if activation_layer is not None:
+            layers.append(activation_layer(**({} if inplace is None else {"inplace": inplace})))
+        super().__init__(*layers)
+        self.out_channels = out_channels
+
+
+def _is_foldable_norm(m: nn.Module) -> bool:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    # torchvision.ops.FrozenBatchNorm2d and look-alikes: fixed statistics and affine
+    return all(hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
+
+
+class FusedInvertedResidual(nn.Module):
+    """MobileNetV2's inverted-residual block computed by one fused operator.
+
+    Same constructor, submodules and state_dict keys as
+    ``torchvision.models.mobilenetv2.InvertedResidual``; the parameters live in
+    ordinary Conv2d/BatchNorm2d modules. In eval mode the batch norms are folded
+    into the convolutions and the whole block is one ``mnv2::fused_inverted_residual``
+    call. In train mode the batch statistics are computed without keeping the
+    hidden tensor for backward, folded, and the last batch norm runs as usual.
+    """
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        self.stride = stride
+        if stride not in (1, 2):
+            raise ValueError(f"stride should be 1 or 2 instead of {stride}")
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        hidden_dim = int(round(inp * expand_ratio))
+        self.use_res_connect = self.stride == 1 and inp == oup
+        layers: List[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1, norm_layer=norm_layer,
+                                               activation_layer=nn.ReLU6))
+        layers.extend([
+            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim,
+                                 norm_layer=norm_layer, activation_layer=nn.ReLU6),
+            nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
+            norm_layer(oup),
+        ])
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = oup
+        self._is_cn = stride > 1
+        self._check_structure()
+
+    @classmethod
+    def from_torchvision(cls, block: nn.Module) -> "FusedInvertedResidual":
+        """A fused block sharing ``block``'s submodules (parameters and buffers)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.conv = block.conv
+        fused.stride = block.stride
+        fused.use_res_connect = block.use_res_connect
+        fused.out_channels = block.out_channels
+        fused._is_cn = block._is_cn
+        fused.train(block.training)
+        fused._check_structure()
+        return fused
+
+    # -- structure ---------------------------------------------------------
+    @property
+    def has_expand(self) -> bool:
+        return len(self.conv) == 4
+
+    def _parts(self):
+        """(expand conv, bn1, depthwise conv, bn2, project conv, bn3); the first two are
+        None when expand_ratio == 1."""
+        c = self.conv
+        if self.has_expand:
+            return c[0][0], c[0][1], c[1][0], c[1][1], c[2], c[3]
+        return None, None, c[0][0], c[0][1], c[1], c[2]
+
+    def _check_structure(self) -> None:
+        c = self.conv
+        if len(c) not in (3, 4):
+            raise TypeError(f"FusedInvertedResidual: unexpected block layout {c}")
+        stages = [c[0], c[1]] if len(c) == 4 else [c[0]]
+        for stage in stages:
+            if len(stage) != 3 or not isinstance(stage[2], nn.ReLU6):
+                raise TypeError("FusedInvertedResidual: every conv stage must be conv -> norm -> ReLU6, "
+                                f"got {stage}")
+        expand, bn1, dw, bn2, proj, bn3 = self._parts()
+        for norm in (bn1, bn2, bn3):
+            if norm is not None and not _is_foldable_norm(norm):
+                raise TypeError(
+                    "FusedInvertedResidual folds batch norm into the convolutions; norm_layer must "
+                    f"build BatchNorm2d (or FrozenBatchNorm2d), got {type(norm).__name__}")
+        if dw.kernel_size != (3, 3) or dw.groups != dw.in_channels or dw.padding != (1, 1):
+            raise TypeError(f"FusedInvertedResidual: expected a 3x3 depthwise convolution, got {dw}")
+
+    @property
+    def in_channels(self) -> int:
+        expand, _, dw, _, _, _ = self._parts()
+        return (expand if expand is not None else dw).in_channels
+
+    # -- forward -------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"FusedInvertedResidual expects a Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError("FusedInvertedResidual expects a 4-D input (N, C, H, W), got "
+                             f"{x.dim()}-D with shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"FusedInvertedResidual expects {self.in_channels} input channels, "
+                             f"got {x.shape[1]} (input shape {tuple(x.shape)})")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"FusedInvertedResidual needs height and width >= 1, got {tuple(x.shape)}")
+        weight = self._parts()[4].weight
+        if x.device != weight.device:
+            raise RuntimeError(f"FusedInvertedResidual: the input is on {x.device} but the block's "
+                               f"parameters are on {weight.device}")
+        if x.dtype != weight.dtype:
+            raise RuntimeError(f"FusedInvertedResidual: the input dtype {x.dtype} does not match the "
+                               f"parameters' dtype {weight.dtype}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if backends.resolve(x) == "reference":
+            # torchvision's unfused computation, module by module
+            return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        if any(n is not None and uses_batch_stats(n) for n in self._parts()[1::2]):
+            return self._forward_batch_stats(x)
+        if x.device.type == "cpu" and not self._needs_autograd(x) and not torch.compiler.is_compiling():
+            # inference: fold and pack once, reuse until a parameter or buffer changes
+            packed = self._packed_weights(x)
+            if packed is not None:
+                _, _, dw, _, proj, _ = self._parts()
+                return torch.ops.mnv2.fused_inverted_residual_packed.default(
+                    x, packed, dw.out_channels, proj.out_channels, self.has_expand, self.stride,
+                    self.use_res_connect)
+        return ops.fused_inverted_residual(x, *self.folded_weights(), self.stride, self.use_res_connect)
+
+    def folded_weights(self):
+        """The operator's weights with every batch norm folded in with its running statistics:
+        (w_expand, b_expand, w_dw, b_dw, w_project, b_project); the first two are None when
+        expand_ratio == 1. Differentiable."""
+        expand, bn1, dw, bn2, proj, bn3 = self._parts()
+        hidden, cout = dw.out_channels, proj.out_channels
+        w1 = b1 = None
+        if expand is not None:
+            w1, b1 = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, *running_stats(bn1), bn1.eps)
+            w1 = w1.view(hidden, -1)
+        wd, bd = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, *running_stats(bn2), bn2.eps)
+        w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
+        return w1, b1, wd.view(hidden, 3, 3), bd, w3.view(cout, hidden), b3
+
+    def _needs_autograd(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _packed_weights(self, x: Tensor) -> Optional[Tensor]:
+        """Folded and packed weights for the CPU kernel, cached on the module.
+
+        The cache remembers every parameter and buffer (weakly) with its version
+        counter, so an optimizer step, load_state_dict, any in-place change or a
+        replaced tensor re-packs. Tensors made under inference_mode have no version
+        counter: then nothing is cached and None is returned.
+        """
+        tensors = [*self.parameters(), *self.buffers()]
+        if any(t.is_inference() for t in tensors):
+            return None
+        cached = self.__dict__.get("_packed_cache")
+        if (cached is not None and cached[0] == x.dtype and len(cached[1]) == len(tensors)
+                and all(ref() is t and version == t._version
+                        for (ref, version), t in zip(cached[1], tensors))):
+            return cached[2]
+        with torch.no_grad():
+            packed = torch.ops.mnv2.pack_weights.default(*self.folded_weights())
+        stamp = [(weakref.ref(t), t._version) for t in tensors]
+        self.__dict__["_packed_cache"] = (x.dtype, stamp, packed)  # one assignment: thread-safe
+        return packed
+
+    def clear_cache(self) -> None:
+        """Drops the cached packed weights (they are rebuilt on the next inference call)."""
+        self.__dict__.pop("_packed_cache", None)
+
+    def _forward_batch_stats(self, x: Tensor) -> Tensor:
+        """Train mode (or BN without running statistics): exact batch statistics.
+
+        bn1's statistics come from x's channel mean and covariance, bn2's from the
+        depthwise_moments operator; both are folded into the fused operator, which
+        then produces the pre-bn3 output; bn3 runs as an ordinary module.
+        """
+        for norm in self._parts()[1::2]:
+            if (isinstance(norm, nn.SyncBatchNorm) and norm.training and dist.is_available()
+                    and dist.is_initialized() and dist.get_world_size(norm.process_group) > 1):
+                raise NotImplementedError(
+                    "FusedInvertedResidual does not yet all-reduce batch statistics across processes "
+                    "(SyncBatchNorm in distributed training); use the 'reference' backend")
+        expand, bn1, dw, bn2, proj, bn3 = self._parts()
+        n, _, h, w = x.shape
+        hidden, cout = dw.out_channels, proj.out_channels
+        w1 = b1 = None
+        if expand is not None:
+            if uses_batch_stats(bn1):
+                check_batch_count(n * h * w, (n, hidden, h, w))
+                mean_x, cov_x = ops.channel_moments(x)
+                we = expand.weight.view(hidden, -1).to(cov_x.dtype)
+                mean1 = we @ mean_x
+                if expand.bias is not None:
+                    mean1 = mean1 + expand.bias
+                var1 = ((we @ cov_x) * we).sum(1).clamp_min(0)
+                update_running_stats(bn1, mean1, var1, n * h * w)
+                mean1, var1 = mean1.to(x.dtype), var1.to(x.dtype)
+            else:
+                mean1, var1 = running_stats(bn1)
+            w1, b1 = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, mean1, var1, bn1.eps)
+            w1 = w1.view(hidden, -1)
+        ho, wo = ops.output_size(h, w, self.stride)
+        if uses_batch_stats(bn2):
+            check_batch_count(n * ho * wo, (n, hidden, ho, wo))
+            mean2, var2 = ops.depthwise_moments(x, w1, b1, dw.weight.view(hidden, 3, 3), self.stride)
+            if dw.bias is not None:
+                mean2 = mean2 + dw.bias
+            update_running_stats(bn2, mean2, var2, n * ho * wo)
+            mean2, var2 = mean2.to(x.dtype), var2.to(x.dtype)
+        else:
+            mean2, var2 = running_stats(bn2)
+        wd, bd = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, mean2, var2, bn2.eps)
+        wd = wd.view(hidden, 3, 3)
+        if uses_batch_stats(bn3):
+            b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
+            u = ops.fused_inverted_residual(x, w1, b1, wd, bd, proj.weight.view(cout, hidden), b_proj,
+                                            self.stride, False)
+            y = bn3(u)
+            return y + x if self.use_res_connect else y
+        w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
+        return ops.fused_inverted_residual(x, w1, b1, wd, bd, w3.view(cout, hidden), b3, self.stride,
+                                           self.use_res_connect)

@@ -1,0 +1,301 @@
+"""Python side of the ``mnv2::`` operators (schemas live in csrc/ops.cpp).
+
+* ``fused_inverted_residual``: the fused block on BN-folded weights. Its CPU
+  kernel is C++ (csrc/cpu); here it gets a fake kernel, autograd (the backward
+  is the fused ``fused_inverted_residual_backward`` operator, which recomputes
+  the hidden activations row by row) and a FLOP formula.
+* ``channel_moments`` and ``depthwise_moments``: batch statistics for
+  train-mode batch norm. Their kernels are written here in PyTorch; each saves
+  only its inputs and recomputes in its explicit backward.
+
+Everything is registered only when the compiled extension (which defines the
+schemas) is loaded.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+from torch.utils.flop_counter import register_flop_formula
+
+from . import _extension
+
+
+def fused_inverted_residual(
+    x: Tensor,
+    w_expand: Optional[Tensor],
+    b_expand: Optional[Tensor],
+    w_dw: Tensor,
+    b_dw: Tensor,
+    w_project: Tensor,
+    b_project: Tensor,
+    stride: int,
+    residual: bool,
+) -> Tensor:
+    """The fused block on BN-folded weights.
+
+    Args:
+        x: input (N, Cin, H, W), NCHW or channels_last (or any strides).
+        w_expand, b_expand: expand 1x1 (hidden, Cin) and bias (hidden); None when t == 1.
+        w_dw, b_dw: depthwise 3x3 (hidden, 3, 3) and bias (hidden).
+        w_project, b_project: project 1x1 (Cout, hidden) and bias (Cout).
+        stride: 1 or 2.
+        residual: add x to the output (needs stride 1 and Cin == Cout).
+
+    Returns:
+        (N, Cout, Ho, Wo) in x's memory format.
+    """
+    return torch.ops.mnv2.fused_inverted_residual.default(
+        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual
+    )
+
+
+def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean (C,) and biased covariance (C, C) of x over (N, H, W)."""
+    return torch.ops.mnv2.channel_moments.default(x)
+
+
+def depthwise_moments(
+    x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor, stride: int
+) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of dw3x3(relu6(w_expand x + b_expand)), no dw bias."""
+    return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride)
+
+
+def output_size(h, w, stride):
+    """Output height and width of the block's 3x3, padding-1 depthwise step."""
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+def block_macs(x_shape, hidden: int, cout: int, stride: int, has_expand: bool) -> int:
+    """Multiply-adds of one block: expand + depthwise + project (BN and ReLU6 excluded)."""
+    n, cin, h, w = x_shape
+    ho, wo = output_size(h, w, stride)
+    expand = n * h * w * cin * hidden if has_expand else 0
+    return expand + n * ho * wo * hidden * 9 + n * ho * wo * hidden * cout
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are accumulated in at least float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _check_block_meta(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+    """Shape checks of the fake kernels (the C++ kernel makes the same ones)."""
+    torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    torch._check(stride in (1, 2), lambda: f"mnv2: stride must be 1 or 2, got {stride}")
+    hidden = w_dw.shape[0]
+    cin = x.shape[1]
+    torch._check(tuple(w_dw.shape) == (hidden, 3, 3), lambda: "mnv2: w_dw must be (hidden, 3, 3)")
+    torch._check((w_expand is None) == (b_expand is None),
+                 lambda: "mnv2: w_expand and b_expand must be given together")
+    if w_expand is not None:
+        torch._check(tuple(w_expand.shape) == (hidden, cin), lambda: "mnv2: w_expand must be (hidden, Cin)")
+    else:
+        torch._check(hidden == cin, lambda: "mnv2: without w_expand, w_dw must have Cin channels")
+    torch._check(w_project.dim() == 2 and w_project.shape[1] == hidden,
+                 lambda: "mnv2: w_project must be (Cout, hidden)")
+    cout = w_project.shape[0]
+    torch._check(not residual or (stride == 1 and cin == cout),
+                 lambda: "mnv2: residual needs stride 1 and Cin == Cout")
+    return hidden, cout
+
+
+# ----------------------------------------------------------------------------
+# PyTorch kernels of the moment operators and their explicit backwards.
+
+def _channel_moments_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
+    c = x.shape[1]
+    xf = x.to(_acc_dtype(x)).transpose(0, 1).reshape(c, -1)
+    mean = xf.mean(1)
+    xc = xf - mean[:, None]  # centred before the product: no cancellation
+    return mean, (xc @ xc.T) / xf.shape[1]
+
+
+def _channel_moments_backward(ctx, g_mean, g_cov):
+    (x,) = ctx.saved_tensors
+    n, c, h, w = x.shape
+    xf = x.to(_acc_dtype(x)).transpose(0, 1).reshape(c, -1)
+    m = xf.shape[1]
+    xc = xf - xf.mean(1, keepdim=True)
+    # d cov = (1/M) sum_p xc_p xc_p^T; the mean's own derivative cancels because sum_p xc_p = 0.
+    g = torch.zeros_like(xc)
+    if g_mean is not None:
+        g = g + g_mean[:, None] / m
+    if g_cov is not None:
+        g = g + ((g_cov + g_cov.T) @ xc) / m
+    gx = g.reshape(c, n, h, w).transpose(0, 1).to(x.dtype)
+    return gx.contiguous(memory_format=suggest_memory_format(x))
+
+
+def _depthwise_forward(x, w_expand, b_expand, w_dw, stride):
+    """(z1 or None, a1, z2) in the accumulation dtype."""
+    acc = _acc_dtype(x)
+    xa = x.to(acc)
+    z1 = None
+    a1 = xa
+    if w_expand is not None:
+        z1 = torch.nn.functional.conv2d(xa, w_expand.to(acc)[:, :, None, None], b_expand.to(acc))
+        a1 = torch.nn.functional.relu6(z1)
+    z2 = torch.nn.functional.conv2d(a1, w_dw.to(acc)[:, None], None, stride=stride, padding=1,
+                                    groups=w_dw.shape[0])
+    return z1, a1, z2
+
+
+def _depthwise_moments_impl(x, w_expand, b_expand, w_dw, stride):
+    _, _, z2 = _depthwise_forward(x, w_expand, b_expand, w_dw, stride)
+    var, mean = torch.var_mean(z2, dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _depthwise_moments_backward(ctx, g_mean, g_var):
+    x, w_expand, b_expand, w_dw = ctx.saved_tensors
+    stride = ctx.stride
+    z1, a1, z2 = _depthwise_forward(x, w_expand, b_expand, w_dw, stride)
+    count = z2.shape[0] * z2.shape[2] * z2.shape[3]
+    hidden = w_dw.shape[0]
+    g_z2 = torch.zeros_like(z2)
+    if g_mean is not None:
+        g_z2 = g_z2 + (g_mean / count)[None, :, None, None]
+    if g_var is not None:
+        mean = z2.mean(dim=(0, 2, 3), keepdim=True)
+        g_z2 = g_z2 + (2.0 * g_var / count)[None, :, None, None] * (z2 - mean)
+    acc_w_dw = w_dw.to(z2.dtype)[:, None]
+    g_a1, g_w_dw, _ = torch.ops.aten.convolution_backward(
+        g_z2, a1, acc_w_dw, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], hidden,
+        [True, True, False])
+    g_w_dw = g_w_dw[:, 0].to(w_dw.dtype)
+    if w_expand is None:
+        return g_a1.to(x.dtype), None, None, g_w_dw, None
+    g_z1 = torch.where((z1 > 0) & (z1 < 6), g_a1, torch.zeros_like(g_a1))
+    g_b = g_z1.sum(dim=(0, 2, 3)).to(b_expand.dtype)
+    xa = x.to(z1.dtype)
+    g_x, g_w, _ = torch.ops.aten.convolution_backward(
+        g_z1, xa, w_expand.to(z1.dtype)[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False,
+        [0, 0], 1, [True, True, False])
+    g_x = g_x.to(x.dtype).contiguous(memory_format=suggest_memory_format(x))
+    return g_x, g_w[:, :, 0, 0].to(w_expand.dtype), g_b, g_w_dw, None
+
+
+# ----------------------------------------------------------------------------
+# Registration.
+
+def _register():
+    # fused_inverted_residual ------------------------------------------------
+    @torch.library.register_fake("mnv2::fused_inverted_residual")
+    def _(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+        _, cout = _check_block_meta(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project,
+                                    stride, residual)
+        ho, wo = output_size(x.shape[2], x.shape[3], stride)
+        return torch.empty((x.shape[0], cout, ho, wo), dtype=x.dtype, device=x.device,
+                           memory_format=suggest_memory_format(x))
+
+    @torch.library.register_fake("mnv2::fused_inverted_residual_backward")
+    def _(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+        hidden, cout = _check_block_meta(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project,
+                                         stride, residual)
+        cin = x.shape[1]
+        he = hidden if w_expand is not None else 0
+        new = lambda *shape: x.new_empty(shape)  # noqa: E731
+        return (
+            torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x)),
+            new(he, cin if w_expand is not None else 0),
+            new(he),
+            new(hidden, 3, 3),
+            new(hidden),
+            new(cout, hidden),
+            new(cout),
+        )
+
+    def setup_fused(ctx, inputs, output):
+        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual = inputs
+        # The input and the (param-sized) weights only: the backward recomputes the rest.
+        ctx.save_for_backward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project)
+        ctx.stride = stride
+        ctx.residual = residual
+
+    def backward_fused(ctx, grad_y):
+        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project = ctx.saved_tensors
+        grads = torch.ops.mnv2.fused_inverted_residual_backward.default(
+            grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, ctx.stride, ctx.residual)
+        grads = list(grads)
+        if w_expand is None:
+            grads[1] = grads[2] = None
+        needs = ctx.needs_input_grad
+        return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None)
+
+    torch.library.register_autograd("mnv2::fused_inverted_residual", backward_fused,
+                                    setup_context=setup_fused)
+
+    @register_flop_formula(torch.ops.mnv2.fused_inverted_residual)
+    def _(x_shape, w_expand_shape, b_expand_shape, w_dw_shape, b_dw_shape, w_project_shape,
+          b_project_shape, stride, residual, *args, out_shape=None, **kwargs) -> int:
+        return 2 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride,
+                              w_expand_shape is not None)
+
+    @register_flop_formula(torch.ops.mnv2.fused_inverted_residual_backward)
+    def _(grad_y_shape, x_shape, w_expand_shape, b_expand_shape, w_dw_shape, b_dw_shape,
+          w_project_shape, b_project_shape, stride, residual, *args, out_shape=None, **kwargs) -> int:
+        # As torch counts convolution backward: input and weight gradients of each
+        # convolution, twice the forward. The forward recomputation is not counted.
+        return 4 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride,
+                              w_expand_shape is not None)
+
+    # pack_weights / fused_inverted_residual_packed (inference with cached weights)
+    @torch.library.register_fake("mnv2::pack_weights")
+    def _(w_expand, b_expand, w_dw, b_dw, w_project, b_project):
+        cin = w_expand.shape[1] if w_expand is not None else w_dw.shape[0]
+        numel = _extension._C.packed_numel(cin, w_dw.shape[0], w_project.shape[0],
+                                           w_expand is not None, w_dw.dtype == torch.float64)
+        return w_dw.new_empty((numel,))
+
+    @torch.library.register_fake("mnv2::fused_inverted_residual_packed")
+    def _(x, packed, hidden, cout, has_expand, stride, residual):
+        torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        ho, wo = output_size(x.shape[2], x.shape[3], stride)
+        return torch.empty((x.shape[0], cout, ho, wo), dtype=x.dtype, device=x.device,
+                           memory_format=suggest_memory_format(x))
+
+    @register_flop_formula(torch.ops.mnv2.fused_inverted_residual_packed)
+    def _(x_shape, packed_shape, hidden, cout, has_expand, stride, residual, *args, out_shape=None,
+          **kwargs) -> int:
+        return 2 * block_macs(x_shape, hidden, cout, stride, has_expand)
+
+    # channel_moments ----------------------------------------------------------
+    torch.library.register_kernel("mnv2::channel_moments", ("cpu", "cuda"), _channel_moments_impl)
+
+    @torch.library.register_fake("mnv2::channel_moments")
+    def _(x):
+        torch._check(x.dim() == 4, lambda: "mnv2: channel_moments needs a 4-D input")
+        c = x.shape[1]
+        acc = _acc_dtype(x)
+        return x.new_empty((c,), dtype=acc), x.new_empty((c, c), dtype=acc)
+
+    def setup_saving_inputs(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    torch.library.register_autograd("mnv2::channel_moments", _channel_moments_backward,
+                                    setup_context=setup_saving_inputs)
+
+    # depthwise_moments --------------------------------------------------------
+    torch.library.register_kernel("mnv2::depthwise_moments", ("cpu", "cuda"), _depthwise_moments_impl)
+
+    @torch.library.register_fake("mnv2::depthwise_moments")
+    def _(x, w_expand, b_expand, w_dw, stride):
+        torch._check(x.dim() == 4, lambda: "mnv2: depthwise_moments needs a 4-D input")
+        hidden = w_dw.shape[0]
+        acc = _acc_dtype(x)
+        return x.new_empty((hidden,), dtype=acc), x.new_empty((hidden,), dtype=acc)
+
+    def setup_depthwise(ctx, inputs, output):
+        x, w_expand, b_expand, w_dw, stride = inputs
+        ctx.save_for_backward(x, w_expand, b_expand, w_dw)
+        ctx.stride = stride
+
+    torch.library.register_autograd("mnv2::depthwise_moments", _depthwise_moments_backward,
+                                    setup_context=setup_depthwise)
+
+
+if _extension.LOADED:
+    _register()

@@ -1,0 +1,135 @@
+"""Build of the mnv2_kernels compiled extension (mnv2_kernels._C).
+
+Environment switches:
+    MNV2_BUILD_CUDA=auto|0|1   compile csrc/cuda/*.cu. auto (default): when nvcc is found
+                               and CUDA sources exist. 1: fail if nvcc is missing.
+    CUDA_HOME                  CUDA toolkit root; defaults to /usr/local/cuda when that exists.
+    TORCH_CUDA_ARCH_LIST       GPU architectures; defaults to "8.0;9.0".
+    MNV2_DEBUG=1               -O0 -g instead of -O3.
+    MAX_JOBS                   parallel compile jobs (ninja).
+
+Each CPU instruction set is compiled in its own translation unit with its own
+flags (csrc/core/fused_ir_<isa>.cpp); the runtime dispatch in
+csrc/core/dispatch.cpp picks one. torch's BuildExtension applies one set of
+flags to every source, so those files are compiled separately in
+build_extension and linked in as extra objects.
+"""
+
+import glob
+import os
+import platform
+import sys
+import shutil
+
+from setuptools import setup
+
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    # torch looks in /usr/local otherwise, and the link fails
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("MNV2_DEBUG", "0") == "1"
+OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+
+def rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+def isa_sources():
+    """(source, flags) for every ISA-specific core file of this target."""
+    machine = platform.machine().lower()
+    contract = ["-ffp-contract=fast"]
+    if machine in ("x86_64", "amd64"):
+        return [
+            ("csrc/core/fused_ir_avx2.cpp", ["-mavx2", "-mfma"] + contract),
+            ("csrc/core/fused_ir_avx512.cpp", ["-mavx512f", "-mfma"] + contract),
+        ]
+    if machine in ("aarch64", "arm64"):
+        return [("csrc/core/fused_ir_neon.cpp", contract)]
+    return []
+
+
+def want_cuda(cuda_sources):
+    mode = os.environ.get("MNV2_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"MNV2_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+        if "CUDA_HOME" in os.environ
+        and os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+        else None
+    )
+    if mode == "1":
+        if nvcc is None:
+            raise SystemExit("MNV2_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        if not cuda_sources:
+            raise SystemExit("MNV2_BUILD_CUDA=1 but there are no CUDA sources in csrc/cuda")
+        return True
+    return nvcc is not None and bool(cuda_sources)
+
+
+class BuildWithIsaFlags(BuildExtension):
+    """Compiles each ISA source with its own flags before the shared build."""
+
+    def build_extension(self, ext):
+        for src, flags in getattr(ext, "isa_sources", []):
+            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            objects = self.compiler.compile(
+                [src],
+                output_dir=self.build_temp,
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=list(cxx) + flags,
+                depends=ext.depends,
+            )
+            ext.extra_objects.extend(objects)
+        super().build_extension(ext)
+
+
+def extension():
+    generic = [
+        "csrc/ops.cpp",
+        "csrc/cpu/fused_ir_cpu.cpp",
+        "csrc/core/plan.cpp",
+        "csrc/core/dispatch.cpp",
+        "csrc/core/fused_ir_scalar.cpp",
+    ]
+    cuda_sources = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")))
+    cuda_sources += sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/*.cpp")))
+    # at::parallel_for is an inline OpenMP template: without -fopenmp it runs
+    # serially. The linked libgomp.so.1 resolves to the one torch already loaded.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx = ["-Wall", "-Wno-unknown-pragmas"] + OPT + openmp  # torch picks the C++ standard
+    kwargs = dict(
+        name="mnv2_kernels._C",
+        extra_link_args=openmp,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        depends=glob.glob(os.path.join(ROOT, "csrc/core/*.h"))
+        + glob.glob(os.path.join(ROOT, "csrc/core/*.inl")),
+    )
+    if want_cuda(cuda_sources):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            sources=generic + cuda_sources,
+            extra_compile_args={
+                "cxx": cxx + ["-DMNV2_WITH_CUDA"],
+                "nvcc": OPT + ["-DMNV2_WITH_CUDA", "-lineinfo", "--expt-relaxed-constexpr"],
+            },
+            **kwargs,
+        )
+    else:
+        ext = CppExtension(sources=generic, extra_compile_args={"cxx": cxx}, **kwargs)
+    ext.isa_sources = isa_sources()
+    return ext
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildWithIsaFlags.with_options(use_ninja=True)},
+)
