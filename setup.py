@@ -8,6 +8,8 @@ Environment switches:
     MNV2_DEBUG=1               -O0 -g instead of -O3.
     MAX_JOBS                   parallel compile jobs (ninja).
 
+Objects are kept in build/ext-<python>, so rebuilding after an edit is incremental.
+
 Each CPU instruction set is compiled in its own translation unit with its own
 flags (csrc/core/fused_ir_<isa>.cpp); the runtime dispatch in
 csrc/core/dispatch.cpp picks one. torch's BuildExtension applies one set of
@@ -74,7 +76,15 @@ def want_cuda(cuda_sources):
 
 
 class BuildWithIsaFlags(BuildExtension):
-    """Compiles each ISA source with its own flags before the shared build."""
+    """Compiles each ISA source with its own flags before the shared build.
+
+    Objects go to build/ext-<python> rather than pip's throw-away temp dir, so
+    that `pip install -e .` after an edit recompiles only what changed.
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"ext-py{sys.version_info[0]}{sys.version_info[1]}")
 
     def build_extension(self, ext):
         for src, flags in getattr(ext, "isa_sources", []):

@@ -237,6 +237,10 @@ class FusedInvertedResidual(nn.Module):
                 raise NotImplementedError(
                     "FusedInvertedResidual does not yet all-reduce batch statistics across processes "
                     "(SyncBatchNorm in distributed training); use the 'reference' backend")
+        if x.shape[0] == 0:
+            # an empty batch has no statistics: torch's batch norm returns an empty
+            # result and only counts the batch, which the unfused modules reproduce
+            return x + self.conv(x) if self.use_res_connect else self.conv(x)
         expand, bn1, dw, bn2, proj, bn3 = self._parts()
         n, _, h, w = x.shape
         hidden, cout = dw.out_channels, proj.out_channels

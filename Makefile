@@ -1,0 +1,64 @@
+# make test    install into .venv, build, run the C++ (ctest) and Python (pytest) tests
+# make bench   the same, then the pytest-benchmark suite and the memory report
+# Re-running is quick: each step is redone only when its inputs changed.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMPS := .stamps
+# The versions pip picks on the development machines (torch wheel from the local disk).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BUILD_DEPS := "setuptools>=64" wheel ninja "cmake>=3.18"
+TEST_DEPS := pytest hypothesis expecttest numpy
+BENCH_DEPS := "pytest-benchmark>=4" matplotlib tqdm py-cpuinfo
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
+CORE_SOURCES := CMakeLists.txt $(shell find csrc/core tests/cpp bench/cpp -type f)
+PYTEST_ARGS ?=
+
+# CUDA sources compile wherever nvcc is; torch needs CUDA_HOME to find it.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: test bench build ctest pytest clean
+
+test: ctest pytest
+
+bench: $(STAMPS)/ext $(STAMPS)/bench-deps
+	$(PY) -m bench.run
+
+build: $(STAMPS)/ext $(STAMPS)/core
+
+$(STAMPS)/venv:
+	@mkdir -p $(STAMPS)
+	$(PYTHON) -m venv $(VENV)
+	@touch $@
+
+$(STAMPS)/deps: $(STAMPS)/venv Makefile
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q $(BUILD_DEPS) $(TEST_DEPS)
+	@touch $@
+
+$(STAMPS)/bench-deps: $(STAMPS)/deps
+	$(PIP) install -q $(BENCH_DEPS)
+	@touch $@
+
+$(STAMPS)/ext: $(STAMPS)/deps $(EXT_SOURCES)
+	$(PIP) install -q -e . --no-build-isolation --no-deps
+	@touch $@
+
+$(STAMPS)/core: $(STAMPS)/deps $(CORE_SOURCES)
+	PATH=$(abspath $(VENV))/bin:$$PATH cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+	PATH=$(abspath $(VENV))/bin:$$PATH ninja -C build/cmake
+	@touch $@
+
+ctest: $(STAMPS)/core
+	PATH=$(abspath $(VENV))/bin:$$PATH ctest --test-dir build/cmake --output-on-failure
+
+pytest: $(STAMPS)/ext
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf build $(STAMPS) mnv2_kernels/_C*.so

@@ -1,0 +1,90 @@
+"""Shared helpers: the 17 MobileNetV2 block shapes, torchvision blocks with
+randomised batch-norm state, and the error measure used by the tests."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+import mnv2_kernels
+from mnv2_kernels import FusedInvertedResidual
+
+# fp32 bound of the issue: relative error at most 1e-4 (normwise, see rel_err).
+FP32_RTOL = 1e-4
+
+
+def _mobilenet_block_shapes():
+    """(inp, oup, stride, expand_ratio, H) of every block of MobileNetV2-1.0 at 224,
+    read off torchvision's own model."""
+    model = torchvision.models.mobilenet_v2()
+    shapes = []
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out: shapes.append(
+                (inp[0].shape[1], out.shape[1], mod.stride,
+                 mod.conv[1][0].out_channels // inp[0].shape[1] if len(mod.conv) == 4 else 1,
+                 inp[0].shape[2])))
+        for m in model.features if isinstance(m, InvertedResidual)
+    ]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+BLOCK_SHAPES = _mobilenet_block_shapes()
+assert len(BLOCK_SHAPES) == 17, BLOCK_SHAPES
+
+
+def block_id(shape):
+    inp, oup, stride, t, h = shape
+    return f"{inp}-{oup}-s{stride}-t{t}-{h}x{h}"
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Normwise relative error |got - ref| / |ref| (absolute when ref is all zeros)."""
+    got, ref = got.detach().double(), ref.detach().double()
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    num = (got - ref).norm().item()
+    den = ref.norm().item()
+    return num / den if den > 0 else num
+
+
+def randomize_bn(module: torch.nn.Module, generator=None) -> None:
+    """Random running statistics and affine parameters for every batch norm, so that
+    folding is really exercised (never the defaults)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.5, 0.5, generator=generator)
+                    m.running_var.uniform_(0.5, 2.0, generator=generator)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5, generator=generator)
+                    m.bias.uniform_(-0.5, 0.5, generator=generator)
+
+
+def make_pair(inp, oup, stride, t, seed=0, dtype=torch.float32, **bn_kwargs):
+    """A torchvision InvertedResidual with random BN state and an independent fused copy."""
+    torch.manual_seed(seed)
+    norm = None
+    if bn_kwargs:
+        norm = lambda c: torch.nn.BatchNorm2d(c, **bn_kwargs)  # noqa: E731
+    tv = InvertedResidual(inp, oup, stride, t, norm_layer=norm).to(dtype)
+    randomize_bn(tv)
+    fused = FusedInvertedResidual.from_torchvision(copy.deepcopy(tv))
+    return tv, fused
+
+
+def named_grads(module):
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.fixture
+def cpu_backend():
+    """Runs the test on the compiled CPU kernel; fails if it is missing."""
+    with mnv2_kernels.use_backend("cpu"):
+        yield
