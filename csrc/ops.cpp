@@ -83,7 +83,7 @@ int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand,
   s.cout = cout;
   s.has_expand = has_expand;
   const mnv2::KernelTable& k = mnv2::active_kernels();
-  return mnv2::make_layout(s, is_double ? k.f64.vl : k.f32.vl).total;
+  return mnv2::make_layout(s, is_double ? k.f64.vl : k.f32.vl, false).total;
 }
 
 }  // namespace

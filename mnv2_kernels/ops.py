@@ -85,6 +85,11 @@ def _check_block_meta(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, s
     """Shape checks of the fake kernels (the C++ kernel makes the same ones)."""
     torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
     torch._check(stride in (1, 2), lambda: f"mnv2: stride must be 1 or 2, got {stride}")
+    for name, t in (("w_expand", w_expand), ("b_expand", b_expand), ("w_dw", w_dw), ("b_dw", b_dw),
+                    ("w_project", w_project), ("b_project", b_project)):
+        if t is not None:
+            torch._check(t.device == x.device and t.dtype == x.dtype,
+                         lambda: f"mnv2: {name} ({t.dtype} on {t.device}) must match x ({x.dtype} on {x.device})")
     hidden = w_dw.shape[0]
     cin = x.shape[1]
     torch._check(tuple(w_dw.shape) == (hidden, 3, 3), lambda: "mnv2: w_dw must be (hidden, 3, 3)")
@@ -256,6 +261,18 @@ def _register():
         ho, wo = output_size(x.shape[2], x.shape[3], stride)
         return torch.empty((x.shape[0], cout, ho, wo), dtype=x.dtype, device=x.device,
                            memory_format=suggest_memory_format(x))
+
+    def inference_only(name):
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"mnv2::{name} has no backward: it serves inference with cached weights. "
+                "Differentiate mnv2::fused_inverted_residual instead (FusedInvertedResidual "
+                "does whenever gradients are needed).")
+        return backward
+
+    for name in ("pack_weights", "fused_inverted_residual_packed"):
+        torch.library.register_autograd(f"mnv2::{name}", inference_only(name),
+                                        setup_context=lambda ctx, inputs, output: None)
 
     @register_flop_formula(torch.ops.mnv2.fused_inverted_residual_packed)
     def _(x_shape, packed_shape, hidden, cout, has_expand, stride, residual, *args, out_shape=None,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mnv2_kernels
-from conftest import BLOCK_SHAPES, FP32_RTOL, block_id, make_pair, rel_err
+from conftest import BLOCK_SHAPES, FP32_RTOL, block_id, make_pair, near_relu6_kink, rel_err
 
 # (inp, oup, stride, t, H, W, N): sizes 1, 7 and 13, odd channel counts, batch 0, 1, 3
 AWKWARD = [
@@ -69,23 +69,6 @@ def _block_errors(tv, fused, x, *, train, grads=True, tol=FP32_RTOL):
     return {k: v for k, v in errors.items() if not v <= tol}
 
 
-def _near_relu6_kink(tv, x, train, margin=1e-5):
-    """Whether a float64 run of the torchvision block has a ReLU6 input within
-    `margin` of 0 or 6: there the gradient changes by a whole term for a rounding
-    difference in the input, so fp32 gradients of two correct implementations
-    may legitimately disagree."""
-    ref = copy.deepcopy(tv).double().train(train)
-    close = []
-    hooks = [m.register_forward_pre_hook(
-        lambda mod, inp: close.append(bool(torch.minimum(inp[0].abs(), (inp[0] - 6).abs()).min() < margin)))
-        for m in ref.modules() if isinstance(m, torch.nn.ReLU6)]
-    with torch.no_grad():
-        ref(x.double())
-    for h in hooks:
-        h.remove()
-    return any(close)
-
-
 def _compare_block(make, x_for_seed, *, train):
     """Compares fresh block pairs on inputs drawn from seeds 1, 2, 3. A draw is
     only replaced when the gradients disagree and the float64 reference has a
@@ -96,7 +79,7 @@ def _compare_block(make, x_for_seed, *, train):
         x = x_for_seed(seed)
         errors = _block_errors(tv, fused, x, train=train)
         grads_only = all(k.startswith("grad") for k in errors)
-        if not errors or not grads_only or not _near_relu6_kink(tv, x, train):
+        if not errors or not grads_only or not near_relu6_kink(tv, x, train):
             break
         warnings.warn(f"input seed {seed} redrawn: gradients disagreed next to a ReLU6 kink: {errors}")
     assert not errors, errors

@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
     double total_s = 0, total_flop = 0;
     for (const B& b : blocks) {
       BlockShape s{batch, b.h, b.h, b.cin, b.cin * b.t, b.cout, b.s, b.t != 1, b.s == 1 && b.cin == b.cout};
-      const Layout l = make_layout(s, kt->f32.vl);
+      const Layout l = make_layout(s, kt->f32.vl, false);
       std::vector<float> we(s.hidden * s.cin), be(s.hidden), wd(s.hidden * 9), bd(s.hidden),
           wp(s.cout * s.hidden), bp(s.cout), packed(l.total);
       for (auto* v : {&we, &be, &wd, &bd, &wp, &bp}) for (float& f : *v) f = u(rng) * 0.3f;

@@ -53,7 +53,9 @@ struct Layout {
   int64_t wp_nk;  // project [cout][hp]
   int64_t total;
 };
-Layout make_layout(const BlockShape& s, int64_t vl);
+// The transposed copies (we_nk, wp_nk) are laid out only `for_backward`, and
+// the expand arrays only when s.has_expand.
+Layout make_layout(const BlockShape& s, int64_t vl, bool for_backward);
 
 // Weight-gradient accumulators (one set per backward task), padded layout.
 struct GradLayout {
@@ -69,8 +71,8 @@ GradLayout make_grad_layout(const BlockShape& s, const Layout& l);
 
 // Repacks hidden channels [h_begin, h_end) of contiguous weights into
 // `packed` (l.total elements); the range that ends at s.hidden also writes the
-// padding. Disjoint ranges may be packed concurrently. The transposed copies
-// the backward needs (we_nk, wp_nk) are written only when `for_backward`.
+// padding. Disjoint ranges may be packed concurrently. `for_backward` must
+// match the layout's (it also writes the transposed copies).
 //   w_expand [hidden][cin] (ignored when !has_expand), b_expand [hidden],
 //   w_dw [hidden][9], b_dw [hidden], w_project [cout][hidden], b_project [cout]
 // T is float or double here and below.

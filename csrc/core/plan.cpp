@@ -39,26 +39,29 @@ const char* validate_shape(const BlockShape& s) {
   return nullptr;
 }
 
-Layout make_layout(const BlockShape& s, int64_t vl) {
+Layout make_layout(const BlockShape& s, int64_t vl, bool for_backward) {
   Layout l;
   l.vl = vl;
   l.hp = round_up(s.hidden, vl);
   l.cin_p = round_up(s.cin, vl);
   l.cout_p = round_up(s.cout, vl);
+  // Arrays follow each other with no gaps and only those the kernels read
+  // exist, so pack_weights writes every element.
   int64_t off = 0;
   auto take = [&](int64_t n) {
     const int64_t at = off;
-    off += round_up(n, 16);  // keep every array 64-byte aligned
+    off += n;
     return at;
   };
-  l.we_kn = take(s.cin * l.hp);
-  l.be = take(l.hp);
+  const int64_t ex = s.has_expand ? 1 : 0, bw = for_backward ? 1 : 0;
+  l.we_kn = take(ex * s.cin * l.hp);
+  l.be = take(ex * l.hp);
   l.wd = take(9 * l.hp);
   l.bd = take(l.hp);
   l.wp_kn = take(l.hp * l.cout_p);
   l.bp = take(l.cout_p);
-  l.we_nk = take(l.hp * l.cin_p);
-  l.wp_nk = take(s.cout * l.hp);
+  l.we_nk = take(ex * bw * l.hp * l.cin_p);
+  l.wp_nk = take(bw * s.cout * l.hp);
   l.total = off;
   return l;
 }

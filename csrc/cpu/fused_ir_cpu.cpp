@@ -163,7 +163,7 @@ at::Tensor fused_inverted_residual_cpu(const at::Tensor& x, const OptTensor& w_e
   at::Tensor y = empty_output(s, x);
   if (s.batch == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_forward", [&] {
-    const Layout l = make_layout(s, kernels().get<scalar_t>().vl);
+    const Layout l = make_layout(s, kernels().get<scalar_t>().vl, false);
     const at::Tensor packed = pack<scalar_t>(s, l, dense_options(x), w_expand, b_expand, w_dw, b_dw,
                                              w_project, b_project, false);
     run_forward<scalar_t>(s, l, x, packed, y);
@@ -180,7 +180,7 @@ at::Tensor pack_weights_cpu(const OptTensor& w_expand, const OptTensor& b_expand
   BlockShape s = check_weights(w_dw, cin, w_expand, b_expand, w_dw, b_dw, w_project, b_project);
   at::Tensor packed;
   AT_DISPATCH_FLOATING_TYPES(w_dw.scalar_type(), "mnv2_pack_weights", [&] {
-    const Layout l = make_layout(s, kernels().get<scalar_t>().vl);
+    const Layout l = make_layout(s, kernels().get<scalar_t>().vl, false);
     packed = pack<scalar_t>(s, l, dense_options(w_dw), w_expand, b_expand, w_dw, b_dw, w_project,
                             b_project, false);
   });
@@ -202,7 +202,7 @@ at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Ten
   finish_shape(s, x, stride, residual);
   at::Tensor y = empty_output(s, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_forward_packed", [&] {
-    const Layout l = make_layout(s, kernels().get<scalar_t>().vl);
+    const Layout l = make_layout(s, kernels().get<scalar_t>().vl, false);
     TORCH_CHECK(packed.numel() == l.total, "mnv2: packed weights hold ", packed.numel(),
                 " elements but this block (Cin ", s.cin, ", hidden ", s.hidden, ", Cout ", s.cout,
                 ") needs ", l.total, "; re-pack them for this block");
@@ -220,7 +220,7 @@ void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tens
                    const at::Tensor& b_dw, const at::Tensor& w_project,
                    const at::Tensor& b_project, Grads& out) {
   const Kernels<T>& k = kernels().get<T>();
-  const Layout l = make_layout(s, k.vl);
+  const Layout l = make_layout(s, k.vl, true);
   const GradLayout gl = make_grad_layout(s, l);
   const at::Tensor packed = pack<T>(s, l, dense_options(x), w_expand, b_expand, w_dw, b_dw,
                                     w_project, b_project, true);

@@ -1,0 +1,122 @@
+"""Test 5: the memory contract.
+
+* Autograd saves only the input, parameter-sized tensors and per-channel
+  vectors (measured with saved_tensors_hooks, each storage counted once).
+* The eval-mode CPU forward allocates nothing of hidden size or larger
+  (measured with torch.profiler, profile_memory=True).
+"""
+
+import pytest
+import torch
+
+from conftest import BLOCK_SHAPES, block_id, make_pair
+
+
+def saved_tensors(fn):
+    """Runs fn; returns ({storage pointer: (bytes, shapes saved)} for backward, fn's result)."""
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        saved.setdefault(s.data_ptr(), (s.nbytes(), []))[1].append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+def _sizes(block, n, inp, h):
+    _, _, dw, _, proj, _ = block._parts()
+    hidden, cout = dw.out_channels, proj.out_channels
+    ho = (h - 1) // block.stride + 1
+    item = 4
+    return dict(
+        hidden_channels=hidden,
+        x=n * inp * h * h * item,
+        out=n * cout * ho * ho * item,
+        hidden=n * hidden * ho * ho * item,  # the smaller of the two hidden tensors
+        params=sum(p.numel() for p in block.parameters()) * item,
+        vectors=32 * (hidden + cout + inp) * item,  # generous: a few dozen per-channel vectors
+    )
+
+
+def _extras(block, x, saved):
+    """Saved storages other than x's and the module's own parameters and buffers."""
+    known = {x.untyped_storage().data_ptr()} | {
+        p.untyped_storage().data_ptr() for p in (*block.parameters(), *block.buffers())}
+    return {ptr: v for ptr, v in saved.items() if ptr not in known}
+
+
+def _activations(saved):
+    return [shape for _, shapes in saved.values() for shape in shapes if len(shape) == 4
+            and shape[2:] != (3, 3) and shape[2:] != (1, 1)]
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=block_id)
+def test_eval_saves_input_parameters_and_vectors_only(shape, cpu_backend):
+    inp, oup, stride, t, h = shape
+    _, block = make_pair(inp, oup, stride, t)
+    block.eval()
+    x = torch.randn(2, inp, h, h, requires_grad=True)
+    saved, y = saved_tensors(lambda: block(x))
+    sz = _sizes(block, 2, inp, h)
+    assert x.untyped_storage().data_ptr() in saved
+    extras = _extras(block, x, saved)
+    assert _activations(extras) == []  # the only activation saved is x itself
+    # beyond x and the module's own tensors: the folded weights and per-channel vectors
+    assert sum(b for b, _ in extras.values()) <= sz["params"] + sz["vectors"], sz
+    y.sum().backward()  # and the graph still works
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=block_id)
+def test_train_saves_nothing_hidden_sized(shape, cpu_backend):
+    """Train mode: besides the input and parameter-sized tensors, only the
+    pre-bn3 output (bottleneck-sized, what bn3's own backward needs) is saved."""
+    inp, oup, stride, t, h = shape
+    _, block = make_pair(inp, oup, stride, t)
+    block.train()
+    x = torch.randn(2, inp, h, h, requires_grad=True)
+    saved, y = saved_tensors(lambda: block(x))
+    sz = _sizes(block, 2, inp, h)
+    extras = _extras(block, x, saved)
+    ho = (h - 1) // stride + 1
+    assert _activations(extras) == [(2, oup, ho, ho)]  # bn3's input, never a hidden activation
+    assert sum(b for b, _ in extras.values()) <= sz["out"] + 2 * sz["params"] + sz["vectors"], sz
+    y.sum().backward()
+
+
+def _largest_allocation(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    # an event's figure includes its children: the max bounds every single allocation
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=block_id)
+def test_eval_forward_allocates_nothing_hidden_sized(shape, threads, cpu_backend):
+    """The batch is chosen so the hidden tensor is at least 4x the parameters
+    (whose folded and packed copies the forward does allocate): then any
+    hidden-sized allocation would be the largest one."""
+    inp, oup, stride, t, h = shape
+    _, block = make_pair(inp, oup, stride, t)
+    block.eval()
+    per_image = _sizes(block, 1, inp, h)
+    n = max(2, -(-4 * per_image["params"] // per_image["hidden"]))
+    sz = _sizes(block, n, inp, h)
+    x = torch.randn(n, inp, h, h).contiguous(memory_format=torch.channels_last)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            block(x)  # packs and caches the weights
+            cached = _largest_allocation(lambda: block(x))
+        x.requires_grad_()
+        with_grad = _largest_allocation(lambda: block(x))
+    finally:
+        torch.set_num_threads(previous)
+    for largest in (cached, with_grad):
+        assert largest >= sz["out"]  # the profiler does see the operator's allocations
+        assert largest < sz["hidden"], (n, largest, sz)

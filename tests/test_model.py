@@ -1,0 +1,113 @@
+"""Test 2: the whole model. mobilenet_v2(width_mult) has torchvision's
+architecture and state_dict and gives its logits; convert_model(torchvision
+model) gives the same logits and gradients as the model it converts."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import mnv2_kernels
+from conftest import FP32_RTOL, near_relu6_kink, randomize_bn, rel_err
+
+WIDTHS = [0.35, 0.5, 0.75, 1.0, 1.4]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("width_mult", WIDTHS)
+def test_torchvision_state_dict_gives_same_logits(width_mult, layout, cpu_backend):
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2(width_mult=width_mult)
+    randomize_bn(tv)
+    ours = mnv2_kernels.mobilenet_v2(width_mult=width_mult)
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    ours.load_state_dict(tv.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    tv.eval().to(memory_format=fmt)
+    ours.eval().to(memory_format=fmt)
+    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        ref = tv(x)
+        assert rel_err(ours(x), ref) <= FP32_RTOL  # cached inference weights
+    assert rel_err(ours(x), ref) <= FP32_RTOL  # autograd path
+
+
+@pytest.mark.parametrize("width_mult", WIDTHS)
+def test_same_seed_gives_same_initial_weights(width_mult):
+    torch.manual_seed(1)
+    tv = torchvision.models.mobilenet_v2(width_mult=width_mult)
+    torch.manual_seed(1)
+    ours = mnv2_kernels.mobilenet_v2(width_mult=width_mult)
+    for (name, a), (_, b) in zip(tv.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_torchvision_mobilenet_takes_the_fused_block(cpu_backend):
+    torch.manual_seed(2)
+    model = torchvision.models.MobileNetV2(width_mult=0.5, block=mnv2_kernels.FusedInvertedResidual)
+    assert sum(isinstance(m, mnv2_kernels.FusedInvertedResidual) for m in model.modules()) == 17
+    tv = torchvision.models.mobilenet_v2(width_mult=0.5)
+    assert list(model.state_dict()) == list(tv.state_dict())
+    randomize_bn(tv)
+    model.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(model.eval()(x), tv.eval()(x)) <= FP32_RTOL
+
+
+def _logits_and_grads(model, x, train):
+    model.train(train)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(3)  # same dropout mask in both models
+    y = model(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=y.dtype))
+    return y.detach(), [x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_convert_model_keeps_logits_and_gradients(mode, cpu_backend):
+    train = mode == "train"
+    torch.manual_seed(5)
+    tv = torchvision.models.mobilenet_v2(width_mult=0.5)
+    randomize_bn(tv)
+    converted = mnv2_kernels.convert_model(copy.deepcopy(tv))
+    assert sum(isinstance(m, mnv2_kernels.FusedInvertedResidual) for m in converted.modules()) == 17
+    assert list(converted.state_dict()) == list(tv.state_dict())
+
+    # float64: every gradient to 1e-10. Some are exactly zero in exact arithmetic
+    # (in train mode, a bias that feeds a train-mode batch norm: the batch mean
+    # removes it); both sides are then rounding noise, far below the largest
+    # gradient, and are compared against that scale instead.
+    x64 = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    y_ref, g_ref = _logits_and_grads(copy.deepcopy(tv).double(), x64, train)
+    y, g = _logits_and_grads(copy.deepcopy(converted).double(), x64, train)
+    assert rel_err(y, y_ref) <= 1e-10
+    scale = max(r.norm().item() for r in g_ref)
+    zero = [r.norm().item() <= 1e-13 * scale for r in g_ref]
+    assert any(zero) == train  # the zero gradients are the train-mode ones described above
+    for a, r, z in zip(g, g_ref, zero):
+        assert a.norm() <= 1e-13 * scale if z else rel_err(a, r) <= 1e-10
+
+    # float32: logits always; gradients unless rounding sits on a ReLU6 kink (then redraw)
+    for seed in (6, 7, 8):
+        x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        y_ref, g_ref = _logits_and_grads(copy.deepcopy(tv), x, train)
+        y, g = _logits_and_grads(copy.deepcopy(converted), x, train)
+        assert rel_err(y, y_ref) <= FP32_RTOL
+        scale = max(r.norm().item() for r in g_ref)
+        bad = [i for i, (a, r, z) in enumerate(zip(g, g_ref, zero))
+               if not (a.norm() <= 1e-5 * scale if z else rel_err(a, r) <= FP32_RTOL)]
+        if not bad or not near_relu6_kink(tv, x, train):
+            break
+    assert not bad, bad
+
+
+def test_convert_model_shares_parameters_and_converts_a_bare_block():
+    tv = torchvision.models.mobilenet_v2(width_mult=0.35)
+    params = list(tv.parameters())
+    converted = mnv2_kernels.convert_model(tv)
+    assert converted is tv
+    assert all(a is b for a, b in zip(params, converted.parameters()))
+    block = torchvision.models.mobilenetv2.InvertedResidual(16, 16, 1, 6)
+    assert isinstance(mnv2_kernels.convert_model(block), mnv2_kernels.FusedInvertedResidual)

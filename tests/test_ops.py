@@ -1,0 +1,228 @@
+"""Tests 3 and 4 at the operator level: gradcheck in float64 (the CPU kernel
+runs float64 too), opcheck of every mnv2:: operator with and without
+requires_grad, torch.compile(fullgraph=True), the two reference forms, and
+FLOP counting."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import mnv2_kernels
+from mnv2_kernels import ops, reference
+from conftest import FP32_RTOL, randomize_bn, rel_err
+
+# (N, Cin, H, W, Cout, t, stride, residual, layout)
+SAMPLES = [
+    (2, 4, 5, 6, 4, 6, 1, True, torch.contiguous_format),
+    (2, 4, 5, 6, 3, 6, 1, False, torch.channels_last),
+    (1, 4, 7, 5, 5, 6, 2, False, torch.contiguous_format),
+    (3, 3, 4, 4, 3, 1, 1, True, torch.channels_last),
+    (2, 5, 6, 3, 4, 1, 2, False, torch.contiguous_format),
+    (0, 4, 3, 3, 4, 6, 1, True, torch.contiguous_format),
+    (2, 8, 1, 1, 6, 3, 2, False, torch.channels_last),
+]
+
+
+def sample_inputs(sample, dtype=torch.float32, requires_grad=False, seed=0):
+    """Arguments of mnv2::fused_inverted_residual for one SAMPLES entry."""
+    n, cin, h, w, cout, t, stride, residual, fmt = sample
+    g = torch.Generator().manual_seed(seed)
+    hidden = cin * t
+
+    def r(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=dtype)).requires_grad_(requires_grad)
+
+    x = (2 * torch.randn(n, cin, h, w, generator=g, dtype=dtype)).contiguous(memory_format=fmt)
+    x.requires_grad_(requires_grad)
+    we, be = (r(hidden, cin, scale=0.5), r(hidden)) if t != 1 else (None, None)
+    return (x, we, be, r(hidden, 3, 3, scale=0.5), r(hidden), r(cout, hidden, scale=0.3), r(cout),
+            stride, residual)
+
+
+def sample_id(s):
+    return f"n{s[0]}-c{s[1]}-{s[2]}x{s[3]}-o{s[4]}-t{s[5]}-s{s[6]}-{'res' if s[7] else 'nores'}-" + (
+        "cl" if s[8] == torch.channels_last else "nchw")
+
+
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s[0] > 0], ids=sample_id)
+def test_gradcheck_float64(sample):
+    args = sample_inputs(sample, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.fused_inverted_residual, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_gradcheck_moment_ops_float64(t):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.channel_moments(x), (x,))
+    hidden = 3 * t
+    we = (0.5 * torch.randn(hidden, 3, dtype=torch.float64, generator=g)).requires_grad_()
+    be = torch.randn(hidden, dtype=torch.float64, generator=g).requires_grad_()
+    wd = torch.randn(hidden, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    for stride in (1, 2):
+        if t == 1:
+            args = (x, None, None, wd, stride)
+        else:
+            args = (x, we, be, wd, stride)
+        assert torch.autograd.gradcheck(ops.depthwise_moments, args)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("cfg", [(4, 4, 1, 6), (4, 5, 2, 6), (4, 4, 1, 1), (3, 5, 2, 1)], ids=str)
+def test_gradcheck_module_float64(cfg, train, cpu_backend):
+    """Through the module: BN folding, batch statistics (train) and the fused
+    operator, with respect to the input and every parameter."""
+    inp, oup, stride, t = cfg
+    torch.manual_seed(2)
+    block = mnv2_kernels.FusedInvertedResidual(inp, oup, stride, t).double().train(train)
+    randomize_bn(block)
+    names = [n for n, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    buffers = {n: b for n, b in block.named_buffers()}
+
+    def f(x, *ps):
+        state = dict(zip(names, ps))
+        state.update({n: b.clone() for n, b in buffers.items()})  # running stats are updated in place
+        return torch.func.functional_call(block, state, (x,))
+
+    x = (2 * torch.randn(3, inp, 5, 4, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# opcheck is slow (it traces and compiles); these cover both strides, t of 1 and 6,
+# the residual, both layouts and an empty batch.
+OPCHECK_SAMPLES = [SAMPLES[0], SAMPLES[2], SAMPLES[3], SAMPLES[5]]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("sample", OPCHECK_SAMPLES, ids=sample_id)
+def test_opcheck_fused(sample, requires_grad):
+    args = sample_inputs(sample, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.mnv2.fused_inverted_residual.default, args)
+
+
+@pytest.mark.parametrize("sample", OPCHECK_SAMPLES, ids=sample_id)
+def test_opcheck_backward_pack_and_packed(sample):
+    x, we, be, wd, bd, wp, bp, stride, residual = sample_inputs(sample)
+    y = ops.fused_inverted_residual(x, we, be, wd, bd, wp, bp, stride, residual)
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.mnv2.fused_inverted_residual_backward.default,
+                          (gy, x, we, be, wd, bd, wp, bp, stride, residual))
+    torch.library.opcheck(torch.ops.mnv2.pack_weights.default, (we, be, wd, bd, wp, bp))
+    packed = torch.ops.mnv2.pack_weights(we, be, wd, bd, wp, bp)
+    hidden, cout = wd.shape[0], wp.shape[0]
+    packed_args = (x, packed, hidden, cout, we is not None, stride, residual)
+    torch.library.opcheck(torch.ops.mnv2.fused_inverted_residual_packed.default, packed_args)
+    assert torch.equal(torch.ops.mnv2.fused_inverted_residual_packed(*packed_args), y)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_moment_ops(requires_grad):
+    for sample in OPCHECK_SAMPLES[:3]:
+        x, we, be, wd, _, _, _, stride, _ = sample_inputs(sample, requires_grad=requires_grad)
+        torch.library.opcheck(torch.ops.mnv2.channel_moments.default, (x,))
+        torch.library.opcheck(torch.ops.mnv2.depthwise_moments.default, (x, we, be, wd, stride))
+
+
+def test_inference_ops_refuse_to_differentiate():
+    x, we, be, wd, bd, wp, bp, stride, residual = sample_inputs(SAMPLES[0], requires_grad=True)
+    packed = torch.ops.mnv2.pack_weights(we, be, wd, bd, wp, bp)
+    y = torch.ops.mnv2.fused_inverted_residual_packed(x, packed.detach(), wd.shape[0], wp.shape[0],
+                                                      True, stride, residual)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s[0] > 0], ids=sample_id)
+def test_op_matches_both_reference_forms(sample):
+    args = sample_inputs(sample, torch.float64)
+    y = ops.fused_inverted_residual(*args)
+    assert rel_err(y, reference.inverted_residual(*args)) <= 1e-12
+    for chunk in (1, 4, 1000):
+        assert rel_err(reference.inverted_residual_chunked(*args, chunk=chunk), y) <= 1e-12
+
+
+def _three_blocks():
+    """t == 1, a stride-2 expansion and a residual block: every operator path."""
+    return torch.nn.Sequential(
+        mnv2_kernels.FusedInvertedResidual(8, 8, 1, 1),
+        mnv2_kernels.FusedInvertedResidual(8, 16, 2, 6),
+        mnv2_kernels.FusedInvertedResidual(16, 16, 1, 6))
+
+
+@pytest.mark.parametrize("mode,dtype,tol", [
+    ("eval", torch.float32, FP32_RTOL),
+    # Train-mode batch norm over small stages is ill-conditioned: in fp32 even
+    # torchvision's compiled and eager whole-model gradients differ by ~2e-4 at
+    # this size. In float64 both must agree to 1e-9 (three blocks: compiling
+    # the whole model's float64 training graph takes minutes).
+    ("train", torch.float64, 1e-9),
+], ids=["eval-fp32-model", "train-fp64-blocks"])
+def test_compile_fullgraph_matches_eager(mode, dtype, tol, cpu_backend):
+    torch.manual_seed(3)
+    if mode == "eval":
+        model = mnv2_kernels.mobilenet_v2(width_mult=0.35, dropout=0.0)
+        x = torch.randn(2, 3, 48, 48)
+    else:
+        model = _three_blocks().double()
+        x = torch.randn(3, 8, 12, 12, dtype=dtype)
+    randomize_bn(model)
+    model.train(mode == "train")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
+    outs = []
+    for m in (eager, compiled):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=dtype))
+        outs.append((y.detach(), xi.grad, [p.grad for p in m.parameters()], list(m.buffers())))
+    (y0, gx0, gp0, b0), (y1, gx1, gp1, b1) = outs
+    assert rel_err(y1, y0) <= tol
+    assert rel_err(gx1, gx0) <= tol
+    # gradients that are zero in exact arithmetic (see test_model) compare against the scale
+    scale = max(g.norm().item() for g in gp0)
+    for a, b in zip(gp1, gp0):
+        assert (a - b).norm() <= tol * max(b.norm().item(), 1e-5 * scale)
+    for a, b in zip(b1, b0):
+        assert rel_err(a, b) <= tol
+
+
+def test_flop_counter_counts_the_fused_block_like_torchvision(cpu_backend):
+    torch.manual_seed(4)
+    tv = torchvision.models.mobilenet_v2().eval()
+    ours = mnv2_kernels.convert_model(copy.deepcopy(tv)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    counts = []
+    for model in (tv, ours):
+        with FlopCounterMode(display=False) as fc:
+            model(x)  # autograd path
+        counts.append(fc.get_total_flops())
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(x)  # cached-weights path
+        counts.append(fc.get_total_flops())
+    assert len(set(counts)) == 1, counts
+    # MobileNetV2-1.0 at 224 is known as ~300M multiply-adds
+    assert 290e6 < counts[0] / 2 < 310e6
+
+
+def test_flop_counter_backward_counts_input_and_weight_gradients(cpu_backend):
+    """The backward counts as torch counts a convolution's: input and weight
+    gradient each as costly as the forward, so 2x the forward. (torch's own
+    formula counts a depthwise weight gradient `groups` times too often, so a
+    torchvision block's total is not a useful reference; its 1x1 parts are.)"""
+    tv = torchvision.models.mobilenetv2.InvertedResidual(24, 24, 1, 6).eval()
+    ours = mnv2_kernels.FusedInvertedResidual.from_torchvision(copy.deepcopy(tv)).eval()
+    x = torch.randn(2, 24, 28, 28, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        ours(x).sum().backward()
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    assert counts["mnv2.fused_inverted_residual_backward"] == 2 * counts["mnv2.fused_inverted_residual"]
+    depthwise = tv.conv[1][0]
+    tv.conv[1][0] = torch.nn.Identity()  # count torchvision's 1x1 convolutions alone
+    with FlopCounterMode(display=False) as fc:
+        tv(x).sum().backward()
+    dw_forward_flops = 2 * 2 * 28 * 28 * depthwise.out_channels * 9
+    assert fc.get_total_flops() == 3 * (counts["mnv2.fused_inverted_residual"] - dw_forward_flops)
