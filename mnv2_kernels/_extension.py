@@ -6,6 +6,8 @@ backend, and says so once at import.
 
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (registers the mnv2:: operators)
 

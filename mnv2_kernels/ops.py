@@ -134,53 +134,75 @@ def _channel_moments_backward(ctx, g_mean, g_cov):
     return gx.contiguous(memory_format=suggest_memory_format(x))
 
 
-def _depthwise_forward(x, w_expand, b_expand, w_dw, stride):
-    """(z1 or None, a1, z2) in the accumulation dtype."""
+def _hidden_chunks(x, hidden):
+    """Hidden-channel slices of about x's width: the statistics are separable per
+    hidden channel, so only one input-sized slice of the expansion exists at a
+    time (paper section 5.1)."""
+    step = max(1, x.shape[1])
+    return [slice(k, min(k + step, hidden)) for k in range(0, hidden, step)]
+
+
+def _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, k):
+    """(z1 or None, a1, z2) of hidden channels k, in the accumulation dtype."""
     acc = _acc_dtype(x)
     xa = x.to(acc)
     z1 = None
-    a1 = xa
-    if w_expand is not None:
-        z1 = torch.nn.functional.conv2d(xa, w_expand.to(acc)[:, :, None, None], b_expand.to(acc))
+    if w_expand is None:
+        a1 = xa[:, k]
+    else:
+        z1 = torch.nn.functional.conv2d(xa, w_expand[k].to(acc)[:, :, None, None], b_expand[k].to(acc))
         a1 = torch.nn.functional.relu6(z1)
-    z2 = torch.nn.functional.conv2d(a1, w_dw.to(acc)[:, None], None, stride=stride, padding=1,
-                                    groups=w_dw.shape[0])
+    z2 = torch.nn.functional.conv2d(a1, w_dw[k].to(acc)[:, None], None, stride=stride, padding=1,
+                                    groups=a1.shape[1])
     return z1, a1, z2
 
 
 def _depthwise_moments_impl(x, w_expand, b_expand, w_dw, stride):
-    _, _, z2 = _depthwise_forward(x, w_expand, b_expand, w_dw, stride)
-    var, mean = torch.var_mean(z2, dim=(0, 2, 3), correction=0)
-    return mean, var
+    means, variances = [], []
+    for k in _hidden_chunks(x, w_dw.shape[0]):
+        _, _, z2 = _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, k)
+        var, mean = torch.var_mean(z2, dim=(0, 2, 3), correction=0)
+        means.append(mean)
+        variances.append(var)
+    return torch.cat(means), torch.cat(variances)
 
 
 def _depthwise_moments_backward(ctx, g_mean, g_var):
     x, w_expand, b_expand, w_dw = ctx.saved_tensors
     stride = ctx.stride
-    z1, a1, z2 = _depthwise_forward(x, w_expand, b_expand, w_dw, stride)
-    count = z2.shape[0] * z2.shape[2] * z2.shape[3]
-    hidden = w_dw.shape[0]
-    g_z2 = torch.zeros_like(z2)
-    if g_mean is not None:
-        g_z2 = g_z2 + (g_mean / count)[None, :, None, None]
-    if g_var is not None:
-        mean = z2.mean(dim=(0, 2, 3), keepdim=True)
-        g_z2 = g_z2 + (2.0 * g_var / count)[None, :, None, None] * (z2 - mean)
-    acc_w_dw = w_dw.to(z2.dtype)[:, None]
-    g_a1, g_w_dw, _ = torch.ops.aten.convolution_backward(
-        g_z2, a1, acc_w_dw, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], hidden,
-        [True, True, False])
-    g_w_dw = g_w_dw[:, 0].to(w_dw.dtype)
-    if w_expand is None:
-        return g_a1.to(x.dtype), None, None, g_w_dw, None
-    g_z1 = torch.where((z1 > 0) & (z1 < 6), g_a1, torch.zeros_like(g_a1))
-    g_b = g_z1.sum(dim=(0, 2, 3)).to(b_expand.dtype)
-    xa = x.to(z1.dtype)
-    g_x, g_w, _ = torch.ops.aten.convolution_backward(
-        g_z1, xa, w_expand.to(z1.dtype)[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False,
-        [0, 0], 1, [True, True, False])
+    acc = _acc_dtype(x)
+    xa = x.to(acc)
+    g_x = torch.zeros_like(xa)
+    g_w = torch.zeros_like(w_expand, dtype=acc) if w_expand is not None else None
+    g_b = torch.zeros_like(b_expand, dtype=acc) if b_expand is not None else None
+    g_w_dw = torch.zeros_like(w_dw, dtype=acc)
+    for k in _hidden_chunks(x, w_dw.shape[0]):
+        z1, a1, z2 = _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, k)
+        count = z2.shape[0] * z2.shape[2] * z2.shape[3]
+        g_z2 = torch.zeros_like(z2)
+        if g_mean is not None:
+            g_z2 = g_z2 + (g_mean[k].to(acc) / count)[None, :, None, None]
+        if g_var is not None:
+            mean = z2.mean(dim=(0, 2, 3), keepdim=True)
+            g_z2 = g_z2 + (2.0 * g_var[k].to(acc) / count)[None, :, None, None] * (z2 - mean)
+        g_a1, g_wd_k, _ = torch.ops.aten.convolution_backward(
+            g_z2, a1, w_dw[k].to(acc)[:, None], None, [stride, stride], [1, 1], [1, 1], False,
+            [0, 0], a1.shape[1], [True, True, False])
+        g_w_dw[k] = g_wd_k[:, 0]
+        if w_expand is None:
+            g_x[:, k] = g_a1
+            continue
+        g_z1 = torch.where((z1 > 0) & (z1 < 6), g_a1, torch.zeros_like(g_a1))
+        g_b[k] = g_z1.sum(dim=(0, 2, 3))
+        g_x_k, g_w_k, _ = torch.ops.aten.convolution_backward(
+            g_z1, xa, w_expand[k].to(acc)[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], 1, [True, True, False])
+        g_x += g_x_k
+        g_w[k] = g_w_k[:, :, 0, 0]
     g_x = g_x.to(x.dtype).contiguous(memory_format=suggest_memory_format(x))
-    return g_x, g_w[:, :, 0, 0].to(w_expand.dtype), g_b, g_w_dw, None
+    if w_expand is None:
+        return g_x, None, None, g_w_dw.to(w_dw.dtype), None
+    return g_x, g_w.to(w_expand.dtype), g_b.to(b_expand.dtype), g_w_dw.to(w_dw.dtype), None
 
 
 # ----------------------------------------------------------------------------

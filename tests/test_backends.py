@@ -131,6 +131,13 @@ def test_without_the_compiled_extension_the_reference_backend_works_and_says_so_
     assert has_extension == "False"
 
 
+def test_importing_the_package_first_loads_the_extension():
+    # _C links against torch's libraries: the package must load torch before it
+    out = run_python("import mnv2_kernels; print(mnv2_kernels.build_info()['extension'])")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True" and "not available" not in out.stderr
+
+
 def test_build_info_reports_the_isa_in_use():
     info = mnv2_kernels.build_info()
     assert info["extension"] is True

@@ -1,0 +1,123 @@
+"""Benchmark cases: the 17 MobileNetV2-1.0 blocks at 224 and the whole model,
+each implementation built by a factory that returns a ready-to-time callable."""
+
+import copy
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torchvision
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+import mnv2_kernels
+from mnv2_kernels import ops, reference
+
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+
+
+def block_shapes() -> List[Tuple[int, int, int, int, int]]:
+    """(inp, oup, stride, t, H) of each block of torchvision's MobileNetV2-1.0 at 224."""
+    model = torchvision.models.mobilenet_v2()
+    shapes = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.append(
+        (i[0].shape[1], o.shape[1], mod.stride, 1 if len(mod.conv) == 3 else mod.conv[0][0].out_channels
+         // i[0].shape[1], i[0].shape[2]))) for m in model.features if isinstance(m, InvertedResidual)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+BLOCKS = block_shapes()
+
+
+def block_name(i: int, shape) -> str:
+    inp, oup, stride, t, h = shape
+    return f"block{i + 1:02d} {inp}->{oup} t{t} s{stride} {h}x{h}"
+
+
+def _randomize_bn(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def block_flops(shape, batch: int) -> int:
+    inp, oup, stride, t, h = shape
+    return 2 * ops.block_macs((batch, inp, h, h), inp * t, oup, stride, t != 1)
+
+
+def model_flops(batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        torchvision.models.mobilenet_v2().eval()(torch.zeros(1, 3, 224, 224))
+    return batch * fc.get_total_flops()
+
+
+# Forward implementations: name -> factory(module, x) -> callable, all in inference mode.
+def _module_forward(module, x):
+    def run():
+        with torch.no_grad():
+            return module(x)
+    return run
+
+
+def forward_impls(tv_module: torch.nn.Module, x: torch.Tensor, is_block: bool) -> Dict[str, Callable]:
+    """Ready-to-time forwards of one case. The fused module runs on the CPU kernel."""
+    tv = copy.deepcopy(tv_module).eval()
+    fused = mnv2_kernels.convert_model(copy.deepcopy(tv_module)).eval()
+    impls = {
+        "torchvision-nchw": _module_forward(tv, x.contiguous(memory_format=NCHW)),
+        "torchvision-cl": _module_forward(copy.deepcopy(tv).to(memory_format=CL), x.contiguous(memory_format=CL)),
+        "fused-cl": _module_forward(fused, x.contiguous(memory_format=CL)),
+        "fused-nchw": _module_forward(fused, x.contiguous(memory_format=NCHW)),
+    }
+    if is_block:
+        with torch.no_grad():
+            weights = fused.folded_weights()
+        stride, res = fused.stride, fused.use_res_connect
+        xc = x.contiguous(memory_format=CL)
+
+        def ref():
+            with torch.no_grad():
+                return reference.inverted_residual(xc, *weights, stride, res)
+        impls["reference-cl"] = ref
+    return impls
+
+
+def train_step_impls(tv_module: torch.nn.Module, x: torch.Tensor) -> Dict[str, Callable]:
+    """Forward + backward in train mode (batch statistics), channels_last."""
+    tv = copy.deepcopy(tv_module).train().to(memory_format=CL)
+    fused = mnv2_kernels.convert_model(copy.deepcopy(tv_module)).train().to(memory_format=CL)
+    xc = x.contiguous(memory_format=CL).requires_grad_()
+
+    def step(module):
+        def run():
+            module.zero_grad(set_to_none=True)
+            xc.grad = None
+            y = module(xc)
+            y.backward(torch.ones_like(y))
+        return run
+
+    return {"torchvision-cl": step(tv), "fused-cl": step(fused)}
+
+
+def make_block(shape) -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+    inp, oup, stride, t, h = shape
+    torch.manual_seed(0)
+    block = InvertedResidual(inp, oup, stride, t)
+    _randomize_bn(block)
+    return block, lambda batch: torch.randn(batch, inp, h, h)
+
+
+def make_model() -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2()
+    _randomize_bn(model)
+    return model, lambda batch: torch.randn(batch, 3, 224, 224)
