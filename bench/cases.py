@@ -2,7 +2,7 @@
 each implementation built by a factory that returns a ready-to-time callable."""
 
 import copy
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 import torchvision
@@ -10,41 +10,19 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 import mnv2_kernels
 from mnv2_kernels import ops, reference
+from mnv2_kernels.model import mobilenet_block_shapes
+from mnv2_kernels.testing import randomize_batch_norm
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 
 
-def block_shapes() -> List[Tuple[int, int, int, int, int]]:
-    """(inp, oup, stride, t, H) of each block of torchvision's MobileNetV2-1.0 at 224."""
-    model = torchvision.models.mobilenet_v2()
-    shapes = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.append(
-        (i[0].shape[1], o.shape[1], mod.stride, 1 if len(mod.conv) == 3 else mod.conv[0][0].out_channels
-         // i[0].shape[1], i[0].shape[2]))) for m in model.features if isinstance(m, InvertedResidual)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 224, 224))
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-BLOCKS = block_shapes()
+BLOCKS = mobilenet_block_shapes()
 
 
 def block_name(i: int, shape) -> str:
     inp, oup, stride, t, h = shape
     return f"block{i + 1:02d} {inp}->{oup} t{t} s{stride} {h}x{h}"
-
-
-def _randomize_bn(module):
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
 
 
 def block_flops(shape, batch: int) -> int:
@@ -112,12 +90,12 @@ def make_block(shape) -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
     inp, oup, stride, t, h = shape
     torch.manual_seed(0)
     block = InvertedResidual(inp, oup, stride, t)
-    _randomize_bn(block)
+    randomize_batch_norm(block)
     return block, lambda batch: torch.randn(batch, inp, h, h)
 
 
 def make_model() -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2()
-    _randomize_bn(model)
+    randomize_batch_norm(model)
     return model, lambda batch: torch.randn(batch, 3, 224, 224)

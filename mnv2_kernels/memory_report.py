@@ -141,17 +141,14 @@ def measure(module: nn.Module, x: torch.Tensor) -> Dict[str, int]:
 def run(batches: List[int], progress: bool = True) -> List[dict]:
     import torchvision
 
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    from .model import mobilenet_block_shapes
+
     torch.manual_seed(0)
     tv = torchvision.models.mobilenet_v2().eval()
-    blocks = [m for m in tv.features if type(m).__name__ == "InvertedResidual"]
-    shapes = []
-    hooks = [b.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape[1:]))) for b in blocks]
-    with torch.no_grad():
-        tv(torch.zeros(1, 3, 224, 224))
-    for h in hooks:
-        h.remove()
-    cases = [(f"block{i + 1:02d} {s[0]}->{b.out_channels} s{b.stride} {s[1]}x{s[2]}", b, s)
-             for i, (b, s) in enumerate(zip(blocks, shapes))]
+    cases = [(f"block{i + 1:02d} {inp}->{oup} s{stride} {h}x{h}", InvertedResidual(inp, oup, stride, t).eval(),
+              (inp, h, h)) for i, (inp, oup, stride, t, h) in enumerate(mobilenet_block_shapes())]
     cases.append(("model mobilenet_v2 224x224", tv, (3, 224, 224)))
     work = [(name, m, s, n) for n in batches for name, m, s in cases]
     rows = []

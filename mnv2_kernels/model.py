@@ -146,3 +146,20 @@ def convert_model(model: nn.Module) -> nn.Module:
         else:
             convert_model(child)
     return model
+
+
+def mobilenet_block_shapes(width_mult: float = 1.0, resolution: int = 224, round_nearest: int = 8):
+    """(inp, oup, stride, expand_ratio, H) of every inverted-residual block of
+    mobilenet_v2(width_mult) on a square input of side `resolution`: the block's
+    input channels, output channels, stride, expansion and input height."""
+    input_channel = _make_divisible(32 * width_mult, round_nearest)
+    size = (resolution - 1) // 2 + 1  # the stem is a 3x3 stride-2 convolution
+    shapes = []
+    for t, c, n, s in DEFAULT_SETTING:
+        output_channel = _make_divisible(c * width_mult, round_nearest)
+        for i in range(n):
+            stride = s if i == 0 else 1
+            shapes.append((input_channel, output_channel, stride, t, size))
+            size = (size - 1) // stride + 1
+            input_channel = output_channel
+    return shapes

@@ -16,7 +16,6 @@ Two forms with the operator's signature:
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

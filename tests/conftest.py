@@ -10,15 +10,16 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 import mnv2_kernels
 from mnv2_kernels import FusedInvertedResidual
+from mnv2_kernels.testing import randomize_batch_norm as randomize_bn  # noqa: F401
 
 # fp32 bound of the issue: relative error at most 1e-4 (normwise, see rel_err).
 FP32_RTOL = 1e-4
 
 
-def _mobilenet_block_shapes():
-    """(inp, oup, stride, expand_ratio, H) of every block of MobileNetV2-1.0 at 224,
-    read off torchvision's own model."""
-    model = torchvision.models.mobilenet_v2()
+def torchvision_block_shapes(width_mult=1.0, resolution=224):
+    """(inp, oup, stride, expand_ratio, H) of every block of torchvision's
+    MobileNetV2, read off the model itself with forward hooks."""
+    model = torchvision.models.mobilenet_v2(width_mult=width_mult)
     shapes = []
     hooks = [
         m.register_forward_hook(
@@ -29,13 +30,13 @@ def _mobilenet_block_shapes():
         for m in model.features if isinstance(m, InvertedResidual)
     ]
     with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 224, 224))
+        model.eval()(torch.zeros(1, 3, resolution, resolution))
     for h in hooks:
         h.remove()
     return shapes
 
 
-BLOCK_SHAPES = _mobilenet_block_shapes()
+BLOCK_SHAPES = torchvision_block_shapes()
 assert len(BLOCK_SHAPES) == 17, BLOCK_SHAPES
 
 
@@ -51,20 +52,6 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     num = (got - ref).norm().item()
     den = ref.norm().item()
     return num / den if den > 0 else num
-
-
-def randomize_bn(module: torch.nn.Module, generator=None) -> None:
-    """Random running statistics and affine parameters for every batch norm, so that
-    folding is really exercised (never the defaults)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.5, 0.5, generator=generator)
-                    m.running_var.uniform_(0.5, 2.0, generator=generator)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5, generator=generator)
-                    m.bias.uniform_(-0.5, 0.5, generator=generator)
 
 
 def make_pair(inp, oup, stride, t, seed=0, dtype=torch.float32, **bn_kwargs):

@@ -11,7 +11,7 @@ import torch
 
 import mnv2_kernels
 from mnv2_kernels import backends
-from conftest import FP32_RTOL, make_pair, rel_err
+from conftest import make_pair, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import mnv2_kernels
-from conftest import FP32_RTOL, near_relu6_kink, randomize_bn, rel_err
+from conftest import FP32_RTOL, near_relu6_kink, randomize_bn, rel_err, torchvision_block_shapes
 
 WIDTHS = [0.35, 0.5, 0.75, 1.0, 1.4]
 
@@ -31,6 +31,15 @@ def test_torchvision_state_dict_gives_same_logits(width_mult, layout, cpu_backen
         ref = tv(x)
         assert rel_err(ours(x), ref) <= FP32_RTOL  # cached inference weights
     assert rel_err(ours(x), ref) <= FP32_RTOL  # autograd path
+
+
+@pytest.mark.parametrize("width_mult", WIDTHS)
+def test_block_shapes_follow_the_architecture(width_mult):
+    """mobilenet_block_shapes (used by the benchmarks and the memory report)
+    against the shapes read off torchvision's model."""
+    for resolution in (224, 97):
+        assert mnv2_kernels.model.mobilenet_block_shapes(width_mult, resolution) == \
+            torchvision_block_shapes(width_mult, resolution)
 
 
 @pytest.mark.parametrize("width_mult", WIDTHS)
