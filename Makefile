@@ -12,7 +12,6 @@ STAMPS := .stamps
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := "setuptools>=64" wheel ninja "cmake>=3.18"
 TEST_DEPS := pytest hypothesis expecttest numpy
-BENCH_DEPS := "pytest-benchmark>=4" matplotlib tqdm py-cpuinfo
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 CORE_SOURCES := CMakeLists.txt $(shell find csrc/core tests/cpp bench/cpp -type f)
 PYTEST_ARGS ?=
@@ -26,7 +25,7 @@ endif
 
 test: ctest pytest
 
-bench: $(STAMPS)/ext $(STAMPS)/bench-deps
+bench: $(STAMPS)/ext $(STAMPS)/core $(STAMPS)/bench-deps
 	$(PY) -m bench.run
 
 build: $(STAMPS)/ext $(STAMPS)/core
@@ -41,8 +40,9 @@ $(STAMPS)/deps: $(STAMPS)/venv Makefile
 	$(PIP) install -q $(BUILD_DEPS) $(TEST_DEPS)
 	@touch $@
 
-$(STAMPS)/bench-deps: $(STAMPS)/deps
-	$(PIP) install -q $(BENCH_DEPS)
+# the benchmark and peers extras of pyproject.toml (ONNX Runtime, OpenVINO)
+$(STAMPS)/bench-deps: $(STAMPS)/ext pyproject.toml
+	$(PIP) install -q -e ".[bench,peers]" --no-build-isolation
 	@touch $@
 
 $(STAMPS)/ext: $(STAMPS)/deps $(EXT_SOURCES)

@@ -13,6 +13,8 @@ from mnv2_kernels import ops, reference
 from mnv2_kernels.model import mobilenet_block_shapes
 from mnv2_kernels.testing import randomize_batch_norm
 
+from bench import peers
+
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 
@@ -46,8 +48,10 @@ def _module_forward(module, x):
     return run
 
 
-def forward_impls(tv_module: torch.nn.Module, x: torch.Tensor, is_block: bool) -> Dict[str, Callable]:
-    """Ready-to-time forwards of one case. The fused module runs on the CPU kernel."""
+def forward_impls(tv_module: torch.nn.Module, x: torch.Tensor, is_block: bool, name: str,
+                  with_peers: bool = True) -> Dict[str, Callable]:
+    """Ready-to-time forwards of one case. The fused module runs on the CPU kernel;
+    peers that are not installed are left out."""
     tv = copy.deepcopy(tv_module).eval()
     fused = mnv2_kernels.convert_model(copy.deepcopy(tv_module)).eval()
     impls = {
@@ -66,6 +70,13 @@ def forward_impls(tv_module: torch.nn.Module, x: torch.Tensor, is_block: bool) -
             with torch.no_grad():
                 return reference.inverted_residual(xc, *weights, stride, res)
         impls["reference-cl"] = ref
+    if with_peers:
+        impls["torch-compile"] = peers.compiled_forward(copy.deepcopy(tv), x)
+        onnx_path = peers.export_onnx(copy.deepcopy(tv), x, name)
+        for peer, factory in (("onnxruntime", peers.onnxruntime_forward), ("openvino", peers.openvino_forward)):
+            fn = factory(onnx_path, x)
+            if fn is not None:
+                impls[peer] = fn
     return impls
 
 

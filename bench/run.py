@@ -4,7 +4,8 @@
 
 Writes under bench/results/<machine>/:
     benchmark.json   pytest-benchmark's raw results
-    benchmark.md     ratios against torchvision channels_last, from the same run
+    benchmark.md     ratios of the fused block to torchvision, torch.compile, ONNX Runtime and
+                     OpenVINO from the same run, GFLOP/s and the fraction of the measured FMA peak
     memory.md/.json  the memory report (python -m mnv2_kernels.memory_report)
 """
 
@@ -20,60 +21,118 @@ import pytest
 from mnv2_kernels.memory_report import machine_info, machine_slug
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINE = "torchvision-cl"
-COLUMNS = ["torchvision-nchw", "torchvision-cl", "reference-cl", "fused-cl", "fused-nchw"]
+FUSED = "fused-cl"
+PEERS = ["torchvision-cl", "torch-compile", "onnxruntime", "openvino"]
+ALL = ["torchvision-nchw", "torchvision-cl", "reference-cl", "fused-cl", "fused-nchw", "torch-compile",
+       "onnxruntime", "openvino"]
+
+
+def measure_fma_peak(threads: int):
+    """GFLOP/s of the FMA loop in build/cmake/fma_peak (built by the core's CMake), or None."""
+    tool = os.path.join(ROOT, "build", "cmake", "fma_peak")
+    if not os.path.exists(tool):
+        return None
+    out = subprocess.run([tool, str(threads)], capture_output=True, text=True)
+    for token in out.stdout.split("fma_peak_gflops")[1:]:
+        return float(token.split()[0])
+    return None
+
+
+def _table(entries, groups, flops, peak):
+    present = [p for p in PEERS if any(p in groups[g] for _, g in entries)]
+    head = ["case", f"{FUSED} ms"] + [f"{p} ms" for p in present] + [f"{FUSED} / {p}" for p in present]
+    head += [f"{FUSED} GFLOP/s"] + (["% of FMA peak"] if peak else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    ratios = {}
+    for name, group in sorted(entries):
+        t = groups[group]
+        fused = t.get(FUSED)
+        cells = [f"{fused * 1e3:.3f}" if fused else ""] + [f"{t[p] * 1e3:.3f}" if p in t else "" for p in present]
+        for p in present:
+            r = fused / t[p] if fused and p in t else None
+            ratios[(name, p)] = r
+            cells.append(f"{r:.2f}" if r else "")
+        gflops = flops[group] / fused / 1e9 if fused else None
+        cells.append(f"{gflops:.1f}" if gflops else "")
+        if peak:
+            cells.append(f"{100 * gflops / peak:.0f}%" if gflops else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines, ratios
+
+
+def _raw_table(entries, groups):
+    present = [i for i in ALL if any(i in groups[g] for _, g in entries)]
+    lines = ["| case | " + " | ".join(f"{i} ms" for i in present) + " |", "|---|" + "---:|" * len(present)]
+    for name, group in sorted(entries):
+        lines.append(f"| {name} | " + " | ".join(
+            f"{groups[group][i] * 1e3:.3f}" if i in groups[group] else "" for i in present) + " |")
+    return lines
+
+
+def _verdict(ratios_by_section):
+    """The goals of issues 2 and 3, checked against this run."""
+    lines = ["## Goals", ""]
+
+    def check(label, items, bound):
+        items = [(k, v) for k, v in items if v is not None]
+        if not items:
+            return
+        misses = [f"{k} ({v:.2f})" for k, v in items if v > bound]
+        worst = max(v for _, v in items)
+        lines.append(f"- {label} <= {bound}: worst {worst:.2f} -> "
+                     + ("met" if not misses else "missed by " + ", ".join(misses)))
+
+    for batch in ("b1", "b8"):
+        r = ratios_by_section.get(("forward", batch), {})
+        blocks = lambda peer: [(n.split()[0], v) for (n, p), v in r.items() if p == peer and n.startswith("block")]  # noqa: E731
+        model = lambda peer: [("model", v) for (n, p), v in r.items() if p == peer and n.startswith("model")]  # noqa: E731
+        if batch == "b1":
+            check(f"forward {batch}: every block, fused / torchvision-cl", blocks("torchvision-cl"), 1.0)
+        check(f"forward {batch}: every block, fused / onnxruntime", blocks("onnxruntime"), 1.0)
+        check(f"forward {batch}: whole model, fused / onnxruntime", model("onnxruntime"), 1.0)
+        check(f"forward {batch}: whole model, fused / openvino", model("openvino"), 1.0)
+        check(f"forward {batch}: whole model, fused / torch-compile", model("torch-compile"), 0.5)
+        check(f"forward {batch}: whole model, fused / torchvision-cl", model("torchvision-cl"), 0.25)
+    return lines + [""]
 
 
 def summarize(bench_json: dict, machine: dict) -> str:
     groups = defaultdict(dict)
     flops = {}
     for b in bench_json["benchmarks"]:
-        impl = b["extra_info"]["impl"]
-        groups[b["group"]][impl] = b["stats"]["median"]
+        groups[b["group"]][b["extra_info"]["impl"]] = b["stats"]["median"]
         flops[b["group"]] = b["extra_info"]["flops"]
+    peak = machine.get("fma_peak_gflops")
     lines = [
-        "# CPU benchmark: fused inverted residual vs torchvision (fp32)",
+        "# CPU benchmark: fused inverted residual vs torchvision and peers (fp32)",
         "",
         f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
-        f"fused kernels: {machine['cpu_isa']}.",
+        f"fused kernels: {machine['cpu_isa']}, measured FMA peak: "
+        + (f"{peak:.1f} GFLOP/s" if peak else "not measured") + ".",
         "",
-        "Median time per call (ms) from one pytest-benchmark run; ratios are implementation / "
-        f"{BASELINE} (below 1 is faster). Forward runs in inference mode (eval, no_grad); the "
-        "train step is forward + backward in train mode. GFLOP/s counts the block's "
-        "multiply-adds x2 (train step: x3 of the forward).",
+        "Median time per call (ms) from one pytest-benchmark run. Ratios are fused (channels_last) / "
+        "peer: below 1 is faster. Forward runs in inference mode (eval, no_grad); ONNX Runtime and "
+        "OpenVINO run the torchvision module exported to ONNX with the same thread count; "
+        "torch-compile is Inductor's default mode on the channels_last torchvision module. The "
+        "train step is forward + backward in train mode. GFLOP/s counts multiply-adds x2 "
+        "(train step: x3 of the forward).",
         "",
     ]
     sections = defaultdict(list)
     for group in groups:
         kind, batch, name = group.split(" ", 2)
         sections[(kind, batch)].append((name, group))
-    wins = {}
-    for (kind, batch), entries in sorted(sections.items(), key=lambda kv: (kv[0][0] != "forward", kv[0][1])):
-        impls = [c for c in COLUMNS if any(c in groups[g] for _, g in entries)]
-        lines += [f"## {kind}, batch {batch[1:]}", "",
-                  "| case | " + " | ".join(f"{i} ms" for i in impls) + " | "
-                  + " | ".join(f"{i} / {BASELINE}" for i in impls if i != BASELINE)
-                  + " | fused-cl GFLOP/s |",
-                  "|---|" + "---:|" * (2 * len(impls))]
-        for name, group in sorted(entries):
-            times = groups[group]
-            base = times.get(BASELINE)
-            cells = [f"{times[i] * 1e3:.3f}" if i in times else "" for i in impls]
-            ratios = [f"{times[i] / base:.2f}" if i in times and base else ""
-                      for i in impls if i != BASELINE]
-            fused = times.get("fused-cl")
-            gflops = f"{flops[group] / fused / 1e9:.1f}" if fused else ""
-            lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + f" | {gflops} |")
-            if fused and base:
-                wins[(kind, batch, name)] = fused / base
-        lines.append("")
-    fwd_b1 = {k: v for k, v in wins.items() if k[0] == "forward" and k[1] == "b1" and k[2].startswith("block")}
-    if fwd_b1:
-        slower = [k[2] for k, v in fwd_b1.items() if v >= 1.0]
-        lines += ["## Verdict", "",
-                  f"Forward at batch 1, fused-cl / torchvision-cl over the {len(fwd_b1)} blocks: "
-                  f"best {min(fwd_b1.values()):.2f}, worst {max(fwd_b1.values()):.2f}; "
-                  + ("faster on every block." if not slower else f"NOT faster on: {', '.join(slower)}."), ""]
+    ratios_by_section = {}
+    order = sorted(sections, key=lambda k: (k[0] != "forward", k[1]))
+    for key in order:
+        kind, batch = key
+        table, ratios = _table(sections[key], groups, flops, peak)
+        ratios_by_section[key] = ratios
+        lines += [f"## {kind}, batch {batch[1:]}", ""] + table + [""]
+    lines += _verdict(ratios_by_section)
+    for key in order:
+        lines += [f"## all implementations, {key[0]}, batch {key[1][1:]} (ms)", ""]
+        lines += _raw_table(sections[key], groups) + [""]
     return "\n".join(lines)
 
 
@@ -83,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the memory report")
     args, extra = parser.parse_known_args(argv)
     machine = machine_info()
+    machine["fma_peak_gflops"] = measure_fma_peak(machine["threads"])
     out = os.path.join(ROOT, "bench", "results", machine_slug(machine))
     os.makedirs(out, exist_ok=True)
     json_path = os.path.join(out, "benchmark.json")

@@ -10,13 +10,22 @@ import torch
 from bench.cases import (BLOCKS, block_flops, block_name, forward_impls, make_block, make_model,
                          model_flops, train_step_impls)
 
-FORWARD_IMPLS = ["torchvision-nchw", "torchvision-cl", "reference-cl", "fused-cl", "fused-nchw"]
+FORWARD_IMPLS = ["torchvision-nchw", "torchvision-cl", "reference-cl", "fused-cl", "fused-nchw",
+                 "torch-compile", "onnxruntime", "openvino"]
 
 
 @functools.lru_cache(maxsize=None)
 def _forward_case(index, batch):
     module, make_x = make_block(BLOCKS[index]) if index >= 0 else make_model()
-    return forward_impls(module, make_x(batch), is_block=index >= 0)
+    name = f"block{index + 1:02d}" if index >= 0 else "mobilenet_v2"
+    return forward_impls(module, make_x(batch), is_block=index >= 0, name=name)
+
+
+def _forward_fn(index, batch, impl):
+    impls = _forward_case(index, batch)
+    if impl not in impls:
+        pytest.skip(f"{impl} is not installed (pip install .[peers])")
+    return impls[impl]
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +45,7 @@ def _run(benchmark, group, impl, fn, flops, batch):
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i + 1:02d}")
 def test_block_forward(benchmark, index, batch, impl):
-    fn = _forward_case(index, batch)[impl]
+    fn = _forward_fn(index, batch, impl)
     _run(benchmark, f"forward b{batch} {block_name(index, BLOCKS[index])}", impl, fn,
          block_flops(BLOCKS[index], batch), batch)
 
@@ -44,7 +53,7 @@ def test_block_forward(benchmark, index, batch, impl):
 @pytest.mark.parametrize("impl", [i for i in FORWARD_IMPLS if i != "reference-cl"])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_model_forward(benchmark, batch, impl):
-    _run(benchmark, f"forward b{batch} model mobilenet_v2 224x224", impl, _forward_case(-1, batch)[impl],
+    _run(benchmark, f"forward b{batch} model mobilenet_v2 224x224", impl, _forward_fn(-1, batch, impl),
          model_flops(batch), batch)
 
 
