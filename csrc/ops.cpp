@@ -1,6 +1,7 @@
 // Every operator schema of the mnv2 library, plus the small non-tensor API
 // (build information, CPU ISA) exposed through pybind11. Backends add
 // implementations with TORCH_LIBRARY_IMPL(mnv2, <Backend>, m).
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -48,6 +49,19 @@ TORCH_LIBRARY(mnv2, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
+// The inference-only operators have no derivative: differentiating through
+// them raises "derivative for ... is not implemented" instead of silently
+// dropping gradients, and the forward stays in C++ (no Python autograd hop).
+TORCH_LIBRARY_IMPL(mnv2, Autograd, m) {
+  m.impl("pack_weights", torch::autograd::autogradNotImplementedFallback());
+  m.impl("fused_inverted_residual_packed", torch::autograd::autogradNotImplementedFallback());
+}
+
+namespace mnv2 {
+int64_t max_scratch_bytes();  // csrc/cpu/fused_ir_cpu.cpp
+void reset_max_scratch_bytes();
+}  // namespace mnv2
+
 namespace {
 
 std::string active_cpu_isa() {
@@ -93,6 +107,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &active_cpu_isa,
         "Instruction set of the CPU kernels in use (the best available, or MNV2_CPU_ISA).");
   m.def("build_info", &build_info, "What this build contains and what this machine can run.");
+  m.def("max_scratch_bytes", &mnv2::max_scratch_bytes,
+        "Largest per-thread kernel scratch requested since start (or the last reset).");
+  m.def("reset_max_scratch_bytes", &mnv2::reset_max_scratch_bytes);
   m.def("packed_numel", &packed_numel,
         "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.");
 }

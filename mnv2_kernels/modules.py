@@ -115,11 +115,20 @@ class FusedInvertedResidual(nn.Module):
 
     def _parts(self):
         """(expand conv, bn1, depthwise conv, bn2, project conv, bn3); the first two are
-        None when expand_ratio == 1."""
-        c = self.conv
-        if self.has_expand:
-            return c[0][0], c[0][1], c[1][0], c[1][1], c[2], c[3]
-        return None, None, c[0][0], c[0][1], c[1], c[2]
+        None when expand_ratio == 1. Read from the module dicts on every call (cheap),
+        so replaced submodules (e.g. by convert_sync_batchnorm) are always seen."""
+        c = self.conv._modules
+        if len(c) == 4:
+            e, d = c["0"]._modules, c["1"]._modules
+            return e["0"], e["1"], d["0"], d["1"], c["2"], c["3"]
+        d = c["0"]._modules
+        return None, None, d["0"], d["1"], c["1"], c["2"]
+
+    @staticmethod
+    def _state(parts):
+        """Every parameter and buffer of the six parts, without walking the module tree."""
+        return [t for m in parts if m is not None
+                for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
     def _check_structure(self) -> None:
         c = self.conv
@@ -145,18 +154,19 @@ class FusedInvertedResidual(nn.Module):
         return (expand if expand is not None else dw).in_channels
 
     # -- forward -------------------------------------------------------------
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input(self, x: Tensor, parts) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"FusedInvertedResidual expects a Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError("FusedInvertedResidual expects a 4-D input (N, C, H, W), got "
                              f"{x.dim()}-D with shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"FusedInvertedResidual expects {self.in_channels} input channels, "
+        cin = (parts[0] if parts[0] is not None else parts[2]).in_channels
+        if x.shape[1] != cin:
+            raise ValueError(f"FusedInvertedResidual expects {cin} input channels, "
                              f"got {x.shape[1]} (input shape {tuple(x.shape)})")
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"FusedInvertedResidual needs height and width >= 1, got {tuple(x.shape)}")
-        weight = self._parts()[4].weight
+        weight = parts[4].weight
         if x.device != weight.device:
             raise RuntimeError(f"FusedInvertedResidual: the input is on {x.device} but the block's "
                                f"parameters are on {weight.device}")
@@ -165,20 +175,22 @@ class FusedInvertedResidual(nn.Module):
                                f"parameters' dtype {weight.dtype}")
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        parts = self._parts()
+        self._check_input(x, parts)
         if backends.resolve(x) == "reference":
             # torchvision's unfused computation, module by module
             return x + self.conv(x) if self.use_res_connect else self.conv(x)
-        if any(n is not None and uses_batch_stats(n) for n in self._parts()[1::2]):
+        if any(n is not None and uses_batch_stats(n) for n in parts[1::2]):
             return self._forward_batch_stats(x)
-        if x.device.type == "cpu" and not self._needs_autograd(x) and not torch.compiler.is_compiling():
-            # inference: fold and pack once, reuse until a parameter or buffer changes
-            packed = self._packed_weights(x)
-            if packed is not None:
-                _, _, dw, _, proj, _ = self._parts()
-                return torch.ops.mnv2.fused_inverted_residual_packed.default(
-                    x, packed, dw.out_channels, proj.out_channels, self.has_expand, self.stride,
-                    self.use_res_connect)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            state = self._state(parts)
+            if not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in state))):
+                # inference: fold and pack once, reuse until a parameter or buffer changes
+                packed = self._packed_weights(x, state)
+                if packed is not None:
+                    return torch.ops.mnv2.fused_inverted_residual_packed.default(
+                        x, packed, parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
+                        self.stride, self.use_res_connect)
         return ops.fused_inverted_residual(x, *self.folded_weights(), self.stride, self.use_res_connect)
 
     def folded_weights(self):
@@ -195,10 +207,7 @@ class FusedInvertedResidual(nn.Module):
         w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
         return w1, b1, wd.view(hidden, 3, 3), bd, w3.view(cout, hidden), b3
 
-    def _needs_autograd(self, x: Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-
-    def _packed_weights(self, x: Tensor) -> Optional[Tensor]:
+    def _packed_weights(self, x: Tensor, tensors) -> Optional[Tensor]:
         """Folded and packed weights for the CPU kernel, cached on the module.
 
         The cache remembers every parameter and buffer (weakly) with its version
@@ -206,7 +215,6 @@ class FusedInvertedResidual(nn.Module):
         replaced tensor re-packs. Tensors made under inference_mode have no version
         counter: then nothing is cached and None is returned.
         """
-        tensors = [*self.parameters(), *self.buffers()]
         if any(t.is_inference() for t in tensors):
             return None
         cached = self.__dict__.get("_packed_cache")

@@ -284,18 +284,6 @@ def _register():
         return torch.empty((x.shape[0], cout, ho, wo), dtype=x.dtype, device=x.device,
                            memory_format=suggest_memory_format(x))
 
-    def inference_only(name):
-        def backward(ctx, *grads):
-            raise RuntimeError(
-                f"mnv2::{name} has no backward: it serves inference with cached weights. "
-                "Differentiate mnv2::fused_inverted_residual instead (FusedInvertedResidual "
-                "does whenever gradients are needed).")
-        return backward
-
-    for name in ("pack_weights", "fused_inverted_residual_packed"):
-        torch.library.register_autograd(f"mnv2::{name}", inference_only(name),
-                                        setup_context=lambda ctx, inputs, output: None)
-
     @register_flop_formula(torch.ops.mnv2.fused_inverted_residual_packed)
     def _(x_shape, packed_shape, hidden, cout, has_expand, stride, residual, *args, out_shape=None,
           **kwargs) -> int:

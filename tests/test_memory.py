@@ -9,6 +9,8 @@
 import pytest
 import torch
 
+from mnv2_kernels import _C
+
 from conftest import BLOCK_SHAPES, block_id, make_pair
 
 
@@ -109,6 +111,7 @@ def test_eval_forward_allocates_nothing_hidden_sized(shape, threads, cpu_backend
     x = torch.randn(n, inp, h, h).contiguous(memory_format=torch.channels_last)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    _C.reset_max_scratch_bytes()
     try:
         with torch.no_grad():
             block(x)  # packs and caches the weights
@@ -120,3 +123,11 @@ def test_eval_forward_allocates_nothing_hidden_sized(shape, threads, cpu_backend
     for largest in (cached, with_grad):
         assert largest >= sz["out"]  # the profiler does see the operator's allocations
         assert largest < sz["hidden"], (n, largest, sz)
+    # The kernels' per-thread scratch (kept across calls, so not a profiler
+    # event) is far below the hidden tensor and does not grow with the batch.
+    scratch = _C.max_scratch_bytes()
+    assert 0 < scratch < sz["hidden"] / 2, (scratch, sz)
+    _C.reset_max_scratch_bytes()
+    with torch.no_grad():
+        block(torch.cat([x, x]).contiguous(memory_format=torch.channels_last))
+    assert _C.max_scratch_bytes() == scratch

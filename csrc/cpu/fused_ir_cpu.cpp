@@ -7,6 +7,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <optional>
 #include <stdexcept>
 #include <tuple>
@@ -128,6 +131,35 @@ at::TensorOptions dense_options(const at::Tensor& t) {
   return t.options().memory_format(at::MemoryFormat::Contiguous);
 }
 
+std::atomic<int64_t> g_max_scratch_bytes{0};
+
+// Per-thread kernel scratch, kept across calls. Its size is bounded by the
+// plan (independent of N and H); allocating it afresh on every call cost
+// small blocks more than their arithmetic (each large malloc is a fresh mmap
+// and page faults). The largest size ever requested is reported by
+// max_scratch_bytes() so tests can check the bound.
+template <typename T>
+T* thread_scratch(int64_t elements) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(elements, 1)) * sizeof(T);
+  int64_t seen = g_max_scratch_bytes.load();
+  while (static_cast<int64_t>(bytes) > seen &&
+         !g_max_scratch_bytes.compare_exchange_weak(seen, static_cast<int64_t>(bytes))) {
+  }
+  if (bytes > buffer.bytes) {
+    std::free(buffer.data);
+    buffer.bytes = (bytes + 63) / 64 * 64;
+    buffer.data = std::aligned_alloc(64, buffer.bytes);
+    TORCH_CHECK(buffer.data != nullptr, "mnv2: cannot allocate ", buffer.bytes, " bytes of scratch");
+  }
+  return static_cast<T*>(buffer.data);
+}
+
 template <typename T>
 void run_forward(const BlockShape& s, const Layout& l, const at::Tensor& x,
                  const at::Tensor& packed, const at::Tensor& y) {
@@ -138,9 +170,7 @@ void run_forward(const BlockShape& s, const Layout& l, const at::Tensor& x,
   const ForwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x), packed.const_data_ptr<T>(),
                             y.mutable_data_ptr<T>(), strides_of(y), partial.mutable_data_ptr<T>()};
   at::parallel_for(0, plan.items(s), 1, [&](int64_t begin, int64_t end) {
-    // Scratch comes from the c10 allocator so that memory profilers see it.
-    at::Tensor scratch = at::empty({plan.scratch_floats}, opts);
-    k.forward(args, plan, begin, end, scratch.mutable_data_ptr<T>());
+    k.forward(args, plan, begin, end, thread_scratch<T>(plan.scratch_floats));
   });
   if (plan.n_splits > 1) {
     at::parallel_for(0, s.batch * s.out_h(), 1, [&](int64_t begin, int64_t end) {
@@ -239,10 +269,9 @@ void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tens
   at::Tensor partials = at::zeros({tasks, gl.total}, opts);
   T* parts = partials.mutable_data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = at::empty({plan.scratch_floats}, opts);
+    T* scratch = thread_scratch<T>(plan.scratch_floats);
     for (int64_t t = begin; t < end; ++t) {
-      k.backward(args, plan, items * t / tasks, items * (t + 1) / tasks, parts + t * gl.total,
-                 scratch.mutable_data_ptr<T>());
+      k.backward(args, plan, items * t / tasks, items * (t + 1) / tasks, parts + t * gl.total, scratch);
     }
   });
   backward_finish<T>(args, plan);
@@ -285,6 +314,9 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
 }
 
 }  // namespace
+
+int64_t max_scratch_bytes() { return g_max_scratch_bytes.load(); }
+void reset_max_scratch_bytes() { g_max_scratch_bytes = 0; }
 
 TORCH_LIBRARY_IMPL(mnv2, CPU, m) {
   m.impl("fused_inverted_residual", &fused_inverted_residual_cpu);
