@@ -48,12 +48,22 @@ def _module_forward(module, x):
     return run
 
 
+def _fused_copy(tv_module: torch.nn.Module, is_block: bool) -> torch.nn.Module:
+    """A block: converted. The model: mnv2_kernels.mobilenet_v2() with the torchvision
+    weights, so its stem and head are ours too."""
+    if is_block:
+        return mnv2_kernels.convert_model(copy.deepcopy(tv_module))
+    model = mnv2_kernels.mobilenet_v2()
+    model.load_state_dict(tv_module.state_dict())
+    return model
+
+
 def forward_impls(tv_module: torch.nn.Module, x: torch.Tensor, is_block: bool, name: str,
                   with_peers: bool = True) -> Dict[str, Callable]:
     """Ready-to-time forwards of one case. The fused module runs on the CPU kernel;
     peers that are not installed are left out."""
     tv = copy.deepcopy(tv_module).eval()
-    fused = mnv2_kernels.convert_model(copy.deepcopy(tv_module)).eval()
+    fused = _fused_copy(tv_module, is_block).eval()
     impls = {
         "torchvision-nchw": _module_forward(tv, x.contiguous(memory_format=NCHW)),
         "torchvision-cl": _module_forward(copy.deepcopy(tv).to(memory_format=CL), x.contiguous(memory_format=CL)),
@@ -83,7 +93,7 @@ def forward_impls(tv_module: torch.nn.Module, x: torch.Tensor, is_block: bool, n
 def train_step_impls(tv_module: torch.nn.Module, x: torch.Tensor) -> Dict[str, Callable]:
     """Forward + backward in train mode (batch statistics), channels_last."""
     tv = copy.deepcopy(tv_module).train().to(memory_format=CL)
-    fused = mnv2_kernels.convert_model(copy.deepcopy(tv_module)).train().to(memory_format=CL)
+    fused = _fused_copy(tv_module, isinstance(tv_module, InvertedResidual)).train().to(memory_format=CL)
     xc = x.contiguous(memory_format=CL).requires_grad_()
 
     def step(module):

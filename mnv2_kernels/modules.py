@@ -1,6 +1,5 @@
 """FusedInvertedResidual: torchvision's InvertedResidual with a fused forward."""
 
-import weakref
 from typing import Callable, List, Optional
 
 import torch
@@ -8,6 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import backends, ops
+from ._cache import DerivedCache
 from .folding import (
     check_batch_count,
     fold_bn,
@@ -19,7 +19,13 @@ from .folding import (
 
 class Conv2dNormActivation(nn.Sequential):
     """Conv2d, then norm, then activation: torchvision.ops.Conv2dNormActivation's
-    layout (submodules 0, 1, 2), so state_dict keys match."""
+    layout (submodules 0, 1, 2), so state_dict keys match.
+
+    When the batch norm uses its running statistics it is folded into the
+    convolution (cached under no_grad until a parameter or buffer changes), a
+    1x1 convolution on channels_last input runs as one matrix product, and
+    ReLU/ReLU6 are applied in place. Otherwise it runs module by module.
+    """
 
     def __init__(
         self,
@@ -49,6 +55,40 @@ class Conv2dNormActivation(nn.Sequential):
             layers.append(activation_layer(**({} if inplace is None else {"inplace": inplace})))
         super().__init__(*layers)
         self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self._modules
+        conv, norm, act = m.get("0"), m.get("1"), m.get("2")
+        if (len(m) > 3 or not isinstance(conv, nn.Conv2d) or norm is None or not _is_foldable_norm(norm)
+                or uses_batch_stats(norm) or (act is not None and type(act) not in (nn.ReLU, nn.ReLU6))
+                or torch.compiler.is_compiling()):
+            return super().forward(x)
+        fmt = torch.channels_last if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                                      and not x.is_contiguous()) else torch.contiguous_format
+        state = [t for mod in (conv, norm) for t in (*mod._parameters.values(), *mod._buffers.values())
+                 if t is not None]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in state))
+        fold = lambda: self._fold(conv, norm, fmt)  # noqa: E731
+        folded = None if needs_grad else self.__dict__.setdefault("_folded", DerivedCache()).get(
+            (x.dtype, fmt), state, fold)
+        w, b = folded if folded is not None else fold()
+        if (fmt == torch.channels_last and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                and conv.padding == (0, 0) and conv.groups == 1):
+            n, c, h, wd = x.shape
+            rows = torch.addmm(b, x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w.view(w.shape[0], c).t())
+            y = rows.view(n, h, wd, -1).permute(0, 3, 1, 2)  # channels_last, no copy
+        else:
+            y = nn.functional.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if act is None:
+            return y
+        if needs_grad:
+            return nn.functional.relu6(y) if type(act) is nn.ReLU6 else nn.functional.relu(y)
+        return y.clamp_(0, 6) if type(act) is nn.ReLU6 else y.clamp_(min=0)
+
+    @staticmethod
+    def _fold(conv, norm, fmt):
+        w, b = fold_bn(conv.weight, conv.bias, norm.weight, norm.bias, *running_stats(norm), norm.eps)
+        return w.contiguous(memory_format=fmt), b
 
 
 def _is_foldable_norm(m: nn.Module) -> bool:
@@ -208,25 +248,10 @@ class FusedInvertedResidual(nn.Module):
         return w1, b1, wd.view(hidden, 3, 3), bd, w3.view(cout, hidden), b3
 
     def _packed_weights(self, x: Tensor, tensors) -> Optional[Tensor]:
-        """Folded and packed weights for the CPU kernel, cached on the module.
-
-        The cache remembers every parameter and buffer (weakly) with its version
-        counter, so an optimizer step, load_state_dict, any in-place change or a
-        replaced tensor re-packs. Tensors made under inference_mode have no version
-        counter: then nothing is cached and None is returned.
-        """
-        if any(t.is_inference() for t in tensors):
-            return None
-        cached = self.__dict__.get("_packed_cache")
-        if (cached is not None and cached[0] == x.dtype and len(cached[1]) == len(tensors)
-                and all(ref() is t and version == t._version
-                        for (ref, version), t in zip(cached[1], tensors))):
-            return cached[2]
-        with torch.no_grad():
-            packed = torch.ops.mnv2.pack_weights.default(*self.folded_weights())
-        stamp = [(weakref.ref(t), t._version) for t in tensors]
-        self.__dict__["_packed_cache"] = (x.dtype, stamp, packed)  # one assignment: thread-safe
-        return packed
+        """Folded and packed weights for the CPU kernel, cached on the module until a
+        parameter or buffer changes (None for tensors made under inference_mode)."""
+        cache = self.__dict__.setdefault("_packed_cache", DerivedCache())
+        return cache.get(x.dtype, tensors, lambda: torch.ops.mnv2.pack_weights.default(*self.folded_weights()))
 
     def clear_cache(self) -> None:
         """Drops the cached packed weights (they are rebuilt on the next inference call)."""

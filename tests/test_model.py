@@ -42,6 +42,36 @@ def test_block_shapes_follow_the_architecture(width_mult):
             torchvision_block_shapes(width_mult, resolution)
 
 
+def test_stem_and_head_fold_their_batch_norm(cpu_backend):
+    """mobilenet_v2's own Conv2dNormActivation folds BN in eval mode (cached under
+    no_grad, re-folded after a change); train mode and gradients stay exact.
+    Train-mode gradients are compared in float64: at 64x64 the last stages are
+    2x2 and fp32 batch-norm gradients there are ill-conditioned (see test_ops)."""
+    torch.manual_seed(9)
+    tv = torchvision.models.mobilenet_v2(width_mult=0.5, dropout=0.0)  # train mode: no random masks
+    randomize_bn(tv)
+    ours = mnv2_kernels.mobilenet_v2(width_mult=0.5, dropout=0.0)
+    ours.load_state_dict(tv.state_dict())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for train, dtype, tol in ((False, torch.float32, FP32_RTOL), (True, torch.float64, 1e-10)):
+            a = copy.deepcopy(tv).to(dtype).to(memory_format=fmt).train(train)
+            b = copy.deepcopy(ours).to(dtype).to(memory_format=fmt).train(train)
+            x = torch.randn(2, 3, 64, 64, dtype=dtype).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                assert rel_err(b(x), a(x)) <= tol
+                for m in (a, b):
+                    m.features[-1][1].running_var.mul_(1.5)  # the head's BN: the fold must follow
+                assert rel_err(b(x), a(x)) <= tol
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            gy = torch.randn(2, 1000, dtype=dtype)
+            a(xa).backward(gy)
+            b(xb).backward(gy)
+            assert rel_err(xb.grad, xa.grad) <= tol
+            for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+                if n.startswith(("features.0.", "features.18.", "classifier")):
+                    assert rel_err(pb.grad, pa.grad) <= tol, n
+
+
 @pytest.mark.parametrize("width_mult", WIDTHS)
 def test_same_seed_gives_same_initial_weights(width_mult):
     torch.manual_seed(1)
