@@ -29,16 +29,16 @@ struct FusedBlock {
   static constexpr int64_t VL = MNV2_VEC_BYTES / sizeof(T);  // also the channel padding unit
   static constexpr int MR = MNV2_MR;
   typedef T vf __attribute__((vector_size(MNV2_VEC_BYTES)));
+  // the same vector at element alignment, allowed to alias T: plain (vmovups) loads and stores
+  typedef T vf_unaligned __attribute__((vector_size(MNV2_VEC_BYTES), aligned(sizeof(T)), may_alias));
   using FArgs = ForwardArgs<T>;
   using BArgs = BackwardArgs<T>;
 
-static vf vload(const T* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-static void vstore(T* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
-static vf vsplat(T x) { return vf{} + x; }
+static vf vload(const T* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+static void vstore(T* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+// x - (+0) is x exactly (-0 and NaN included), so this folds to one broadcast
+// (from memory when x is a load); `vf{} + x` would keep an add: 0 + -0 is +0.
+static vf vsplat(T x) { return x - vf{}; }
 
 // min/max written as selects so that NaN passes through, as in torch.
 static vf relu6(vf v) {
