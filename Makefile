@@ -21,9 +21,9 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: test bench build ctest pytest clean
+.PHONY: test bench build ctest neon-test pytest clean
 
-test: ctest pytest
+test: ctest neon-test pytest
 
 bench: $(STAMPS)/ext $(STAMPS)/core $(STAMPS)/bench-deps
 	$(PY) -m bench.run
@@ -56,6 +56,32 @@ $(STAMPS)/core: $(STAMPS)/deps $(CORE_SOURCES)
 
 ctest: $(STAMPS)/core
 	PATH=$(abspath $(VENV))/bin:$$PATH ctest --test-dir build/cmake --output-on-failure
+
+# NEON: the core cross-compiled for AArch64, its tests run under qemu-aarch64.
+# The Debian packages are installed when missing; where apt cannot provide
+# them the target says so and skips.
+AARCH64_TOOLS := aarch64-linux-gnu-g++ qemu-aarch64
+have_aarch64_tools = $(shell for t in $(AARCH64_TOOLS); do command -v $$t >/dev/null || exit; done; echo yes)
+
+$(STAMPS)/aarch64-tools:
+	@mkdir -p $(STAMPS)
+	@if [ -z "$(have_aarch64_tools)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null; } \
+	  || echo "apt could not install g++-aarch64-linux-gnu qemu-user"; \
+	fi
+	@touch $@
+
+neon-test: $(STAMPS)/aarch64-tools $(STAMPS)/deps
+	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then \
+	  PATH=$(abspath $(VENV))/bin:$$PATH cmake -S . -B build/aarch64 -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	    -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake >/dev/null \
+	  && PATH=$(abspath $(VENV))/bin:$$PATH ninja -C build/aarch64 test_core \
+	  && PATH=$(abspath $(VENV))/bin:$$PATH ctest --test-dir build/aarch64 --output-on-failure; \
+	else \
+	  echo "SKIPPED: NEON tests need g++-aarch64-linux-gnu and qemu-user, which apt could not install here"; \
+	fi
 
 pytest: $(STAMPS)/ext
 	$(PY) -m pytest tests $(PYTEST_ARGS)

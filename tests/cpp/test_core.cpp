@@ -381,7 +381,20 @@ const char* fmt_name(Fmt f) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  // --quick: real shapes above 28x28 only at reduced size; --isa NAME: that path only
+  bool quick = false;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--quick") {
+      quick = true;
+    } else if (arg == "--isa" && i + 1 < argc) {
+      only = argv[++i];
+    } else {
+      std::printf("usage: test_core [--quick] [--isa scalar|avx2|avx512|neon]\n");
+      return 2;
+    }
+  }
   // MobileNetV2-1.0 at 224: (cin, H, cout, t, stride) of the 17 blocks.
   const Case blocks[] = {
       {1, 32, 112, 112, 16, 1, 1},  {1, 16, 112, 112, 24, 6, 2}, {1, 24, 56, 56, 24, 6, 1},
@@ -399,6 +412,7 @@ int main(int argc, char** argv) {
   auto run_all = [&](auto zero, const char* dtype) {
     using T = decltype(zero);
     for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
+      if (!only.empty() && only != isa_name(isa)) continue;
       const KernelTable* kt = kernel_table(isa);
       if (kt == nullptr) {
         std::printf("skip %s %s: %s\n", isa_name(isa), dtype,
@@ -450,6 +464,10 @@ int main(int argc, char** argv) {
   };
   run_all(float{}, "f32");
   run_all(double{}, "f64");
+  if (g_checks == 0) {
+    std::printf("FAILED: no ISA path ran%s\n", only.empty() ? "" : (" (--isa " + only + ")").c_str());
+    return 1;
+  }
   std::fflush(stdout);
   std::printf("%s (%d checks, %d failures)\n", g_failures ? "FAILED" : "OK", g_checks, g_failures);
   return g_failures ? 1 : 0;
