@@ -18,12 +18,16 @@ class DerivedCache:
         self._entry = None
 
     def get(self, key, tensors: List[torch.Tensor], compute: Callable[[], object]) -> Optional[object]:
+        entry = self._entry
+        if entry is not None and entry[0] == key and len(entry[1]) == len(tensors):
+            for (ref, version), t in zip(entry[1], tensors):
+                if ref() is not t or version != t._version:
+                    break
+            else:
+                return entry[2]
+        # (the same tensor objects matched above: they were checked when cached)
         if any(t.is_inference() for t in tensors):
             return None
-        entry = self._entry
-        if (entry is not None and entry[0] == key and len(entry[1]) == len(tensors)
-                and all(ref() is t and version == t._version for (ref, version), t in zip(entry[1], tensors))):
-            return entry[2]
         with torch.no_grad():
             value = compute()
         self._entry = (key, [(weakref.ref(t), t._version) for t in tensors], value)  # one assignment: thread-safe

@@ -48,7 +48,8 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     """Whether ``bn`` normalises with batch statistics, as nn.BatchNorm2d.forward decides."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         return False  # FrozenBatchNorm2d and the like: always running statistics
-    return bn.training or (bn.running_mean is None and bn.running_var is None)
+    buffers = bn._buffers  # (not bn.running_mean: Module.__getattr__ is slow on a hot path)
+    return bn.training or (buffers.get("running_mean") is None and buffers.get("running_var") is None)
 
 
 def running_stats(bn: nn.Module) -> Tuple[Tensor, Tensor]:

@@ -167,8 +167,16 @@ class FusedInvertedResidual(nn.Module):
     @staticmethod
     def _state(parts):
         """Every parameter and buffer of the six parts, without walking the module tree."""
-        return [t for m in parts if m is not None
-                for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        state = []
+        for m in parts:
+            if m is not None:
+                for t in m._parameters.values():
+                    if t is not None:
+                        state.append(t)
+                for t in m._buffers.values():
+                    if t is not None:
+                        state.append(t)
+        return state
 
     def _check_structure(self) -> None:
         c = self.conv
@@ -228,9 +236,8 @@ class FusedInvertedResidual(nn.Module):
                 # inference: fold and pack once, reuse until a parameter or buffer changes
                 packed = self._packed_weights(x, state)
                 if packed is not None:
-                    return torch.ops.mnv2.fused_inverted_residual_packed.default(
-                        x, packed, parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
-                        self.stride, self.use_res_connect)
+                    return ops.packed_op()(x, packed, parts[2].out_channels, parts[4].out_channels,
+                                           parts[0] is not None, self.stride, self.use_res_connect)
         return ops.fused_inverted_residual(x, *self.folded_weights(), self.stride, self.use_res_connect)
 
     def folded_weights(self):

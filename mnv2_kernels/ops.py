@@ -51,6 +51,18 @@ def fused_inverted_residual(
     )
 
 
+_PACKED_OP = None
+
+
+def packed_op():
+    """torch.ops.mnv2.fused_inverted_residual_packed.default, looked up once (the
+    attribute chain costs microseconds on the per-block inference path)."""
+    global _PACKED_OP
+    if _PACKED_OP is None:
+        _PACKED_OP = torch.ops.mnv2.fused_inverted_residual_packed.default
+    return _PACKED_OP
+
+
 def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean (C,) and biased covariance (C, C) of x over (N, H, W)."""
     return torch.ops.mnv2.channel_moments.default(x)
