@@ -93,6 +93,8 @@ struct ForwardPlan {
   int64_t rows_per_step;   // output rows whose project is one GEMM
   int64_t hidden_chunk;    // hidden channels per pass (multiple of vl); < hp splits the
                            // block into a sum over chunks (paper section 5.1)
+  int64_t window_slots;    // expanded rows held: (rows_per_step - 1) * stride + 3
+  int64_t window_cols;     // input columns held at most per tile
   int64_t scratch_floats;  // per thread, in elements
   int64_t items(const BlockShape& s) const { return s.batch * n_bands * n_col_tiles * n_splits; }
 };

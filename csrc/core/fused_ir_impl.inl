@@ -331,10 +331,10 @@ struct ForwardGeometry {
   bool chunked;  // a split takes several chunks: accumulate a whole band
 };
 
-static ForwardGeometry forward_geometry(const BlockShape& s, const ForwardPlan& p) {
+static ForwardGeometry forward_geometry(const ForwardPlan& p) {
   ForwardGeometry g;
-  g.slots = (p.rows_per_step - 1) * s.stride + 3;
-  g.nvalid_max = imin(s.in_w, (p.cols_per_tile - 1) * s.stride + 3);
+  g.slots = p.window_slots;
+  g.nvalid_max = p.window_cols;
   g.hc = p.hidden_chunk;
   g.chunked = g.hc < p.split_channels;
   return g;
@@ -411,7 +411,7 @@ static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeom
 
 static void forward_entry(const FArgs& a, const ForwardPlan& p, int64_t begin, int64_t end,
                    T* scratch) {
-  const ForwardGeometry g = forward_geometry(a.shape, p);
+  const ForwardGeometry g = forward_geometry(p);
   std::memset(scratch + g.slots * g.nvalid_max * g.hc, 0, sizeof(T) * g.nvalid_max * g.hc);
   for (int64_t item = begin; item < end; ++item) forward_item(a, p, g, item, scratch);
 }

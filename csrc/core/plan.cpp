@@ -134,12 +134,13 @@ void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
   p->n_splits = ceil_div(l.hp, p->split_channels);
   p->hidden_chunk = std::clamp<int64_t>(round_up(p->hidden_chunk, l.vl), l.vl, p->split_channels);
   p->partial_floats = p->n_splits > 1 ? p->n_splits * s.batch * Ho * Wo * l.cout_p : 0;
-  const int64_t slots = (p->rows_per_step - 1) * s.stride + 3;
-  const int64_t nvalid = std::min(s.in_w, (p->cols_per_tile - 1) * s.stride + 3);
+  p->window_slots = (p->rows_per_step - 1) * s.stride + 3;
+  p->window_cols = std::min(s.in_w, (p->cols_per_tile - 1) * s.stride + 3);
   const int64_t hc = p->hidden_chunk;
   const int64_t acc_rows = hc < p->split_channels ? p->rows_per_band : p->rows_per_step;
-  p->scratch_floats = (slots + 1) * nvalid * hc + p->rows_per_step * p->cols_per_tile * hc +
-                      acc_rows * p->cols_per_tile * l.cout_p;
+  // the kernel carves exactly this: window ring + zero row, depthwise rows, accumulator
+  p->scratch_floats = (p->window_slots + 1) * p->window_cols * hc +
+                      p->rows_per_step * p->cols_per_tile * hc + acc_rows * p->cols_per_tile * l.cout_p;
 }
 
 ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {

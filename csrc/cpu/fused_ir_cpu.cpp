@@ -255,7 +255,7 @@ void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tens
   const at::Tensor packed = pack<T>(s, l, dense_options(x), w_expand, b_expand, w_dw, b_dw,
                                     w_project, b_project, true);
   const BackwardPlan plan = plan_backward(s, l, at::get_num_threads());
-  const at::TensorOptions opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::TensorOptions opts = dense_options(x);
   at::Tensor& gx = std::get<0>(out);
   at::Tensor side = at::empty({plan.side_floats}, opts);
   const BackwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x), grad_y.const_data_ptr<T>(),
@@ -294,7 +294,7 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
               "mnv2: grad_y must have shape ", at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
               ", got ", grad_y.sizes());
-  const at::TensorOptions opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::TensorOptions opts = dense_options(x);
   const int64_t he = s.has_expand ? s.hidden : 0;
   Grads out{at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
             at::zeros({he, s.has_expand ? s.cin : 0}, opts),
