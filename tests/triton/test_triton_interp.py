@@ -1,0 +1,262 @@
+"""The Triton kernels of the fused block against the float64 PyTorch reference.
+
+Runs under Triton's interpreter on the CPU (TRITON_INTERPRET=1, set before
+triton is imported; see conftest.py) or, without the interpreter, on a CUDA
+GPU. Small shapes only: the interpreter is slow.
+"""
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    raise RuntimeError(
+        "tests/triton need TRITON_INTERPRET=1 in the environment (set before triton is imported) "
+        "or a CUDA GPU: run `TRITON_INTERPRET=1 python -m pytest tests/triton`")
+
+import mnv2_kernels  # noqa: E402
+from mnv2_kernels import reference  # noqa: E402
+from mnv2_kernels.triton_kernels import fused_ir, interpreting, is_available  # noqa: E402
+from mnv2_kernels.triton_kernels import ops as triton_ops  # noqa: E402
+
+triton_ops.register()
+
+DEVICE = "cpu" if interpreting() else "cuda"
+OUT_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+NAMES = ("x", "w_expand", "b_expand", "w_dw", "b_dw", "w_project", "b_project")
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_args(n, cin, h, w, t, cout, stride, residual, channels_last=False, seed=0, dtype=torch.float32):
+    """Modest random data (ReLU6 kinks are rarely hit), fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = cin * t
+
+    def r(*shape, scale=0.3, shift=0.0):
+        return (scale * torch.randn(*shape, generator=g) + shift).to(dtype).to(DEVICE)
+
+    x = r(n, cin, h, w, scale=0.5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    we, be = (r(hidden, cin), r(hidden, shift=1.0)) if t != 1 else (None, None)
+    return [x, we, be, r(hidden, 3, 3), r(hidden, scale=0.1, shift=0.5), r(cout, hidden), r(cout, scale=0.1),
+            stride, residual]
+
+
+def reference_grads(args, grad_y=None, seed=1):
+    """(y64, grad_y, grads64) of the float64 reference; grads64[i] is None for absent inputs."""
+    a64 = [a.detach().double().cpu().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    y = reference.inverted_residual(*a64)
+    if grad_y is None:
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y.backward(grad_y)
+    return y.detach(), grad_y, [a.grad if isinstance(a, torch.Tensor) else None for a in a64[:7]]
+
+
+# (N, Cin, H, W, t, Cout, stride, residual, channels_last)
+CASES = [
+    (1, 3, 7, 5, 6, 8, 1, False, False),
+    (2, 8, 3, 5, 6, 8, 1, True, True),
+    (1, 8, 9, 7, 6, 24, 2, False, False),
+    (2, 3, 7, 5, 6, 5, 2, False, True),
+    (1, 24, 5, 3, 2, 24, 1, True, False),
+    (1, 8, 7, 7, 1, 16, 1, False, True),
+    (2, 16, 3, 5, 1, 16, 1, True, False),
+    (1, 24, 9, 5, 1, 8, 2, False, False),
+    (1, 8, 1, 1, 6, 8, 1, True, True),
+    (2, 3, 1, 3, 6, 8, 2, False, False),
+    (1, 40, 3, 4, 2, 8, 2, False, True),  # Cin over 3 slices of the tiled expand
+]
+
+
+def case_id(c):
+    n, cin, h, w, t, cout, s, res, cl = c
+    return f"n{n}-c{cin}-{h}x{w}-t{t}-o{cout}-s{s}{'-res' if res else ''}{'-cl' if cl else ''}"
+
+
+def test_available():
+    assert is_available()
+    assert interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward(case):
+    n, cin, h, w, t, cout, stride, residual, cl = case
+    args = make_args(n, cin, h, w, t, cout, stride, residual, channels_last=cl)
+    y64, gy64, g64 = reference_grads(args)
+
+    y = fused_ir.forward(*args)
+    assert y.shape == y64.shape and y.dtype == args[0].dtype
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    assert rel_err(y, y64) <= OUT_RTOL
+
+    gy = gy64.float().to(DEVICE)
+    if cl:
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    grads = fused_ir.backward(gy, *args)
+    assert len(grads) == 7
+    assert grads[0].is_contiguous(memory_format=fmt)
+    for name, got, want, arg in zip(NAMES, grads, g64, args):
+        if arg is None:
+            assert tuple(got.shape) == ((0, 0) if name == "w_expand" else (0,)), name
+            continue
+        assert got.shape == arg.shape and got.dtype == arg.dtype, name
+        assert rel_err(got, want) <= GRAD_RTOL, (name, rel_err(got, want))
+
+
+def test_strided_input():
+    """Neither NCHW- nor channels_last-contiguous: a sliced view; also an expanded grad_y."""
+    args = make_args(1, 8, 5, 3, 6, 8, 1, True)
+    base = args[0]
+    big = torch.zeros(1, 8, 7, 5, device=DEVICE)
+    big[:, :, 1:6, 1:4] = base
+    args[0] = big[:, :, 1:6, 1:4]
+    assert not args[0].is_contiguous()
+    gy64 = torch.full((1, 8, 5, 3), 0.5, dtype=torch.float64)
+    y64, _, g64 = reference_grads(args, grad_y=gy64)
+    assert rel_err(fused_ir.forward(*args), y64) <= OUT_RTOL
+    gy = torch.tensor(0.5, device=DEVICE).expand(1, 8, 5, 3)  # stride-0 gradient, as from y.sum()
+    grads = fused_ir.backward(gy, *args)
+    for name, got, want in zip(NAMES, grads, g64):
+        assert rel_err(got, want) <= GRAD_RTOL, name
+
+
+def test_deterministic():
+    args = make_args(2, 8, 5, 3, 6, 8, 2, False)
+    _, gy64, _ = reference_grads(args)
+    gy = gy64.float().to(DEVICE)
+    g1 = fused_ir.backward(gy, *args)
+    g2 = fused_ir.backward(gy, *args)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    args = make_args(1, 8, 5, 5, 6, 8, 1, True)
+    args[0] = args[0][:0]
+    y = fused_ir.forward(*args)
+    assert y.shape == (0, 8, 5, 5)
+    grads = fused_ir.backward(torch.zeros_like(y), *args)
+    assert grads[0].shape == args[0].shape
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_registered_op_autograd():
+    """Through the operator and torch.autograd: every gradient flows, only where asked."""
+    args = make_args(1, 8, 5, 3, 6, 8, 1, True, channels_last=True)
+    y64, gy64, g64 = reference_grads(args)
+    leaves = [a.clone().requires_grad_() for a in args[:7]]
+    y = torch.ops.mnv2.triton_fused_inverted_residual(*leaves, *args[7:])
+    assert rel_err(y, y64) <= OUT_RTOL
+    y.backward(gy64.float().to(DEVICE))
+    for name, leaf, want in zip(NAMES, leaves, g64):
+        assert leaf.grad is not None, name
+        assert rel_err(leaf.grad, want) <= GRAD_RTOL, name
+
+    # Only x needs grad, t == 1 (no expand weights).
+    args = make_args(1, 8, 5, 5, 1, 8, 2, False)
+    x = args[0].clone().requires_grad_()
+    w_dw = args[3].clone()
+    y = torch.ops.mnv2.triton_fused_inverted_residual(x, None, None, w_dw, *args[4:])
+    y.sum().backward()
+    _, _, g64 = reference_grads(args, grad_y=torch.ones(y.shape, dtype=torch.float64))
+    assert rel_err(x.grad, g64[0]) <= GRAD_RTOL
+    assert w_dw.grad is None
+
+
+def test_register_idempotent():
+    triton_ops.register()
+    triton_ops.register()
+    assert triton_ops.USED_TRITON_OP in (True, False)
+    if interpreting():
+        # Interpreted kernels cannot be traced (see ops.py): the custom_op fallback is used.
+        assert triton_ops.USED_TRITON_OP is False
+
+
+def test_triton_op_path_eager():
+    """The triton_op + wrap_triton definition, in eager mode, under a private name."""
+    fwd, bwd = "mnv2::_test_triton_op_fir", "mnv2::_test_triton_op_fir_backward"
+    try:
+        torch.ops.mnv2._test_triton_op_fir
+    except (AttributeError, RuntimeError):
+        triton_ops._define(fwd, bwd, use_triton_op=True)
+    args = make_args(1, 8, 5, 5, 6, 8, 2, False)
+    y64, gy64, g64 = reference_grads(args)
+    x = args[0].clone().requires_grad_()
+    y = torch.ops.mnv2._test_triton_op_fir(x, *args[1:])
+    assert rel_err(y, y64) <= OUT_RTOL
+    y.backward(gy64.float().to(DEVICE))
+    assert rel_err(x.grad, g64[0]) <= GRAD_RTOL
+
+
+def test_opcheck():
+    args = make_args(1, 8, 3, 3, 2, 8, 1, True)
+    for i in range(7):
+        args[i] = args[i].requires_grad_()
+    torch.library.opcheck(torch.ops.mnv2.triton_fused_inverted_residual.default, tuple(args))
+
+
+def test_opcheck_backward_op():
+    args = make_args(1, 8, 3, 3, 1, 8, 2, False)
+    gy = torch.randn(1, 8, 2, 2, device=DEVICE)
+    torch.library.opcheck(torch.ops.mnv2.triton_fused_inverted_residual_backward.default, (gy, *args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_forward(dtype):
+    """fp16/bf16 run (fp32 accumulation) and land near the float64 reference."""
+    args = make_args(1, 8, 3, 5, 6, 8, 1, True, dtype=dtype)
+    y64, gy64, g64 = reference_grads(args)
+    y = fused_ir.forward(*args)
+    assert y.dtype == dtype
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    assert rel_err(y, y64) <= tol
+    grads = fused_ir.backward(gy64.to(dtype).to(DEVICE), *args)
+    for name, got, want, arg in zip(NAMES, grads, g64, args):
+        assert got.dtype == dtype, name
+        assert rel_err(got, want) <= 2 * tol, name
+
+
+def bad(args, i, value):
+    args = list(args)
+    args[i] = value
+    return args
+
+
+def test_bad_input():
+    args = make_args(1, 8, 5, 5, 6, 8, 1, True)
+    x, we, be, wd, bd, wp, bp = args[:7]
+    with pytest.raises(ValueError, match="4-D"):
+        fused_ir.forward(*bad(args, 0, x[0]))
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        fused_ir.forward(*bad(args, 7, 3))
+    with pytest.raises(ValueError, match="w_expand must be"):
+        fused_ir.forward(*bad(args, 1, we[:, :4]))
+    with pytest.raises(ValueError, match="w_dw must be"):
+        fused_ir.forward(*bad(args, 3, wd[:, :2]))
+    with pytest.raises(ValueError, match="w_project must be"):
+        fused_ir.forward(*bad(args, 5, wp[:, :4]))
+    with pytest.raises(ValueError, match="b_project must be"):
+        fused_ir.forward(*bad(args, 6, bp[:3]))
+    with pytest.raises(ValueError, match="must match x"):
+        fused_ir.forward(*bad(args, 3, wd.double()))
+    with pytest.raises(ValueError, match="not supported"):
+        fused_ir.forward(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+    with pytest.raises(ValueError, match="residual needs stride 1"):
+        fused_ir.forward(*bad(args, 7, 2))
+    with pytest.raises(ValueError, match="given together"):
+        fused_ir.forward(*bad(args, 2, None))
+    with pytest.raises(ValueError, match="Cin=8 channels"):
+        fused_ir.forward(*bad(bad(args, 1, None), 2, None)[:3], wd.repeat(2, 1, 1), bd.repeat(2), wp.repeat(1, 2),
+                         bp, 1, True)
+    with pytest.raises(ValueError, match="grad_y must be"):
+        fused_ir.backward(torch.zeros(1, 8, 4, 4, device=DEVICE), *args)
+    with pytest.raises(ValueError, match="4-D"):
+        torch.ops.mnv2.triton_fused_inverted_residual(*bad(args, 0, x[0]))

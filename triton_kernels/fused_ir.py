@@ -1,0 +1,732 @@
+"""Triton kernels of the fused inverted-residual block.
+
+Importing this module imports triton: set TRITON_INTERPRET=1 before that when
+running on CPU tensors under the Triton interpreter.
+
+Layout: every kernel addresses x, y, grad_y and grad_x through their actual
+(n, c, h, w) strides, so NCHW-contiguous and channels_last tensors (and other
+strides) work without copies. Channel dimensions are padded to powers of two
+>= 16 (tl.dot's minimum) and masked. Accumulation is float32; for fp16/bf16
+the dot operands stay in the input dtype.
+
+Kernels
+-------
+* ``_fwd_kernel``: one program per (output tile TH x TW, image, Cout block of
+  BLOCK_CO <= 64). Loops over hidden chunks of BLOCK_H channels; for each of
+  the 9 depthwise taps (a runtime loop: unrolled, the pipeliner kept all 9
+  shifted input tiles in shared memory and wide layers ran out of it) it
+  recomputes the expand of the shifted input pixels, tiled over Cin in
+  BLOCK_CI slices (``_expand``; no scratch at all), then projects the chunk's
+  a2 into the [P, BLOCK_CO] accumulator. Zero padding applies to a1.
+* ``_bwd_weight_kernel``: chunk-stationary weight gradients. Grid
+  (hidden chunks, splits); each program loops over a contiguous range of
+  (image, output tile) items, recomputes z1/a1/z2/a2 of its chunk and
+  accumulates the chunk's gradients of every weight and bias. Each program
+  owns its [split, chunk] slice of float32 per-split partial buffers (the
+  project-weight partial is accumulated there in place, one Cout block at a
+  time, after the program zeroes its slice, so autotuning reruns are exact);
+  the host reduces them with .sum(0): deterministic, no atomics.
+* ``_bwd_input_kernel``: pixel-stationary input gradient (gather form). A
+  persistent grid of about 4 programs per SM; a program owns an input tile Q
+  per item, and for each hidden chunk computes g_z2 on the output halo O of Q
+  (9 expand recomputes on O) into its own scratch slot
+  (nprog x |O| x BLOCK_H float32, far below the hidden tensor's size;
+  tl.debug_barrier() around it), then gathers g_a1 on Q from the scratch,
+  masks with relu6'(z1(Q)) and accumulates g_a1 @ w_expand[chunk] into the
+  [Q, Cin] accumulator; + grad_y for the residual.
+
+Nothing hidden-sized is ever allocated. grad_b_project is grad_y summed over
+(N, H, W) in float32 by torch.
+
+Autotuning: a few configs per kernel keyed on the block shape; one config
+under the interpreter or with MNV2_TRITON_AUTOTUNE=0 (read at import).
+The interpreter's tl.dot mishandles bfloat16 (it multiplies the uint16 bit
+patterns): under the interpreter only, bf16 dot operands are upcast to fp32.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_TORCH_TO_TL_OK = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _upcast(x):
+    # The interpreter's tl.dot multiplies bfloat16 bit patterns (stored as uint16) as integers.
+    return INTERPRET and x.dtype == torch.bfloat16
+
+
+def _block_ci(cin, dtype):
+    """Cin slice of the tiled expand dots (16 under the interpreter, to exercise the loop)."""
+    if INTERPRET:
+        return 16
+    return min(_pad(cin), 32 if dtype == torch.float32 else 64)
+
+
+def _pad(c):
+    return max(16, triton.next_power_of_2(int(c)))
+
+
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+# ---------------------------------------------------------------------------
+# Autotune configurations (a single one under the interpreter).
+
+# MNV2_TRITON_AUTOTUNE=0: one default config per kernel (no autotuning), as
+# under the interpreter. Read at import.
+AUTOTUNE = os.environ.get("MNV2_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+
+
+def _cfg(num_warps=4, num_stages=2, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def _fwd_configs():
+    if INTERPRET:
+        return [_cfg(TH=4, TW=4, BLOCK_H=16, num_stages=1)]
+    default = _cfg(TH=8, TW=8, BLOCK_H=32, num_warps=4, num_stages=2)
+    if not AUTOTUNE:
+        return [default]
+    return [default,
+            _cfg(TH=4, TW=8, BLOCK_H=32, num_warps=4, num_stages=2),
+            _cfg(TH=4, TW=8, BLOCK_H=64, num_warps=4, num_stages=3),
+            _cfg(TH=8, TW=8, BLOCK_H=16, num_warps=4, num_stages=3),
+            _cfg(TH=8, TW=8, BLOCK_H=64, num_warps=8, num_stages=2),
+            _cfg(TH=8, TW=16, BLOCK_H=32, num_warps=8, num_stages=2),
+            _cfg(TH=8, TW=16, BLOCK_H=16, num_warps=8, num_stages=3),
+            _cfg(TH=8, TW=8, BLOCK_H=32, num_warps=8, num_stages=3)]
+
+
+def _bwdw_configs():
+    if INTERPRET:
+        return [_cfg(TH=4, TW=4, BLOCK_H=16, num_stages=1)]
+    default = _cfg(TH=4, TW=8, BLOCK_H=32, num_warps=4, num_stages=2)
+    if not AUTOTUNE:
+        return [default]
+    return [default,
+            _cfg(TH=8, TW=8, BLOCK_H=32, num_warps=8, num_stages=2),
+            _cfg(TH=4, TW=8, BLOCK_H=16, num_warps=4, num_stages=2),
+            _cfg(TH=8, TW=8, BLOCK_H=16, num_warps=4, num_stages=2)]
+
+
+def _bwdx_configs():
+    if INTERPRET:
+        return [_cfg(BLOCK_H=16, num_stages=1)]
+    default = _cfg(BLOCK_H=32, num_warps=4, num_stages=2)
+    if not AUTOTUNE:
+        return [default]
+    return [default,
+            _cfg(BLOCK_H=16, num_warps=4, num_stages=2),
+            _cfg(BLOCK_H=32, num_warps=8, num_stages=2),
+            _cfg(BLOCK_H=16, num_warps=8, num_stages=3)]
+
+
+_KEY = ["CIN", "HID", "COUT", "H", "W", "STRIDE", "HAS_EXPAND", "RESIDUAL", "IS_FP32"]
+
+# Largest BLOCK_H of any input-gradient config (the scratch is sized for it).
+_BWDX_MAX_BH = 16 if INTERPRET else 32
+
+
+@triton.jit
+def _dot(a, b, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation: full-precision fp32 ("ieee", no TF32);
+    fp16/bf16 operands as they are. UPCAST (bf16 under the interpreter only,
+    whose tl.dot multiplies bf16 bit patterns as integers) computes in fp32
+    instead, which is exact for bf16 products."""
+    if IS_FP32:
+        r = tl.dot(a, b, input_precision="ieee")
+    elif UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """z1 (no bias) [BLOCK_M, BLOCK_H] = x[pixels pix, masked by inb] @ w1[hh]^T, tiled
+    over Cin in BLOCK_CI slices (bounded shared memory for any Cin)."""
+    z1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for k0 in range(0, CIN, BLOCK_CI):
+        ck = k0 + tl.arange(0, BLOCK_CI)
+        ck_mask = ck < CIN
+        xt = tl.load(x_base + pix[:, None] + ck[None, :] * sxc,
+                     mask=inb[:, None] & ck_mask[None, :], other=0.0)
+        w1k = tl.load(w1_ptr + hh[None, :] * CIN + ck[:, None],
+                      mask=ck_mask[:, None] & h_mask[None, :], other=0.0)
+        z1 += _dot(xt, w1k, IS_FP32, UPCAST)
+    return z1
+
+
+@triton.jit
+def _relu6(z):
+    return tl.minimum(tl.maximum(z, 0.0), 6.0)
+
+
+# ---------------------------------------------------------------------------
+# Forward.
+
+@triton.autotune(configs=_fwd_configs(), key=_KEY)
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, b3_ptr, y_ptr,
+    H, W, HO, WO, CIN, HID, COUT,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    BLOCK_P: tl.constexpr = TH * TW
+    pid_t = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    pid_co = tl.program_id(2)
+    n_tw = tl.cdiv(WO, TW)
+    th_i = pid_t // n_tw
+    tw_i = pid_t % n_tw
+    p = tl.arange(0, BLOCK_P)
+    oh = th_i * TH + p // TW
+    ow = tw_i * TW + p % TW
+    p_mask = (oh < HO) & (ow < WO)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = co < COUT
+    dt = x_ptr.dtype.element_ty
+    x_base = x_ptr + n * sxn
+
+    acc_y = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hh < HID
+        if HAS_EXPAND:
+            b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        acc_dw = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+        # A runtime tap loop (not unrolled): an unrolled one lets the pipeliner
+        # keep all 9 shifted input tiles in shared memory at once.
+        for tap in range(9):
+            ih = oh * STRIDE + (tap // 3 - 1)
+            iw = ow * STRIDE + (tap % 3 - 1)
+            inb = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            if HAS_EXPAND:
+                # z1 = x_tap @ w1[chunk]^T, tiled over Cin (bounded shared memory for any Cin)
+                z1 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+                for k0 in range(0, CIN, BLOCK_CI):
+                    ck = k0 + tl.arange(0, BLOCK_CI)
+                    ck_mask = ck < CIN
+                    xt = tl.load(x_base + pix[:, None] + ck[None, :] * sxc,
+                                 mask=inb[:, None] & ck_mask[None, :], other=0.0)
+                    w1k = tl.load(w1_ptr + hh[None, :] * CIN + ck[:, None],
+                                  mask=ck_mask[:, None] & h_mask[None, :], other=0.0)
+                    z1 += _dot(xt, w1k, IS_FP32, UPCAST)
+                a1 = _relu6(z1 + b1[None, :])
+                a1 = tl.where(inb[:, None], a1, 0.0)
+            else:
+                a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
+                             mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+            wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
+            acc_dw += a1 * wd[None, :]
+        bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        a2 = _relu6(acc_dw + bdw[None, :])
+        # w3^T chunk [BLOCK_H, BLOCK_CO]
+        w3t = tl.load(w3_ptr + co[None, :] * HID + hh[:, None],
+                      mask=h_mask[:, None] & co_mask[None, :], other=0.0)
+        acc_y += _dot(a2.to(dt), w3t, IS_FP32, UPCAST)
+
+    b3 = tl.load(b3_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+    acc_y += b3[None, :]
+    out_mask = p_mask[:, None] & co_mask[None, :]
+    if RESIDUAL:
+        r = tl.load(x_base + (oh.to(tl.int64) * sxh + ow.to(tl.int64) * sxw)[:, None] + co[None, :] * sxc,
+                    mask=out_mask, other=0.0)
+        acc_y += r.to(tl.float32)
+    y_off = n * syn + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + co[None, :] * syc
+    tl.store(y_ptr + y_off, acc_y.to(dt), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------
+# Backward: weight gradients (chunk-stationary).
+
+@triton.autotune(configs=_bwdw_configs(), key=_KEY)
+@triton.jit
+def _bwd_weight_kernel(
+    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr,
+    gw1_ptr, gb1_ptr, gwdw_ptr, gbdw_ptr, gw3_ptr,
+    N, H, W, HO, WO, CIN, HID, COUT, N_SPLITS,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Partial buffers (float32): gw1 [S, HID, CIN], gb1 [S, HID], gwdw [S, HID, 9],
+    # gbdw [S, HID], gw3 [S, COUT, HID]. This program owns [split, chunk] of each.
+    BLOCK_P: tl.constexpr = TH * TW
+    pid_h = tl.program_id(0)
+    split = tl.program_id(1)
+    dt = x_ptr.dtype.element_ty
+    n_tw = tl.cdiv(WO, TW)
+    n_tiles = tl.cdiv(HO, TH) * n_tw
+    total = N * n_tiles
+    per = tl.cdiv(total, N_SPLITS)
+    start = split * per
+    end = tl.minimum(start + per, total)
+
+    hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = hh < HID
+    ci = tl.arange(0, CIN_PAD)
+    ci_mask = ci < CIN
+    p = tl.arange(0, BLOCK_P)
+    taps = tl.arange(0, 16)
+    split64 = split.to(tl.int64)
+
+    if HAS_EXPAND:
+        w1t = tl.load(w1_ptr + hh[None, :] * CIN + ci[:, None],
+                      mask=ci_mask[:, None] & h_mask[None, :], other=0.0)
+        b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+    bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+    # w_dw chunk as [16 (taps, padded), BLOCK_H]
+    wdw_all = tl.load(wdw_ptr + hh[None, :] * 9 + taps[:, None],
+                      mask=(taps[:, None] < 9) & h_mask[None, :], other=0.0).to(tl.float32)
+
+    # Zero this program's slice of the project-weight partials (accumulated in
+    # place below, one Cout block at a time), so that a rerun (autotuning) is exact.
+    for co0 in range(0, COUT, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        co_mask = co < COUT
+        tl.store(gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :],
+                 tl.zeros([BLOCK_CO, BLOCK_H], dtype=tl.float32),
+                 mask=co_mask[:, None] & h_mask[None, :])
+    tl.debug_barrier()
+
+    acc_gw1 = tl.zeros([BLOCK_H, CIN_PAD], dtype=tl.float32)
+    acc_gb1 = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_gwdw = tl.zeros([16, BLOCK_H], dtype=tl.float32)
+    acc_gbdw = tl.zeros([BLOCK_H], dtype=tl.float32)
+
+    for item in range(start, end):
+        n = (item // n_tiles).to(tl.int64)
+        t = item % n_tiles
+        oh = (t // n_tw) * TH + p // TW
+        ow = (t % n_tw) * TW + p % TW
+        p_mask = (oh < HO) & (ow < WO)
+        x_base = x_ptr + n * sxn
+        gy_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+
+        # z2 of the chunk on the tile
+        acc_dw = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+        for tap in range(9):
+            ih = oh * STRIDE + (tap // 3 - 1)
+            iw = ow * STRIDE + (tap % 3 - 1)
+            inb = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            if HAS_EXPAND:
+                z1 = _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
+                             BLOCK_P, BLOCK_H, BLOCK_CI)
+                a1 = tl.where(inb[:, None], _relu6(z1 + b1[None, :]), 0.0)
+            else:
+                a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
+                             mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+            wd = tl.sum(tl.where(taps[:, None] == tap, wdw_all, 0.0), axis=0)
+            acc_dw += a1 * wd[None, :]
+        z2 = acc_dw + bdw[None, :]
+        a2 = _relu6(z2)
+        a2 = tl.where(p_mask[:, None], a2, 0.0)
+
+        # g_a2 = g_y @ w3[:, chunk]; g_w3[:, chunk] += g_y^T @ a2
+        g_a2 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+        for co0 in range(0, COUT, BLOCK_CO):
+            co = co0 + tl.arange(0, BLOCK_CO)
+            co_mask = co < COUT
+            gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
+                         mask=p_mask[:, None] & co_mask[None, :], other=0.0)
+            w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
+                          mask=co_mask[:, None] & h_mask[None, :], other=0.0)
+            g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
+            part = _dot(tl.trans(gy), a2.to(dt), IS_FP32, UPCAST)
+            gw3_off = gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :]
+            gw3_m = co_mask[:, None] & h_mask[None, :]
+            old = tl.load(gw3_off, mask=gw3_m, other=0.0)
+            tl.store(gw3_off, old + part, mask=gw3_m)
+            tl.debug_barrier()
+        g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & p_mask[:, None], g_a2, 0.0)
+        acc_gbdw += tl.sum(g_z2, axis=0)
+
+        for tap in range(9):
+            ih = oh * STRIDE + (tap // 3 - 1)
+            iw = ow * STRIDE + (tap % 3 - 1)
+            inb = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            wd = tl.sum(tl.where(taps[:, None] == tap, wdw_all, 0.0), axis=0)
+            if HAS_EXPAND:
+                xt = tl.load(x_base + pix[:, None] + ci[None, :] * sxc,
+                             mask=inb[:, None] & ci_mask[None, :], other=0.0)
+                z1 = _dot(xt, w1t, IS_FP32, UPCAST) + b1[None, :]
+                a1 = tl.where(inb[:, None], _relu6(z1), 0.0)
+                gwd = tl.sum(g_z2 * a1, axis=0)
+                c = tl.where(inb[:, None] & (z1 > 0.0) & (z1 < 6.0), g_z2 * wd[None, :], 0.0)
+                acc_gb1 += tl.sum(c, axis=0)
+                acc_gw1 += _dot(tl.trans(c.to(dt)), xt, IS_FP32, UPCAST)
+            else:
+                a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
+                             mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+                gwd = tl.sum(g_z2 * a1, axis=0)
+            acc_gwdw += tl.where(taps[:, None] == tap, gwd[None, :], 0.0)
+
+    if HAS_EXPAND:
+        tl.store(gw1_ptr + split64 * HID * CIN + hh[:, None] * CIN + ci[None, :], acc_gw1,
+                 mask=h_mask[:, None] & ci_mask[None, :])
+        tl.store(gb1_ptr + split64 * HID + hh, acc_gb1, mask=h_mask)
+    tl.store(gwdw_ptr + split64 * HID * 9 + hh[None, :] * 9 + taps[:, None], acc_gwdw,
+             mask=(taps[:, None] < 9) & h_mask[None, :])
+    tl.store(gbdw_ptr + split64 * HID + hh, acc_gbdw, mask=h_mask)
+
+
+# ---------------------------------------------------------------------------
+# Backward: input gradient (pixel-stationary, gather form with a per-program scratch).
+
+@triton.autotune(configs=_bwdx_configs(), key=_KEY)
+@triton.jit
+def _bwd_input_kernel(
+    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, gx_ptr, scratch_ptr,
+    N, H, W, HO, WO, CIN, HID, COUT, NPROG,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
+    STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    TQH: tl.constexpr, TQW: tl.constexpr, OTH: tl.constexpr, OTW: tl.constexpr,
+    BLOCK_O: tl.constexpr, SCRATCH_BH: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # Input tile Q = [qh0, qh0+TQH) x [qw0, qw0+TQW); output halo O = OTH x OTW
+    # pixels starting at (oh0, ow0) = (qh0-1, qw0-1) for stride 1 and
+    # (qh0/2, qw0/2) for stride 2 (TQH, TQW even).
+    BLOCK_Q: tl.constexpr = TQH * TQW
+    pid = tl.program_id(0)
+    dt = x_ptr.dtype.element_ty
+    n_tw = tl.cdiv(W, TQW)
+    n_tiles = tl.cdiv(H, TQH) * n_tw
+    total = N * n_tiles
+    ci = tl.arange(0, CIN_PAD)
+    ci_mask = ci < CIN
+    q = tl.arange(0, BLOCK_Q)
+    o = tl.arange(0, BLOCK_O)
+    ol_h = o // OTW
+    ol_w = o % OTW
+    o_local = o < OTH * OTW
+    scr = scratch_ptr + pid.to(tl.int64) * (BLOCK_O * SCRATCH_BH)
+    hl = tl.arange(0, BLOCK_H)
+
+    for item in range(pid, total, NPROG):
+        n = (item // n_tiles).to(tl.int64)
+        t = item % n_tiles
+        qh0 = (t // n_tw) * TQH
+        qw0 = (t % n_tw) * TQW
+        qh = qh0 + q // TQW
+        qw = qw0 + q % TQW
+        q_mask = (qh < H) & (qw < W)
+        if STRIDE == 1:
+            oh = qh0 - 1 + ol_h
+            ow = qw0 - 1 + ol_w
+        else:
+            oh = qh0 // 2 + ol_h
+            ow = qw0 // 2 + ol_w
+        o_mask = o_local & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+        x_base = x_ptr + n * sxn
+        q_pix = qh.to(tl.int64) * sxh + qw.to(tl.int64) * sxw
+        if HAS_EXPAND:
+            acc_gx = tl.zeros([BLOCK_Q, CIN_PAD], dtype=tl.float32)
+        gy_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+
+        for h0 in range(0, HID, BLOCK_H):
+            hh = h0 + hl
+            h_mask = hh < HID
+            if HAS_EXPAND:
+                b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+            # z2 on O
+            acc_dw = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
+            for tap in range(9):
+                ih = oh * STRIDE + (tap // 3 - 1)
+                iw = ow * STRIDE + (tap % 3 - 1)
+                inb = o_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                if HAS_EXPAND:
+                    z1 = _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
+                                 BLOCK_O, BLOCK_H, BLOCK_CI)
+                    a1 = tl.where(inb[:, None], _relu6(z1 + b1[None, :]), 0.0)
+                else:
+                    a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
+                                 mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+                wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
+                acc_dw += a1 * wd[None, :]
+            bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+            z2 = acc_dw + bdw[None, :]
+            # g_a2 on O
+            g_a2 = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
+            for co0 in range(0, COUT, BLOCK_CO):
+                co = co0 + tl.arange(0, BLOCK_CO)
+                co_mask = co < COUT
+                gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
+                             mask=o_mask[:, None] & co_mask[None, :], other=0.0)
+                w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
+                              mask=co_mask[:, None] & h_mask[None, :], other=0.0)
+                g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
+            g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & o_mask[:, None], g_a2, 0.0)
+            tl.debug_barrier()  # the previous chunk's gather is done with the scratch
+            tl.store(scr + o[:, None] * SCRATCH_BH + hl[None, :], g_z2)
+            tl.debug_barrier()
+            # gather g_a1 on Q
+            g_a1 = tl.zeros([BLOCK_Q, BLOCK_H], dtype=tl.float32)
+            for tap in range(9):
+                dy = tap // 3
+                dx = tap % 3
+                if STRIDE == 1:
+                    ph = qh + 1 - dy
+                    pw = qw + 1 - dx
+                    ok = q_mask & (ph >= 0) & (ph < HO) & (pw >= 0) & (pw < WO)
+                    lh = ph - (qh0 - 1)
+                    lw = pw - (qw0 - 1)
+                else:
+                    th2 = qh + 1 - dy
+                    tw2 = qw + 1 - dx
+                    ok = q_mask & (th2 >= 0) & (tw2 >= 0) & (th2 % 2 == 0) & (tw2 % 2 == 0)
+                    ph = th2 // 2
+                    pw = tw2 // 2
+                    ok = ok & (ph < HO) & (pw < WO)
+                    lh = ph - qh0 // 2
+                    lw = pw - qw0 // 2
+                ok = ok & (lh >= 0) & (lh < OTH) & (lw >= 0) & (lw < OTW)
+                lidx = tl.where(ok, lh * OTW + lw, 0)
+                gz = tl.load(scr + lidx[:, None] * SCRATCH_BH + hl[None, :],
+                             mask=ok[:, None] & h_mask[None, :], other=0.0)
+                wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
+                g_a1 += gz * wd[None, :]
+            if HAS_EXPAND:
+                z1q = _expand(x_base, q_pix, q_mask, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
+                              BLOCK_Q, BLOCK_H, BLOCK_CI) + b1[None, :]
+                g_z1 = tl.where((z1q > 0.0) & (z1q < 6.0), g_a1, 0.0)
+                # w1 chunk [BLOCK_H, CIN_PAD]
+                w1c = tl.load(w1_ptr + hh[:, None] * CIN + ci[None, :],
+                              mask=h_mask[:, None] & ci_mask[None, :], other=0.0)
+                acc_gx += _dot(g_z1.to(dt), w1c, IS_FP32, UPCAST)
+            else:
+                m = q_mask[:, None] & h_mask[None, :]
+                if RESIDUAL:
+                    g_a1 += tl.load(gy_ptr + n * sgn + (qh.to(tl.int64) * sgh + qw.to(tl.int64) * sgw)[:, None]
+                                    + hh[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+                tl.store(gx_ptr + n * sdn + (qh.to(tl.int64) * sdh + qw.to(tl.int64) * sdw)[:, None]
+                         + hh[None, :] * sdc, g_a1.to(dt), mask=m)
+        if HAS_EXPAND:
+            m = q_mask[:, None] & ci_mask[None, :]
+            if RESIDUAL:
+                acc_gx += tl.load(gy_ptr + n * sgn + (qh.to(tl.int64) * sgh + qw.to(tl.int64) * sgw)[:, None]
+                                  + ci[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+            tl.store(gx_ptr + n * sdn + (qh.to(tl.int64) * sdh + qw.to(tl.int64) * sdw)[:, None]
+                     + ci[None, :] * sdc, acc_gx.to(dt), mask=m)
+        tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------
+# Host side.
+
+def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, grad_y=None):
+    """Validates the block's arguments; returns (hidden, cout). Raises ValueError/RuntimeError."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"mnv2 triton: x must be a 4-D tensor (N, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if x.dtype not in _TORCH_TO_TL_OK:
+        raise ValueError(f"mnv2 triton: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+    if stride not in (1, 2):
+        raise ValueError(f"mnv2 triton: stride must be 1 or 2, got {stride}")
+    if (w_expand is None) != (b_expand is None):
+        raise ValueError("mnv2 triton: w_expand and b_expand must be given together")
+    for name, t in (("w_expand", w_expand), ("b_expand", b_expand), ("w_dw", w_dw), ("b_dw", b_dw),
+                    ("w_project", w_project), ("b_project", b_project), ("grad_y", grad_y)):
+        if t is None:
+            continue
+        if t.device != x.device or t.dtype != x.dtype:
+            raise ValueError(f"mnv2 triton: {name} ({t.dtype} on {t.device}) must match x "
+                             f"({x.dtype} on {x.device})")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"mnv2 triton: tensors must be on a CUDA device (got {x.device}); "
+                           "CPU tensors need TRITON_INTERPRET=1")
+    if x.device.type != "cuda" and INTERPRET and x.device.type != "cpu":
+        raise RuntimeError(f"mnv2 triton: unsupported device {x.device}")
+    n, cin, h, w = x.shape
+    if w_dw.dim() != 3 or tuple(w_dw.shape[1:]) != (3, 3):
+        raise ValueError(f"mnv2 triton: w_dw must be (hidden, 3, 3), got {tuple(w_dw.shape)}")
+    hidden = w_dw.shape[0]
+    if tuple(b_dw.shape) != (hidden,):
+        raise ValueError(f"mnv2 triton: b_dw must be ({hidden},), got {tuple(b_dw.shape)}")
+    if w_expand is not None:
+        if tuple(w_expand.shape) != (hidden, cin):
+            raise ValueError(f"mnv2 triton: w_expand must be ({hidden}, {cin}), got {tuple(w_expand.shape)}")
+        if tuple(b_expand.shape) != (hidden,):
+            raise ValueError(f"mnv2 triton: b_expand must be ({hidden},), got {tuple(b_expand.shape)}")
+    elif hidden != cin:
+        raise ValueError(f"mnv2 triton: without w_expand, w_dw must have Cin={cin} channels, got {hidden}")
+    if w_project.dim() != 2 or w_project.shape[1] != hidden:
+        raise ValueError(f"mnv2 triton: w_project must be (Cout, {hidden}), got {tuple(w_project.shape)}")
+    cout = w_project.shape[0]
+    if tuple(b_project.shape) != (cout,):
+        raise ValueError(f"mnv2 triton: b_project must be ({cout},), got {tuple(b_project.shape)}")
+    if residual and not (stride == 1 and cin == cout):
+        raise ValueError("mnv2 triton: residual needs stride 1 and Cin == Cout")
+    if min(cin, hidden, cout) < 1:
+        raise ValueError(f"mnv2 triton: empty channel dimension: Cin {cin}, hidden {hidden}, Cout {cout}")
+    if grad_y is not None:
+        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        if tuple(grad_y.shape) != (n, cout, ho, wo):
+            raise ValueError(f"mnv2 triton: grad_y must be {(n, cout, ho, wo)}, got {tuple(grad_y.shape)}")
+    return hidden, cout
+
+
+def _memory_format(x):
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(x)
+
+
+def _contig_w(t):
+    return None if t is None else t.contiguous()
+
+
+def output_like(x, cout, ho, wo):
+    return torch.empty((x.shape[0], cout, ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
+
+
+def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, y):
+    """Launches the forward kernel (through torch.library.wrap_triton when ``traceable``)."""
+    n, cin, h, w = x.shape
+    hidden, cout = w_dw.shape[0], w_project.shape[0]
+    ho, wo = y.shape[2], y.shape[3]
+    has_expand = w_expand is not None
+    w1 = w_expand if has_expand else w_dw  # dummy pointer when t == 1 (never read)
+    b1 = b_expand if has_expand else b_dw
+    block_co = min(_pad(cout), 64)
+    grid = lambda META: (triton.cdiv(ho, META["TH"]) * triton.cdiv(wo, META["TW"]), n,  # noqa: E731
+                         triton.cdiv(cout, block_co))
+    (wrap_triton(_fwd_kernel) if traceable else _fwd_kernel)[grid](
+        x, w1, b1, w_dw, b_dw, w_project, b_project, y,
+        h, w, ho, wo, cin, hidden, cout,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
+        BLOCK_CI=_block_ci(cin, x.dtype), BLOCK_CO=block_co,
+    )
+    return y
+
+
+def forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, traceable=False):
+    """The fused block (see mnv2_kernels.reference.inverted_residual); y in x's memory format."""
+    check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+    w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
+        _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
+    ho, wo = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+    y = output_like(x, w_project.shape[0], ho, wo)
+    if y.numel() == 0:
+        return y
+    return _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project,
+                           stride, residual, y)
+
+
+def _bwd_input_tile(stride, cin_pad, elsize):
+    """(TQH, TQW, OTH, OTW, BLOCK_O) of the input-gradient kernel. The kernel
+    keeps a [TQH*TQW, CIN_PAD] float32 accumulator in registers: smaller tiles for wide inputs."""
+    if INTERPRET or cin_pad * elsize > 512:
+        tqh, tqw = 4, 4
+    else:
+        tqh = tqw = 8
+    if stride == 1:
+        oth, otw = tqh + 2, tqw + 2
+    else:
+        oth, otw = tqh // 2 + 1, tqw // 2 + 1
+    block_o = max(16, triton.next_power_of_2(oth * otw))
+    return tqh, tqw, oth, otw, block_o
+
+
+def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
+             traceable=False):
+    """The 7 gradients (grad_x, grad_w_expand, grad_b_expand, grad_w_dw, grad_b_dw,
+    grad_w_project, grad_b_project), in the input dtypes. Without w_expand,
+    grad_w_expand is (0, 0) and grad_b_expand is (0,)."""
+    hidden, cout = check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
+                                residual, grad_y=grad_y)
+    w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
+        _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
+    n, cin, h, w = x.shape
+    ho, wo = grad_y.shape[2], grad_y.shape[3]
+    has_expand = w_expand is not None
+    w1 = w_expand if has_expand else w_dw
+    b1 = b_expand if has_expand else b_dw
+    dev = x.device
+    f32 = torch.float32
+    block_co = min(_pad(cout), 64)
+    cin_pad = _pad(cin)
+    block_ci = _block_ci(cin, x.dtype)
+    is_fp32 = x.dtype == torch.float32
+    sms = _sm_count(dev)
+    if x.numel() == 0:  # empty batch (or image): every gradient is zero
+        def z(*shape):
+            return torch.zeros(shape, dtype=x.dtype, device=dev)
+        return (torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x)).zero_(),
+                z(hidden, cin) if has_expand else z(0, 0), z(hidden) if has_expand else z(0),
+                z(hidden, 3, 3), z(hidden), z(cout, hidden), z(cout))
+
+    # (a) weight gradients: about 4 programs per SM in total, at most ~4 items per
+    # split (bounded by the number of (image, tile) items).
+    n_chunks_min = triton.cdiv(hidden, 32 if not INTERPRET else 16)
+    items_min = n * triton.cdiv(ho, 8) * triton.cdiv(wo, 8) if not INTERPRET else n * triton.cdiv(ho, 4) * triton.cdiv(wo, 4)
+    n_splits = max(1, min(items_min, triton.cdiv(4 * sms, n_chunks_min), 64 if not INTERPRET else 2))
+    he = hidden if has_expand else 1
+    gw1 = torch.empty((n_splits, he, cin if has_expand else 1), dtype=f32, device=dev)
+    gb1 = torch.empty((n_splits, he), dtype=f32, device=dev)
+    gwdw = torch.empty((n_splits, hidden, 9), dtype=f32, device=dev)
+    gbdw = torch.empty((n_splits, hidden), dtype=f32, device=dev)
+    gw3 = torch.empty((n_splits, cout, hidden), dtype=f32, device=dev)
+    grid_w = lambda META: (triton.cdiv(hidden, META["BLOCK_H"]), n_splits)  # noqa: E731
+    (wrap_triton(_bwd_weight_kernel) if traceable else _bwd_weight_kernel)[grid_w](
+        grad_y, x, w1, b1, w_dw, b_dw, w_project,
+        gw1, gb1, gwdw, gbdw, gw3,
+        n, h, w, ho, wo, cin, hidden, cout, n_splits,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
+        STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
+        CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+    )
+
+    # (b) input gradient
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x))
+    tqh, tqw, oth, otw, block_o = _bwd_input_tile(stride, cin_pad, x.element_size())
+    n_items = n * triton.cdiv(h, tqh) * triton.cdiv(w, tqw)
+    nprog = max(1, min(n_items, 4 * sms if not INTERPRET else 2))
+    scratch = torch.empty((nprog, block_o, _BWDX_MAX_BH), dtype=f32, device=dev)
+    (wrap_triton(_bwd_input_kernel) if traceable else _bwd_input_kernel)[(nprog,)](
+        grad_y, x, w1, b1, w_dw, b_dw, w_project, grad_x, scratch,
+        n, h, w, ho, wo, cin, hidden, cout, nprog,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
+        grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
+        STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
+        CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        TQH=tqh, TQW=tqw, OTH=oth, OTW=otw, BLOCK_O=block_o, SCRATCH_BH=_BWDX_MAX_BH,
+    )
+
+    dt = x.dtype
+    if has_expand:
+        g_w1 = gw1.sum(0).to(dt)
+        g_b1 = gb1.sum(0).to(dt)
+    else:
+        g_w1 = x.new_empty((0, 0))
+        g_b1 = x.new_empty((0,))
+    g_wdw = gwdw.sum(0).view(hidden, 3, 3).to(dt)
+    g_bdw = gbdw.sum(0).to(dt)
+    g_w3 = gw3.sum(0).to(dt)
+    g_b3 = grad_y.sum(dim=(0, 2, 3), dtype=f32).to(dt)
+    return grad_x, g_w1, g_b1, g_wdw, g_bdw, g_w3, g_b3
