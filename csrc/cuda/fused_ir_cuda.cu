@@ -1,0 +1,1069 @@
+// CUDA implementation of mnv2::fused_inverted_residual and its backward.
+//
+//   a1 = relu6(We x + be)   (a1 = x when t == 1)      hidden channels, never in HBM
+//   a2 = relu6(dw3x3(a1, stride, pad 1) + bd)          hidden channels, never in HBM
+//   y  = Wp a2 + bp (+ x)
+//
+// Conventions shared by every kernel
+// ----------------------------------
+// * 256 threads per block (8 warps). Hidden channels are processed in chunks of
+//   KC = 32, one chunk channel per lane: element e of a [pixels x KC] shared
+//   array is (pixel e / 32, channel e % 32), so a warp works on one pixel and 32
+//   consecutive channels (conflict-free shared accesses, coalesced global
+//   accesses for channels_last tensors).
+// * All arithmetic and all shared memory use the accumulation type A (fp32 for
+//   fp32/fp16/bf16, fp64 for fp64); inputs are converted on load and outputs
+//   cast once on store. This round uses FFMA only (no tensor cores yet): the
+//   small GEMMs (expand, project, grad_a2) are register-blocked 4 rows x 1
+//   column per thread with 16-byte shared loads of the activation rows.
+// * Global tensors are addressed through their element strides (x, y, grad_y,
+//   grad_x): NCHW, channels_last and arbitrary strided views are read and
+//   written in place, nothing is converted. channels_last is the fast layout
+//   (channel loads are contiguous across a warp); NCHW is correct but its loads
+//   are strided. Weights are made contiguous by the host glue (tiny copies).
+// * The K dimension of every small GEMM (Cin for the expand, Cout for grad_a2)
+//   is walked in sub-chunks of KI = 32: the activation sub-tile [pixels x 32]
+//   goes to As, the weight sub-tile [32 x 32] (padded to 33) to Bs.
+// * a1 is exactly 0 at padded positions (outside the image), never relu6(be).
+//   ReLU6 gradient masks are recovered from the activations: 0 < z < 6 iff
+//   0 < relu6(z) < 6, so only a1 / a2 are kept.
+//
+// Forward (fused_ir_fwd_kernel): one block per (image, TH x TW output tile).
+//   Region of a1 needed: RH x RW = ((TH-1)s+3) x ((TW-1)s+3) input pixels (tile
+//   plus halo). Per hidden chunk: a1 (expand over Cin sub-chunks, bias, ReLU6,
+//   zero outside the image) -> a1s; depthwise + bias + ReLU6 -> a2s; project
+//   ys[P x Cout] += a2s Wp[:, chunk]^T (fp32 in shared memory). Epilogue:
+//   + bp (+ x), cast, store. Shared memory (elements of A, see fwd_layout):
+//     P*Cout + M*KC + P*KC + M*KI + KC*33 + Cout*33 + KC*10,  P = TH*TW, M = RH*RW
+//   (each array rounded up to 8 elements). fp32/fp16/bf16 (A = fp32), output
+//   tile 8x8, or 7x7 on 7x7 images:
+//     Cin  32 hidden  32 Cout  16 s1 112x112:  44 KB     Cin 16 hidden  96 Cout  24 s2:  95 KB
+//     Cin  24 hidden 144 Cout  24 s1  56x56:   48 KB     Cin 24 hidden 144 Cout  32 s2:  98 KB
+//     Cin  64 hidden 384 Cout  64 s1  14x14:   63 KB     Cin 96 hidden 576 Cout 160 s2: 119 KB
+//     Cin 160 hidden 960 Cout 320 s1   7x7:   135 KB
+//   The tile starts at 8x8 (narrower for W < 8, taller up to 64 pixels when
+//   W < 8) and is halved until it fits the device's opt-in shared memory per
+//   block (227 KB on sm_90, 163 KB on sm_80); a TORCH_CHECK fires if even a 1x1
+//   tile does not fit (only for channel counts far beyond MobileNetV2's).
+//
+// Backward, weight gradients (fused_ir_bwd_weights_kernel): grid (n_parts,
+//   n_chunks). A block owns one hidden chunk and a contiguous range of the
+//   (image, output tile) items; per item it recomputes a1 (tile + halo) and a2,
+//   forms g_a2 = grad_y Wp[:, chunk] (GEMM over Cout sub-chunks, grad_y loaded
+//   per sub-chunk), accumulates g_wp += grad_y^T a2, masks g_z2, accumulates
+//   g_bd and g_wd (per-warp partial sums combined in fixed warp order), gathers
+//   g_a1 on the halo from the block's own g_z2 (no cross-block traffic), masks
+//   g_z1 = g_a1 (0 < a1 < 6) (zero outside the image) and accumulates g_be and
+//   g_we += g_z1^T x. Each block adds into its own slot of a zero-initialised
+//   partial buffer [n_parts, Cout*hidden + 11*hidden + hidden*Cin] (every
+//   element is owned by one thread, so the order of additions is fixed); the
+//   host reduces the slots with at::sum over dim 0 (deterministic). n_parts is
+//   about 2*SMs / n_chunks, capped so that the buffer stays below 1/16 of
+//   the hidden tensor. grad_b_project = grad_y summed over (N, H, W) by at::sum.
+//   Shared memory (elements of A): 2*M*KC + 2*P*KC + M*KI + KC*33 + KC*10 + 8*KC*10,
+//   independent of the channel counts: 69 KB (s1, 8x8 tile), 140 KB (s2, 8x8),
+//   58 KB (7x7 image, s1).
+//
+// Backward, grad_x (fused_ir_bwd_input_kernel): one block per (image, TQH x TQW
+//   input tile Q). The output pixels whose windows touch Q form an OH x OW box
+//   (OH <= (TQH+1)/s + 1); their a1 region is ((OH-1)s+3) x ((OW-1)s+3) (Q plus
+//   a 2-pixel halo). Per chunk: recompute a1 (region), a2 (box), g_z2 (box,
+//   via the same Cout sub-chunk GEMM), gather g_a1 on Q (stride 2: only taps
+//   with an integral output position), mask with 0 < a1 < 6, and accumulate
+//   gxs[Q x Cin] += g_z1 We[chunk] (t == 1: gxs[:, chunk] += g_a1). Epilogue:
+//   + grad_y when residual, cast, store. Shared memory (elements of A):
+//     QP*Cin + QP*KC + R*KC + 2*O*KC + R*KI + KC*33 + KC*10
+//   e.g. 8x8 input tile: 54-93 KB over the MobileNetV2 blocks (93 KB for Cin 160).
+//
+// Streams and errors: every launch goes to the current stream
+// (c10::cuda::getCurrentCUDAStream(), the same object at::cuda:: returns; the
+// ATen/cuda/CUDAContext.h header is avoided because it includes cusparse.h,
+// which the build machine's toolkit lacks) under a CUDAGuard for x's device,
+// followed by C10_CUDA_KERNEL_LAUNCH_CHECK(); cudaFuncSetAttribute and the
+// device-attribute queries go through C10_CUDA_CHECK.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "core/fused_ir.h"
+
+namespace mnv2 {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int KC = 32;      // hidden channels per chunk (one per lane)
+constexpr int KI = 32;      // K sub-chunk of the small GEMMs
+constexpr int KB = KI + 1;  // padded row of the weight sub-tile Bs
+constexpr int KP = KC + 1;  // padded row of the staged project weights
+
+// ---------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------
+
+// A 4-D (N, C, H, W) tensor addressed by element strides.
+template <typename T>
+struct Img {
+  const T* p;
+  int64_t sn, sc, sh, sw;
+  int C, H, W;
+};
+
+template <typename A>
+__device__ __forceinline__ A relu6(A v) {
+  return v < A(0) ? A(0) : (v > A(6) ? A(6) : v);
+}
+
+template <typename A>
+__device__ __forceinline__ bool active(A a) {  // 0 < z < 6, recovered from a = relu6(z)
+  return a > A(0) && a < A(6);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ A ld(const T* p) {
+  return static_cast<A>(p[0]);
+}
+
+// dst[m * KI + kk] = img[n, ch0 + kk, r0 + m / RW, c0 + m % RW] for m < RH * RW,
+// kk < KI; 0 outside the image and for kk >= nch.
+template <typename T, typename A>
+__device__ void load_region(A* __restrict__ dst, const Img<T>& img, int n, int ch0, int nch,
+                            int r0, int c0, int RH, int RW) {
+  const int total = RH * RW * KI;
+  for (int e = threadIdx.x; e < total; e += kThreads) {
+    const int m = e / KI, kk = e - m * KI;
+    const int r = r0 + m / RW, c = c0 + m % RW;
+    A v = A(0);
+    if (kk < nch && r >= 0 && r < img.H && c >= 0 && c < img.W) {
+      v = ld<T, A>(img.p + n * img.sn + static_cast<int64_t>(ch0 + kk) * img.sc +
+                   static_cast<int64_t>(r) * img.sh + static_cast<int64_t>(c) * img.sw);
+    }
+    dst[e] = v;
+  }
+}
+
+// Bs[j * KB + kk] = w[(n0 + j) * sn + (k0 + kk) * sk] for j < nj, kk < nk; 0 elsewhere
+// (j < KC, kk < KI).
+template <typename T, typename A>
+__device__ void load_wtile(A* __restrict__ Bs, const T* __restrict__ w, int n0, int nj,
+                           int64_t sn, int64_t sk, int k0, int nk) {
+  for (int e = threadIdx.x; e < KC * KI; e += kThreads) {
+    const int j = e / KI, kk = e - j * KI;
+    A v = A(0);
+    if (j < nj && kk < nk) v = ld<T, A>(w + (n0 + j) * sn + (k0 + kk) * sk);
+    Bs[j * KB + kk] = v;
+  }
+}
+
+// Four consecutive elements, loaded with one vector instruction (float: 16 bytes).
+template <typename A>
+struct alignas(4 * sizeof(A)) V4 {
+  A x, y, z, w;
+};
+
+__host__ __device__ constexpr int64_t align8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// acc[m * KC + j] += sum_{kk < nk} As[m * KI + kk] * Bs[j * KB + kk], m < M, j < KC.
+// A thread owns rows 4 mg .. 4 mg + 3 of column j (a warp: one row group, 32
+// columns). As must be 16-byte aligned (rows of KI = 32 elements) and, like Bs,
+// zero for kk in [nk, KI): the loop runs over whole groups of four.
+template <typename A>
+__device__ void gemm_acc(A* __restrict__ acc, const A* __restrict__ As, const A* __restrict__ Bs,
+                         int M, int nk) {
+  const int MG = (M + 3) / 4;
+  for (int e = threadIdx.x; e < MG * KC; e += kThreads) {
+    const int mg = e / KC, j = e - mg * KC;
+    const int m0 = mg * 4, nm = min(4, M - m0);
+    const A* b = Bs + j * KB;
+    const A* a[4];
+    A s[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      a[i] = As + min(m0 + i, M - 1) * KI;  // rows past M are read but not stored
+      s[i] = i < nm ? acc[(m0 + i) * KC + j] : A(0);
+    }
+#pragma unroll 2
+    for (int kk = 0; kk < nk; kk += 4) {
+      const A b0 = b[kk], b1 = b[kk + 1], b2 = b[kk + 2], b3 = b[kk + 3];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const V4<A> v = *reinterpret_cast<const V4<A>*>(a[i] + kk);
+        s[i] += v.x * b0 + v.y * b1 + v.z * b2 + v.w * b3;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (i < nm) acc[(m0 + i) * KC + j] = s[i];
+    }
+  }
+}
+
+// a1 of hidden channels [cc, cc + kc) on the RH x RW region whose top-left input
+// pixel is (r0, c0): a1s[m * KC + j]. 0 outside the image and for j >= kc.
+// Syncs before touching As/Bs and before returning.
+template <typename T, typename A>
+__device__ void compute_a1(A* __restrict__ a1s, A* __restrict__ As, A* __restrict__ Bs,
+                           const Img<T>& x, int n, const T* __restrict__ we,
+                           const T* __restrict__ be, bool has_expand, int cc, int kc, int r0,
+                           int c0, int RH, int RW) {
+  const int M = RH * RW;
+  const int Cin = x.C;
+  if (has_expand) {
+    for (int e = threadIdx.x; e < M * KC; e += kThreads) a1s[e] = A(0);
+    for (int k0 = 0; k0 < Cin; k0 += KI) {
+      const int nk = min(KI, Cin - k0);
+      __syncthreads();  // earlier readers of As / Bs are done
+      load_region<T, A>(As, x, n, k0, nk, r0, c0, RH, RW);
+      load_wtile<T, A>(Bs, we, cc, kc, Cin, 1, k0, nk);
+      __syncthreads();
+      gemm_acc<A>(a1s, As, Bs, M, nk);
+    }
+    __syncthreads();  // gemm_acc's element ownership differs from the loop below
+    for (int e = threadIdx.x; e < M * KC; e += kThreads) {
+      const int m = e / KC, j = e - m * KC;
+      const int r = r0 + m / RW, c = c0 + m % RW;
+      const bool in = j < kc && r >= 0 && r < x.H && c >= 0 && c < x.W;
+      a1s[e] = in ? relu6(a1s[e] + ld<T, A>(be + cc + j)) : A(0);
+    }
+  } else {
+    for (int e = threadIdx.x; e < M * KC; e += kThreads) {
+      const int m = e / KC, j = e - m * KC;
+      const int r = r0 + m / RW, c = c0 + m % RW;
+      A v = A(0);
+      if (j < kc && r >= 0 && r < x.H && c >= 0 && c < x.W) {
+        v = ld<T, A>(x.p + n * x.sn + static_cast<int64_t>(cc + j) * x.sc +
+                     static_cast<int64_t>(r) * x.sh + static_cast<int64_t>(c) * x.sw);
+      }
+      a1s[e] = v;
+    }
+  }
+  __syncthreads();
+}
+
+// a2 on the OH x OW box of output pixels starting at (or0, oc0); a1s holds the
+// region starting at input (or0 * s - 1, oc0 * s - 1) with row length RW.
+// 0 outside the output image and for j >= kc. Does not sync.
+template <typename A>
+__device__ void compute_a2(A* __restrict__ a2s, const A* __restrict__ a1s,
+                           const A* __restrict__ wd_s, const A* __restrict__ bd_s, int s, int OH,
+                           int OW, int RW, int or0, int oc0, int Ho, int Wo, int kc) {
+  for (int e = threadIdx.x; e < OH * OW * KC; e += kThreads) {
+    const int p = e / KC, j = e - p * KC;
+    const int py = p / OW, px = p - py * OW;
+    const int oh = or0 + py, ow = oc0 + px;
+    A v = A(0);
+    if (j < kc && oh >= 0 && oh < Ho && ow >= 0 && ow < Wo) {
+      A acc = bd_s[j];
+#pragma unroll
+      for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+        for (int kx = 0; kx < 3; ++kx) {
+          acc += wd_s[j * 9 + ky * 3 + kx] * a1s[((py * s + ky) * RW + px * s + kx) * KC + j];
+        }
+      }
+      v = relu6(acc);
+    }
+    a2s[e] = v;
+  }
+}
+
+// Stages the depthwise weights and biases of chunk [cc, cc + kc) (0 beyond kc).
+template <typename T, typename A>
+__device__ void stage_dw(A* __restrict__ wd_s, A* __restrict__ bd_s, const T* __restrict__ wd,
+                         const T* __restrict__ bd, int cc, int kc) {
+  for (int e = threadIdx.x; e < KC * 9; e += kThreads) {
+    const int j = e / 9;
+    wd_s[e] = j < kc ? ld<T, A>(wd + static_cast<int64_t>(cc) * 9 + e) : A(0);
+  }
+  for (int j = threadIdx.x; j < KC; j += kThreads) bd_s[j] = j < kc ? ld<T, A>(bd + cc + j) : A(0);
+}
+
+// Shared-memory layouts (element offsets, each array 32-byte aligned), shared by
+// the kernels and the host-side size computation.
+struct FwdLayout {
+  int64_t ys, a1s, a2s, As, Bs, wps, wd, bd, total;
+};
+__host__ __device__ inline FwdLayout fwd_layout(int P, int M, int Cout) {
+  FwdLayout l{};
+  int64_t o = 0;
+  l.ys = o;  o = align8(o + int64_t(P) * Cout);            // [P][Cout] fp32 output accumulators
+  l.a1s = o; o = align8(o + int64_t(M) * KC);              // [M][KC] a1 of the chunk (tile + halo)
+  l.a2s = o; o = align8(o + int64_t((P + 3) / 4 * 4) * KC); // [P rounded to 4][KC] a2 of the chunk
+  l.As = o;  o = align8(o + int64_t(M) * KI);              // [M][KI] x sub-tile
+  l.Bs = o;  o = align8(o + KC * KB);                      // [KC][KB] w_expand sub-tile
+  l.wps = o; o = align8(o + int64_t(Cout) * KP);           // [Cout][KP] w_project[:, chunk]
+  l.wd = o;  o = align8(o + KC * 9);
+  l.bd = o;  o = align8(o + KC);
+  l.total = o;
+  return l;
+}
+
+struct BwdWLayout {
+  int64_t a1s, ga1s, a2s, gz2s, As, Bs, wd, bd, red, total;
+};
+__host__ __device__ inline BwdWLayout bwdw_layout(int P, int M) {
+  BwdWLayout l{};
+  int64_t o = 0;
+  l.a1s = o;  o = align8(o + int64_t(M) * KC);  // [M][KC] a1 (tile + halo)
+  l.ga1s = o; o = align8(o + int64_t(M) * KC);  // [M][KC] g_z1 (tile + halo)
+  l.a2s = o;  o = align8(o + int64_t(P) * KC);  // [P][KC] a2
+  l.gz2s = o; o = align8(o + int64_t(P) * KC);  // [P][KC] g_z2
+  l.As = o;   o = align8(o + int64_t(M) * KI);  // [M][KI] x or grad_y sub-tile
+  l.Bs = o;   o = align8(o + KC * KB);          // [KC][KB] weight sub-tile
+  l.wd = o;   o = align8(o + KC * 9);
+  l.bd = o;   o = align8(o + KC);
+  l.red = o;  o = align8(o + kWarps * 10 * KC); // per-warp partial sums
+  l.total = o;
+  return l;
+}
+
+struct BwdXLayout {
+  int64_t gxs, ga1s, a1s, a2s, gz2s, As, Bs, wd, bd, total;
+};
+__host__ __device__ inline BwdXLayout bwdx_layout(int QP, int RP, int OP, int Cin) {
+  BwdXLayout l{};
+  int64_t o = 0;
+  l.gxs = o;  o = align8(o + int64_t(QP) * Cin);  // [QP][Cin] grad_x accumulators
+  l.ga1s = o; o = align8(o + int64_t(QP) * KC);   // [QP][KC] g_z1 on Q
+  l.a1s = o;  o = align8(o + int64_t(RP) * KC);   // [RP][KC] a1 on the region
+  l.a2s = o;  o = align8(o + int64_t(OP) * KC);   // [OP][KC] a2 on the output box
+  l.gz2s = o; o = align8(o + int64_t(OP) * KC);   // [OP][KC] g_z2 on the output box
+  l.As = o;   o = align8(o + int64_t(RP) * KI);   // [RP][KI] (RP >= OP)
+  l.Bs = o;   o = align8(o + KC * KB);
+  l.wd = o;   o = align8(o + KC * 9);
+  l.bd = o;   o = align8(o + KC);
+  l.total = o;
+  return l;
+}
+
+struct Geo {
+  int N, Cin, H, W, hidden, Cout, Ho, Wo, s;
+  bool has_expand, residual;
+  int TH, TW, tiles_h, tiles_w;  // tile of the kernel (output tile, or input tile for grad_x)
+};
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads, 1)
+    fused_ir_fwd_kernel(Img<T> x, const T* __restrict__ we, const T* __restrict__ be,
+                        const T* __restrict__ wd, const T* __restrict__ bd,
+                        const T* __restrict__ wp, const T* __restrict__ bp, T* __restrict__ y,
+                        Strides4 ys_, Geo g) {
+  extern __shared__ __align__(32) unsigned char smem_raw[];
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const int s = g.s;
+  const int P = g.TH * g.TW;
+  const int RH = (g.TH - 1) * s + 3, RW = (g.TW - 1) * s + 3, M = RH * RW;
+  const FwdLayout L = fwd_layout(P, M, g.Cout);
+  A* ys = sm + L.ys;
+  A* a1s = sm + L.a1s;
+  A* a2s = sm + L.a2s;
+  A* As = sm + L.As;
+  A* Bs = sm + L.Bs;
+  A* wps = sm + L.wps;
+  A* wd_s = sm + L.wd;
+  A* bd_s = sm + L.bd;
+  const int PG = (P + 3) / 4;  // pixel groups of the project
+
+  const int tiles = g.tiles_h * g.tiles_w;
+  const int n = blockIdx.x / tiles;
+  const int t = blockIdx.x - n * tiles;
+  const int oh0 = (t / g.tiles_w) * g.TH, ow0 = (t % g.tiles_w) * g.TW;
+  const int r0 = oh0 * s - 1, c0 = ow0 * s - 1;
+
+  for (int e = threadIdx.x; e < P * g.Cout; e += kThreads) ys[e] = A(0);
+  // a2 rows P .. 4 PG - 1 are read by the project and never written: zero them once
+  for (int e = P * KC + threadIdx.x; e < PG * 4 * KC; e += kThreads) a2s[e] = A(0);
+
+  for (int cc = 0; cc < g.hidden; cc += KC) {
+    const int kc = min(KC, g.hidden - cc);
+    __syncthreads();  // the previous chunk's readers of wd_s, bd_s, wps, a1s, a2s are done
+    stage_dw<T, A>(wd_s, bd_s, wd, bd, cc, kc);
+    for (int e = threadIdx.x; e < g.Cout * KC; e += kThreads) {
+      const int co = e / KC, j = e - co * KC;
+      wps[co * KP + j] =
+          j < kc ? ld<T, A>(wp + static_cast<int64_t>(co) * g.hidden + cc + j) : A(0);
+    }
+    compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH, RW);  // syncs
+    compute_a2<A>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
+    __syncthreads();
+    // ys[p][co] += sum_j a2s[p][j] wps[co][j]; a thread owns pixels 4 pg .. 4 pg + 3
+    // of one output channel (a2s rows are broadcast across the warp, wps rows
+    // are conflict-free with their padding). a2s and wps are zero for j >= kc.
+    for (int e = threadIdx.x; e < PG * g.Cout; e += kThreads) {
+      const int pg = e / g.Cout, co = e - pg * g.Cout;
+      const int p0 = pg * 4, np = min(4, P - p0);
+      const A* a = a2s + p0 * KC;
+      const A* w = wps + co * KP;
+      A acc[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = i < np ? ys[(p0 + i) * g.Cout + co] : A(0);
+#pragma unroll 2
+      for (int j = 0; j < kc; j += 4) {
+        const A w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const V4<A> v = *reinterpret_cast<const V4<A>*>(a + i * KC + j);
+          acc[i] += v.x * w0 + v.y * w1 + v.z * w2 + v.w * w3;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (i < np) ys[(p0 + i) * g.Cout + co] = acc[i];
+      }
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < P * g.Cout; e += kThreads) {
+    const int p = e / g.Cout, co = e - p * g.Cout;
+    const int oh = oh0 + p / g.TW, ow = ow0 + p % g.TW;
+    if (oh < g.Ho && ow < g.Wo) {
+      A v = ys[e] + ld<T, A>(bp + co);
+      if (g.residual) {  // stride 1 and Cin == Cout: (oh, ow) is an input pixel
+        v += ld<T, A>(x.p + n * x.sn + static_cast<int64_t>(co) * x.sc +
+                      static_cast<int64_t>(oh) * x.sh + static_cast<int64_t>(ow) * x.sw);
+      }
+      y[n * ys_.n + static_cast<int64_t>(co) * ys_.c + static_cast<int64_t>(oh) * ys_.h +
+        static_cast<int64_t>(ow) * ys_.w] = static_cast<T>(v);
+    }
+  }
+}
+
+int64_t fwd_smem_floats(const Geo& g, int TH, int TW) {
+  const int P = TH * TW;
+  const int M = ((TH - 1) * g.s + 3) * ((TW - 1) * g.s + 3);
+  return fwd_layout(P, M, g.Cout).total;
+}
+
+// ---------------------------------------------------------------------------
+// Backward: weight gradients
+// ---------------------------------------------------------------------------
+
+// Offsets inside one partial slot (elements of A).
+struct GradOffsets {
+  int64_t wp, wd, bd, we, be, total;
+};
+
+GradOffsets grad_offsets(int64_t cin, int64_t hidden, int64_t cout, bool has_expand) {
+  GradOffsets o;
+  o.wp = 0;
+  o.wd = o.wp + cout * hidden;
+  o.bd = o.wd + hidden * 9;
+  o.we = o.bd + hidden;
+  o.be = o.we + (has_expand ? hidden * cin : 0);
+  o.total = o.be + (has_expand ? hidden : 0);
+  return o;
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads, 1)
+    fused_ir_bwd_weights_kernel(Img<T> x, Img<T> gy, const T* __restrict__ we,
+                                const T* __restrict__ be, const T* __restrict__ wd,
+                                const T* __restrict__ bd, const T* __restrict__ wp,
+                                A* __restrict__ parts, GradOffsets go, int n_parts, Geo g) {
+  extern __shared__ __align__(32) unsigned char smem_raw[];
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const int s = g.s;
+  const int P = g.TH * g.TW;
+  const int RH = (g.TH - 1) * s + 3, RW = (g.TW - 1) * s + 3, M = RH * RW;
+  const BwdWLayout L = bwdw_layout(P, M);
+  A* a1s = sm + L.a1s;
+  A* ga1s = sm + L.ga1s;
+  A* a2s = sm + L.a2s;
+  A* gz2s = sm + L.gz2s;
+  A* As = sm + L.As;
+  A* Bs = sm + L.Bs;
+  A* wd_s = sm + L.wd;
+  A* bd_s = sm + L.bd;
+  A* red = sm + L.red;  // [kWarps][10][KC]
+
+  const int part = blockIdx.x;
+  const int cc = blockIdx.y * KC;
+  const int kc = min(KC, g.hidden - cc);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  A* slot = parts + static_cast<int64_t>(part) * go.total;
+  const int tiles = g.tiles_h * g.tiles_w;
+  const int64_t items = static_cast<int64_t>(g.N) * tiles;
+  const int64_t i_begin = items * part / n_parts, i_end = items * (part + 1) / n_parts;
+
+  stage_dw<T, A>(wd_s, bd_s, wd, bd, cc, kc);  // visible after compute_a1's syncs
+
+  for (int64_t item = i_begin; item < i_end; ++item) {
+    const int n = static_cast<int>(item / tiles);
+    const int t = static_cast<int>(item - static_cast<int64_t>(n) * tiles);
+    const int oh0 = (t / g.tiles_w) * g.TH, ow0 = (t % g.tiles_w) * g.TW;
+    const int r0 = oh0 * s - 1, c0 = ow0 * s - 1;
+    __syncthreads();  // the previous item's readers of every buffer are done
+
+    compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH, RW);  // syncs
+    compute_a2<A>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
+    for (int e = threadIdx.x; e < P * KC; e += kThreads) gz2s[e] = A(0);
+
+    // g_a2 = grad_y Wp[:, chunk] and g_wp[:, chunk] += grad_y^T a2, over Cout sub-chunks
+    for (int co0 = 0; co0 < g.Cout; co0 += KI) {
+      const int nco = min(KI, g.Cout - co0);
+      __syncthreads();  // a2s complete; earlier readers of As / Bs done
+      load_region<T, A>(As, gy, n, co0, nco, oh0, ow0, g.TH, g.TW);  // [P][KI], 0 outside
+      load_wtile<T, A>(Bs, wp, cc, kc, 1, g.hidden, co0, nco);       // Bs[j][kk] = wp[co0+kk][cc+j]
+      __syncthreads();
+      gemm_acc<A>(gz2s, As, Bs, P, nco);
+      for (int e = threadIdx.x; e < nco * KC; e += kThreads) {
+        const int kk = e / KC, j = e - kk * KC;
+        if (j < kc) {
+          A acc = A(0);
+          for (int p = 0; p < P; ++p) acc += As[p * KI + kk] * a2s[p * KC + j];
+          slot[go.wp + static_cast<int64_t>(co0 + kk) * g.hidden + cc + j] += acc;
+        }
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < P * KC; e += kThreads) {
+      if (!active(a2s[e])) gz2s[e] = A(0);  // g_z2; a2 == 0 off the image
+    }
+    __syncthreads();
+
+    // g_bd and g_wd: warp w sums pixels w, w + 8, ...; then fixed-order combine
+    {
+      const int j = lane;
+      A acc[10];
+#pragma unroll
+      for (int q = 0; q < 10; ++q) acc[q] = A(0);
+      for (int p = warp; p < P; p += kWarps) {
+        const A gz = gz2s[p * KC + j];
+        const int py = p / g.TW, px = p - py * g.TW;
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) {
+            acc[ky * 3 + kx] += gz * a1s[((py * s + ky) * RW + px * s + kx) * KC + j];
+          }
+        }
+        acc[9] += gz;
+      }
+#pragma unroll
+      for (int q = 0; q < 10; ++q) red[(warp * 10 + q) * KC + j] = acc[q];
+    }
+    __syncthreads();
+    if (threadIdx.x < kc) {
+      const int j = threadIdx.x;
+      for (int q = 0; q < 10; ++q) {
+        A acc = A(0);
+        for (int w = 0; w < kWarps; ++w) acc += red[(w * 10 + q) * KC + j];
+        if (q < 9) {
+          slot[go.wd + static_cast<int64_t>(cc + j) * 9 + q] += acc;
+        } else {
+          slot[go.bd + cc + j] += acc;
+        }
+      }
+    }
+
+    if (g.has_expand) {
+      // g_z1 on the halo region, gathered from this tile's g_z2
+      for (int e = threadIdx.x; e < M * KC; e += kThreads) {
+        const int m = e / KC, j = e - m * KC;
+        const int hy = m / RW, hx = m - hy * RW;
+        A acc = A(0);
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+          const int ty = hy - ky;
+          if (ty < 0 || ty % s != 0 || ty / s >= g.TH) continue;
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) {
+            const int tx = hx - kx;
+            if (tx < 0 || tx % s != 0 || tx / s >= g.TW) continue;
+            acc += wd_s[j * 9 + ky * 3 + kx] * gz2s[((ty / s) * g.TW + tx / s) * KC + j];
+          }
+        }
+        ga1s[e] = active(a1s[e]) ? acc : A(0);  // a1 == 0 off the image
+      }
+      __syncthreads();  // ga1s complete; red readers (g_bd/g_wd combine) done
+      {
+        A acc = A(0);
+        for (int m = warp; m < M; m += kWarps) acc += ga1s[m * KC + lane];
+        red[warp * KC + lane] = acc;
+      }
+      __syncthreads();
+      if (threadIdx.x < kc) {
+        A acc = A(0);
+        for (int w = 0; w < kWarps; ++w) acc += red[w * KC + threadIdx.x];
+        slot[go.be + cc + threadIdx.x] += acc;
+      }
+      // g_we[chunk] += g_z1^T x over Cin sub-chunks
+      for (int k0 = 0; k0 < g.Cin; k0 += KI) {
+        const int nk = min(KI, g.Cin - k0);
+        __syncthreads();  // earlier readers of As done
+        load_region<T, A>(As, x, n, k0, nk, r0, c0, RH, RW);
+        __syncthreads();
+        for (int e = threadIdx.x; e < KC * KI; e += kThreads) {
+          const int j = e / KI, i = e - j * KI;
+          if (j < kc && i < nk) {
+            A acc = A(0);
+            for (int m = 0; m < M; ++m) acc += ga1s[m * KC + j] * As[m * KI + i];
+            slot[go.we + static_cast<int64_t>(cc + j) * g.Cin + k0 + i] += acc;
+          }
+        }
+      }
+    }
+  }
+}
+
+int64_t bwdw_smem_floats(const Geo& g, int TH, int TW) {
+  const int P = TH * TW;
+  const int M = ((TH - 1) * g.s + 3) * ((TW - 1) * g.s + 3);
+  return bwdw_layout(P, M).total;
+}
+
+// ---------------------------------------------------------------------------
+// Backward: grad_x
+// ---------------------------------------------------------------------------
+
+__host__ __device__ inline int ceil_div_signed(int a, int b) {  // b > 0
+  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
+}
+
+// Largest output box touching a TQ-pixel input span, and its a1 region.
+__host__ __device__ inline int box_max(int TQ, int s) { return (TQ + 1) / s + 1; }
+__host__ __device__ inline int region_max(int TQ, int s) { return (box_max(TQ, s) - 1) * s + 3; }
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads, 1)
+    fused_ir_bwd_input_kernel(Img<T> x, Img<T> gy, const T* __restrict__ we,
+                              const T* __restrict__ be, const T* __restrict__ wd,
+                              const T* __restrict__ bd, const T* __restrict__ wp,
+                              T* __restrict__ gx, Strides4 gxs_, Geo g) {
+  extern __shared__ __align__(32) unsigned char smem_raw[];
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const int s = g.s;
+  const int TQH = g.TH, TQW = g.TW, QP = TQH * TQW;
+  const int OPmax = box_max(TQH, s) * box_max(TQW, s);
+  const int RPmax = region_max(TQH, s) * region_max(TQW, s);
+  const BwdXLayout L = bwdx_layout(QP, RPmax, OPmax, g.Cin);
+  A* gxs = sm + L.gxs;
+  A* ga1s = sm + L.ga1s;
+  A* a1s = sm + L.a1s;
+  A* a2s = sm + L.a2s;
+  A* gz2s = sm + L.gz2s;
+  A* As = sm + L.As;
+  A* Bs = sm + L.Bs;
+  A* wd_s = sm + L.wd;
+  A* bd_s = sm + L.bd;
+
+  const int tiles = g.tiles_h * g.tiles_w;
+  const int n = blockIdx.x / tiles;
+  const int t = blockIdx.x - n * tiles;
+  const int q0r = (t / g.tiles_w) * TQH, q0c = (t % g.tiles_w) * TQW;
+  // output pixels o with o * s in [q - 1, q + 1] for some q of the tile
+  const int or0 = ceil_div_signed(q0r - 1, s), or1 = (q0r + TQH) / s;
+  const int oc0 = ceil_div_signed(q0c - 1, s), oc1 = (q0c + TQW) / s;
+  const int OH = or1 - or0 + 1, OW = oc1 - oc0 + 1;  // <= box_max
+  const int RH = (OH - 1) * s + 3, RW = (OW - 1) * s + 3;
+  const int rr0 = or0 * s - 1, rc0 = oc0 * s - 1;  // region origin (input coordinates)
+
+  for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) gxs[e] = A(0);
+
+  for (int cc = 0; cc < g.hidden; cc += KC) {
+    const int kc = min(KC, g.hidden - cc);
+    __syncthreads();  // the previous chunk's readers are done
+    stage_dw<T, A>(wd_s, bd_s, wd, bd, cc, kc);
+    compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, rr0, rc0, RH, RW);  // syncs
+    compute_a2<A>(a2s, a1s, wd_s, bd_s, s, OH, OW, RW, or0, oc0, g.Ho, g.Wo, kc);
+    for (int e = threadIdx.x; e < OH * OW * KC; e += kThreads) gz2s[e] = A(0);
+    for (int co0 = 0; co0 < g.Cout; co0 += KI) {
+      const int nco = min(KI, g.Cout - co0);
+      __syncthreads();
+      load_region<T, A>(As, gy, n, co0, nco, or0, oc0, OH, OW);
+      load_wtile<T, A>(Bs, wp, cc, kc, 1, g.hidden, co0, nco);
+      __syncthreads();
+      gemm_acc<A>(gz2s, As, Bs, OH * OW, nco);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < OH * OW * KC; e += kThreads) {
+      if (!active(a2s[e])) gz2s[e] = A(0);
+    }
+    __syncthreads();
+    // g_a1 on Q, masked into g_z1 when there is an expand
+    for (int e = threadIdx.x; e < QP * KC; e += kThreads) {
+      const int q = e / KC, j = e - q * KC;
+      const int qy = q / TQW, qx = q - qy * TQW;
+      const int ir = q0r + qy, ic = q0c + qx;
+      A acc = A(0);
+      if (j < kc && ir < g.H && ic < g.W) {
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+          const int ty = ir + 1 - ky;  // = oh * s
+          if (ty < 0 || ty % s != 0 || ty / s >= g.Ho) continue;
+          const int py = ty / s - or0;
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) {
+            const int tx = ic + 1 - kx;
+            if (tx < 0 || tx % s != 0 || tx / s >= g.Wo) continue;
+            const int px = tx / s - oc0;
+            acc += wd_s[j * 9 + ky * 3 + kx] * gz2s[(py * OW + px) * KC + j];
+          }
+        }
+        if (g.has_expand) {
+          const A a = a1s[((ir - rr0) * RW + (ic - rc0)) * KC + j];
+          if (!active(a)) acc = A(0);
+        }
+      }
+      ga1s[e] = acc;
+    }
+    __syncthreads();
+    if (g.has_expand) {
+      for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) {
+        const int q = e / g.Cin, i = e - q * g.Cin;
+        const A* gz = ga1s + q * KC;
+        const T* w = we + static_cast<int64_t>(cc) * g.Cin + i;
+        A acc = gxs[e];
+        for (int j = 0; j < kc; ++j) acc += gz[j] * ld<T, A>(w + static_cast<int64_t>(j) * g.Cin);
+        gxs[e] = acc;
+      }
+    } else {
+      for (int e = threadIdx.x; e < QP * KC; e += kThreads) {
+        const int q = e / KC, j = e - q * KC;
+        if (j < kc) gxs[q * g.Cin + cc + j] += ga1s[e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) {
+    const int q = e / g.Cin, i = e - q * g.Cin;
+    const int ir = q0r + q / TQW, ic = q0c + q % TQW;
+    if (ir < g.H && ic < g.W) {
+      A v = gxs[e];
+      if (g.residual) {  // stride 1, Cout == Cin: grad_y has x's geometry
+        v += ld<T, A>(gy.p + n * gy.sn + static_cast<int64_t>(i) * gy.sc +
+                      static_cast<int64_t>(ir) * gy.sh + static_cast<int64_t>(ic) * gy.sw);
+      }
+      gx[n * gxs_.n + static_cast<int64_t>(i) * gxs_.c + static_cast<int64_t>(ir) * gxs_.h +
+         static_cast<int64_t>(ic) * gxs_.w] = static_cast<T>(v);
+    }
+  }
+}
+
+int64_t bwdx_smem_floats(const Geo& g, int TQH, int TQW) {
+  const int QP = TQH * TQW;
+  const int OP = box_max(TQH, g.s) * box_max(TQW, g.s);
+  const int RP = region_max(TQH, g.s) * region_max(TQW, g.s);
+  return bwdx_layout(QP, RP, OP, g.Cin).total;
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+
+using OptTensor = std::optional<at::Tensor>;
+
+template <typename T>
+Img<T> img_of(const at::Tensor& t) {
+  return Img<T>{t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3),
+                static_cast<int>(t.size(1)), static_cast<int>(t.size(2)),
+                static_cast<int>(t.size(3))};
+}
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+void check_param(const at::Tensor& p, const char* name, const at::Tensor& ref,
+                 at::IntArrayRef expected) {
+  TORCH_CHECK(p.device() == ref.device(), "mnv2: ", name, " is on ", p.device(), " but x is on ",
+              ref.device());
+  TORCH_CHECK(p.scalar_type() == ref.scalar_type(), "mnv2: ", name, " has dtype ", p.scalar_type(),
+              " but x has dtype ", ref.scalar_type());
+  TORCH_CHECK(p.sizes() == expected, "mnv2: ", name, " must have shape ", expected, ", got ",
+              p.sizes());
+}
+
+BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
+                       const at::Tensor& w_dw, const at::Tensor& b_dw,
+                       const at::Tensor& w_project, const at::Tensor& b_project, int64_t stride,
+                       bool residual) {
+  TORCH_CHECK(x.dim() == 4, "mnv2: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.layout() == at::kStrided, "mnv2: x must be a dense (strided) tensor");
+  TORCH_CHECK(x.is_cuda(), "mnv2: the CUDA kernel needs x on a CUDA device, got ", x.device());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+              "mnv2: the CUDA kernel supports float32, float16, bfloat16 and float64, got ", st);
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "mnv2: x must have height and width >= 1, got ",
+              x.sizes());
+  TORCH_CHECK(w_expand.has_value() == b_expand.has_value(),
+              "mnv2: w_expand and b_expand must be given together (or both omitted when t == 1)");
+  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, 3, 3), got ", w_dw.sizes());
+  TORCH_CHECK(w_project.dim() == 2, "mnv2: w_project must be 2-D (Cout, hidden), got ",
+              w_project.sizes());
+  BlockShape s{};
+  s.cin = x.size(1);
+  s.hidden = w_dw.size(0);
+  s.cout = w_project.size(0);
+  s.has_expand = w_expand.has_value();
+  if (s.has_expand) {
+    check_param(*w_expand, "w_expand", x, {s.hidden, s.cin});
+    check_param(*b_expand, "b_expand", x, {s.hidden});
+  } else {
+    TORCH_CHECK(s.hidden == s.cin, "mnv2: without w_expand (t == 1) w_dw must have x's ", s.cin,
+                " channels, got ", s.hidden);
+  }
+  check_param(w_dw, "w_dw", x, {s.hidden, 3, 3});
+  check_param(b_dw, "b_dw", x, {s.hidden});
+  check_param(w_project, "w_project", x, {s.cout, s.hidden});
+  check_param(b_project, "b_project", x, {s.cout});
+  TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
+              "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
+              ", Cout ", s.cout);
+  s.batch = x.size(0);
+  s.in_h = x.size(2);
+  s.in_w = x.size(3);
+  s.stride = static_cast<int>(stride);
+  s.residual = residual;
+  const char* err = validate_shape(s);
+  TORCH_CHECK(err == nullptr, "mnv2: ", err);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max() / 16;
+  TORCH_CHECK(s.batch < kIntMax && s.in_h < kIntMax && s.in_w < kIntMax && s.cin < kIntMax &&
+                  s.hidden < kIntMax && s.cout < kIntMax,
+              "mnv2: the CUDA kernel needs every dimension below ", kIntMax, ", got x ", x.sizes(),
+              ", hidden ", s.hidden, ", Cout ", s.cout);
+  return s;
+}
+
+// What the launchers need to know about the current device (x's, set by the
+// guard). Queried with cudaDeviceGetAttribute rather than
+// at::cuda::getDeviceProperties: ATen/cuda/CUDAContext.h pulls in cusparse.h,
+// which this toolkit install lacks.
+struct DeviceInfo {
+  int major, minor, sms;
+  size_t smem_optin;
+};
+
+DeviceInfo device_info(const at::Tensor& x) {
+  const int dev = x.get_device();
+  DeviceInfo d{};
+  int smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  d.smem_optin = static_cast<size_t>(smem);
+  TORCH_CHECK(d.major >= 8, "mnv2: the CUDA kernels need compute capability 8.0 or newer; device ",
+              dev, " has ", d.major, ".", d.minor);
+  return d;
+}
+
+Geo geo_of(const BlockShape& s) {
+  Geo g{};
+  g.N = static_cast<int>(s.batch);
+  g.Cin = static_cast<int>(s.cin);
+  g.H = static_cast<int>(s.in_h);
+  g.W = static_cast<int>(s.in_w);
+  g.hidden = static_cast<int>(s.hidden);
+  g.Cout = static_cast<int>(s.cout);
+  g.Ho = static_cast<int>(s.out_h());
+  g.Wo = static_cast<int>(s.out_w());
+  g.s = s.stride;
+  g.has_expand = s.has_expand;
+  g.residual = s.residual;
+  return g;
+}
+
+// Picks the largest tile (at most 8 x 8 pixels, TW <= width, TH <= height)
+// whose shared memory fits `limit`, halving it otherwise; sets g.TH/TW/tiles_*
+// and returns the shared-memory bytes.
+template <typename F>
+size_t choose_tile(Geo& g, int height, int width, size_t elem, size_t limit, F floats,
+                   const char* what) {
+  int TW = std::min(width, 8);
+  int TH = std::min(height, 64 / TW);
+  size_t bytes = static_cast<size_t>(floats(g, TH, TW)) * elem;
+  while (bytes > limit && (TH > 1 || TW > 1)) {
+    if (TH >= TW) {
+      TH = (TH + 1) / 2;
+    } else {
+      TW = (TW + 1) / 2;
+    }
+    bytes = static_cast<size_t>(floats(g, TH, TW)) * elem;
+  }
+  TORCH_CHECK(bytes <= limit, "mnv2: the CUDA ", what, " kernel needs ", bytes,
+              " bytes of shared memory even with a 1x1 tile, more than the device's ", limit,
+              " (channels too large: Cin ", g.Cin, ", Cout ", g.Cout, ")");
+  g.TH = TH;
+  g.TW = TW;
+  g.tiles_h = (height + TH - 1) / TH;
+  g.tiles_w = (width + TW - 1) / TW;
+  const int64_t blocks = int64_t(g.N) * g.tiles_h * g.tiles_w;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "mnv2: too many tiles (", blocks, ")");
+  return bytes;
+}
+
+template <typename K>
+void set_smem(K kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_expand,
+                                        const OptTensor& b_expand, const at::Tensor& w_dw,
+                                        const at::Tensor& b_dw, const at::Tensor& w_project,
+                                        const at::Tensor& b_project, int64_t stride,
+                                        bool residual) {
+  const BlockShape s =
+      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceInfo prop = device_info(x);
+  at::Tensor y = at::empty({s.batch, s.cout, s.out_h(), s.out_w()},
+                           x.options().memory_format(x.suggest_memory_format()));
+  if (s.batch == 0) return y;
+  const at::Tensor we = s.has_expand ? w_expand->contiguous() : at::Tensor();
+  const at::Tensor be = s.has_expand ? b_expand->contiguous() : at::Tensor();
+  const at::Tensor wd = w_dw.contiguous(), bd = b_dw.contiguous();
+  const at::Tensor wp = w_project.contiguous(), bp = b_project.contiguous();
+  Geo g = geo_of(s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mnv2_fwd_cuda", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
+                                     fwd_smem_floats, "forward");
+    auto kernel = fused_ir_fwd_kernel<scalar_t, A>;
+    set_smem(kernel, bytes);
+    const int blocks = g.N * g.tiles_h * g.tiles_w;
+    kernel<<<blocks, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        img_of<scalar_t>(x), ptr_or_null<scalar_t>(we), ptr_or_null<scalar_t>(be),
+        wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(),
+        wp.const_data_ptr<scalar_t>(), bp.const_data_ptr<scalar_t>(),
+        y.mutable_data_ptr<scalar_t>(), strides_of(y), g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
+
+Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                            const OptTensor& w_expand, const OptTensor& b_expand,
+                                            const at::Tensor& w_dw, const at::Tensor& b_dw,
+                                            const at::Tensor& w_project,
+                                            const at::Tensor& b_project, int64_t stride,
+                                            bool residual) {
+  const BlockShape s =
+      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(),
+              "mnv2: grad_y must match x's device and dtype");
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.layout() == at::kStrided &&
+                  grad_y.sizes() == at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
+              "mnv2: grad_y must have shape ",
+              at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}), ", got ", grad_y.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceInfo prop = device_info(x);
+  const at::TensorOptions opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const int64_t he = s.has_expand ? s.hidden : 0;
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+  if (s.batch == 0) {
+    return Grads{gx, at::zeros({he, s.has_expand ? s.cin : 0}, opts), at::zeros({he}, opts),
+                 at::zeros({s.hidden, 3, 3}, opts), at::zeros({s.hidden}, opts),
+                 at::zeros({s.cout, s.hidden}, opts), at::zeros({s.cout}, opts)};
+  }
+  const at::Tensor we = s.has_expand ? w_expand->contiguous() : at::Tensor();
+  const at::Tensor be = s.has_expand ? b_expand->contiguous() : at::Tensor();
+  const at::Tensor wd = w_dw.contiguous(), bd = b_dw.contiguous();
+  const at::Tensor wp = w_project.contiguous();
+  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const GradOffsets go = grad_offsets(s.cin, s.hidden, s.cout, s.has_expand);
+  at::Tensor reduced;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mnv2_bwd_cuda", [&] {
+    using A = typename AccOf<scalar_t>::type;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    // (a) weight gradients into per-block partial slots
+    {
+      Geo g = geo_of(s);
+      const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
+                                       bwdw_smem_floats, "backward (weights)");
+      const int64_t items = int64_t(g.N) * g.tiles_h * g.tiles_w;
+      const int64_t n_chunks = (s.hidden + KC - 1) / KC;
+      TORCH_CHECK(n_chunks <= 65535, "mnv2: hidden too large for the CUDA backward (", s.hidden, ")");
+      const int64_t hidden_elems = s.batch * s.hidden * s.out_h() * s.out_w();
+      int64_t n_parts = (2 * int64_t(prop.sms) + n_chunks - 1) / n_chunks;
+      n_parts = std::min<int64_t>(n_parts, hidden_elems / (16 * go.total));
+      n_parts = std::max<int64_t>(1, std::min<int64_t>({n_parts, items, 1024}));
+      at::Tensor parts = at::zeros({n_parts, go.total}, opts.dtype(acc_type));
+      auto kernel = fused_ir_bwd_weights_kernel<scalar_t, A>;
+      set_smem(kernel, bytes);
+      const dim3 grid(static_cast<unsigned>(n_parts), static_cast<unsigned>(n_chunks));
+      kernel<<<grid, kThreads, bytes, stream>>>(
+          img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(we),
+          ptr_or_null<scalar_t>(be), wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(),
+          wp.const_data_ptr<scalar_t>(), parts.mutable_data_ptr<A>(), go,
+          static_cast<int>(n_parts), g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduced = n_parts == 1 ? parts[0] : parts.sum(0);
+    }
+    // (b) grad_x
+    {
+      Geo g = geo_of(s);
+      const size_t bytes = choose_tile(g, g.H, g.W, sizeof(A), prop.smem_optin,
+                                       bwdx_smem_floats, "backward (input)");
+      auto kernel = fused_ir_bwd_input_kernel<scalar_t, A>;
+      set_smem(kernel, bytes);
+      const int blocks = g.N * g.tiles_h * g.tiles_w;
+      kernel<<<blocks, kThreads, bytes, stream>>>(
+          img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(we),
+          ptr_or_null<scalar_t>(be), wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(),
+          wp.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), strides_of(gx), g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  const at::ScalarType dt = x.scalar_type();
+  auto piece = [&](int64_t off, int64_t numel, at::IntArrayRef shape) {
+    // a fresh tensor per gradient: op outputs must not alias each other
+    return reduced.narrow(0, off, numel).view(shape).to(dt, false, true, at::MemoryFormat::Contiguous);
+  };
+  at::Tensor g_wp = piece(go.wp, s.cout * s.hidden, {s.cout, s.hidden});
+  at::Tensor g_wd = piece(go.wd, s.hidden * 9, {s.hidden, 3, 3});
+  at::Tensor g_bd = piece(go.bd, s.hidden, {s.hidden});
+  at::Tensor g_we = s.has_expand ? piece(go.we, s.hidden * s.cin, {s.hidden, s.cin})
+                                 : at::zeros({0, 0}, opts);
+  at::Tensor g_be = s.has_expand ? piece(go.be, s.hidden, {s.hidden}) : at::zeros({0}, opts);
+  at::Tensor g_bp = at::sum(grad_y, {0, 2, 3}, false, acc_type).to(dt).contiguous();
+  return Grads{gx, g_we, g_be, g_wd, g_bd, g_wp, g_bp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mnv2, CUDA, m) {
+  m.impl("fused_inverted_residual", &fused_inverted_residual_cuda);
+  m.impl("fused_inverted_residual_backward", &fused_inverted_residual_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace mnv2
