@@ -21,9 +21,9 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: test bench build ctest neon-test pytest clean
+.PHONY: test bench build ctest neon-test pytest triton-test cuda-resources gpu-check-dry clean
 
-test: ctest neon-test pytest
+test: ctest neon-test pytest triton-test
 
 bench: $(STAMPS)/ext $(STAMPS)/core $(STAMPS)/bench-deps
 	$(PY) -m bench.run
@@ -85,6 +85,26 @@ neon-test: $(STAMPS)/aarch64-tools $(STAMPS)/deps
 
 pytest: $(STAMPS)/ext
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The Triton kernels on the CPU, in Triton's interpreter (which must be chosen
+# before triton is imported, hence a process of their own).
+triton-test: $(STAMPS)/ext
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton $(PYTEST_ARGS)
+
+# ptxas's resource report of the CUDA kernels for sm_90: registers, shared
+# memory, stack frame and spills (there must be no spills in the hot kernels).
+cuda-resources: $(STAMPS)/deps
+	@mkdir -p build/ptxas
+	@inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths('cuda')))"); \
+	for f in csrc/cuda/*.cu; do \
+	  $(CUDA_HOME)/bin/nvcc -std=c++20 -O3 -gencode=arch=compute_90,code=sm_90 -Xptxas=-v \
+	    --expt-relaxed-constexpr -DMNV2_WITH_CUDA -Icsrc $$inc -c $$f -o build/ptxas/$$(basename $$f).o \
+	    2>&1 | grep -E "Compiling entry|Used|spill|stack frame" | sed -E 's/ptxas info *: //'; \
+	done
+
+# bench/gpu_check.sh rehearsed on the CPU: tiny sizes, Triton interpreted.
+gpu-check-dry: $(STAMPS)/ext
+	OUT=build/gpu-check-dry PYTHON=$(PY) bench/gpu_check.sh --dry-run --no-build
 
 clean:
 	rm -rf build $(STAMPS) mnv2_kernels/_C*.so

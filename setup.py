@@ -6,6 +6,7 @@ Environment switches:
     CUDA_HOME                  CUDA toolkit root; defaults to /usr/local/cuda when that exists.
     TORCH_CUDA_ARCH_LIST       GPU architectures; defaults to "8.0;9.0".
     MNV2_DEBUG=1               -O0 -g instead of -O3.
+    MNV2_PTXAS_VERBOSE=1       print ptxas's resource report (registers, spills, shared memory).
     MAX_JOBS                   parallel compile jobs (ninja).
 
 Objects are kept in build/ext-<python>, so rebuilding after an edit is incremental.
@@ -129,7 +130,8 @@ def extension():
             sources=generic + cuda_sources,
             extra_compile_args={
                 "cxx": cxx + ["-DMNV2_WITH_CUDA"],
-                "nvcc": OPT + ["-DMNV2_WITH_CUDA", "-lineinfo", "--expt-relaxed-constexpr"],
+                "nvcc": OPT + ["-DMNV2_WITH_CUDA", "-lineinfo", "--expt-relaxed-constexpr"]
+                + (["-Xptxas=-v"] if os.environ.get("MNV2_PTXAS_VERBOSE") == "1" else []),
             },
             **kwargs,
         )

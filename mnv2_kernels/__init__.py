@@ -29,3 +29,5 @@ __all__ = [
     "set_backend",
     "use_backend",
 ]
+
+ops._register_triton_early()

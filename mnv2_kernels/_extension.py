@@ -31,8 +31,12 @@ def has_cpu_kernels() -> bool:
     return LOADED
 
 
+# read once: resolve() runs inside torch.compile'd code, where a pybind call breaks the graph
+_HAS_CUDA = LOADED and bool(_C.build_info()["cuda"])
+
+
 def has_cuda_kernels() -> bool:
-    return LOADED and bool(_C.build_info()["cuda"])
+    return _HAS_CUDA
 
 
 def cpu_isa() -> str:

@@ -3,7 +3,8 @@
     "auto"       the fastest one that can run the given tensors (default)
     "cpu"        the C++ CPU kernel (float32/float64 CPU tensors)
     "cuda"       the CUDA kernel (CUDA tensors; needs a build with nvcc)
-    "triton"     the Triton kernel (CUDA tensors)
+    "triton"     the Triton kernel (CUDA tensors; CPU tensors too under
+                 TRITON_INTERPRET=1, Triton's interpreter, for testing)
     "reference"  plain PyTorch ops: correct everywhere, neither fused nor fast
 
 Choose with ``use_backend(name)`` (a context manager), ``set_backend(name)``,
@@ -19,10 +20,12 @@ import warnings
 import torch
 
 from . import _extension
+from .triton_kernels import interpreting as _triton_interpreting
 from .triton_kernels import is_available as _triton_available
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 CPU_DTYPES = (torch.float32, torch.float64)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _validate(name):
@@ -85,7 +88,7 @@ def resolve(x: torch.Tensor) -> str:
                         "use backend 'reference' for other dtypes")
             return "cpu"
         if device == "cuda":
-            if _extension.has_cuda_kernels():
+            if _extension.has_cuda_kernels() and _cuda_capable(x):
                 return "cuda"
             if _triton_available():
                 return "triton"
@@ -107,7 +110,30 @@ def resolve(x: torch.Tensor) -> str:
             _cannot(name, x, "it runs CUDA tensors only")
         if not _extension.has_cuda_kernels():
             _cannot(name, x, "this build has no CUDA kernels (rebuild with nvcc, MNV2_BUILD_CUDA=1)")
+        if not _cuda_capable(x):
+            major, minor = torch.cuda.get_device_capability(x.device)
+            _cannot(name, x, f"it needs compute capability 8.0 or newer, this GPU has {major}.{minor}")
     elif name == "triton":
         if not _triton_available():
-            _cannot(name, x, "the Triton kernels are not implemented in this version")
+            _cannot(name, x, "Triton is not installed, or there is neither a CUDA GPU nor "
+                    "TRITON_INTERPRET=1 (the interpreter)")
+        if device != "cuda" and not (device == "cpu" and _triton_interpreting()):
+            _cannot(name, x, "it runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+        if x.dtype not in GPU_DTYPES:
+            _cannot(name, x, "it supports float32, float16 and bfloat16")
     return name
+
+
+_capable = {}
+
+
+def _cuda_capable(x) -> bool:
+    """The CUDA kernels need compute capability 8.0 (Ampere) or newer. (Not
+    re-checked inside torch.compile'd code; the C++ operator checks it too.)"""
+    if torch.compiler.is_compiling():
+        return True
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    ok = _capable.get(index)
+    if ok is None:
+        ok = _capable[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return ok

@@ -34,6 +34,13 @@ def fold_bn(
     Returns:
         (folded weight with weight's shape, folded bias (Cout,)).
     """
+    dtype = weight.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # fold in float32 and round once: the folded weights then carry one
+        # rounding, as the unfused module's weights do
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        w, b = fold_bn(weight.float(), up(bias), up(bn_weight), up(bn_bias), mean.float(), var.float(), eps)
+        return w.to(dtype), b.to(dtype)
     scale = torch.rsqrt(var + eps)
     if bn_weight is not None:
         scale = bn_weight * scale

@@ -225,20 +225,29 @@ class FusedInvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         parts = self._parts()
         self._check_input(x, parts)
-        if backends.resolve(x) == "reference":
+        backend = backends.resolve(x)
+        if backend == "reference":
             # torchvision's unfused computation, module by module
             return x + self.conv(x) if self.use_res_connect else self.conv(x)
         if any(n is not None and uses_batch_stats(n) for n in parts[1::2]):
-            return self._forward_batch_stats(x)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return self._forward_batch_stats(x, backend)
+        weights = None
+        if not torch.compiler.is_compiling():
             state = self._state(parts)
             if not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in state))):
-                # inference: fold and pack once, reuse until a parameter or buffer changes
-                packed = self._packed_weights(x, state)
-                if packed is not None:
-                    return ops.packed_op()(x, packed, parts[2].out_channels, parts[4].out_channels,
-                                           parts[0] is not None, self.stride, self.use_res_connect)
-        return ops.fused_inverted_residual(x, *self.folded_weights(), self.stride, self.use_res_connect)
+                # inference: fold (and pack, for the CPU kernel) once, reuse until a
+                # parameter or buffer changes
+                if backend == "cpu":
+                    packed = self._packed_weights(x, state)
+                    if packed is not None:
+                        return ops.packed_op()(x, packed, parts[2].out_channels, parts[4].out_channels,
+                                               parts[0] is not None, self.stride, self.use_res_connect)
+                else:
+                    cache = self.__dict__.setdefault("_folded_cache", DerivedCache())
+                    weights = cache.get(x.dtype, state, self.folded_weights)
+        if weights is None:
+            weights = self.folded_weights()
+        return ops.fused_inverted_residual(x, *weights, self.stride, self.use_res_connect, backend)
 
     def folded_weights(self):
         """The operator's weights with every batch norm folded in with its running statistics:
@@ -261,10 +270,11 @@ class FusedInvertedResidual(nn.Module):
         return cache.get(x.dtype, tensors, lambda: torch.ops.mnv2.pack_weights.default(*self.folded_weights()))
 
     def clear_cache(self) -> None:
-        """Drops the cached packed weights (they are rebuilt on the next inference call)."""
+        """Drops the cached folded and packed weights (rebuilt on the next inference call)."""
         self.__dict__.pop("_packed_cache", None)
+        self.__dict__.pop("_folded_cache", None)
 
-    def _forward_batch_stats(self, x: Tensor) -> Tensor:
+    def _forward_batch_stats(self, x: Tensor, backend: str) -> Tensor:
         """Train mode (or BN without running statistics): exact batch statistics.
 
         bn1's statistics come from x's channel mean and covariance, bn2's from the
@@ -315,9 +325,9 @@ class FusedInvertedResidual(nn.Module):
         if uses_batch_stats(bn3):
             b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
             u = ops.fused_inverted_residual(x, w1, b1, wd, bd, proj.weight.view(cout, hidden), b_proj,
-                                            self.stride, False)
+                                            self.stride, False, backend)
             y = bn3(u)
             return y + x if self.use_res_connect else y
         w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
         return ops.fused_inverted_residual(x, w1, b1, wd, bd, w3.view(cout, hidden), b3, self.stride,
-                                           self.use_res_connect)
+                                           self.use_res_connect, backend)

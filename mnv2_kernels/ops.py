@@ -32,6 +32,7 @@ def fused_inverted_residual(
     b_project: Tensor,
     stride: int,
     residual: bool,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """The fused block on BN-folded weights.
 
@@ -42,13 +43,44 @@ def fused_inverted_residual(
         w_project, b_project: project 1x1 (Cout, hidden) and bias (Cout).
         stride: 1 or 2.
         residual: add x to the output (needs stride 1 and Cin == Cout).
+        backend: "triton" runs ``mnv2::triton_fused_inverted_residual``; anything
+            else the dispatcher's kernel for x's device (C++ CPU or CUDA), which
+            checks every argument. None: the selected backend (``use_backend``).
 
     Returns:
         (N, Cout, Ho, Wo) in x's memory format.
     """
+    if backend is None:
+        from . import backends
+
+        backend = backends.get_backend()
+        if backend == "auto" and x.device.type == "cuda":
+            backend = backends.resolve(x)  # CUDA kernel or Triton
+    if backend == "triton":
+        return triton_op()(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+    if backend == "reference":
+        from .reference import inverted_residual
+
+        return inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
     return torch.ops.mnv2.fused_inverted_residual.default(
         x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual
     )
+
+
+_TRITON_OP = None
+
+
+def triton_op():
+    """torch.ops.mnv2.triton_fused_inverted_residual.default; the first call imports
+    Triton and registers the operator (mnv2_kernels' import does it already where
+    a CUDA GPU is present, so that torch.compile never traces the registration)."""
+    global _TRITON_OP
+    if _TRITON_OP is None:
+        from .triton_kernels import ops as triton_ops
+
+        triton_ops.register()
+        _TRITON_OP = torch.ops.mnv2.triton_fused_inverted_residual.default
+    return _TRITON_OP
 
 
 _PACKED_OP = None
@@ -338,3 +370,20 @@ def _register():
 
 if _extension.LOADED:
     _register()
+
+
+def _register_triton_early():
+    """Registers the Triton operators at import where that cannot disturb
+    TRITON_INTERPRET (which must be set before triton's own import): on a
+    machine with a CUDA GPU, or when the interpreter is already requested."""
+    from . import triton_kernels
+
+    if triton_kernels.is_available():
+        try:
+            triton_op()
+        except Exception as exc:  # pragma: no cover - an unusable Triton install
+            import warnings
+
+            warnings.warn(f"mnv2_kernels: the Triton backend could not be registered ({exc!r})",
+                          RuntimeWarning, stacklevel=2)
+

@@ -1,0 +1,268 @@
+"""GPU benchmarks of the fused block: the 17 MobileNetV2-1.0 blocks and the whole
+model, CUDA and Triton backends against torchvision eager (cuDNN) and
+torch.compile, plus peak memory of inference and of a training step.
+
+    python -m bench.gpu_bench --out DIR [--batch 256] [--dtypes float16,bfloat16]
+                              [--compile-mode max-autotune] [--no-train] [--dry-run]
+
+Every figure is a median of CUDA-event timings after a warm-up, and every ratio
+compares two implementations measured in this one run. --dry-run runs the same
+steps on the CPU with tiny sizes (Triton under TRITON_INTERPRET=1) so the script
+is rehearsed before a GPU appears.
+
+Writes DIR/gpu_bench.json and prints a short table.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+
+import mnv2_kernels
+from mnv2_kernels import _extension
+from mnv2_kernels.model import mobilenet_block_shapes
+from mnv2_kernels.testing import randomize_batch_norm
+from mnv2_kernels.triton_kernels import is_available as triton_available
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+CL = torch.channels_last
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+class Timer:
+    """Median milliseconds of fn() over repetitions, with CUDA events (or the wall
+    clock on the CPU in dry runs)."""
+
+    def __init__(self, device, min_reps=5, max_reps=50, budget_s=0.4, max_warmup=None):
+        self.device, self.min_reps, self.max_reps, self.budget_s = device, min_reps, max_reps, budget_s
+        self.max_warmup = max_warmup
+
+    def __call__(self, fn, warmup=2):
+        if self.max_warmup is not None:
+            warmup = min(warmup, self.max_warmup)
+        for _ in range(warmup):
+            fn()
+        times = []
+        start = time.perf_counter()
+        while len(times) < self.max_reps and (len(times) < self.min_reps
+                                               or time.perf_counter() - start < self.budget_s):
+            if self.device == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def backends_here(device):
+    names = []
+    if device == "cuda" and _extension.has_cuda_kernels():
+        names.append("cuda")
+    if triton_available():
+        names.append("triton")
+    return names
+
+
+def fused_forward(module, x, backend):
+    def run():
+        with torch.no_grad(), mnv2_kernels.use_backend(backend):
+            return module(x)
+    return run
+
+
+def plain_forward(module, x):
+    def run():
+        with torch.no_grad():
+            return module(x)
+    return run
+
+
+def compiled(module, mode):
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
+def bench_blocks(args, device, dtype, backends, timer, results):
+    shapes = mobilenet_block_shapes()
+    for i, (inp, oup, stride, t, h) in enumerate(shapes):
+        if args.blocks and (i + 1) not in args.blocks:
+            continue
+        h = h if not args.dry_run else max(2, h // 28)
+        name = f"block{i + 1:02d} {inp}->{oup} t{t} s{stride} {h}x{h}"
+        torch.manual_seed(i)
+        tv = InvertedResidual(inp, oup, stride, t)
+        randomize_batch_norm(tv)
+        tv = tv.to(device=device, dtype=dtype, memory_format=CL).eval()
+        fused = mnv2_kernels.convert_model(copy.deepcopy(tv))
+        x = torch.randn(args.batch, inp, h, h, device=device).to(dtype).contiguous(memory_format=CL)
+        row = {"block": i + 1, "name": name, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
+        row["eager"] = timer(plain_forward(tv, x))
+        if args.compile_mode != "none":
+            try:
+                row["compile"] = timer(plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
+            except Exception as exc:  # a compile failure is reported, not fatal
+                row["compile_error"] = repr(exc)[:300]
+        for b in backends:
+            try:
+                row[b] = timer(fused_forward(fused, x, b))
+            except Exception as exc:
+                row[f"{b}_error"] = repr(exc)[:300]
+        hidden = inp * t
+        ho = (h - 1) // stride + 1
+        item = x.element_size()
+        row["io_bytes"] = (x.numel() + args.batch * oup * ho * ho) * item + sum(
+            p.numel() * item for p in tv.parameters())
+        row["hidden_bytes"] = args.batch * hidden * ho * ho * item
+        results["blocks"].append(row)
+        cols = " ".join(f"{k}={row[k]:.3f}" for k in ("eager", "compile", *backends) if k in row)
+        log(f"  {name} {row['dtype']}: {cols} ms")
+
+
+def _fused_model(tv):
+    model = mnv2_kernels.mobilenet_v2()
+    model.load_state_dict(tv.state_dict())
+    return model
+
+
+def bench_model(args, device, dtype, backends, timer, results):
+    torch.manual_seed(0)
+    res = 224 if not args.dry_run else 16
+    tv = torchvision.models.mobilenet_v2()
+    randomize_batch_norm(tv)
+    ours = _fused_model(tv).to(device=device, dtype=dtype, memory_format=CL).eval()
+    tv = tv.to(device=device, dtype=dtype, memory_format=CL).eval()
+    x = torch.randn(args.batch, 3, res, res, device=device).to(dtype).contiguous(memory_format=CL)
+    row = {"dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "resolution": res}
+    row["eager"] = timer(plain_forward(tv, x))
+    if args.compile_mode != "none":
+        try:
+            row["compile"] = timer(plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
+        except Exception as exc:
+            row["compile_error"] = repr(exc)[:300]
+    for b in backends:
+        try:
+            row[b] = timer(fused_forward(ours, x, b))
+        except Exception as exc:
+            row[f"{b}_error"] = repr(exc)[:300]
+    # inference peak memory above the weights and the input
+    for label, fn in [("eager", plain_forward(tv, x))] + [(b, fused_forward(ours, x, b)) for b in backends
+                                                          if b in row]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            row[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    results["model"].append(row)
+    cols = " ".join(f"{k}={row[k]:.2f}" for k in ("eager", "compile", *backends) if k in row)
+    log(f"  model {row['dtype']} batch {args.batch}: {cols} ms")
+
+
+def bench_train(args, device, dtype, backends, timer, results):
+    """One SGD step (forward, cross-entropy, backward, update) in train mode."""
+    torch.manual_seed(0)
+    res = 224 if not args.dry_run else 16
+    tv = torchvision.models.mobilenet_v2()
+    ours = _fused_model(tv).to(device=device, dtype=dtype, memory_format=CL).train()
+    tv = tv.to(device=device, dtype=dtype, memory_format=CL).train()
+    x = torch.randn(args.batch, 3, res, res, device=device).to(dtype).contiguous(memory_format=CL)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def step_fn(model, backend=None):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step():
+            ctx = mnv2_kernels.use_backend(backend) if backend else contextlib.nullcontext()
+            with ctx:
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x).float(), labels)
+                loss.backward()
+                opt.step()
+        return step
+
+    row = {"dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "resolution": res}
+    candidates = [("eager", step_fn(tv))] + [(b, step_fn(ours, b)) for b in backends]
+    for label, fn in candidates:
+        try:
+            row[label] = timer(fn, warmup=2)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
+                row[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        except Exception as exc:
+            row[f"{label}_error"] = repr(exc)[:300]
+    results["train"].append(row)
+    cols = " ".join(f"{k}={row[k]:.2f}" for k in ("eager", *backends) if k in row)
+    log(f"  train step {row['dtype']} batch {args.batch}: {cols} ms")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dtypes", default="float16,bfloat16")
+    p.add_argument("--blocks", default="", help="comma-separated block numbers (1-17); default all")
+    p.add_argument("--compile-mode", default="max-autotune",
+                   help="torch.compile mode for the baselines: max-autotune, default or none")
+    p.add_argument("--no-blocks", action="store_true")
+    p.add_argument("--no-model", action="store_true")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--train-dtype", default="bfloat16")
+    p.add_argument("--dry-run", action="store_true", help="CPU rehearsal with tiny sizes")
+    args = p.parse_args(argv)
+    args.blocks = [int(b) for b in args.blocks.split(",") if b]
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    if device == "cpu":
+        args.dry_run = True
+        args.batch = min(args.batch, 2)
+        args.compile_mode = "none"
+    backends = backends_here(device)
+    timer = (Timer(device, min_reps=1, max_reps=1, max_warmup=1) if args.dry_run
+             else Timer(device, min_reps=5, max_reps=50))
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+               "torch": torch.__version__, "backends": backends, "compile_mode": args.compile_mode,
+               "blocks": [], "model": [], "train": []}
+    log(f"gpu_bench: device {results['device']}, backends {backends}, batch {args.batch}")
+    t0 = time.time()
+    # The interpreter needs minutes for one pass of the wide late blocks: dry runs
+    # time the whole model and the train step on torchvision only.
+    model_backends = [] if args.dry_run else backends
+    for dname in [d for d in args.dtypes.split(",") if d]:
+        dtype = DTYPES[dname]
+        if not args.no_model:  # the model first: its max-autotune run warms the per-conv autotune cache
+            bench_model(args, device, dtype, model_backends, timer, results)
+        if not args.no_blocks:
+            bench_blocks(args, device, dtype, backends, timer, results)
+    if not args.no_train:
+        bench_train(args, device, DTYPES[args.train_dtype] if not args.dry_run else torch.float32,
+                    model_backends, timer, results)
+    results["seconds"] = time.time() - t0
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"gpu_bench: {results['seconds']:.0f} s, wrote {os.path.join(args.out, 'gpu_bench.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

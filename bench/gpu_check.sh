@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The GPU check (../shared/DESIGN.md, "The GPU check script"): builds the
+# extension against this machine's torch, runs the GPU tests, the GPU
+# benchmarks and the memory comparison, and writes summary.md and summary.json
+# to $OUT (default bench/results/gpu-latest). The short goal table is printed last.
+#
+#   bench/gpu_check.sh [--dry-run] [--no-build] [--no-tests] [--no-bench]
+#                      [--compile-mode MODE] [--ncu] [--sanitize] [--blocks 1,2,...]
+#
+# --dry-run (or no GPU): the same steps on the CPU with tiny sizes, the Triton
+# kernels under TRITON_INTERPRET=1, so this script is never first run on a GPU.
+# Each step has its own time limit, so the summary is written even when one hangs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0; BUILD=1; TESTS=1; BENCH=1; NCU=0; SANITIZE=0; COMPILE_MODE=max-autotune; BLOCKS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --no-build) BUILD=0 ;;
+    --no-tests) TESTS=0 ;;
+    --no-bench) BENCH=0 ;;
+    --ncu) NCU=1 ;;
+    --sanitize) SANITIZE=1 ;;
+    --compile-mode) COMPILE_MODE=$2; shift ;;
+    --blocks) BLOCKS=$2; shift ;;
+    *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -x .venv/bin/python ] && [ $DRY = 1 ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  [ $DRY = 0 ] && echo "gpu_check: no CUDA GPU here: dry run on the CPU"
+  DRY=1
+fi
+OUT=${OUT:-bench/results/gpu-latest}
+mkdir -p "$OUT"
+LOG="$OUT/check.log"
+: > "$LOG"
+START=$(date +%s)
+step() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# ---------------------------------------------------------------- environment
+$PY - "$OUT/env.json" "$DRY" <<'PYEOF'
+import json, subprocess, sys, torch
+env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+try:
+    import triton
+    env["triton"] = triton.__version__
+except Exception as exc:
+    env["triton"] = f"unavailable ({exc})"
+if torch.cuda.is_available() and sys.argv[2] == "0":
+    p = torch.cuda.get_device_properties(0)
+    env["gpu"] = p.name
+    env["sms"] = p.multi_processor_count
+    env["memory_gib"] = round(p.total_memory / 2**30, 1)
+    try:
+        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+else:
+    env["gpu"] = "none (dry run on the CPU, Triton interpreter)"
+try:
+    env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                   text=True).stdout.strip() or "unknown"
+    if subprocess.run(["git", "diff", "--quiet", "HEAD"]).returncode:
+        env["commit"] += " (+ uncommitted changes)"
+except OSError:
+    env["commit"] = "unknown"
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+print(env)
+PYEOF
+
+if [ $DRY = 1 ]; then
+  export TRITON_INTERPRET=1
+fi
+
+# ---------------------------------------------------------------- build
+if [ $BUILD = 1 ]; then
+  step "build (pip install -e . against $($PY -c 'import torch; print(torch.__version__)'))"
+  if [ $DRY = 1 ]; then
+    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} $PY -m pip install -q -e . --no-build-isolation --no-deps \
+      >"$OUT/build.log" 2>&1
+  else
+    MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 MNV2_BUILD_CUDA=1 MNV2_PTXAS_VERBOSE=1 \
+      $PY -m pip install -e . --no-build-isolation --no-deps -v >"$OUT/build.log" 2>&1
+  fi
+  rc=$?
+  if [ $rc != 0 ]; then
+    grep -n -m 20 -E "error|Error" "$OUT/build.log" | tee -a "$LOG"
+    tail -30 "$OUT/build.log"
+    step "BUILD FAILED (rc $rc); full log in $OUT/build.log"
+    exit 1
+  fi
+  grep -E "ptxas info|spill|Used [0-9]+ registers" "$OUT/build.log" | sed 's/^ *//' | sort -u > "$OUT/ptxas.txt" || true
+  $PY -c "import mnv2_kernels; print(mnv2_kernels.build_info())" 2>&1 | tee -a "$LOG"
+fi
+
+# ---------------------------------------------------------------- tests
+if [ $TESTS = 1 ]; then
+  if [ $DRY = 1 ]; then
+    step "tests: Triton interpreter (tests/triton), quick"
+    timeout 600 $PY -m pytest tests/triton -q -x --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+  else
+    XDIST=""
+    $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+    step "tests: tests/test_gpu.py $XDIST"
+    timeout 240 $PY -m pytest tests/test_gpu.py -q $XDIST --junitxml="$OUT/tests.xml" -p no:cacheprovider \
+      >"$OUT/tests.log" 2>&1
+  fi
+  echo "pytest rc $?" | tee -a "$LOG"
+  tail -5 "$OUT/tests.log" | tee -a "$LOG"
+fi
+
+# ---------------------------------------------------------------- benchmarks
+if [ $BENCH = 1 ]; then
+  step "benchmarks (compile mode $COMPILE_MODE)"
+  ARGS=(--out "$OUT" --compile-mode "$COMPILE_MODE")
+  [ -n "$BLOCKS" ] && ARGS+=(--blocks "$BLOCKS")
+  [ $DRY = 1 ] && ARGS+=(--dry-run --dtypes float32 --blocks "${BLOCKS:-1,2,4}")
+  timeout 420 $PY -m bench.gpu_bench "${ARGS[@]}" 2>&1 | tee -a "$LOG" | grep -v "^  block" || true
+fi
+
+# ---------------------------------------------------------------- ncu: DRAM bytes per block
+if [ $NCU = 1 ] && [ $DRY = 0 ]; then
+  step "ncu DRAM bytes"
+  NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU_BIN" ]; then
+    timeout 240 "$NCU_BIN" --profile-from-start off --csv --page raw --clock-control none \
+      --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+      $PY -m bench.gpu_dram run >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+    $PY -m bench.gpu_dram parse "$OUT/ncu.csv" "$OUT/ncu.err" "$OUT/dram.json" 2>&1 | tee -a "$LOG"
+    rm -f "$OUT/ncu.err"
+  else
+    echo "ncu not found" | tee -a "$LOG"
+  fi
+fi
+
+# ---------------------------------------------------------------- compute-sanitizer
+if [ $SANITIZE = 1 ] && [ $DRY = 0 ]; then
+  step "compute-sanitizer memcheck + racecheck (small case, CUDA backend)"
+  : > "$OUT/sanitize.log"
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool $tool $PY bench/gpu_sanitize.py >>"$OUT/sanitize.log" 2>&1
+  done
+  grep -E "SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
+fi
+
+# ---------------------------------------------------------------- summary
+step "summary"
+$PY -m bench.gpu_summary "$OUT"

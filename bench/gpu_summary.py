@@ -1,0 +1,203 @@
+"""Summary of one bench/gpu_check.sh run: summary.md and summary.json in DIR.
+
+    python -m bench.gpu_summary DIR
+
+Reads DIR/gpu_bench.json (bench.gpu_bench), DIR/tests.xml (pytest's junit
+report), DIR/env.json (written by gpu_check.sh) and, when present,
+DIR/ncu.csv (DRAM bytes per kernel) and DIR/sanitize.log. Prints the goal table
+last.
+"""
+
+import csv
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+GOALS = {
+    "block_vs_eager": 0.5,      # fused / torchvision eager, per block, forward fp16 CL
+    "block_vs_compile": 0.7,    # fused / torch.compile(max-autotune), per block
+    "model_vs_compile": 1.5,    # whole-model throughput, fused / compile (at least)
+    "dram_vs_io": 1.3,          # DRAM bytes / (input + output + weights)
+    "train_peak": 0.4,          # training-step peak memory, fused / eager
+    "train_time": 1.0,          # training-step time, fused / eager
+}
+
+
+def load(path, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def parse_tests(path):
+    if not os.path.exists(path):
+        return {"ran": False}
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    out = {"ran": True, "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": []}
+    for s in suites:
+        for k in ("tests", "failures", "errors", "skipped"):
+            out[k] += int(s.get(k, 0))
+        for case in s.iter("testcase"):
+            for tag in ("failure", "error"):
+                node = case.find(tag)
+                if node is not None:
+                    msg = (node.get("message") or "").splitlines()[0][:200] if node.get("message") else ""
+                    out["failed"].append(f"{case.get('name')}: {msg}")
+    out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+    return out
+
+
+def parse_ncu(path):
+    """{kernel launch index: {metric: bytes}} rows of ncu --csv --page raw output."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        lines = [line for line in f if line.startswith('"')]
+    for r in csv.DictReader(lines):
+        rows.append(r)
+    return rows
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def summarize(d):
+    bench = load(os.path.join(d, "gpu_bench.json"), {})
+    env = load(os.path.join(d, "env.json"), {})
+    tests = parse_tests(os.path.join(d, "tests.xml"))
+    backends = bench.get("backends", [])
+    lines = ["# GPU check", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += [f"- compile baseline: torch.compile(mode={bench.get('compile_mode')!r})", ""]
+    if tests.get("ran"):
+        lines.append(f"## Tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+                     f"{tests['skipped']} skipped")
+        lines += [f"- FAILED {f}" for f in tests["failed"][:40]]
+        if len(tests["failed"]) > 40:
+            lines.append(f"- ... {len(tests['failed']) - 40} more")
+    else:
+        lines.append("## Tests: not run")
+    lines.append("")
+    verdict = []
+
+    blocks = bench.get("blocks", [])
+    if blocks:
+        lines += ["## Forward per block (ms, median; ratios fused / baseline)", ""]
+        head = "| block | dtype | eager | compile | " + " | ".join(backends) + " | " + " | ".join(
+            f"{b}/eager | {b}/compile" for b in backends) + " |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in blocks:
+            cells = [r["name"], r["dtype"], fmt(r.get("eager"), ".3f"), fmt(r.get("compile"), ".3f")]
+            cells += [fmt(r.get(b), ".3f") if b in r else "error" for b in backends]
+            for b in backends:
+                cells += [fmt(ratio(r.get(b), r.get("eager"))), fmt(ratio(r.get(b), r.get("compile")))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for b in backends:
+            for dt in sorted({r["dtype"] for r in blocks}):
+                rs = [r for r in blocks if r["dtype"] == dt]
+                ve = [ratio(r.get(b), r.get("eager")) for r in rs]
+                vc = [ratio(r.get(b), r.get("compile")) for r in rs]
+                if all(v is not None for v in ve):
+                    ok = sum(v <= GOALS["block_vs_eager"] for v in ve)
+                    verdict.append(f"{b} {dt} blocks vs eager <= {GOALS['block_vs_eager']}: {ok}/{len(ve)} met, "
+                                   f"worst {max(ve):.2f}")
+                if vc and all(v is not None for v in vc):
+                    ok = sum(v <= GOALS["block_vs_compile"] for v in vc)
+                    verdict.append(f"{b} {dt} blocks vs compile <= {GOALS['block_vs_compile']}: {ok}/{len(vc)} "
+                                   f"met, worst {max(vc):.2f}")
+        if "cuda" in backends and "triton" in backends:
+            rs = [r for r in blocks if r.get("cuda") and r.get("triton")]
+            wins = sum(r["cuda"] <= r["triton"] for r in rs)
+            verdict.append(f"cuda no slower than triton: {wins}/{len(rs)} block runs")
+        for r in blocks:
+            for b in backends:
+                if f"{b}_error" in r:
+                    lines.append(f"- {r['name']} {r['dtype']} {b}: {r[f'{b}_error']}")
+
+    for r in bench.get("model", []):
+        lines += [f"## Whole model forward, {r['dtype']}, batch {r['batch']}", ""]
+        for k in ("eager", "compile", *backends):
+            if k in r:
+                ips = r["batch"] / r[k] * 1e3
+                peak = r.get(f"{k}_peak_bytes")
+                lines.append(f"- {k}: {r[k]:.2f} ms ({ips:.0f} images/s)"
+                             + (f", inference peak above weights+input {peak / 2**20:.0f} MiB" if peak else ""))
+            elif f"{k}_error" in r:
+                lines.append(f"- {k}: ERROR {r[f'{k}_error']}")
+        for b in backends:
+            s = ratio(r.get("compile"), r.get(b))
+            if s is not None:
+                verdict.append(f"{b} {r['dtype']} model throughput vs compile >= {GOALS['model_vs_compile']}: "
+                               f"{s:.2f}x {'met' if s >= GOALS['model_vs_compile'] else 'MISSED'}")
+            s = ratio(r.get("eager"), r.get(b))
+            if s is not None:
+                verdict.append(f"{b} {r['dtype']} model throughput vs eager: {s:.2f}x")
+        lines.append("")
+
+    for r in bench.get("train", []):
+        lines += [f"## Training step, {r['dtype']}, batch {r['batch']}", ""]
+        for k in ("eager", *backends):
+            if k in r:
+                peak = r.get(f"{k}_peak_bytes")
+                lines.append(f"- {k}: {r[k]:.2f} ms" + (f", peak {peak / 2**20:.0f} MiB" if peak else ""))
+            elif f"{k}_error" in r:
+                lines.append(f"- {k}: ERROR {r[f'{k}_error']}")
+        for b in backends:
+            t = ratio(r.get(b), r.get("eager"))
+            m = ratio(r.get(f"{b}_peak_bytes"), r.get("eager_peak_bytes"))
+            if t is not None:
+                verdict.append(f"{b} train step time vs eager <= {GOALS['train_time']}: {t:.2f} "
+                               f"{'met' if t <= GOALS['train_time'] else 'MISSED'}")
+            if m is not None:
+                verdict.append(f"{b} train step peak vs eager <= {GOALS['train_peak']}: {m:.2f} "
+                               f"{'met' if m <= GOALS['train_peak'] else 'MISSED'}")
+        lines.append("")
+
+    dram = load(os.path.join(d, "dram.json"))
+    if dram:
+        lines += ["## DRAM bytes per block (ncu), forward", "",
+                  "| block | backend | read+write MB | io MB | ratio |", "|---|---|---|---|---|"]
+        for r in dram:
+            lines.append(f"| {r['block']} | {r['backend']} | {r['bytes'] / 1e6:.1f} | {r['io_bytes'] / 1e6:.1f} | "
+                         f"{r['bytes'] / r['io_bytes']:.2f} |")
+        for b in sorted({r["backend"] for r in dram}):
+            rs = [r["bytes"] / r["io_bytes"] for r in dram if r["backend"] == b]
+            verdict.append(f"{b} DRAM/io <= {GOALS['dram_vs_io']}: {sum(v <= GOALS['dram_vs_io'] for v in rs)}/"
+                           f"{len(rs)} met, worst {max(rs):.2f}")
+        lines.append("")
+    san = os.path.join(d, "sanitize.log")
+    if os.path.exists(san):
+        with open(san) as f:
+            tail = [line.rstrip() for line in f if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line]
+        lines += ["## compute-sanitizer", ""] + [f"- {t}" for t in tail] + [""]
+    lines += ["## Goals", ""] + [f"- {v}" for v in verdict]
+    summary = {"env": env, "tests": tests, "bench": bench, "verdict": verdict}
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(d, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    d = argv[0] if argv else os.environ.get("OUT", "bench/results")
+    lines = summarize(d)
+    # the short table last: tests and goals
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Tests")), 0)
+    print("\n".join(lines[start:start + 1] + lines[lines.index("## Goals"):]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

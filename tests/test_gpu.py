@@ -1,0 +1,265 @@
+"""GPU tests of the CUDA and Triton backends (run by bench/gpu_check.sh on a GPU machine).
+
+Every check compares against a float64 reference. Low-precision results must be
+at most twice as far from it as torch's own result in the same dtype
+(torchvision's unfused block, cuDNN), as the issues ask; float32 results must
+be within 1e-5, since both kernels compute float32 in full float32 (no TF32).
+
+Without a CUDA GPU the whole module is skipped: the Triton kernels are tested on
+the CPU under Triton's interpreter in tests/triton instead.
+"""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import mnv2_kernels
+from mnv2_kernels import FusedInvertedResidual, _extension
+from mnv2_kernels.triton_kernels import is_available as triton_available
+
+from conftest import BLOCK_SHAPES, block_id, make_pair, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+BACKENDS = ("cuda", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP32_BOUND = 1e-5
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    name = request.param
+    # On a GPU machine both backends must exist: a missing one is a build failure, not a skip.
+    if name == "cuda":
+        assert _extension.has_cuda_kernels(), f"the extension has no CUDA kernels: {mnv2_kernels.build_info()}"
+    else:
+        assert triton_available(), "Triton is not usable on this GPU machine"
+    with mnv2_kernels.use_backend(name):
+        yield name
+
+
+def dtype_id(d):
+    return str(d).replace("torch.", "")
+
+
+def gpu_pair(shape, dtype, seed=0):
+    inp, oup, stride, t, _ = shape
+    tv, fused = make_pair(inp, oup, stride, t, seed=seed)
+    return tv.cuda().to(dtype).eval(), fused.cuda().to(dtype).eval()
+
+
+def make_input(shape, n, dtype, channels_last, seed=1):
+    inp, _, _, _, h = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, inp, h, h, device="cuda", generator=g).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def check_err(got, ref64, torch_result, dtype, what):
+    err = rel_err(got, ref64)
+    assert err == err, f"{what}: NaN"
+    if dtype == torch.float32:
+        assert err <= FP32_BOUND, f"{what}: float32 error {err:.3g} > {FP32_BOUND}"
+    else:
+        torch_err = rel_err(torch_result, ref64)
+        assert err <= 2 * torch_err, (
+            f"{what}: {dtype_id(dtype)} error {err:.3g} > 2 x torch's own {torch_err:.3g}")
+    return err
+
+
+# ---------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=block_id)
+def test_forward_17_blocks(shape, dtype, channels_last, backend):
+    tv, fused = gpu_pair(shape, dtype)
+    x = make_input(shape, 8, dtype, channels_last)
+    with torch.no_grad():
+        ref = copy.deepcopy(tv).double()(x.double())
+        theirs = tv(x)
+        ours = fused(x)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    check_err(ours, ref, theirs, dtype, f"{backend} {block_id(shape)}")
+
+
+def test_forward_writes_every_output(backend):
+    """Output allocated over poisoned memory: every element must be written (no NaN left)."""
+    shape = BLOCK_SHAPES[3]
+    tv, fused = gpu_pair(shape, torch.float16)
+    x = make_input(shape, 3, torch.float16, True)
+    torch.cuda.empty_cache()
+    poison = torch.full((64 << 20,), float("nan"), device="cuda")
+    del poison  # the caching allocator hands this NaN-filled block out again
+    with torch.no_grad():
+        y = fused(x)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (5, 3), (9, 11)], ids=str)
+@pytest.mark.parametrize("cfg", [(16, 16, 1, 6), (24, 40, 2, 6), (8, 8, 1, 1), (20, 12, 2, 3)], ids=str)
+def test_forward_odd_sizes(cfg, size, backend):
+    inp, oup, stride, t = cfg
+    tv, fused = make_pair(inp, oup, stride, t, seed=3)
+    tv, fused = tv.cuda().eval(), fused.cuda().eval()
+    x = torch.randn(2, inp, *size, device="cuda")
+    with torch.no_grad():
+        ref = copy.deepcopy(tv).double()(x.double())
+        ours = fused(x)
+    assert rel_err(ours, ref) <= FP32_BOUND
+
+
+# ---------------------------------------------------------------------------- backward
+def _grads(module, x):
+    y = module(x)
+    # (not randn_like: that follows y's memory format, which differs between implementations)
+    g = torch.randn(y.shape, device=y.device).to(y.dtype)
+    params = [p for p in module.parameters()]
+    grads = torch.autograd.grad(y, [x] + params, g)
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=block_id)
+def test_backward_17_blocks(shape, dtype, backend):
+    """Eval-mode block (BN folded): gradients of x and every parameter."""
+    tv, fused = gpu_pair(shape, dtype)
+    x = make_input(shape, 8, dtype, True).requires_grad_()
+    torch.manual_seed(5)
+    _, ours = _grads(fused, x)
+    torch.manual_seed(5)
+    _, theirs = _grads(tv, x)
+    x64 = x.detach().double().requires_grad_()
+    torch.manual_seed(5)
+    _, ref = _grads(copy.deepcopy(tv).double(), x64)
+    names = ["x"] + [n for n, _ in tv.named_parameters()]
+    for name, a, b, r in zip(names, ours, theirs, ref):
+        err = rel_err(a, r)
+        torch_err = rel_err(b, r)
+        # torch's float32 convolutions use TF32 on this GPU (cudnn.allow_tf32), so the
+        # float32 bound is max(2 x torch's error, 1e-4); low precision: 2 x torch's error
+        bound = 2 * torch_err if dtype != torch.float32 else max(2 * torch_err, 1e-4)
+        assert err <= bound, f"{backend} {block_id(shape)} grad {name}: {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES[::3], ids=block_id)
+def test_train_mode_block(shape, backend):
+    """Train mode (batch statistics): output, gradients and running statistics, float32,
+    each within max(2 x torch's own float32 error, 1e-4) of float64 (torch's float32
+    convolutions, ours in the batch statistics included, use TF32 here)."""
+    tv, fused = gpu_pair(shape, torch.float32)
+    tv.train()
+    fused.train()
+    ref = copy.deepcopy(tv).double()
+    x = make_input(shape, 4, torch.float32, True).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    results = []
+    for module, inp in ((fused, x), (tv, x), (ref, x64)):
+        torch.manual_seed(7)
+        results.append(_grads(module, inp))
+    (y, ours), (yt, theirs), (y64, refs) = results
+
+    def bound(a, b, r):
+        return max(2 * rel_err(b, r), 1e-4)
+
+    assert rel_err(y, y64) <= bound(y, yt, y64)
+    for a, b, r in zip(ours, theirs, refs):
+        assert rel_err(a, r) <= bound(a, b, r)
+    for (name, a), (_, b), (_, r) in zip(fused.named_buffers(), tv.named_buffers(), ref.named_buffers()):
+        assert rel_err(a, r) <= bound(a, b, r), name
+
+
+# ---------------------------------------------------------------------------- ops
+def _op_args(dtype, stride=1, residual=True):
+    torch.manual_seed(0)
+    cin, hidden, cout = 16, 48, 16 if residual else 24
+    x = torch.randn(2, cin, 9, 7, device="cuda", dtype=dtype)
+    w = lambda *s: (torch.randn(*s, device="cuda") * 0.3).to(dtype)  # noqa: E731
+    return (x, w(hidden, cin), w(hidden), w(hidden, 3, 3), w(hidden), w(cout, hidden), w(cout),
+            stride, residual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_opcheck(backend, dtype):
+    op = (torch.ops.mnv2.triton_fused_inverted_residual if backend == "triton"
+          else torch.ops.mnv2.fused_inverted_residual)
+    args = list(_op_args(dtype))
+    for i in range(7):
+        args[i] = args[i].requires_grad_()
+    torch.library.opcheck(op, tuple(args), test_utils=("test_schema", "test_faketensor",
+                                                       "test_autograd_registration",
+                                                       "test_aot_dispatch_dynamic"))
+
+
+def test_compile_fullgraph(backend):
+    shape = BLOCK_SHAPES[5]
+    _, fused = gpu_pair(shape, torch.float16)
+    x = make_input(shape, 4, torch.float16, True)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x), fused(x)) <= 1e-3
+
+
+def test_compile_fullgraph_backward(backend):
+    shape = BLOCK_SHAPES[4]
+    _, fused = gpu_pair(shape, torch.float32)
+    x = make_input(shape, 2, torch.float32, True).requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True)
+    torch.manual_seed(2)
+    _, eager = _grads(fused, x)
+    torch.manual_seed(2)
+    _, comp = _grads(compiled, x)
+    for a, b in zip(eager, comp):
+        assert rel_err(a, b) <= 1e-5
+
+
+# ---------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[1], BLOCK_SHAPES[3], BLOCK_SHAPES[16]], ids=block_id)
+def test_no_hidden_sized_allocation(shape, backend):
+    """Forward and backward allocate far less than one hidden tensor beyond their outputs."""
+    inp, oup, stride, t, h = shape
+    _, fused = gpu_pair(shape, torch.float16)
+    x = make_input(shape, 32, torch.float16, True).requires_grad_()
+    ho = (h - 1) // stride + 1
+    hidden_bytes = 32 * inp * t * ho * ho * 2
+    out_bytes = 32 * oup * ho * ho * 2
+    with torch.no_grad():
+        fused(x)  # warm-up: compile kernels, build caches
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        y = fused(x)
+    torch.cuda.synchronize()
+    fwd_extra = torch.cuda.max_memory_allocated() - base - out_bytes
+    assert fwd_extra < hidden_bytes / 4, f"forward scratch {fwd_extra} B vs hidden {hidden_bytes} B"
+    del y
+    y = fused(x)
+    g = torch.randn_like(y)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.autograd.grad(y, [x] + list(fused.parameters()), g)
+    torch.cuda.synchronize()
+    params = sum(p.numel() * 4 for p in fused.parameters()) * 4  # grads, folded copies, fp32 partials
+    bwd_extra = torch.cuda.max_memory_allocated() - base - x.numel() * 2 - params
+    assert bwd_extra < hidden_bytes / 2, f"backward scratch {bwd_extra} B vs hidden {hidden_bytes} B"
+
+
+# ---------------------------------------------------------------------------- model
+def test_whole_model_fp16(backend):
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2()
+    mnv2_kernels.testing.randomize_batch_norm(tv)
+    tv = tv.cuda().eval()
+    ours = mnv2_kernels.convert_model(copy.deepcopy(tv))
+    x = torch.randn(8, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = copy.deepcopy(tv).double()(x.double())
+        theirs = tv.half()(x.half())
+        got = ours.half()(x.half())
+    assert rel_err(got, ref) <= 2 * rel_err(theirs, ref)
