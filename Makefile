@@ -99,7 +99,8 @@ cuda-resources: $(STAMPS)/deps
 	for f in csrc/cuda/*.cu; do \
 	  $(CUDA_HOME)/bin/nvcc -std=c++20 -O3 -gencode=arch=compute_90,code=sm_90 -Xptxas=-v \
 	    --expt-relaxed-constexpr -DMNV2_WITH_CUDA -Icsrc $$inc -c $$f -o build/ptxas/$$(basename $$f).o \
-	    2>&1 | grep -E "Compiling entry|Used|spill|stack frame" | sed -E 's/ptxas info *: //'; \
+	    2>&1 | grep -E "Compiling entry|Used|spill|stack frame" | sed -E "s/ptxas info *: //; s/'//g" \
+	    | c++filt | sed -E 's/\(anonymous namespace\):://g; s/mnv2::cuda:://g'; \
 	done
 
 # bench/gpu_check.sh rehearsed on the CPU: tiny sizes, Triton interpreted.

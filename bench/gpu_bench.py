@@ -98,40 +98,58 @@ def compiled(module, mode):
     return torch.compile(module, mode=None if mode == "default" else mode)
 
 
-def bench_blocks(args, device, dtype, backends, timer, results):
-    shapes = mobilenet_block_shapes()
-    for i, (inp, oup, stride, t, h) in enumerate(shapes):
+def _block_case(args, device, dtype, i, shape):
+    inp, oup, stride, t, h = shape
+    h = h if not args.dry_run else max(2, h // 28)
+    torch.manual_seed(i)
+    tv = InvertedResidual(inp, oup, stride, t)
+    randomize_batch_norm(tv)
+    tv = tv.to(device=device, dtype=dtype, memory_format=CL).eval()
+    x = torch.randn(args.batch, inp, h, h, device=device).to(dtype).contiguous(memory_format=CL)
+    return tv, x, h
+
+
+def _row(results, section, **key):
+    for r in results[section]:
+        if all(r.get(k) == v for k, v in key.items()):
+            return r
+    row = dict(key)
+    results[section].append(row)
+    return row
+
+
+def bench_blocks(args, device, dtype, backends, timer, results, phase):
+    """phase "fused": eager and the fused backends; phase "compile": the torch.compile
+    baseline, added to the same rows (last, because it is slow to build)."""
+    for i, shape in enumerate(mobilenet_block_shapes()):
         if args.blocks and (i + 1) not in args.blocks:
             continue
-        h = h if not args.dry_run else max(2, h // 28)
-        name = f"block{i + 1:02d} {inp}->{oup} t{t} s{stride} {h}x{h}"
-        torch.manual_seed(i)
-        tv = InvertedResidual(inp, oup, stride, t)
-        randomize_batch_norm(tv)
-        tv = tv.to(device=device, dtype=dtype, memory_format=CL).eval()
-        fused = mnv2_kernels.convert_model(copy.deepcopy(tv))
-        x = torch.randn(args.batch, inp, h, h, device=device).to(dtype).contiguous(memory_format=CL)
-        row = {"block": i + 1, "name": name, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
-        row["eager"] = timer(plain_forward(tv, x))
-        if args.compile_mode != "none":
+        inp, oup, stride, t, _ = shape
+        tv, x, h = _block_case(args, device, dtype, i, shape)
+        dname = str(dtype).replace("torch.", "")
+        row = _row(results, "blocks", block=i + 1, dtype=dname)
+        row.update(name=f"block{i + 1:02d} {inp}->{oup} t{t} s{stride} {h}x{h}", batch=args.batch)
+        if phase == "compile":
             try:
                 row["compile"] = timer(plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
             except Exception as exc:  # a compile failure is reported, not fatal
                 row["compile_error"] = repr(exc)[:300]
-        for b in backends:
-            try:
-                row[b] = timer(fused_forward(fused, x, b))
-            except Exception as exc:
-                row[f"{b}_error"] = repr(exc)[:300]
-        hidden = inp * t
-        ho = (h - 1) // stride + 1
-        item = x.element_size()
-        row["io_bytes"] = (x.numel() + args.batch * oup * ho * ho) * item + sum(
-            p.numel() * item for p in tv.parameters())
-        row["hidden_bytes"] = args.batch * hidden * ho * ho * item
-        results["blocks"].append(row)
+        else:
+            fused = mnv2_kernels.convert_model(copy.deepcopy(tv))
+            row["eager"] = timer(plain_forward(tv, x))
+            for b in backends:
+                try:
+                    row[b] = timer(fused_forward(fused, x, b))
+                except Exception as exc:
+                    row[f"{b}_error"] = repr(exc)[:300]
+            ho = (h - 1) // stride + 1
+            item = x.element_size()
+            row["io_bytes"] = (x.numel() + args.batch * oup * ho * ho) * item + sum(
+                p.numel() * item for p in tv.parameters())
+            row["hidden_bytes"] = args.batch * inp * t * ho * ho * item
+        save(args, results)
         cols = " ".join(f"{k}={row[k]:.3f}" for k in ("eager", "compile", *backends) if k in row)
-        log(f"  {name} {row['dtype']}: {cols} ms")
+        log(f"  {row['name']} {dname}: {cols} ms")
 
 
 def _fused_model(tv):
@@ -140,7 +158,7 @@ def _fused_model(tv):
     return model
 
 
-def bench_model(args, device, dtype, backends, timer, results):
+def bench_model(args, device, dtype, backends, timer, results, phase):
     torch.manual_seed(0)
     res = 224 if not args.dry_run else 16
     tv = torchvision.models.mobilenet_v2()
@@ -148,29 +166,31 @@ def bench_model(args, device, dtype, backends, timer, results):
     ours = _fused_model(tv).to(device=device, dtype=dtype, memory_format=CL).eval()
     tv = tv.to(device=device, dtype=dtype, memory_format=CL).eval()
     x = torch.randn(args.batch, 3, res, res, device=device).to(dtype).contiguous(memory_format=CL)
-    row = {"dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "resolution": res}
-    row["eager"] = timer(plain_forward(tv, x))
-    if args.compile_mode != "none":
+    row = _row(results, "model", dtype=str(dtype).replace("torch.", ""))
+    row.update(batch=args.batch, resolution=res)
+    if phase == "compile":
         try:
             row["compile"] = timer(plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
         except Exception as exc:
             row["compile_error"] = repr(exc)[:300]
-    for b in backends:
-        try:
-            row[b] = timer(fused_forward(ours, x, b))
-        except Exception as exc:
-            row[f"{b}_error"] = repr(exc)[:300]
-    # inference peak memory above the weights and the input
-    for label, fn in [("eager", plain_forward(tv, x))] + [(b, fused_forward(ours, x, b)) for b in backends
-                                                          if b in row]:
-        if device == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            torch.cuda.synchronize()
-            row[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    results["model"].append(row)
+    else:
+        row["eager"] = timer(plain_forward(tv, x))
+        for b in backends:
+            try:
+                row[b] = timer(fused_forward(ours, x, b))
+            except Exception as exc:
+                row[f"{b}_error"] = repr(exc)[:300]
+        # inference peak memory above the weights and the input
+        for label, fn in [("eager", plain_forward(tv, x))] + [(b, fused_forward(ours, x, b))
+                                                              for b in backends if b in row]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
+                row[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    save(args, results)
     cols = " ".join(f"{k}={row[k]:.2f}" for k in ("eager", "compile", *backends) if k in row)
     log(f"  model {row['dtype']} batch {args.batch}: {cols} ms")
 
@@ -212,8 +232,17 @@ def bench_train(args, device, dtype, backends, timer, results):
         except Exception as exc:
             row[f"{label}_error"] = repr(exc)[:300]
     results["train"].append(row)
+    save(args, results)
     cols = " ".join(f"{k}={row[k]:.2f}" for k in ("eager", *backends) if k in row)
     log(f"  train step {row['dtype']} batch {args.batch}: {cols} ms")
+
+
+def save(args, results):
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_bench.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -235,7 +264,8 @@ def main(argv=None):
     if device == "cpu":
         args.dry_run = True
         args.batch = min(args.batch, 2)
-        args.compile_mode = "none"
+        if args.compile_mode == "max-autotune":  # Inductor's CPU autotuning takes many minutes
+            args.compile_mode = "none"
     backends = backends_here(device)
     timer = (Timer(device, min_reps=1, max_reps=1, max_warmup=1) if args.dry_run
              else Timer(device, min_reps=5, max_reps=50))
@@ -247,19 +277,26 @@ def main(argv=None):
     # The interpreter needs minutes for one pass of the wide late blocks: dry runs
     # time the whole model and the train step on torchvision only.
     model_backends = [] if args.dry_run else backends
-    for dname in [d for d in args.dtypes.split(",") if d]:
-        dtype = DTYPES[dname]
-        if not args.no_model:  # the model first: its max-autotune run warms the per-conv autotune cache
-            bench_model(args, device, dtype, model_backends, timer, results)
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",") if d]
+    # Cheap figures first, the slow-to-build torch.compile baselines last, and the
+    # JSON rewritten after every row: a run cut short keeps what it measured.
+    for dtype in dtypes:
         if not args.no_blocks:
-            bench_blocks(args, device, dtype, backends, timer, results)
+            bench_blocks(args, device, dtype, backends, timer, results, "fused")
+        if not args.no_model:
+            bench_model(args, device, dtype, model_backends, timer, results, "fused")
     if not args.no_train:
         bench_train(args, device, DTYPES[args.train_dtype] if not args.dry_run else torch.float32,
                     model_backends, timer, results)
+    if args.compile_mode != "none":
+        for dtype in dtypes:
+            # the model first: its autotuning fills the per-convolution cache the blocks reuse
+            if not args.no_model:
+                bench_model(args, device, dtype, model_backends, timer, results, "compile")
+            if not args.no_blocks:
+                bench_blocks(args, device, dtype, backends, timer, results, "compile")
     results["seconds"] = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save(args, results)
     log(f"gpu_bench: {results['seconds']:.0f} s, wrote {os.path.join(args.out, 'gpu_bench.json')}")
     return 0
 

@@ -34,6 +34,9 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   [ $DRY = 0 ] && echo "gpu_check: no CUDA GPU here: dry run on the CPU"
   DRY=1
 fi
+# One default Triton config per kernel unless asked: autotuning compiles every config
+# for every block shape, minutes of a short GPU lease.
+export MNV2_TRITON_AUTOTUNE=${MNV2_TRITON_AUTOTUNE:-0}
 OUT=${OUT:-bench/results/gpu-latest}
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
@@ -44,7 +47,8 @@ step() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 # ---------------------------------------------------------------- environment
 $PY - "$OUT/env.json" "$DRY" <<'PYEOF'
 import json, subprocess, sys, torch
-env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+import os
+env = {"torch": torch.__version__, "MNV2_TRITON_AUTOTUNE": os.environ.get("MNV2_TRITON_AUTOTUNE", "0"), "cuda": torch.version.cuda, "python": sys.version.split()[0]}
 try:
     import triton
     env["triton"] = triton.__version__

@@ -1,6 +1,7 @@
 """Which implementation runs the fused block.
 
-    "auto"       the fastest one that can run the given tensors (default)
+    "auto"       the fastest one that can run the given tensors (default): on the
+                 CPU the C++ kernel; on CUDA tensors Triton, else the CUDA kernel
     "cpu"        the C++ CPU kernel (float32/float64 CPU tensors)
     "cuda"       the CUDA kernel (CUDA tensors; needs a build with nvcc)
     "triton"     the Triton kernel (CUDA tensors; CPU tensors too under
@@ -88,10 +89,13 @@ def resolve(x: torch.Tensor) -> str:
                         "use backend 'reference' for other dtypes")
             return "cpu"
         if device == "cuda":
-            if _extension.has_cuda_kernels() and _cuda_capable(x):
-                return "cuda"
+            # Triton first: its dots use the tensor cores, the CUDA kernel is FFMA
+            # only so far (H200, fp16, 24->144->24 at 56x56: Triton 0.115 ms at
+            # batch 32, CUDA 0.74 ms at batch 64; bench/results/h200-2026-11-26).
             if _triton_available():
                 return "triton"
+            if _extension.has_cuda_kernels() and _cuda_capable(x):
+                return "cuda"
             _warn_once("cuda", "mnv2_kernels: no fused GPU kernel is available in this build; "
                        "CUDA tensors run on the 'reference' backend")
             return "reference"
