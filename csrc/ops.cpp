@@ -47,6 +47,15 @@ TORCH_LIBRARY(mnv2, m) {
       "depthwise_moments(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, int stride) "
       "-> (Tensor mean, Tensor var)",
       {at::Tag::pt2_compliant_tag});
+  // Gradients of depthwise_moments' inputs for grad_z2 = alpha + beta * z2 (alpha, beta:
+  // (hidden,) vectors formed from the incoming gradients of mean and var). CPU kernel: the
+  // fused backward kernel with the project step replaced; recomputes, allocates nothing
+  // hidden-sized.
+  m.def(
+      "depthwise_moments_backward(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, "
+      "int stride, Tensor alpha, Tensor beta) -> (Tensor grad_x, Tensor grad_w_expand, "
+      "Tensor grad_b_expand, Tensor grad_w_dw)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 // The inference-only operators have no derivative: differentiating through

@@ -212,7 +212,15 @@ def _depthwise_moments_impl(x, w_expand, b_expand, w_dw, stride):
 
 
 def _depthwise_moments_backward(ctx, g_mean, g_var):
-    x, w_expand, b_expand, w_dw = ctx.saved_tensors
+    x, w_expand, b_expand, w_dw, mean = ctx.saved_tensors
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, ctx.stride, mean, g_mean, g_var)
+    return _depthwise_moments_backward_generic(ctx, g_mean, g_var)
+
+
+def _depthwise_moments_backward_generic(ctx, g_mean, g_var):
+    """PyTorch ops over hidden-channel slices of the input's width (any device)."""
+    x, w_expand, b_expand, w_dw, _ = ctx.saved_tensors
     stride = ctx.stride
     acc = _acc_dtype(x)
     xa = x.to(acc)
@@ -247,6 +255,23 @@ def _depthwise_moments_backward(ctx, g_mean, g_var):
     if w_expand is None:
         return g_x, None, None, g_w_dw.to(w_dw.dtype), None
     return g_x, g_w.to(w_expand.dtype), g_b.to(b_expand.dtype), g_w_dw.to(w_dw.dtype), None
+
+
+def _depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, stride, mean, g_mean, g_var):
+    """The CPU kernel of the backward: with M values per channel,
+    d mean / d z2 = 1/M and d var / d z2 = 2 (z2 - mean) / M, so
+    grad_z2 = alpha + beta * z2 with beta = 2 g_var / M, alpha = g_mean / M - beta mean."""
+    n, _, h, w = x.shape
+    ho, wo = output_size(h, w, stride)
+    count = n * ho * wo
+    zeros = torch.zeros_like(mean)
+    beta = 2.0 * g_var / count if g_var is not None else zeros
+    alpha = (g_mean / count if g_mean is not None else zeros) - beta * mean
+    g_x, g_w, g_b, g_wd = torch.ops.mnv2.depthwise_moments_backward.default(
+        x, w_expand, b_expand, w_dw, stride, alpha.to(x.dtype), beta.to(x.dtype))
+    if w_expand is None:
+        return g_x, None, None, g_wd, None
+    return g_x, g_w, g_b, g_wd, None
 
 
 # ----------------------------------------------------------------------------
@@ -361,11 +386,19 @@ def _register():
 
     def setup_depthwise(ctx, inputs, output):
         x, w_expand, b_expand, w_dw, stride = inputs
-        ctx.save_for_backward(x, w_expand, b_expand, w_dw)
+        # the inputs and the (per-channel) mean: nothing hidden-sized
+        ctx.save_for_backward(x, w_expand, b_expand, w_dw, output[0])
         ctx.stride = stride
 
     torch.library.register_autograd("mnv2::depthwise_moments", _depthwise_moments_backward,
                                     setup_context=setup_depthwise)
+
+    @torch.library.register_fake("mnv2::depthwise_moments_backward")
+    def _(x, w_expand, b_expand, w_dw, stride, alpha, beta):
+        he = w_dw.shape[0] if w_expand is not None else 0
+        return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x)),
+                x.new_empty((he, x.shape[1] if w_expand is not None else 0)), x.new_empty((he,)),
+                x.new_empty(tuple(w_dw.shape)))
 
 
 if _extension.LOADED:

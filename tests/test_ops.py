@@ -70,6 +70,41 @@ def test_gradcheck_moment_ops_float64(t):
         assert torch.autograd.gradcheck(ops.depthwise_moments, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("cfg", [(3, 6, 1, (5, 4)), (4, 6, 2, (7, 5)), (5, 1, 1, (3, 6)), (6, 1, 2, (4, 4)),
+                                 (16, 6, 2, (9, 11)), (24, 6, 1, (8, 8))], ids=str)
+def test_depthwise_moments_fused_backward_matches_pytorch(cfg, channels_last, dtype):
+    """The CPU kernel of depthwise_moments' backward (the fused backward kernel in
+    moments mode) against the chunked PyTorch backward, each with only the mean,
+    only the variance, and both incoming gradients."""
+    cin, t, stride, (h, w) = cfg
+    g = torch.Generator().manual_seed(cin + t + stride)
+    hidden = cin * t
+    x = torch.randn(2, cin, h, w, dtype=dtype, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    we = (torch.randn(hidden, cin, dtype=dtype, generator=g) / cin ** 0.5) if t != 1 else None
+    be = torch.randn(hidden, dtype=dtype, generator=g) if t != 1 else None
+    wd = torch.randn(hidden, 3, 3, dtype=dtype, generator=g) / 3
+    with torch.no_grad():
+        mean, _ = ops.depthwise_moments(x, we, be, wd, stride)
+    gm = torch.randn(hidden, dtype=mean.dtype, generator=g)
+    gv = torch.randn(hidden, dtype=mean.dtype, generator=g)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for g_mean, g_var in ((gm, None), (None, gv), (gm, gv)):
+        fused = ops._depthwise_moments_backward_fused(x, we, be, wd, stride, mean, g_mean, g_var)
+        ctx = type("Ctx", (), {"saved_tensors": (x, we, be, wd, mean), "stride": stride})()
+        generic = ops._depthwise_moments_backward_generic(ctx, g_mean, g_var)
+        for a, b in zip(fused, generic):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape == b.shape
+                assert rel_err(a, b) <= tol, (g_mean is not None, g_var is not None)
+        assert fused[0].is_contiguous(memory_format=torch.channels_last if channels_last
+                                      else torch.contiguous_format)
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", [(4, 4, 1, 6), (4, 5, 2, 6), (4, 4, 1, 1), (3, 5, 2, 1)], ids=str)
 def test_gradcheck_module_float64(cfg, train, cpu_backend):

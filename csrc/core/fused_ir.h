@@ -148,6 +148,12 @@ struct BackwardArgs {
   T* gx;  // may be null when the input gradient is not needed
   Strides4 gxs;
   T* side;  // plan.side_floats elements, only used when gx != nullptr
+  // Moments mode (the backward of batch statistics of the depthwise output):
+  // when non-null, grad_z2 = alpha + beta * z2 per channel (hp-padded arrays)
+  // replaces the project step; gy, w_project and b_project are not used, and
+  // b_dw must be zero (the statistics are of the depthwise output before its bias).
+  const T* moment_alpha = nullptr;
+  const T* moment_beta = nullptr;
 };
 
 // Adds the side-buffer rows into gx. Serial; call after every item is done.

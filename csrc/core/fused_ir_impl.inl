@@ -470,7 +470,7 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
   };
 
   const T* wd = a.packed + l.wd;
-  const T* gy_n = a.gy + n * a.gys.n;
+  const T* gy_n = a.gy != nullptr ? a.gy + n * a.gys.n : nullptr;
   const T* x_n = a.x + n * a.xs.n;
 
   auto finish_row = [&](int64_t i) {
@@ -501,7 +501,7 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
       return;
     }
     T* gx = a.gx + n * a.gxs.n + i * a.gxs.h;
-    const T* gyr = gy_n + i * a.gys.h;  // residual implies stride 1: same row
+    const T* gyr = s.residual ? gy_n + i * a.gys.h : nullptr;  // residual: stride 1, same row
     for (int64_t w = 0; w < W; ++w) {
       for (int64_t c = 0; c < s.cin; ++c) {
         T v = src[w * ld + c];
@@ -522,20 +522,30 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
     }
     const T* rr[3] = {win.row(i0), win.row(i0 + 1), win.row(i0 + 2)};
     dw3x3_row(rr, 0, W, st, 0, Wo, hp, wd, hp, a.packed + l.bd, buf.z2, false);
-    for (int64_t e = 0; e < Wo * hp; e += VL) vstore(buf.a2 + e, relu6(vload(buf.z2 + e)));
 
-    const T* gyr = gy_n + r * a.gys.h;
-    T* g_bp = grads + gl.g_bp;
-    for (int64_t o = 0; o < s.cout; ++o) {
-      T sum = T(0);
-      for (int64_t q = 0; q < Wo; ++q) sum += gyr[o * a.gys.c + q * a.gys.w];
-      g_bp[o] += sum;
-    }
-    gemm(s.cout, hp, Wo, gyr, a.gys.c, a.gys.w, buf.a2, hp, grads + gl.g_wp, hp, nullptr,
-         kAccumulate);
-    gemm(Wo, hp, s.cout, gyr, a.gys.w, a.gys.c, a.packed + l.wp_nk, hp, buf.gz2, hp, nullptr, 0);
-    for (int64_t e = 0; e < Wo * hp; e += VL) {
-      vstore(buf.gz2 + e, relu6_grad(vload(buf.gz2 + e), vload(buf.z2 + e)));
+    if (a.moment_alpha != nullptr) {
+      // d(statistics)/d z2: affine in z2, channel by channel
+      for (int64_t q = 0; q < Wo; ++q) {
+        for (int64_t c = 0; c < hp; c += VL) {
+          vstore(buf.gz2 + q * hp + c,
+                 vload(a.moment_alpha + c) + vload(a.moment_beta + c) * vload(buf.z2 + q * hp + c));
+        }
+      }
+    } else {
+      const T* gyr = gy_n + r * a.gys.h;
+      T* g_bp = grads + gl.g_bp;
+      for (int64_t o = 0; o < s.cout; ++o) {
+        T sum = T(0);
+        for (int64_t q = 0; q < Wo; ++q) sum += gyr[o * a.gys.c + q * a.gys.w];
+        g_bp[o] += sum;
+      }
+      for (int64_t e = 0; e < Wo * hp; e += VL) vstore(buf.a2 + e, relu6(vload(buf.z2 + e)));
+      gemm(s.cout, hp, Wo, gyr, a.gys.c, a.gys.w, buf.a2, hp, grads + gl.g_wp, hp, nullptr,
+           kAccumulate);
+      gemm(Wo, hp, s.cout, gyr, a.gys.w, a.gys.c, a.packed + l.wp_nk, hp, buf.gz2, hp, nullptr, 0);
+      for (int64_t e = 0; e < Wo * hp; e += VL) {
+        vstore(buf.gz2 + e, relu6_grad(vload(buf.gz2 + e), vload(buf.z2 + e)));
+      }
     }
     T* const ga[3] = {ga1_row(i0), ga1_row(i0 + 1), ga1_row(i0 + 2)};
     dw3x3_row_backward(rr, ga, buf.gz2, W, st, Wo, hp, wd, grads + gl.g_wd, grads + gl.g_bd);

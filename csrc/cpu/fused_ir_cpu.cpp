@@ -248,7 +248,8 @@ template <typename T>
 void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tensor& x,
                    const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
                    const at::Tensor& b_dw, const at::Tensor& w_project,
-                   const at::Tensor& b_project, Grads& out) {
+                   const at::Tensor& b_project, Grads& out,
+                   const at::Tensor* moment_alpha = nullptr, const at::Tensor* moment_beta = nullptr) {
   const Kernels<T>& k = kernels().get<T>();
   const Layout l = make_layout(s, k.vl, true);
   const GradLayout gl = make_grad_layout(s, l);
@@ -258,9 +259,20 @@ void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tens
   const at::TensorOptions opts = dense_options(x);
   at::Tensor& gx = std::get<0>(out);
   at::Tensor side = at::empty({plan.side_floats}, opts);
-  const BackwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x), grad_y.const_data_ptr<T>(),
-                             strides_of(grad_y), packed.const_data_ptr<T>(),
-                             gx.mutable_data_ptr<T>(), strides_of(gx), side.mutable_data_ptr<T>()};
+  const bool moments = moment_alpha != nullptr;
+  BackwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x),
+                       moments ? nullptr : grad_y.const_data_ptr<T>(),
+                       moments ? strides_of(x) : strides_of(grad_y), packed.const_data_ptr<T>(),
+                       gx.mutable_data_ptr<T>(), strides_of(gx), side.mutable_data_ptr<T>()};
+  at::Tensor alpha_p, beta_p;
+  if (moments) {  // padded to the layout's hidden width with zeros
+    alpha_p = at::zeros({l.hp}, dense_options(x));
+    beta_p = at::zeros({l.hp}, dense_options(x));
+    alpha_p.narrow(0, 0, s.hidden).copy_(*moment_alpha);
+    beta_p.narrow(0, 0, s.hidden).copy_(*moment_beta);
+    args.moment_alpha = alpha_p.const_data_ptr<T>();
+    args.moment_beta = beta_p.const_data_ptr<T>();
+  }
   // A fixed number of tasks, each owning a contiguous range of items and its own
   // gradient partials, reduced in task order: bitwise repeatable for a given
   // thread count.
@@ -313,6 +325,46 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
   return out;
 }
 
+// Backward of depthwise_moments (train-mode bn2 statistics) through the fused
+// backward kernel: grad_z2 = alpha + beta * z2 per hidden channel, where
+// z2 = dw3x3(relu6(w_expand x + b_expand)) without bias, and alpha, beta carry
+// the incoming gradients of the mean and variance. Recomputes row by row;
+// nothing hidden-sized is allocated.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_backward_cpu(
+    const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
+    const at::Tensor& w_dw, int64_t stride, const at::Tensor& alpha, const at::Tensor& beta) {
+  check_x(x);
+  const int64_t hidden = w_dw.size(0);
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == hidden && beta.dim() == 1 && beta.size(0) == hidden,
+              "mnv2: alpha and beta must be (hidden,) = (", hidden, ",) vectors, got ", alpha.sizes(),
+              " and ", beta.sizes());
+  TORCH_CHECK(alpha.scalar_type() == x.scalar_type() && beta.scalar_type() == x.scalar_type() &&
+                  alpha.device() == x.device() && beta.device() == x.device(),
+              "mnv2: alpha and beta must match x's dtype and device");
+  const at::TensorOptions opts = dense_options(x);
+  // A one-channel project step with zero weights stands in for the absent one.
+  const at::Tensor b_dw = at::zeros({hidden}, opts), w_project = at::zeros({1, hidden}, opts),
+                   b_project = at::zeros({1}, opts);
+  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, false);
+  const int64_t he = s.has_expand ? s.hidden : 0;
+  Grads out{at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
+            at::zeros({he, s.has_expand ? s.cin : 0}, opts),
+            at::zeros({he}, opts),
+            at::zeros({s.hidden, 3, 3}, opts),
+            at::zeros({s.hidden}, opts),
+            at::zeros({s.cout, s.hidden}, opts),
+            at::zeros({s.cout}, opts)};
+  if (s.batch == 0) {
+    std::get<0>(out).zero_();
+  } else {
+    const at::Tensor a = alpha.contiguous(), b = beta.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_depthwise_moments_backward", [&] {
+      backward_impl<scalar_t>(s, x, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, out, &a, &b);
+    });
+  }
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+}
+
 }  // namespace
 
 int64_t max_scratch_bytes() { return g_max_scratch_bytes.load(); }
@@ -323,6 +375,7 @@ TORCH_LIBRARY_IMPL(mnv2, CPU, m) {
   m.impl("fused_inverted_residual_backward", &fused_inverted_residual_backward_cpu);
   m.impl("pack_weights", &pack_weights_cpu);
   m.impl("fused_inverted_residual_packed", &fused_inverted_residual_packed_cpu);
+  m.impl("depthwise_moments_backward", &depthwise_moments_backward_cpu);
 }
 
 }  // namespace mnv2
