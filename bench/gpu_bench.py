@@ -71,6 +71,16 @@ class Timer:
         return statistics.median(times)
 
 
+def peak_bytes(fn):
+    """Peak CUDA memory of one fn() call above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def backends_here(device):
     names = []
     if device == "cuda" and _extension.has_cuda_kernels():
@@ -184,12 +194,7 @@ def bench_model(args, device, dtype, backends, timer, results, phase):
         for label, fn in [("eager", plain_forward(tv, x))] + [(b, fused_forward(ours, x, b))
                                                               for b in backends if b in row]:
             if device == "cuda":
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                fn()
-                torch.cuda.synchronize()
-                row[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+                row[f"{label}_peak_bytes"] = peak_bytes(fn)
     save(args, results)
     cols = " ".join(f"{k}={row[k]:.2f}" for k in ("eager", "compile", *backends) if k in row)
     log(f"  model {row['dtype']} batch {args.batch}: {cols} ms")
@@ -223,12 +228,7 @@ def bench_train(args, device, dtype, backends, timer, results):
         try:
             row[label] = timer(fn, warmup=2)
             if device == "cuda":
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                fn()
-                torch.cuda.synchronize()
-                row[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+                row[f"{label}_peak_bytes"] = peak_bytes(fn)
         except Exception as exc:
             row[f"{label}_error"] = repr(exc)[:300]
     results["train"].append(row)

@@ -15,25 +15,15 @@
 #include <tuple>
 
 #include "core/fused_ir.h"
+#include "glue_checks.h"
 
 namespace mnv2 {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-void check_param(const at::Tensor& p, const char* name, const at::Tensor& ref,
-                 at::IntArrayRef expected) {
-  TORCH_CHECK(p.device() == ref.device(), "mnv2: ", name, " is on ", p.device(), " but x is on ",
-              ref.device());
-  TORCH_CHECK(p.scalar_type() == ref.scalar_type(), "mnv2: ", name, " has dtype ", p.scalar_type(),
-              " but x has dtype ", ref.scalar_type());
-  TORCH_CHECK(p.sizes() == expected, "mnv2: ", name, " must have shape ", expected, ", got ",
-              p.sizes());
-}
+using glue::check_weights;
+using glue::finish_shape;
+using glue::OptTensor;
+using glue::strides_of;
 
 void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "mnv2: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
@@ -42,50 +32,6 @@ void check_x(const at::Tensor& x) {
               "mnv2: the CPU kernel supports float32 and float64, got ", x.scalar_type());
   TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "mnv2: x must have height and width >= 1, got ",
               x.sizes());
-}
-
-// Validates the weights against `ref` (x, whose device and dtype they must
-// share) and returns the block's channel counts in a shape.
-BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTensor& w_expand,
-                         const OptTensor& b_expand, const at::Tensor& w_dw, const at::Tensor& b_dw,
-                         const at::Tensor& w_project, const at::Tensor& b_project) {
-  TORCH_CHECK(w_expand.has_value() == b_expand.has_value(),
-              "mnv2: w_expand and b_expand must be given together (or both omitted when t == 1)");
-  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, 3, 3), got ", w_dw.sizes());
-  TORCH_CHECK(w_project.dim() == 2, "mnv2: w_project must be 2-D (Cout, hidden), got ",
-              w_project.sizes());
-  BlockShape s{};
-  s.cin = cin;
-  s.hidden = w_dw.size(0);
-  s.cout = w_project.size(0);
-  s.has_expand = w_expand.has_value();
-  if (s.has_expand) {
-    check_param(*w_expand, "w_expand", ref, {s.hidden, s.cin});
-    check_param(*b_expand, "b_expand", ref, {s.hidden});
-  } else {
-    TORCH_CHECK(s.hidden == s.cin, "mnv2: without w_expand (t == 1) w_dw must have x's ", s.cin,
-                " channels, got ", s.hidden);
-  }
-  check_param(w_dw, "w_dw", ref, {s.hidden, 3, 3});
-  check_param(b_dw, "b_dw", ref, {s.hidden});
-  check_param(w_project, "w_project", ref, {s.cout, s.hidden});
-  check_param(b_project, "b_project", ref, {s.cout});
-  return s;
-}
-
-// Completes `s` with x's geometry, the stride and the residual, and validates it.
-void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, bool residual) {
-  TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
-              "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
-              ", Cout ", s.cout);
-  s.batch = x.size(0);
-  s.in_h = x.size(2);
-  s.in_w = x.size(3);
-  s.stride = static_cast<int>(stride);
-  s.residual = residual;
-  const char* err = validate_shape(s);
-  TORCH_CHECK(err == nullptr, "mnv2: ", err);
 }
 
 BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
@@ -244,6 +190,20 @@ at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Ten
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor>;
 
+// grad_x (x's memory format, to be written) and zeroed weight gradients; the
+// expand's are empty when t == 1.
+Grads zero_grads(const BlockShape& s, const at::Tensor& x) {
+  const at::TensorOptions opts = dense_options(x);
+  const int64_t he = s.has_expand ? s.hidden : 0;
+  return {at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
+          at::zeros({he, s.has_expand ? s.cin : 0}, opts),
+          at::zeros({he}, opts),
+          at::zeros({s.hidden, 3, 3}, opts),
+          at::zeros({s.hidden}, opts),
+          at::zeros({s.cout, s.hidden}, opts),
+          at::zeros({s.cout}, opts)};
+}
+
 template <typename T>
 void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tensor& x,
                    const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
@@ -306,15 +266,7 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
               "mnv2: grad_y must have shape ", at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
               ", got ", grad_y.sizes());
-  const at::TensorOptions opts = dense_options(x);
-  const int64_t he = s.has_expand ? s.hidden : 0;
-  Grads out{at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
-            at::zeros({he, s.has_expand ? s.cin : 0}, opts),
-            at::zeros({he}, opts),
-            at::zeros({s.hidden, 3, 3}, opts),
-            at::zeros({s.hidden}, opts),
-            at::zeros({s.cout, s.hidden}, opts),
-            at::zeros({s.cout}, opts)};
+  Grads out = zero_grads(s, x);
   if (s.batch == 0) {
     std::get<0>(out).zero_();
     return out;
@@ -346,14 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_bac
   const at::Tensor b_dw = at::zeros({hidden}, opts), w_project = at::zeros({1, hidden}, opts),
                    b_project = at::zeros({1}, opts);
   const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, false);
-  const int64_t he = s.has_expand ? s.hidden : 0;
-  Grads out{at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
-            at::zeros({he, s.has_expand ? s.cin : 0}, opts),
-            at::zeros({he}, opts),
-            at::zeros({s.hidden, 3, 3}, opts),
-            at::zeros({s.hidden}, opts),
-            at::zeros({s.cout, s.hidden}, opts),
-            at::zeros({s.cout}, opts)};
+  Grads out = zero_grads(s, x);
   if (s.batch == 0) {
     std::get<0>(out).zero_();
   } else {

@@ -100,6 +100,7 @@
 #include <type_traits>
 
 #include "core/fused_ir.h"
+#include "glue_checks.h"
 
 namespace mnv2 {
 namespace cuda {
@@ -770,27 +771,14 @@ int64_t bwdx_smem_floats(const Geo& g, int TQH, int TQW) {
 // Host side
 // ---------------------------------------------------------------------------
 
-using OptTensor = std::optional<at::Tensor>;
+using glue::OptTensor;
+using glue::strides_of;
 
 template <typename T>
 Img<T> img_of(const at::Tensor& t) {
   return Img<T>{t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3),
                 static_cast<int>(t.size(1)), static_cast<int>(t.size(2)),
                 static_cast<int>(t.size(3))};
-}
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-void check_param(const at::Tensor& p, const char* name, const at::Tensor& ref,
-                 at::IntArrayRef expected) {
-  TORCH_CHECK(p.device() == ref.device(), "mnv2: ", name, " is on ", p.device(), " but x is on ",
-              ref.device());
-  TORCH_CHECK(p.scalar_type() == ref.scalar_type(), "mnv2: ", name, " has dtype ", p.scalar_type(),
-              " but x has dtype ", ref.scalar_type());
-  TORCH_CHECK(p.sizes() == expected, "mnv2: ", name, " must have shape ", expected, ", got ",
-              p.sizes());
 }
 
 BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
@@ -805,38 +793,9 @@ BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const Opt
               "mnv2: the CUDA kernel supports float32, float16, bfloat16 and float64, got ", st);
   TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "mnv2: x must have height and width >= 1, got ",
               x.sizes());
-  TORCH_CHECK(w_expand.has_value() == b_expand.has_value(),
-              "mnv2: w_expand and b_expand must be given together (or both omitted when t == 1)");
-  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, 3, 3), got ", w_dw.sizes());
-  TORCH_CHECK(w_project.dim() == 2, "mnv2: w_project must be 2-D (Cout, hidden), got ",
-              w_project.sizes());
-  BlockShape s{};
-  s.cin = x.size(1);
-  s.hidden = w_dw.size(0);
-  s.cout = w_project.size(0);
-  s.has_expand = w_expand.has_value();
-  if (s.has_expand) {
-    check_param(*w_expand, "w_expand", x, {s.hidden, s.cin});
-    check_param(*b_expand, "b_expand", x, {s.hidden});
-  } else {
-    TORCH_CHECK(s.hidden == s.cin, "mnv2: without w_expand (t == 1) w_dw must have x's ", s.cin,
-                " channels, got ", s.hidden);
-  }
-  check_param(w_dw, "w_dw", x, {s.hidden, 3, 3});
-  check_param(b_dw, "b_dw", x, {s.hidden});
-  check_param(w_project, "w_project", x, {s.cout, s.hidden});
-  check_param(b_project, "b_project", x, {s.cout});
-  TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
-              "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
-              ", Cout ", s.cout);
-  s.batch = x.size(0);
-  s.in_h = x.size(2);
-  s.in_w = x.size(3);
-  s.stride = static_cast<int>(stride);
-  s.residual = residual;
-  const char* err = validate_shape(s);
-  TORCH_CHECK(err == nullptr, "mnv2: ", err);
+  BlockShape s = glue::check_weights(x, x.size(1), w_expand, b_expand, w_dw, b_dw, w_project,
+                                     b_project);
+  glue::finish_shape(s, x, stride, residual);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max() / 16;
   TORCH_CHECK(s.batch < kIntMax && s.in_h < kIntMax && s.in_w < kIntMax && s.cin < kIntMax &&
                   s.hidden < kIntMax && s.cout < kIntMax,

@@ -1,0 +1,77 @@
+// Argument checks shared by the ATen glue of every backend (csrc/cpu, csrc/cuda):
+// each names the offending parameter and what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "core/fused_ir.h"
+
+namespace mnv2 {
+namespace glue {
+
+using OptTensor = std::optional<at::Tensor>;
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+inline void check_param(const at::Tensor& p, const char* name, const at::Tensor& ref,
+                        at::IntArrayRef expected) {
+  TORCH_CHECK(p.device() == ref.device(), "mnv2: ", name, " is on ", p.device(), " but x is on ",
+              ref.device());
+  TORCH_CHECK(p.scalar_type() == ref.scalar_type(), "mnv2: ", name, " has dtype ", p.scalar_type(),
+              " but x has dtype ", ref.scalar_type());
+  TORCH_CHECK(p.sizes() == expected, "mnv2: ", name, " must have shape ", expected, ", got ",
+              p.sizes());
+}
+
+// Validates the weights against `ref` (x, whose device and dtype they must
+// share) and returns the block's channel counts in a shape.
+inline BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTensor& w_expand,
+                                const OptTensor& b_expand, const at::Tensor& w_dw,
+                                const at::Tensor& b_dw, const at::Tensor& w_project,
+                                const at::Tensor& b_project) {
+  TORCH_CHECK(w_expand.has_value() == b_expand.has_value(),
+              "mnv2: w_expand and b_expand must be given together (or both omitted when t == 1)");
+  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, 3, 3), got ", w_dw.sizes());
+  TORCH_CHECK(w_project.dim() == 2, "mnv2: w_project must be 2-D (Cout, hidden), got ",
+              w_project.sizes());
+  BlockShape s{};
+  s.cin = cin;
+  s.hidden = w_dw.size(0);
+  s.cout = w_project.size(0);
+  s.has_expand = w_expand.has_value();
+  if (s.has_expand) {
+    check_param(*w_expand, "w_expand", ref, {s.hidden, s.cin});
+    check_param(*b_expand, "b_expand", ref, {s.hidden});
+  } else {
+    TORCH_CHECK(s.hidden == s.cin, "mnv2: without w_expand (t == 1) w_dw must have x's ", s.cin,
+                " channels, got ", s.hidden);
+  }
+  check_param(w_dw, "w_dw", ref, {s.hidden, 3, 3});
+  check_param(b_dw, "b_dw", ref, {s.hidden});
+  check_param(w_project, "w_project", ref, {s.cout, s.hidden});
+  check_param(b_project, "b_project", ref, {s.cout});
+  return s;
+}
+
+// Completes `s` with x's geometry, the stride and the residual, and validates it.
+inline void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, bool residual) {
+  TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
+              "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
+              ", Cout ", s.cout);
+  s.batch = x.size(0);
+  s.in_h = x.size(2);
+  s.in_w = x.size(3);
+  s.stride = static_cast<int>(stride);
+  s.residual = residual;
+  const char* err = validate_shape(s);
+  TORCH_CHECK(err == nullptr, "mnv2: ", err);
+}
+
+}  // namespace glue
+}  // namespace mnv2
