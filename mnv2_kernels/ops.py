@@ -375,7 +375,8 @@ def _register():
                                     setup_context=setup_saving_inputs)
 
     # depthwise_moments --------------------------------------------------------
-    torch.library.register_kernel("mnv2::depthwise_moments", ("cpu", "cuda"), _depthwise_moments_impl)
+    # the CPU kernel is C++ (csrc/cpu: the fused backward kernel's row walk in statistics mode)
+    torch.library.register_kernel("mnv2::depthwise_moments", "cuda", _depthwise_moments_impl)
 
     @torch.library.register_fake("mnv2::depthwise_moments")
     def _(x, w_expand, b_expand, w_dw, stride):

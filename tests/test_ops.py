@@ -70,10 +70,38 @@ def test_gradcheck_moment_ops_float64(t):
         assert torch.autograd.gradcheck(ops.depthwise_moments, args)
 
 
+MOMENT_CFGS = [(3, 6, 1, (5, 4)), (4, 6, 2, (7, 5)), (5, 1, 1, (3, 6)), (6, 1, 2, (4, 4)),
+               (16, 6, 2, (9, 11)), (24, 6, 1, (8, 8)), (8, 6, 1, (1, 1)), (8, 6, 2, (1, 5))]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("cfg", [(3, 6, 1, (5, 4)), (4, 6, 2, (7, 5)), (5, 1, 1, (3, 6)), (6, 1, 2, (4, 4)),
-                                 (16, 6, 2, (9, 11)), (24, 6, 1, (8, 8))], ids=str)
+@pytest.mark.parametrize("cfg", MOMENT_CFGS, ids=str)
+def test_depthwise_moments_cpu_kernel_matches_pytorch(cfg, channels_last, dtype):
+    """The C++ statistics kernel against the PyTorch composition, including a mean
+    far from zero (variance by cancellation) and 1x1 images."""
+    cin, t, stride, (h, w) = cfg
+    g = torch.Generator().manual_seed(cin * t + stride)
+    hidden = cin * t
+    x = torch.randn(3, cin, h, w, dtype=dtype, generator=g) + 2.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    we = (torch.randn(hidden, cin, dtype=dtype, generator=g) / cin ** 0.5) if t != 1 else None
+    be = torch.randn(hidden, dtype=dtype, generator=g) if t != 1 else None
+    wd = torch.randn(hidden, 3, 3, dtype=dtype, generator=g) / 3 + 1.0  # mean >> std
+    mean, var = torch.ops.mnv2.depthwise_moments(x, we, be, wd, stride)
+    x64 = x.double()
+    ref_mean, ref_var = ops._depthwise_moments_impl(
+        x64, None if we is None else we.double(), None if be is None else be.double(), wd.double(), stride)
+    assert mean.dtype == dtype and var.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert rel_err(mean, ref_mean) <= tol
+    assert rel_err(var, ref_var) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("cfg", MOMENT_CFGS, ids=str)
 def test_depthwise_moments_fused_backward_matches_pytorch(cfg, channels_last, dtype):
     """The CPU kernel of depthwise_moments' backward (the fused backward kernel in
     moments mode) against the chunked PyTorch backward, each with only the mean,

@@ -154,6 +154,11 @@ struct BackwardArgs {
   // b_dw must be zero (the statistics are of the depthwise output before its bias).
   const T* moment_alpha = nullptr;
   const T* moment_beta = nullptr;
+  // Statistics mode (the forward of those batch statistics): when non-null, the
+  // kernel only recomputes z2 (b_dw must be zero) and adds, per hidden channel c,
+  // sum z2 to moment_sums[c] and sum z2^2 to moment_sums[hp + c], in double; no
+  // gradient is touched. One [2][hp] array per task, so tasks never share one.
+  double* moment_sums = nullptr;
 };
 
 // Adds the side-buffer rows into gx. Serial; call after every item is done.

@@ -511,6 +511,26 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
     }
   };
 
+  if (a.moment_sums != nullptr) {  // statistics mode: z2 rows only
+    double* sum = a.moment_sums;
+    double* sumsq = a.moment_sums + hp;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i0 = r * st - 1;
+      win.fill(i0, i0 + 2);
+      const T* rr[3] = {win.row(i0), win.row(i0 + 1), win.row(i0 + 2)};
+      dw3x3_row(rr, 0, W, st, 0, Wo, hp, wd, hp, a.packed + l.bd, buf.z2, false);
+      for (int64_t q = 0; q < Wo; ++q) {
+        const T* z = buf.z2 + q * hp;
+        for (int64_t c = 0; c < hp; ++c) {
+          const double v = static_cast<double>(z[c]);
+          sum[c] += v;
+          sumsq[c] += v * v;
+        }
+      }
+    }
+    return;
+  }
+
   int64_t next_final = i_first;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i0 = r * st - 1;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <tuple>
@@ -209,7 +210,8 @@ void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tens
                    const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
                    const at::Tensor& b_dw, const at::Tensor& w_project,
                    const at::Tensor& b_project, Grads& out,
-                   const at::Tensor* moment_alpha = nullptr, const at::Tensor* moment_beta = nullptr) {
+                   const at::Tensor* moment_alpha = nullptr, const at::Tensor* moment_beta = nullptr,
+                   at::Tensor* moment_sums = nullptr) {
   const Kernels<T>& k = kernels().get<T>();
   const Layout l = make_layout(s, k.vl, true);
   const GradLayout gl = make_grad_layout(s, l);
@@ -238,6 +240,20 @@ void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tens
   // thread count.
   const int64_t items = plan.items(s);
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  if (moment_sums != nullptr) {  // statistics mode: per-task sums, summed in task order
+    at::Tensor sums = at::zeros({tasks, 2 * l.hp}, opts.dtype(at::kDouble));
+    double* base = sums.mutable_data_ptr<double>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      T* scratch = thread_scratch<T>(plan.scratch_floats);
+      for (int64_t t = begin; t < end; ++t) {
+        BackwardArgs<T> task_args = args;
+        task_args.moment_sums = base + t * 2 * l.hp;
+        k.backward(task_args, plan, items * t / tasks, items * (t + 1) / tasks, nullptr, scratch);
+      }
+    });
+    *moment_sums = sums.sum(0);
+    return;
+  }
   at::Tensor partials = at::zeros({tasks, gl.total}, opts);
   T* parts = partials.mutable_data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -275,6 +291,41 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
     backward_impl<scalar_t>(s, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, out);
   });
   return out;
+}
+
+// depthwise_moments (train-mode bn2 statistics): mean and biased variance per
+// hidden channel of z2 = dw3x3(relu6(w_expand x + b_expand)) (no dw bias), by
+// the fused backward kernel's row walk in statistics mode: z2 is recomputed row
+// by row and reduced into per-task sums in double, nothing hidden-sized is
+// stored. Results in float32 for float32 input (float64 for float64).
+std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x,
+                                                         const OptTensor& w_expand,
+                                                         const OptTensor& b_expand,
+                                                         const at::Tensor& w_dw, int64_t stride) {
+  check_x(x);
+  const int64_t hidden = w_dw.size(0);
+  const at::TensorOptions opts = dense_options(x);
+  const at::Tensor b_dw = at::zeros({hidden}, opts), w_project = at::zeros({1, hidden}, opts),
+                   b_project = at::zeros({1}, opts);
+  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, false);
+  const int64_t count = s.batch * s.out_h() * s.out_w();
+  if (count == 0) {  // as torch.var_mean over an empty set
+    const at::Tensor nan = at::empty({hidden}, opts).fill_(std::numeric_limits<double>::quiet_NaN());
+    return {nan, nan.clone()};
+  }
+  at::Tensor sums;
+  Grads unused = zero_grads(s, x);
+  std::get<0>(unused) = at::empty({0, 0, 0, 0}, opts);  // no input gradient in statistics mode
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_depthwise_moments", [&] {
+    backward_impl<scalar_t>(s, x, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, unused,
+                            nullptr, nullptr, &sums);
+  });
+  const int64_t hp = sums.size(0) / 2;
+  const at::Tensor mean = sums.narrow(0, 0, hidden).div(static_cast<double>(count));
+  // E[z^2] - E[z]^2 from double sums: the cancellation costs double's precision, not float's
+  const at::Tensor var =
+      sums.narrow(0, hp, hidden).div(static_cast<double>(count)).sub(mean.mul(mean)).clamp_min(0);
+  return {mean.to(x.scalar_type()), var.to(x.scalar_type())};
 }
 
 // Backward of depthwise_moments (train-mode bn2 statistics) through the fused
@@ -320,6 +371,7 @@ TORCH_LIBRARY_IMPL(mnv2, CPU, m) {
   m.impl("fused_inverted_residual_backward", &fused_inverted_residual_backward_cpu);
   m.impl("pack_weights", &pack_weights_cpu);
   m.impl("fused_inverted_residual_packed", &fused_inverted_residual_packed_cpu);
+  m.impl("depthwise_moments", &depthwise_moments_cpu);
   m.impl("depthwise_moments_backward", &depthwise_moments_backward_cpu);
 }
 
