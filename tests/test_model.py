@@ -128,7 +128,29 @@ def test_convert_model_keeps_logits_and_gradients(mode, cpu_backend):
     for a, r, z in zip(g, g_ref, zero):
         assert a.norm() <= 1e-13 * scale if z else rel_err(a, r) <= 1e-10
 
-    # float32: logits always; gradients unless rounding sits on a ReLU6 kink (then redraw)
+    if train:
+        # Train-mode float32 gradients of this model are far from exact: torchvision's own
+        # are ~150% off float64 (x's gradient, seeds 6-8; late batch norms see 4 x 2 x 2
+        # values of tiny variance). Agreement with torchvision's float32 would only test
+        # identical rounding, so each gradient is bounded by twice torchvision's own float32
+        # error against float64 instead, on the same function (dropout off).
+        for m in (tv, converted):
+            m.classifier[0].p = 0.0
+        for seed in (6, 7):
+            x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+            y_tv, g_tv = _logits_and_grads(copy.deepcopy(tv), x, train)
+            y, g = _logits_and_grads(copy.deepcopy(converted), x, train)
+            y64, g64 = _logits_and_grads(copy.deepcopy(tv).double(), x.double(), train)
+            assert rel_err(y, y64) <= max(2 * rel_err(y_tv, y64), FP32_RTOL)
+            scale = max(r.norm().item() for r in g64)
+            for i, (a, b, r, z) in enumerate(zip(g, g_tv, g64, zero)):
+                if z:
+                    assert a.norm() <= 1e-5 * scale, i
+                else:
+                    assert rel_err(a, r) <= max(2 * rel_err(b, r), FP32_RTOL), i
+        return
+
+    # float32, eval: logits; gradients unless rounding sits on a ReLU6 kink (then redraw)
     for seed in (6, 7, 8):
         x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
         y_ref, g_ref = _logits_and_grads(copy.deepcopy(tv), x, train)
@@ -150,3 +172,44 @@ def test_convert_model_shares_parameters_and_converts_a_bare_block():
     assert all(a is b for a, b in zip(params, converted.parameters()))
     block = torchvision.models.mobilenetv2.InvertedResidual(16, 16, 1, 6)
     assert isinstance(mnv2_kernels.convert_model(block), mnv2_kernels.FusedInvertedResidual)
+
+
+def test_five_sgd_steps_match_torchvision(cpu_backend):
+    """Training equivalence (issue 6): torchvision's mobilenet_v2 and ours from the same
+    weights, 5 SGD steps with momentum in train mode on one fixed batch (8 x 3 x 96 x 96).
+    The losses agree step by step and the final parameters and running statistics agree.
+
+    In float64, to 1e-9 (losses) and 1e-6 (state): tighter than the issue's 1e-4 / 1e-3.
+    Not in float32, where this training run is chaotic: with lr 0.05, torchvision's own
+    channels_last and NCHW runs already differ by 0.15% at step 2 and 3% at step 4 (0.6%
+    at step 3 even with lr 0.002), so a float32 bound would test rounding, not our kernels.
+    Dropout is off so both models compute the same function."""
+    torch.manual_seed(11)
+    tv = torchvision.models.mobilenet_v2(dropout=0.0).double()
+    ours = mnv2_kernels.mobilenet_v2(dropout=0.0).double()
+    ours.load_state_dict(tv.state_dict())
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(8, 3, 96, 96, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (8,), generator=g)
+    losses = {}
+    for name, model in (("torchvision", tv), ("fused", ours)):
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        losses[name] = []
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    for step, (a, b) in enumerate(zip(losses["fused"], losses["torchvision"])):
+        assert abs(a - b) <= 1e-9 * abs(b), (step, losses)
+    assert losses["torchvision"][-1] < 0.5 * losses["torchvision"][0]  # it trains at all
+    ref = tv.state_dict()
+    for key, value in ours.state_dict().items():
+        if value.is_floating_point():
+            # (+1e-12: a bias whose gradient is exactly zero, because a train-mode batch
+            # norm downstream removes it, holds rounding noise of ~1e-16 on both sides)
+            assert (value - ref[key]).norm() <= 1e-6 * ref[key].norm() + 1e-12, key
+        else:
+            assert torch.equal(value, ref[key]), key  # num_batches_tracked
