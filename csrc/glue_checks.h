@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
+#include <cstdint>
 #include <optional>
 
 #include "core/fused_ir.h"
@@ -71,6 +73,16 @@ inline void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, boo
   s.residual = residual;
   const char* err = validate_shape(s);
   TORCH_CHECK(err == nullptr, "mnv2: ", err);
+}
+
+// grad_y of the block's backward: x's device and dtype, dense, the output's shape.
+inline void check_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const BlockShape& s) {
+  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(),
+              "mnv2: grad_y must match x's device and dtype");
+  const std::array<int64_t, 4> shape{s.batch, s.cout, s.out_h(), s.out_w()};
+  const at::IntArrayRef expected(shape);
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.layout() == at::kStrided && grad_y.sizes() == expected,
+              "mnv2: grad_y must have shape ", expected, ", got ", grad_y.sizes());
 }
 
 }  // namespace glue

@@ -172,6 +172,28 @@ def _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32: tl.constexp
 def _relu6(z):
     return tl.minimum(tl.maximum(z, 0.0), 6.0)
 
+@triton.jit
+def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask, CIN,
+            STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """a1 [BLOCK_M, BLOCK_H] at depthwise tap `tap` of the output pixels (oh, ow): relu6 of
+    the expand (t > 1) or x itself (t == 1), exactly zero outside the image (the zero
+    padding applies to a1, not to x)."""
+    ih = oh * STRIDE + (tap // 3 - 1)
+    iw = ow * STRIDE + (tap % 3 - 1)
+    inb = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    if HAS_EXPAND:
+        b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        z1 = _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
+                     BLOCK_M, BLOCK_H, BLOCK_CI)
+        a1 = tl.where(inb[:, None], _relu6(z1 + b1[None, :]), 0.0)
+    else:
+        a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
+                     mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+    return a1
+
+
 
 # ---------------------------------------------------------------------------
 # Forward.
@@ -206,32 +228,12 @@ def _fwd_kernel(
     for h0 in range(0, HID, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         h_mask = hh < HID
-        if HAS_EXPAND:
-            b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
         acc_dw = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
         # A runtime tap loop (not unrolled): an unrolled one lets the pipeliner
         # keep all 9 shifted input tiles in shared memory at once.
         for tap in range(9):
-            ih = oh * STRIDE + (tap // 3 - 1)
-            iw = ow * STRIDE + (tap % 3 - 1)
-            inb = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            if HAS_EXPAND:
-                # z1 = x_tap @ w1[chunk]^T, tiled over Cin (bounded shared memory for any Cin)
-                z1 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-                for k0 in range(0, CIN, BLOCK_CI):
-                    ck = k0 + tl.arange(0, BLOCK_CI)
-                    ck_mask = ck < CIN
-                    xt = tl.load(x_base + pix[:, None] + ck[None, :] * sxc,
-                                 mask=inb[:, None] & ck_mask[None, :], other=0.0)
-                    w1k = tl.load(w1_ptr + hh[None, :] * CIN + ck[:, None],
-                                  mask=ck_mask[:, None] & h_mask[None, :], other=0.0)
-                    z1 += _dot(xt, w1k, IS_FP32, UPCAST)
-                a1 = _relu6(z1 + b1[None, :])
-                a1 = tl.where(inb[:, None], a1, 0.0)
-            else:
-                a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
-                             mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+            a1 = _tap_a1(x_base, oh, ow, p_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
+                         CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
             wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
             acc_dw += a1 * wd[None, :]
         bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
@@ -323,17 +325,8 @@ def _bwd_weight_kernel(
         # z2 of the chunk on the tile
         acc_dw = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
         for tap in range(9):
-            ih = oh * STRIDE + (tap // 3 - 1)
-            iw = ow * STRIDE + (tap % 3 - 1)
-            inb = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            if HAS_EXPAND:
-                z1 = _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
-                             BLOCK_P, BLOCK_H, BLOCK_CI)
-                a1 = tl.where(inb[:, None], _relu6(z1 + b1[None, :]), 0.0)
-            else:
-                a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
-                             mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+            a1 = _tap_a1(x_base, oh, ow, p_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
+                         CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
             wd = tl.sum(tl.where(taps[:, None] == tap, wdw_all, 0.0), axis=0)
             acc_dw += a1 * wd[None, :]
         z2 = acc_dw + bdw[None, :]
@@ -452,17 +445,8 @@ def _bwd_input_kernel(
             # z2 on O
             acc_dw = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
             for tap in range(9):
-                ih = oh * STRIDE + (tap // 3 - 1)
-                iw = ow * STRIDE + (tap % 3 - 1)
-                inb = o_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-                if HAS_EXPAND:
-                    z1 = _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
-                                 BLOCK_O, BLOCK_H, BLOCK_CI)
-                    a1 = tl.where(inb[:, None], _relu6(z1 + b1[None, :]), 0.0)
-                else:
-                    a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
-                                 mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+                a1 = _tap_a1(x_base, oh, ow, o_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
+                             CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_O, BLOCK_H, BLOCK_CI)
                 wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
                 acc_dw += a1 * wd[None, :]
             bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)

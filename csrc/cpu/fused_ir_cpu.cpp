@@ -277,11 +277,7 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
                                            bool residual) {
   const BlockShape s =
       check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
-  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(),
-              "mnv2: grad_y must match x's device and dtype");
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
-              "mnv2: grad_y must have shape ", at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
-              ", got ", grad_y.sizes());
+  glue::check_grad_y(grad_y, x, s);
   Grads out = zero_grads(s, x);
   if (s.batch == 0) {
     std::get<0>(out).zero_();

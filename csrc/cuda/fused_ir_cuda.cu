@@ -937,12 +937,7 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
                                             bool residual) {
   const BlockShape s =
       check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
-  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(),
-              "mnv2: grad_y must match x's device and dtype");
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.layout() == at::kStrided &&
-                  grad_y.sizes() == at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}),
-              "mnv2: grad_y must have shape ",
-              at::IntArrayRef({s.batch, s.cout, s.out_h(), s.out_w()}), ", got ", grad_y.sizes());
+  glue::check_grad_y(grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo prop = device_info(x);
   const at::TensorOptions opts = x.options().memory_format(at::MemoryFormat::Contiguous);
