@@ -71,6 +71,19 @@ class Timer:
         return statistics.median(times)
 
 
+def measure(row, label, timer, make_fn, warmup=2, peak=False):
+    """row[label] = median ms of the callable make_fn() builds (and its peak CUDA bytes
+    if asked); a failure to build or run it is recorded as row[label + "_error"], not
+    raised, so one broken implementation does not end the run."""
+    try:
+        fn = make_fn()
+        row[label] = timer(fn, warmup=warmup)
+        if peak:
+            row[f"{label}_peak_bytes"] = peak_bytes(fn)
+    except Exception as exc:
+        row[f"{label}_error"] = repr(exc)[:300]
+
+
 def peak_bytes(fn):
     """Peak CUDA memory of one fn() call above what was allocated before it."""
     torch.cuda.synchronize()
@@ -140,18 +153,12 @@ def bench_blocks(args, device, dtype, backends, timer, results, phase):
         row = _row(results, "blocks", block=i + 1, dtype=dname)
         row.update(name=f"block{i + 1:02d} {inp}->{oup} t{t} s{stride} {h}x{h}", batch=args.batch)
         if phase == "compile":
-            try:
-                row["compile"] = timer(plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
-            except Exception as exc:  # a compile failure is reported, not fatal
-                row["compile_error"] = repr(exc)[:300]
+            measure(row, "compile", timer, lambda: plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
         else:
             fused = mnv2_kernels.convert_model(copy.deepcopy(tv))
             row["eager"] = timer(plain_forward(tv, x))
             for b in backends:
-                try:
-                    row[b] = timer(fused_forward(fused, x, b))
-                except Exception as exc:
-                    row[f"{b}_error"] = repr(exc)[:300]
+                measure(row, b, timer, lambda: fused_forward(fused, x, b))
             ho = (h - 1) // stride + 1
             item = x.element_size()
             row["io_bytes"] = (x.numel() + args.batch * oup * ho * ho) * item + sum(
@@ -179,17 +186,11 @@ def bench_model(args, device, dtype, backends, timer, results, phase):
     row = _row(results, "model", dtype=str(dtype).replace("torch.", ""))
     row.update(batch=args.batch, resolution=res)
     if phase == "compile":
-        try:
-            row["compile"] = timer(plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
-        except Exception as exc:
-            row["compile_error"] = repr(exc)[:300]
+        measure(row, "compile", timer, lambda: plain_forward(compiled(tv, args.compile_mode), x), warmup=3)
     else:
         row["eager"] = timer(plain_forward(tv, x))
         for b in backends:
-            try:
-                row[b] = timer(fused_forward(ours, x, b))
-            except Exception as exc:
-                row[f"{b}_error"] = repr(exc)[:300]
+            measure(row, b, timer, lambda: fused_forward(ours, x, b))
         # inference peak memory above the weights and the input
         for label, fn in [("eager", plain_forward(tv, x))] + [(b, fused_forward(ours, x, b))
                                                               for b in backends if b in row]:
@@ -225,12 +226,7 @@ def bench_train(args, device, dtype, backends, timer, results):
     row = {"dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "resolution": res}
     candidates = [("eager", step_fn(tv))] + [(b, step_fn(ours, b)) for b in backends]
     for label, fn in candidates:
-        try:
-            row[label] = timer(fn, warmup=2)
-            if device == "cuda":
-                row[f"{label}_peak_bytes"] = peak_bytes(fn)
-        except Exception as exc:
-            row[f"{label}_error"] = repr(exc)[:300]
+        measure(row, label, timer, lambda: fn, warmup=2, peak=device == "cuda")
     results["train"].append(row)
     save(args, results)
     cols = " ".join(f"{k}={row[k]:.2f}" for k in ("eager", *backends) if k in row)

@@ -289,6 +289,24 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
   return out;
 }
 
+// The block the moments operators run through the fused kernels: x's expand and
+// depthwise, no depthwise bias (the statistics are of the depthwise output before
+// it), and a one-channel zero project step standing in for the absent one.
+struct MomentsBlock {
+  BlockShape shape;
+  at::Tensor b_dw, w_project, b_project;
+};
+
+MomentsBlock moments_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
+                           const at::Tensor& w_dw, int64_t stride) {
+  check_x(x);
+  const int64_t hidden = w_dw.size(0);
+  const at::TensorOptions opts = dense_options(x);
+  MomentsBlock mb{{}, at::zeros({hidden}, opts), at::zeros({1, hidden}, opts), at::zeros({1}, opts)};
+  mb.shape = check_block(x, w_expand, b_expand, w_dw, mb.b_dw, mb.w_project, mb.b_project, stride, false);
+  return mb;
+}
+
 // depthwise_moments (train-mode bn2 statistics): mean and biased variance per
 // hidden channel of z2 = dw3x3(relu6(w_expand x + b_expand)) (no dw bias), by
 // the fused backward kernel's row walk in statistics mode: z2 is recomputed row
@@ -298,12 +316,11 @@ std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x,
                                                          const OptTensor& w_expand,
                                                          const OptTensor& b_expand,
                                                          const at::Tensor& w_dw, int64_t stride) {
-  check_x(x);
-  const int64_t hidden = w_dw.size(0);
+  const MomentsBlock mb = moments_block(x, w_expand, b_expand, w_dw, stride);
+  const BlockShape& s = mb.shape;
+  const at::Tensor &b_dw = mb.b_dw, &w_project = mb.w_project, &b_project = mb.b_project;
+  const int64_t hidden = s.hidden;
   const at::TensorOptions opts = dense_options(x);
-  const at::Tensor b_dw = at::zeros({hidden}, opts), w_project = at::zeros({1, hidden}, opts),
-                   b_project = at::zeros({1}, opts);
-  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, false);
   const int64_t count = s.batch * s.out_h() * s.out_w();
   if (count == 0) {  // as torch.var_mean over an empty set
     const at::Tensor nan = at::empty({hidden}, opts).fill_(std::numeric_limits<double>::quiet_NaN());
@@ -332,19 +349,16 @@ std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_backward_cpu(
     const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
     const at::Tensor& w_dw, int64_t stride, const at::Tensor& alpha, const at::Tensor& beta) {
-  check_x(x);
-  const int64_t hidden = w_dw.size(0);
+  const MomentsBlock mb = moments_block(x, w_expand, b_expand, w_dw, stride);
+  const BlockShape& s = mb.shape;
+  const at::Tensor &b_dw = mb.b_dw, &w_project = mb.w_project, &b_project = mb.b_project;
+  const int64_t hidden = s.hidden;
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == hidden && beta.dim() == 1 && beta.size(0) == hidden,
               "mnv2: alpha and beta must be (hidden,) = (", hidden, ",) vectors, got ", alpha.sizes(),
               " and ", beta.sizes());
   TORCH_CHECK(alpha.scalar_type() == x.scalar_type() && beta.scalar_type() == x.scalar_type() &&
                   alpha.device() == x.device() && beta.device() == x.device(),
               "mnv2: alpha and beta must match x's dtype and device");
-  const at::TensorOptions opts = dense_options(x);
-  // A one-channel project step with zero weights stands in for the absent one.
-  const at::Tensor b_dw = at::zeros({hidden}, opts), w_project = at::zeros({1, hidden}, opts),
-                   b_project = at::zeros({1}, opts);
-  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, false);
   Grads out = zero_grads(s, x);
   if (s.batch == 0) {
     std::get<0>(out).zero_();
