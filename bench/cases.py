@@ -10,6 +10,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 import mnv2_kernels
 from mnv2_kernels import ops, reference
+from mnv2_kernels.memory_report import checkpoint_blocks
 from mnv2_kernels.model import mobilenet_block_shapes
 from mnv2_kernels.testing import randomize_batch_norm
 
@@ -32,11 +33,11 @@ def block_flops(shape, batch: int) -> int:
     return 2 * ops.block_macs((batch, inp, h, h), inp * t, oup, stride, t != 1)
 
 
-def model_flops(batch: int) -> int:
+def model_flops(batch: int, resolution: int = 224) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        torchvision.models.mobilenet_v2().eval()(torch.zeros(1, 3, 224, 224))
+        torchvision.models.mobilenet_v2().eval()(torch.zeros(1, 3, resolution, resolution))
     return batch * fc.get_total_flops()
 
 
@@ -91,20 +92,35 @@ def forward_impls(tv_module: torch.nn.Module, x: torch.Tensor, is_block: bool, n
 
 
 def train_step_impls(tv_module: torch.nn.Module, x: torch.Tensor) -> Dict[str, Callable]:
-    """Forward + backward in train mode (batch statistics), channels_last."""
-    tv = copy.deepcopy(tv_module).train().to(memory_format=CL)
-    fused = _fused_copy(tv_module, isinstance(tv_module, InvertedResidual)).train().to(memory_format=CL)
-    xc = x.contiguous(memory_format=CL).requires_grad_()
+    """One training step, channels_last, train mode (batch statistics): forward, a loss,
+    backward and an SGD update with momentum. torchvision eager, torchvision with every
+    block under torch.utils.checkpoint (what a user short of memory reaches for), and
+    the fused model."""
+    is_block = isinstance(tv_module, InvertedResidual)
+    modules = {
+        "torchvision-cl": copy.deepcopy(tv_module),
+        "torchvision-ckpt-cl": checkpoint_blocks(copy.deepcopy(tv_module)),
+        "fused-cl": _fused_copy(tv_module, is_block),
+    }
+    xc = x.contiguous(memory_format=CL)
+    if is_block:
+        loss_fn = lambda y: (y * y).mean()  # noqa: E731
+    else:
+        labels = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+        loss_fn = lambda y: torch.nn.functional.cross_entropy(y, labels)  # noqa: E731
 
     def step(module):
+        module.train().to(memory_format=CL)
+        opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+
         def run():
-            module.zero_grad(set_to_none=True)
-            xc.grad = None
-            y = module(xc)
-            y.backward(torch.ones_like(y))
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(module(xc))
+            loss.backward()
+            opt.step()
         return run
 
-    return {"torchvision-cl": step(tv), "fused-cl": step(fused)}
+    return {name: step(m) for name, m in modules.items()}
 
 
 def make_block(shape) -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
@@ -115,8 +131,8 @@ def make_block(shape) -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
     return block, lambda batch: torch.randn(batch, inp, h, h)
 
 
-def make_model() -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+def make_model(resolution: int = 224) -> Tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2()
     randomize_batch_norm(model)
-    return model, lambda batch: torch.randn(batch, 3, 224, 224)
+    return model, lambda batch: torch.randn(batch, 3, resolution, resolution)

@@ -37,8 +37,19 @@ fi
 # One default Triton config per kernel unless asked: autotuning compiles every config
 # for every block shape, minutes of a short GPU lease.
 export MNV2_TRITON_AUTOTUNE=${MNV2_TRITON_AUTOTUNE:-0}
-OUT=${OUT:-bench/results/gpu-latest}
-mkdir -p "$OUT"
+# Every step writes to a work folder; on exit (also after a failed step) the summary,
+# the log and one tarball of everything go to $OUT, because the GPU lease brings back
+# at most 8 files.
+DEST=${OUT:-bench/results/gpu-latest}
+OUT=build/gpu-check-work
+rm -rf "$OUT"
+mkdir -p "$OUT" "$DEST"
+finish() {
+  cp -f "$OUT"/summary.md "$OUT"/summary.json "$OUT"/check.log "$DEST"/ 2>/dev/null
+  tar -czf "$DEST/gpu_check.tar.gz" -C "$OUT" . 2>/dev/null
+  echo "gpu_check: summary and gpu_check.tar.gz (every log and JSON) in $DEST"
+}
+trap finish EXIT
 LOG="$OUT/check.log"
 : > "$LOG"
 START=$(date +%s)
@@ -125,6 +136,19 @@ if [ $BENCH = 1 ]; then
   [ -n "$BLOCKS" ] && ARGS+=(--blocks "$BLOCKS")
   [ $DRY = 1 ] && ARGS+=(--dry-run --dtypes float32 --blocks "${BLOCKS:-1,2,4}")
   timeout 420 $PY -m bench.gpu_bench "${ARGS[@]}" 2>&1 | tee -a "$LOG" | grep -v "^  block" || true
+fi
+
+# ---------------------------------------------------------------- memory report (CUDA)
+if [ $BENCH = 1 ]; then
+  step "memory report: python -m mnv2_kernels.memory_report --device cuda"
+  if [ $DRY = 1 ]; then
+    echo "dry run: no CUDA device, memory report skipped" | tee -a "$LOG"
+  else
+    timeout 180 $PY -m mnv2_kernels.memory_report --device cuda --batches 1 32 --sweep 1 8 32 64 \
+      --no-progress --out "$OUT/memory" >"$OUT/memory.log" 2>&1
+    echo "memory report rc $?" | tee -a "$LOG"
+    grep -A8 "^## Goals" "$OUT/memory/memory.md" 2>/dev/null | tee -a "$LOG"
+  fi
 fi
 
 # ---------------------------------------------------------------- ncu: DRAM bytes per block

@@ -180,6 +180,15 @@ def summarize(d):
         with open(san) as f:
             tail = [line.rstrip() for line in f if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line]
         lines += ["## compute-sanitizer", ""] + [f"- {t}" for t in tail] + [""]
+    mem = os.path.join(d, "memory", "memory.md")
+    if os.path.exists(mem):
+        # the memory report on CUDA (python -m mnv2_kernels.memory_report --device cuda)
+        with open(mem) as f:
+            text = f.read().split("\n")
+        goals = [line for line in text[text.index("## Goals (memory)") + 1:] if line.startswith(("-", " "))] \
+            if "## Goals (memory)" in text else []
+        lines += ["## Memory report (CUDA, fp32; full table in memory/memory.md)", ""] + goals + [""]
+        verdict += [g[2:] for g in goals if g.startswith("- ")]
     lines += ["## Goals", ""] + [f"- {v}" for v in verdict]
     summary = {"env": env, "tests": tests, "bench": bench, "verdict": verdict}
     with open(os.path.join(d, "summary.json"), "w") as f:

@@ -22,9 +22,9 @@ from mnv2_kernels.memory_report import machine_info, machine_slug
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSED = "fused-cl"
-PEERS = ["torchvision-cl", "torch-compile", "onnxruntime", "openvino"]
-ALL = ["torchvision-nchw", "torchvision-cl", "reference-cl", "fused-cl", "fused-nchw", "torch-compile",
-       "onnxruntime", "openvino"]
+PEERS = ["torchvision-cl", "torchvision-ckpt-cl", "torch-compile", "onnxruntime", "openvino"]
+ALL = ["torchvision-nchw", "torchvision-cl", "torchvision-ckpt-cl", "reference-cl", "fused-cl", "fused-nchw",
+       "torch-compile", "onnxruntime", "openvino"]
 
 
 def measure_fma_peak(threads: int):
@@ -70,7 +70,7 @@ def _raw_table(entries, groups):
 
 
 def _verdict(ratios_by_section):
-    """The goals of issues 2 and 3, checked against this run."""
+    """The goals of issues 2, 3 and 6, checked against this run."""
     lines = ["## Goals", ""]
 
     def check(label, items, bound):
@@ -93,6 +93,12 @@ def _verdict(ratios_by_section):
         check(f"forward {batch}: whole model, fused / openvino", model("openvino"), 1.0)
         check(f"forward {batch}: whole model, fused / torch-compile", model("torch-compile"), 0.5)
         check(f"forward {batch}: whole model, fused / torchvision-cl", model("torchvision-cl"), 0.25)
+    for (kind, batch), r in ratios_by_section.items():
+        if kind != "train-step":
+            continue
+        model = lambda peer: [("model", v) for (n, p), v in r.items() if p == peer and n.startswith("model")]  # noqa: E731
+        check(f"train step {batch}: whole model, fused / torchvision-cl", model("torchvision-cl"), 1.3)
+        check(f"train step {batch}: whole model, fused / torchvision-ckpt-cl", model("torchvision-ckpt-cl"), 1.0)
     return lines + [""]
 
 
@@ -117,7 +123,8 @@ def summarize(bench_json: dict, machine: dict) -> str:
         "peer: below 1 is faster. Forward runs in inference mode (eval, no_grad); ONNX Runtime and "
         "OpenVINO run the torchvision module exported to ONNX with the same thread count; "
         "torch-compile is Inductor's default mode on the channels_last torchvision module. The "
-        "train step is forward + backward in train mode. GFLOP/s counts multiply-adds x2 "
+        "train step is forward, loss, backward and an SGD (momentum) update in train mode; "
+        "torchvision-ckpt-cl wraps every block in torch.utils.checkpoint. GFLOP/s counts multiply-adds x2 "
         "(train step: x3 of the forward).",
         "",
     ]

@@ -131,3 +131,22 @@ def test_eval_forward_allocates_nothing_hidden_sized(shape, threads, cpu_backend
     with torch.no_grad():
         block(torch.cat([x, x]).contiguous(memory_format=torch.channels_last))
     assert _C.max_scratch_bytes() == scratch
+
+
+def test_report_resolution_table_shows_no_expansion():
+    """The memory report's paper-Table-3 view: inside the fused blocks nothing wider than a
+    bottleneck is materialised at any resolution, while torchvision materialises the expansions
+    (t x the block's input). Recorded from every operator's output, so it can fail."""
+    from mnv2_kernels import memory_report
+    from mnv2_kernels.model import mobilenet_block_shapes
+
+    table = memory_report.resolution_table(resolution=64)
+    bottleneck, expansion = {}, {}
+    for inp, oup, stride, t, h in mobilenet_block_shapes(resolution=64):
+        ho = (h - 1) // stride + 1
+        bottleneck[ho] = max(bottleneck.get(ho, 0), oup)
+        if t > 1:
+            expansion[h] = max(expansion.get(h, 0), inp * t)
+    assert table["fused"]["blocks"] == bottleneck
+    for side, width in expansion.items():
+        assert table["torchvision"]["blocks"][side] >= width
