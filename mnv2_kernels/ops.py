@@ -211,9 +211,27 @@ def _depthwise_moments_impl(x, w_expand, b_expand, w_dw, stride):
     return torch.cat(means), torch.cat(variances)
 
 
+def _triton_moments_usable(x: Tensor) -> bool:
+    """The Triton statistics kernels serve CUDA tensors of the GPU dtypes."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    from . import triton_kernels
+
+    return triton_kernels.is_available()
+
+
+def _depthwise_moments_cuda(x, w_expand, b_expand, w_dw, stride):
+    if _triton_moments_usable(x):
+        from .triton_kernels import fused_ir
+
+        return fused_ir.moments(x, w_expand, b_expand, w_dw, stride)
+    return _depthwise_moments_impl(x, w_expand, b_expand, w_dw, stride)
+
+
 def _depthwise_moments_backward(ctx, g_mean, g_var):
     x, w_expand, b_expand, w_dw, mean = ctx.saved_tensors
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    if ((x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64))
+            or _triton_moments_usable(x)):
         return _depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, ctx.stride, mean, g_mean, g_var)
     return _depthwise_moments_backward_generic(ctx, g_mean, g_var)
 
@@ -258,7 +276,7 @@ def _depthwise_moments_backward_generic(ctx, g_mean, g_var):
 
 
 def _depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, stride, mean, g_mean, g_var):
-    """The CPU kernel of the backward: with M values per channel,
+    """The fused kernels of the backward (C++ on the CPU, Triton on CUDA): with M values per channel,
     d mean / d z2 = 1/M and d var / d z2 = 2 (z2 - mean) / M, so
     grad_z2 = alpha + beta * z2 with beta = 2 g_var / M, alpha = g_mean / M - beta mean."""
     n, _, h, w = x.shape
@@ -267,8 +285,13 @@ def _depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, stride, mean,
     zeros = torch.zeros_like(mean)
     beta = 2.0 * g_var / count if g_var is not None else zeros
     alpha = (g_mean / count if g_mean is not None else zeros) - beta * mean
-    g_x, g_w, g_b, g_wd = torch.ops.mnv2.depthwise_moments_backward.default(
-        x, w_expand, b_expand, w_dw, stride, alpha.to(x.dtype), beta.to(x.dtype))
+    if x.device.type == "cpu":
+        g_x, g_w, g_b, g_wd = torch.ops.mnv2.depthwise_moments_backward.default(
+            x, w_expand, b_expand, w_dw, stride, alpha.to(x.dtype), beta.to(x.dtype))
+    else:
+        from .triton_kernels import fused_ir
+
+        g_x, g_w, g_b, g_wd = fused_ir.moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta)
     if w_expand is None:
         return g_x, None, None, g_wd, None
     return g_x, g_w, g_b, g_wd, None
@@ -376,7 +399,9 @@ def _register():
 
     # depthwise_moments --------------------------------------------------------
     # the CPU kernel is C++ (csrc/cpu: the fused backward kernel's row walk in statistics mode)
-    torch.library.register_kernel("mnv2::depthwise_moments", "cuda", _depthwise_moments_impl)
+    # CUDA: the Triton statistics kernel (streamed, nothing hidden-sized), or PyTorch ops over
+    # hidden-channel slices where Triton is unavailable
+    torch.library.register_kernel("mnv2::depthwise_moments", "cuda", _depthwise_moments_cuda)
 
     @torch.library.register_fake("mnv2::depthwise_moments")
     def _(x, w_expand, b_expand, w_dw, stride):

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import mnv2_kernels
-from mnv2_kernels import FusedInvertedResidual, _extension
+from mnv2_kernels import _extension
 from mnv2_kernels.triton_kernels import is_available as triton_available
 
 from conftest import BLOCK_SHAPES, block_id, make_pair, rel_err
@@ -263,3 +263,33 @@ def test_whole_model_fp16(backend):
         theirs = tv.half()(x.half())
         got = ours.half()(x.half())
     assert rel_err(got, ref) <= 2 * rel_err(theirs, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[1], BLOCK_SHAPES[7], BLOCK_SHAPES[13]], ids=block_id)
+def test_depthwise_moments_triton(shape, dtype):
+    """Train-mode bn2 statistics on CUDA (the Triton moments kernel) and their backward (the
+    fused backward kernels in moments mode) against the PyTorch version in float64."""
+    from mnv2_kernels import ops
+
+    assert triton_available(), "Triton is not usable on this GPU machine"
+    inp, _, stride, t, h = shape
+    hidden = inp * t
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(4, inp, h, h, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    we = (0.3 * torch.randn(hidden, inp, device="cuda", generator=g)).to(dtype)
+    be = torch.randn(hidden, device="cuda", generator=g).to(dtype)
+    wd = (0.3 * torch.randn(hidden, 3, 3, device="cuda", generator=g)).to(dtype)
+    leaves = [a.detach().requires_grad_() for a in (x, we, be, wd)]
+    mean, var = ops.depthwise_moments(*leaves, stride)
+    leaves64 = [a.detach().double().requires_grad_() for a in (x, we, be, wd)]
+    mean64, var64 = ops._depthwise_moments_impl(*leaves64, stride)  # PyTorch ops, float64
+    # the inputs are rounded to dtype first, so float32 accumulation is the only error
+    assert rel_err(mean, mean64) < FP32_BOUND and rel_err(var, var64) < FP32_BOUND
+    gm = torch.randn(hidden, device="cuda", generator=g)
+    gv = torch.randn(hidden, device="cuda", generator=g)
+    torch.autograd.backward((mean, var), (gm, gv))
+    torch.autograd.backward((mean64, var64), (gm.double(), gv.double()))
+    for name, a, b in zip(("x", "w_expand", "b_expand", "w_dw"), leaves, leaves64):
+        bound = 1e-4 if dtype == torch.float32 else 1e-2  # gradients are rounded to dtype (bf16: 2^-8)
+        assert rel_err(a.grad, b.grad) < bound, name

@@ -131,6 +131,7 @@ def _bwdx_configs():
 
 
 _KEY = ["CIN", "HID", "COUT", "H", "W", "STRIDE", "HAS_EXPAND", "RESIDUAL", "IS_FP32"]
+_KEY_BWD = _KEY + ["MOMENTS"]
 
 # Largest BLOCK_H of any input-gradient config (the scratch is sized for it).
 _BWDX_MAX_BH = 16 if INTERPRET else 32
@@ -257,19 +258,23 @@ def _fwd_kernel(
 # ---------------------------------------------------------------------------
 # Backward: weight gradients (chunk-stationary).
 
-@triton.autotune(configs=_bwdw_configs(), key=_KEY)
+@triton.autotune(configs=_bwdw_configs(), key=_KEY_BWD)
 @triton.jit
 def _bwd_weight_kernel(
-    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr,
+    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, al_ptr, be_ptr,
     gw1_ptr, gb1_ptr, gwdw_ptr, gbdw_ptr, gw3_ptr,
     N, H, W, HO, WO, CIN, HID, COUT, N_SPLITS,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    MOMENTS: tl.constexpr,
     CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # Partial buffers (float32): gw1 [S, HID, CIN], gb1 [S, HID], gwdw [S, HID, 9],
     # gbdw [S, HID], gw3 [S, COUT, HID]. This program owns [split, chunk] of each.
+    # MOMENTS: the backward of the depthwise moments (train-mode bn2 statistics):
+    # g_z2 = alpha + beta * z2 per channel (al_ptr, be_ptr), no project step;
+    # gy_ptr, w3_ptr and gw3_ptr are not read.
     BLOCK_P: tl.constexpr = TH * TW
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
@@ -298,15 +303,19 @@ def _bwd_weight_kernel(
     wdw_all = tl.load(wdw_ptr + hh[None, :] * 9 + taps[:, None],
                       mask=(taps[:, None] < 9) & h_mask[None, :], other=0.0).to(tl.float32)
 
-    # Zero this program's slice of the project-weight partials (accumulated in
-    # place below, one Cout block at a time), so that a rerun (autotuning) is exact.
-    for co0 in range(0, COUT, BLOCK_CO):
-        co = co0 + tl.arange(0, BLOCK_CO)
-        co_mask = co < COUT
-        tl.store(gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :],
-                 tl.zeros([BLOCK_CO, BLOCK_H], dtype=tl.float32),
-                 mask=co_mask[:, None] & h_mask[None, :])
-    tl.debug_barrier()
+    if MOMENTS:
+        al = tl.load(al_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        be = tl.load(be_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+    else:
+        # Zero this program's slice of the project-weight partials (accumulated in
+        # place below, one Cout block at a time), so that a rerun (autotuning) is exact.
+        for co0 in range(0, COUT, BLOCK_CO):
+            co = co0 + tl.arange(0, BLOCK_CO)
+            co_mask = co < COUT
+            tl.store(gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :],
+                     tl.zeros([BLOCK_CO, BLOCK_H], dtype=tl.float32),
+                     mask=co_mask[:, None] & h_mask[None, :])
+        tl.debug_barrier()
 
     acc_gw1 = tl.zeros([BLOCK_H, CIN_PAD], dtype=tl.float32)
     acc_gb1 = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -330,26 +339,29 @@ def _bwd_weight_kernel(
             wd = tl.sum(tl.where(taps[:, None] == tap, wdw_all, 0.0), axis=0)
             acc_dw += a1 * wd[None, :]
         z2 = acc_dw + bdw[None, :]
-        a2 = _relu6(z2)
-        a2 = tl.where(p_mask[:, None], a2, 0.0)
+        if MOMENTS:
+            g_z2 = tl.where(p_mask[:, None], al[None, :] + be[None, :] * z2, 0.0)
+        else:
+            a2 = _relu6(z2)
+            a2 = tl.where(p_mask[:, None], a2, 0.0)
 
-        # g_a2 = g_y @ w3[:, chunk]; g_w3[:, chunk] += g_y^T @ a2
-        g_a2 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-        for co0 in range(0, COUT, BLOCK_CO):
-            co = co0 + tl.arange(0, BLOCK_CO)
-            co_mask = co < COUT
-            gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
-                         mask=p_mask[:, None] & co_mask[None, :], other=0.0)
-            w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
-                          mask=co_mask[:, None] & h_mask[None, :], other=0.0)
-            g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
-            part = _dot(tl.trans(gy), a2.to(dt), IS_FP32, UPCAST)
-            gw3_off = gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :]
-            gw3_m = co_mask[:, None] & h_mask[None, :]
-            old = tl.load(gw3_off, mask=gw3_m, other=0.0)
-            tl.store(gw3_off, old + part, mask=gw3_m)
-            tl.debug_barrier()
-        g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & p_mask[:, None], g_a2, 0.0)
+            # g_a2 = g_y @ w3[:, chunk]; g_w3[:, chunk] += g_y^T @ a2
+            g_a2 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+            for co0 in range(0, COUT, BLOCK_CO):
+                co = co0 + tl.arange(0, BLOCK_CO)
+                co_mask = co < COUT
+                gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
+                             mask=p_mask[:, None] & co_mask[None, :], other=0.0)
+                w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
+                              mask=co_mask[:, None] & h_mask[None, :], other=0.0)
+                g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
+                part = _dot(tl.trans(gy), a2.to(dt), IS_FP32, UPCAST)
+                gw3_off = gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :]
+                gw3_m = co_mask[:, None] & h_mask[None, :]
+                old = tl.load(gw3_off, mask=gw3_m, other=0.0)
+                tl.store(gw3_off, old + part, mask=gw3_m)
+                tl.debug_barrier()
+            g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & p_mask[:, None], g_a2, 0.0)
         acc_gbdw += tl.sum(g_z2, axis=0)
 
         for tap in range(9):
@@ -385,13 +397,14 @@ def _bwd_weight_kernel(
 # ---------------------------------------------------------------------------
 # Backward: input gradient (pixel-stationary, gather form with a per-program scratch).
 
-@triton.autotune(configs=_bwdx_configs(), key=_KEY)
+@triton.autotune(configs=_bwdx_configs(), key=_KEY_BWD)
 @triton.jit
 def _bwd_input_kernel(
-    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, gx_ptr, scratch_ptr,
+    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, al_ptr, be_ptr, gx_ptr, scratch_ptr,
     N, H, W, HO, WO, CIN, HID, COUT, NPROG,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    MOMENTS: tl.constexpr,
     CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     TQH: tl.constexpr, TQW: tl.constexpr, OTH: tl.constexpr, OTW: tl.constexpr,
     BLOCK_O: tl.constexpr, SCRATCH_BH: tl.constexpr,
@@ -451,17 +464,22 @@ def _bwd_input_kernel(
                 acc_dw += a1 * wd[None, :]
             bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
             z2 = acc_dw + bdw[None, :]
-            # g_a2 on O
-            g_a2 = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
-            for co0 in range(0, COUT, BLOCK_CO):
-                co = co0 + tl.arange(0, BLOCK_CO)
-                co_mask = co < COUT
-                gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
-                             mask=o_mask[:, None] & co_mask[None, :], other=0.0)
-                w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
-                              mask=co_mask[:, None] & h_mask[None, :], other=0.0)
-                g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
-            g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & o_mask[:, None], g_a2, 0.0)
+            if MOMENTS:
+                al = tl.load(al_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+                be = tl.load(be_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+                g_z2 = tl.where(o_mask[:, None], al[None, :] + be[None, :] * z2, 0.0)
+            else:
+                # g_a2 on O
+                g_a2 = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
+                for co0 in range(0, COUT, BLOCK_CO):
+                    co = co0 + tl.arange(0, BLOCK_CO)
+                    co_mask = co < COUT
+                    gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
+                                 mask=o_mask[:, None] & co_mask[None, :], other=0.0)
+                    w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
+                                  mask=co_mask[:, None] & h_mask[None, :], other=0.0)
+                    g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
+                g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & o_mask[:, None], g_a2, 0.0)
             tl.debug_barrier()  # the previous chunk's gather is done with the scratch
             tl.store(scr + o[:, None] * SCRATCH_BH + hl[None, :], g_z2)
             tl.debug_barrier()
@@ -514,6 +532,76 @@ def _bwd_input_kernel(
             tl.store(gx_ptr + n * sdn + (qh.to(tl.int64) * sdh + qw.to(tl.int64) * sdw)[:, None]
                      + ci[None, :] * sdc, acc_gx.to(dt), mask=m)
         tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------
+# Train-mode bn2 statistics: moments of the depthwise output (no bias).
+
+def _moments_configs():
+    if INTERPRET:
+        return [_cfg(BLOCK_H=16, num_stages=1)]
+    default = _cfg(BLOCK_H=32, num_warps=4, num_stages=2)
+    if not AUTOTUNE:
+        return [default]
+    return [default, _cfg(BLOCK_H=16, num_warps=4, num_stages=2), _cfg(BLOCK_H=64, num_warps=8, num_stages=2)]
+
+
+@triton.autotune(configs=_moments_configs(), key=["CIN", "HID", "H", "W", "STRIDE", "HAS_EXPAND", "IS_FP32"])
+@triton.jit
+def _moments_kernel(
+    x_ptr, w1_ptr, b1_ptr, wdw_ptr, part_ptr,
+    N, H, W, HO, WO, CIN, HID, N_SPLITS,
+    sxn, sxc, sxh, sxw,
+    STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_CI: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Grid (hidden chunks, splits). A program walks its contiguous range of (image, tile)
+    # items, recomputes z2 of its chunk on each tile and merges the tile's (count, mean,
+    # M2) into running ones (Chan et al.: no cancellation of sum-of-squares). It writes
+    # part[0|1|2, split, chunk] = count, mean, M2 (float32).
+    BLOCK_P: tl.constexpr = TH * TW
+    pid_h = tl.program_id(0)
+    split = tl.program_id(1)
+    n_tw = tl.cdiv(WO, TW)
+    n_tiles = tl.cdiv(HO, TH) * n_tw
+    total = N * n_tiles
+    per = tl.cdiv(total, N_SPLITS)
+    start = split * per
+    end = tl.minimum(start + per, total)
+    hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = hh < HID
+    p = tl.arange(0, BLOCK_P)
+
+    run_n = tl.zeros([BLOCK_H], dtype=tl.float32)
+    run_mean = tl.zeros([BLOCK_H], dtype=tl.float32)
+    run_m2 = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for item in range(start, end):
+        n = (item // n_tiles).to(tl.int64)
+        t = item % n_tiles
+        oh = (t // n_tw) * TH + p // TW
+        ow = (t % n_tw) * TW + p % TW
+        p_mask = (oh < HO) & (ow < WO)
+        x_base = x_ptr + n * sxn
+        z2 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+        for tap in range(9):
+            a1 = _tap_a1(x_base, oh, ow, p_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
+                         CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
+            wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
+            z2 += a1 * wd[None, :]
+        cnt = tl.sum(p_mask.to(tl.float32), axis=0)  # >= 1: every tile holds an output pixel
+        tile_mean = tl.sum(tl.where(p_mask[:, None], z2, 0.0), axis=0) / cnt
+        d = tl.where(p_mask[:, None], z2 - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(d * d, axis=0)
+        both = run_n + cnt
+        delta = tile_mean - run_mean
+        run_mean += delta * (cnt / both)
+        run_m2 += tile_m2 + delta * delta * (run_n * cnt / both)
+        run_n = both
+    off = split.to(tl.int64) * HID + hh
+    plane = N_SPLITS.to(tl.int64) * HID
+    tl.store(part_ptr + off, run_n, mask=h_mask)
+    tl.store(part_ptr + plane + off, run_mean, mask=h_mask)
+    tl.store(part_ptr + 2 * plane + off, run_m2, mask=h_mask)
 
 
 # ---------------------------------------------------------------------------
@@ -645,10 +733,42 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
     w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
         _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
     n, cin, h, w = x.shape
-    ho, wo = grad_y.shape[2], grad_y.shape[3]
+    has_expand = w_expand is not None
+    dev = x.device
+    if x.numel() == 0:  # empty batch (or image): every gradient is zero
+        def z(*shape):
+            return torch.zeros(shape, dtype=x.dtype, device=dev)
+        return (torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x)).zero_(),
+                z(hidden, cin) if has_expand else z(0, 0), z(hidden) if has_expand else z(0),
+                z(hidden, 3, 3), z(hidden), z(cout, hidden), z(cout))
+    grad_x, gw1, gb1, gwdw, gbdw, gw3 = _launch_backward(
+        traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual, None)
+    dt = x.dtype
+    if has_expand:
+        g_w1 = gw1.sum(0).to(dt)
+        g_b1 = gb1.sum(0).to(dt)
+    else:
+        g_w1 = x.new_empty((0, 0))
+        g_b1 = x.new_empty((0,))
+    g_wdw = gwdw.sum(0).view(hidden, 3, 3).to(dt)
+    g_bdw = gbdw.sum(0).to(dt)
+    g_w3 = gw3.sum(0).to(dt)
+    g_b3 = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(dt)
+    return grad_x, g_w1, g_b1, g_wdw, g_bdw, g_w3, g_b3
+
+
+def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual,
+                     moments):
+    """Launches the weight-gradient and input-gradient kernels; returns grad_x and the float32
+    per-split partials (gw1, gb1, gwdw, gbdw, gw3). ``moments`` = (alpha, beta): the backward of
+    the depthwise moments instead (grad_y and w_project are then not read)."""
+    n, cin, h, w = x.shape
+    hidden, cout = w_dw.shape[0], w_project.shape[0]
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     has_expand = w_expand is not None
     w1 = w_expand if has_expand else w_dw
     b1 = b_expand if has_expand else b_dw
+    al, be = moments if moments is not None else (b_dw, b_dw)  # dummy pointers when not read
     dev = x.device
     f32 = torch.float32
     block_co = min(_pad(cout), 64)
@@ -656,12 +776,6 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
     block_ci = _block_ci(cin, x.dtype)
     is_fp32 = x.dtype == torch.float32
     sms = _sm_count(dev)
-    if x.numel() == 0:  # empty batch (or image): every gradient is zero
-        def z(*shape):
-            return torch.zeros(shape, dtype=x.dtype, device=dev)
-        return (torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x)).zero_(),
-                z(hidden, cin) if has_expand else z(0, 0), z(hidden) if has_expand else z(0),
-                z(hidden, 3, 3), z(hidden), z(cout, hidden), z(cout))
 
     # (a) weight gradients: about 4 programs per SM in total, at most ~4 items per
     # split (bounded by the number of (image, tile) items).
@@ -676,13 +790,13 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
     gw3 = torch.empty((n_splits, cout, hidden), dtype=f32, device=dev)
     grid_w = lambda META: (triton.cdiv(hidden, META["BLOCK_H"]), n_splits)  # noqa: E731
     (wrap_triton(_bwd_weight_kernel) if traceable else _bwd_weight_kernel)[grid_w](
-        grad_y, x, w1, b1, w_dw, b_dw, w_project,
+        grad_y, x, w1, b1, w_dw, b_dw, w_project, al, be,
         gw1, gb1, gwdw, gbdw, gw3,
         n, h, w, ho, wo, cin, hidden, cout, n_splits,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        MOMENTS=moments is not None, CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
     )
 
     # (b) input gradient
@@ -692,25 +806,84 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
     nprog = max(1, min(n_items, 4 * sms if not INTERPRET else 2))
     scratch = torch.empty((nprog, block_o, _BWDX_MAX_BH), dtype=f32, device=dev)
     (wrap_triton(_bwd_input_kernel) if traceable else _bwd_input_kernel)[(nprog,)](
-        grad_y, x, w1, b1, w_dw, b_dw, w_project, grad_x, scratch,
+        grad_y, x, w1, b1, w_dw, b_dw, w_project, al, be, grad_x, scratch,
         n, h, w, ho, wo, cin, hidden, cout, nprog,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
         STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        MOMENTS=moments is not None, CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
         TQH=tqh, TQW=tqw, OTH=oth, OTW=otw, BLOCK_O=block_o, SCRATCH_BH=_BWDX_MAX_BH,
     )
 
+    return grad_x, gw1, gb1, gwdw, gbdw, gw3
+
+
+def moments(x, w_expand, b_expand, w_dw, stride):
+    """Train-mode bn2 statistics: the per-channel mean and biased variance (float32) of the
+    depthwise output z2 = dw3x3(relu6(x @ w_expand^T + b_expand)) (no bias; z2 = dw3x3(x) when
+    w_expand is None), streamed: per-program (count, mean, M2) partials merged with Chan's
+    formula, then combined in float64 on the host. Nothing hidden-sized is stored."""
+    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride)
+    n, cin, h, w = x.shape
+    hidden = w_dw.shape[0]
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    w_expand, b_expand, w_dw = map(_contig_w, (w_expand, b_expand, w_dw))
+    has_expand = w_expand is not None
+    dev = x.device
+    if n * ho * wo == 0:
+        nan = torch.full((hidden,), float("nan"), dtype=torch.float32, device=dev)
+        return nan, nan.clone()
+    th = tw = 4 if INTERPRET else 8
+    items = n * triton.cdiv(ho, th) * triton.cdiv(wo, tw)
+    n_chunks_min = triton.cdiv(hidden, 16 if INTERPRET else 32)
+    n_splits = max(1, min(items, triton.cdiv(4 * _sm_count(dev), n_chunks_min), 2 if INTERPRET else 256))
+    part = torch.empty((3, n_splits, hidden), dtype=torch.float32, device=dev)
+    grid = lambda META: (triton.cdiv(hidden, META["BLOCK_H"]), n_splits)  # noqa: E731
+    _moments_kernel[grid](
+        x, w_expand if has_expand else w_dw, b_expand if has_expand else w_dw, w_dw, part,
+        n, h, w, ho, wo, cin, hidden, n_splits,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        STRIDE=stride, HAS_EXPAND=has_expand, IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
+        BLOCK_CI=_block_ci(cin, x.dtype), TH=th, TW=tw,
+    )
+    cnt, mean_s, m2_s = part.double().unbind(0)
+    total = cnt.sum(0)
+    mean = (cnt * mean_s).sum(0) / total
+    m2 = m2_s.sum(0) + (cnt * (mean_s - mean) ** 2).sum(0)
+    return mean.float(), (m2 / total).float()
+
+
+def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta):
+    """Gradients (x, w_expand, b_expand, w_dw) of sum_c sum_pixels (alpha_c z2 + beta_c z2^2 / 2):
+    the backward of moments() with grad_z2 = alpha + beta * z2, recomputed per tile by the
+    fused backward kernels in their moments mode. In the input dtypes; None for the absent
+    expand."""
+    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride)
+    hidden = w_dw.shape[0]
+    w_expand, b_expand, w_dw = map(_contig_w, (w_expand, b_expand, w_dw))
+    alpha = alpha.to(torch.float32).contiguous()
+    beta = beta.to(torch.float32).contiguous()
+    if tuple(alpha.shape) != (hidden,) or tuple(beta.shape) != (hidden,):
+        raise ValueError(f"mnv2 triton: alpha and beta must be ({hidden},), got "
+                         f"{tuple(alpha.shape)} and {tuple(beta.shape)}")
+    has_expand = w_expand is not None
     dt = x.dtype
-    if has_expand:
-        g_w1 = gw1.sum(0).to(dt)
-        g_b1 = gb1.sum(0).to(dt)
-    else:
-        g_w1 = x.new_empty((0, 0))
-        g_b1 = x.new_empty((0,))
+    if x.numel() == 0:
+        g_x = torch.zeros(x.shape, dtype=dt, device=x.device).contiguous(memory_format=_memory_format(x))
+        return (g_x, torch.zeros_like(w_expand) if has_expand else None,
+                torch.zeros_like(b_expand) if has_expand else None, torch.zeros_like(w_dw))
+    zero_bias = torch.zeros(hidden, dtype=dt, device=x.device)
+    stand_in_project = w_dw.new_zeros((1, hidden))  # never read in the moments mode
+    grad_x, gw1, gb1, gwdw, _, _ = _launch_backward(
+        False, x, x, w_expand, b_expand, w_dw, zero_bias, stand_in_project, stride, False, (alpha, beta))
     g_wdw = gwdw.sum(0).view(hidden, 3, 3).to(dt)
-    g_bdw = gbdw.sum(0).to(dt)
-    g_w3 = gw3.sum(0).to(dt)
-    g_b3 = grad_y.sum(dim=(0, 2, 3), dtype=f32).to(dt)
-    return grad_x, g_w1, g_b1, g_wdw, g_bdw, g_w3, g_b3
+    if not has_expand:
+        return grad_x, None, None, g_wdw
+    return grad_x, gw1.sum(0).to(dt), gb1.sum(0).to(dt), g_wdw
+
+
+def _check_moments_inputs(x, w_expand, b_expand, w_dw, stride):
+    hidden = w_dw.shape[0] if isinstance(w_dw, torch.Tensor) and w_dw.dim() == 3 else 1
+    check_inputs(x, w_expand, b_expand, w_dw, w_dw.new_zeros(hidden) if isinstance(w_dw, torch.Tensor) else None,
+                 x.new_zeros((1, hidden)), x.new_zeros(1), stride, False)

@@ -28,7 +28,6 @@ except ImportError:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-import mnv2_kernels  # noqa: E402
 from mnv2_kernels import reference  # noqa: E402
 from mnv2_kernels.triton_kernels import fused_ir, ops  # noqa: E402
 

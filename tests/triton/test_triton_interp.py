@@ -15,7 +15,6 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         "tests/triton need TRITON_INTERPRET=1 in the environment (set before triton is imported) "
         "or a CUDA GPU: run `TRITON_INTERPRET=1 python -m pytest tests/triton`")
 
-import mnv2_kernels  # noqa: E402
 from mnv2_kernels import reference  # noqa: E402
 from mnv2_kernels.triton_kernels import fused_ir, interpreting, is_available  # noqa: E402
 from mnv2_kernels.triton_kernels import ops as triton_ops  # noqa: E402
@@ -260,3 +259,52 @@ def test_bad_input():
         fused_ir.backward(torch.zeros(1, 8, 4, 4, device=DEVICE), *args)
     with pytest.raises(ValueError, match="4-D"):
         torch.ops.mnv2.triton_fused_inverted_residual(*bad(args, 0, x[0]))
+
+
+MOMENTS_CASES = [
+    # n, cin, t, h, w, stride, channels_last
+    (2, 8, 3, 7, 5, 1, False),
+    (1, 16, 3, 9, 9, 2, True),
+    (2, 12, 1, 6, 7, 1, True),
+    (2, 12, 1, 5, 6, 2, False),
+    (1, 3, 6, 1, 1, 2, False),
+    (3, 5, 2, 4, 3, 2, True),
+]
+
+
+def _moments_reference(x, w_expand, b_expand, w_dw, stride):
+    """z2 = dw3x3(relu6(expand(x))) without bias, float64 PyTorch with autograd."""
+    xa = x.detach().double().cpu().requires_grad_()
+    params = [None if t is None else t.detach().double().cpu().requires_grad_() for t in (w_expand, b_expand, w_dw)]
+    we, be, wd = params
+    a1 = xa if we is None else torch.nn.functional.conv2d(xa, we[:, :, None, None], be).clamp(0, 6)
+    z2 = torch.nn.functional.conv2d(a1, wd[:, None], None, stride=stride, padding=1, groups=a1.shape[1])
+    return xa, params, z2
+
+
+@pytest.mark.parametrize("case", MOMENTS_CASES, ids=lambda c: "n{}c{}t{}_{}x{}s{}_cl{:d}".format(*c))
+def test_depthwise_moments_kernels(case):
+    """Train-mode bn2 statistics (the streamed moments kernel) and their backward (the fused
+    backward kernels in moments mode) against float64 PyTorch."""
+    n, cin, t, h, w, stride, channels_last = case
+    x, we, be, wd, *_ = make_args(n, cin, h, w, t, cin, stride, False, channels_last=channels_last, seed=3)
+    mean, var = fused_ir.moments(x, we, be, wd, stride)
+    xa, params, z2 = _moments_reference(x, we, be, wd, stride)
+    var64, mean64 = torch.var_mean(z2.detach(), dim=(0, 2, 3), correction=0)
+    assert mean.dtype == torch.float32 and mean.shape == (wd.shape[0],)
+    assert rel_err(mean, mean64) < OUT_RTOL and rel_err(var, var64) < OUT_RTOL
+
+    g = torch.Generator().manual_seed(4)
+    alpha = torch.randn(wd.shape[0], generator=g)
+    beta = torch.randn(wd.shape[0], generator=g)
+    grads = fused_ir.moments_backward(x, we, be, wd, stride, alpha.to(DEVICE), beta.to(DEVICE))
+    loss = (alpha.double()[None, :, None, None] * z2 + 0.5 * beta.double()[None, :, None, None] * z2 * z2).sum()
+    loss.backward()
+    expected = [xa.grad] + [None if p is None else p.grad for p in params]
+    for name, got, ref in zip(("x", "w_expand", "b_expand", "w_dw"), grads, expected):
+        if ref is None:
+            assert got is None, name
+            continue
+        assert got.shape == ref.shape, name
+        assert rel_err(got, ref) < GRAD_RTOL, name
+    assert grads[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
