@@ -9,6 +9,7 @@ from . import _extension  # noqa: F401  (loads the compiled operators, or warns 
 from . import ops, reference  # noqa: F401  (registers fake kernels, autograd, FLOP formulas)
 from ._extension import build_info, cpu_isa
 from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .folding import fold_bn
 from .model import MobileNetV2, convert_model, mobilenet_v2
 from .modules import Conv2dNormActivation, FusedInvertedResidual
@@ -20,8 +21,10 @@ __all__ = [
     "Conv2dNormActivation",
     "FusedInvertedResidual",
     "MobileNetV2",
+    "SyncBatchNorm",
     "build_info",
     "convert_model",
+    "convert_sync_batchnorm",
     "cpu_isa",
     "fold_bn",
     "get_backend",

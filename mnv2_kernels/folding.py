@@ -81,6 +81,8 @@ def update_running_stats(bn: nn.Module, mean: Tensor, var: Tensor, count: int) -
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if count == 0:
+        return  # an empty batch is only counted, as F.batch_norm does
     unbiased = var * (count / (count - 1))
     bn.running_mean.copy_(mean.to(bn.running_mean.dtype) * factor + bn.running_mean * (1 - factor))
     bn.running_var.copy_(unbiased.to(bn.running_var.dtype) * factor + bn.running_var * (1 - factor))

@@ -3,11 +3,17 @@
 from typing import Callable, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import backends, ops
 from ._cache import DerivedCache
+from .distributed import (
+    all_reduce_moments,
+    check_global_count,
+    sync_batch_norm,
+    sync_process_group,
+    zero_if_empty,
+)
 from .folding import (
     check_batch_count,
     fold_bn,
@@ -59,6 +65,12 @@ class Conv2dNormActivation(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         m = self._modules
         conv, norm, act = m.get("0"), m.get("1"), m.get("2")
+        group = sync_process_group(norm)
+        if group is not None and len(m) <= 3 and isinstance(conv, nn.Conv2d):
+            # SyncBatchNorm across processes: statistics all-reduced here, on any device
+            # (nn.SyncBatchNorm itself refuses CPU tensors)
+            y = sync_batch_norm(conv(x), norm, group)
+            return y if act is None else act(y)
         if (len(m) > 3 or not isinstance(conv, nn.Conv2d) or norm is None or not _is_foldable_norm(norm)
                 or uses_batch_stats(norm) or (act is not None and type(act) not in (nn.ReLU, nn.ReLU6))
                 or torch.compiler.is_compiling()):
@@ -228,7 +240,7 @@ class FusedInvertedResidual(nn.Module):
         backend = backends.resolve(x)
         if backend == "reference":
             # torchvision's unfused computation, module by module
-            return x + self.conv(x) if self.use_res_connect else self.conv(x)
+            return self._forward_unfused(x, parts)
         if any(n is not None and uses_batch_stats(n) for n in parts[1::2]):
             return self._forward_batch_stats(x, backend)
         weights = None
@@ -274,37 +286,69 @@ class FusedInvertedResidual(nn.Module):
         self.__dict__.pop("_packed_cache", None)
         self.__dict__.pop("_folded_cache", None)
 
+    def _forward_unfused(self, x: Tensor, parts) -> Tensor:
+        """torchvision's computation, module by module (the stages' SyncBatchNorm is
+        handled by Conv2dNormActivation; bn3's here, see sync_batch_norm)."""
+        bn3 = parts[5]
+        group = sync_process_group(bn3)
+        if group is None:
+            return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        y = x
+        for m in list(self.conv)[:-1]:
+            y = m(y)
+        y = sync_batch_norm(y, bn3, group)
+        return x + y if self.use_res_connect else y
+
+    @staticmethod
+    def _batch_moments(bn: nn.Module, group, mean: Tensor, var: Tensor, count: int, size):
+        """This process's batch statistics of ``bn``'s input, or, when ``group`` is not None
+        (``bn`` is a SyncBatchNorm in distributed training), the process group's: one
+        all-reduce of the sum, the sum of squares and the count. The running statistics
+        are updated with them."""
+        if group is not None:
+            mean, var, count = all_reduce_moments(mean, var, count, group)
+            check_global_count(count, size)
+        update_running_stats(bn, mean, var, count)
+        return mean, var
+
     def _forward_batch_stats(self, x: Tensor, backend: str) -> Tensor:
         """Train mode (or BN without running statistics): exact batch statistics.
 
         bn1's statistics come from x's channel mean and covariance, bn2's from the
         depthwise_moments operator; both are folded into the fused operator, which
         then produces the pre-bn3 output; bn3 runs as an ordinary module.
+
+        SyncBatchNorm in distributed training: each statistic is this process's
+        (mean, variance, count) all-reduced over the group as (sum, sum of squares,
+        count) before folding (all_reduce_moments), per hidden channel for bn1 and bn2,
+        per output channel for bn3; autograd flows through the all-reduce. A process
+        with an empty batch takes part with a count of 0.
         """
-        for norm in self._parts()[1::2]:
-            if (isinstance(norm, nn.SyncBatchNorm) and norm.training and dist.is_available()
-                    and dist.is_initialized() and dist.get_world_size(norm.process_group) > 1):
-                raise NotImplementedError(
-                    "FusedInvertedResidual does not yet all-reduce batch statistics across processes "
-                    "(SyncBatchNorm in distributed training); use the 'reference' backend")
-        if x.shape[0] == 0:
+        parts = self._parts()
+        expand, bn1, dw, bn2, proj, bn3 = parts
+        group1, group2, group3 = (sync_process_group(bn) for bn in (bn1, bn2, bn3))
+        if x.shape[0] == 0 and group1 is None and group2 is None and group3 is None:
             # an empty batch has no statistics: torch's batch norm returns an empty
             # result and only counts the batch, which the unfused modules reproduce
             return x + self.conv(x) if self.use_res_connect else self.conv(x)
-        expand, bn1, dw, bn2, proj, bn3 = self._parts()
+        # (an empty batch under SyncBatchNorm runs the fused path below with N = 0, so
+        # that this process joins every collective of the others, forward and backward)
         n, _, h, w = x.shape
         hidden, cout = dw.out_channels, proj.out_channels
         w1 = b1 = None
         if expand is not None:
             if uses_batch_stats(bn1):
-                check_batch_count(n * h * w, (n, hidden, h, w))
+                if group1 is None:
+                    check_batch_count(n * h * w, (n, hidden, h, w))
                 mean_x, cov_x = ops.channel_moments(x)
+                if group1 is not None:
+                    mean_x, cov_x = zero_if_empty(mean_x, n), zero_if_empty(cov_x, n)
                 we = expand.weight.view(hidden, -1).to(cov_x.dtype)
                 mean1 = we @ mean_x
                 if expand.bias is not None:
                     mean1 = mean1 + expand.bias
                 var1 = ((we @ cov_x) * we).sum(1).clamp_min(0)
-                update_running_stats(bn1, mean1, var1, n * h * w)
+                mean1, var1 = self._batch_moments(bn1, group1, mean1, var1, n * h * w, (n, hidden, h, w))
                 mean1, var1 = mean1.to(x.dtype), var1.to(x.dtype)
             else:
                 mean1, var1 = running_stats(bn1)
@@ -312,11 +356,14 @@ class FusedInvertedResidual(nn.Module):
             w1 = w1.view(hidden, -1)
         ho, wo = ops.output_size(h, w, self.stride)
         if uses_batch_stats(bn2):
-            check_batch_count(n * ho * wo, (n, hidden, ho, wo))
+            if group2 is None:
+                check_batch_count(n * ho * wo, (n, hidden, ho, wo))
             mean2, var2 = ops.depthwise_moments(x, w1, b1, dw.weight.view(hidden, 3, 3), self.stride)
+            if group2 is not None:
+                mean2, var2 = zero_if_empty(mean2, n), zero_if_empty(var2, n)
             if dw.bias is not None:
                 mean2 = mean2 + dw.bias
-            update_running_stats(bn2, mean2, var2, n * ho * wo)
+            mean2, var2 = self._batch_moments(bn2, group2, mean2, var2, n * ho * wo, (n, hidden, ho, wo))
             mean2, var2 = mean2.to(x.dtype), var2.to(x.dtype)
         else:
             mean2, var2 = running_stats(bn2)
@@ -326,7 +373,7 @@ class FusedInvertedResidual(nn.Module):
             b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
             u = ops.fused_inverted_residual(x, w1, b1, wd, bd, proj.weight.view(cout, hidden), b_proj,
                                             self.stride, False, backend)
-            y = bn3(u)
+            y = bn3(u) if group3 is None else sync_batch_norm(u, bn3, group3)
             return y + x if self.use_res_connect else y
         w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
         return ops.fused_inverted_residual(x, w1, b1, wd, bd, w3.view(cout, hidden), b3, self.stride,
