@@ -150,3 +150,30 @@ def test_report_resolution_table_shows_no_expansion():
     assert table["fused"]["blocks"] == bottleneck
     for side, width in expansion.items():
         assert table["torchvision"]["blocks"][side] >= width
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=block_id)
+def test_train_step_allocates_nothing_hidden_sized(shape, cpu_backend):
+    """Train mode (batch statistics), forward and backward: no single allocation reaches the
+    size of the expanded tensor (the profiler sees the C++ operators' outputs and scratch
+    tensors too). With t == 1 there is no expansion: the bound is then the input's size,
+    which grad_x itself has, plus the parameter-sized and per-channel tensors an event
+    allocates next to it (an event's figure includes its children)."""
+    inp, oup, stride, t, h = shape
+    _, block = make_pair(inp, oup, stride, t)
+    block.train()
+    per_image = _sizes(block, 1, inp, h)
+    n = max(2, -(-4 * per_image["params"] // per_image["hidden"]))
+    sz = _sizes(block, n, inp, h)
+    x = torch.randn(n, inp, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def step():
+        block(x).square().sum().backward()
+
+    step()
+    largest = _largest_allocation(step)
+    assert largest >= sz["x"]  # grad_x: the profiler does see the backward's allocations
+    if t == 1:
+        assert largest <= max(sz["x"], sz["out"]) + sz["params"] + sz["vectors"], (n, largest, sz)
+    else:
+        assert largest < sz["hidden"], (n, largest, sz)

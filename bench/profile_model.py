@@ -1,0 +1,125 @@
+"""Where the whole model's inference time goes, layer by layer (CPU, fp32, channels_last).
+
+    python -m bench.profile_model [--batch 1] [--repeats 200]
+
+Times every top-level layer of mnv2_kernels.mobilenet_v2 (the stem, the 17 fused blocks, the
+head convolution, then pooling + classifier) on the activations the model really feeds it, next
+to torchvision's layer in channels_last. For each fused block it also times the packed operator
+called directly, so the difference is the Python module's per-call cost. The best of several
+rounds is kept: background load only ever adds time. Prints a markdown table.
+"""
+
+import argparse
+import time
+
+import torch
+import torchvision
+
+from mnv2_kernels import FusedInvertedResidual, ops
+from mnv2_kernels.testing import randomize_batch_norm
+
+from bench.cases import block_flops, BLOCKS
+
+CL = torch.channels_last
+
+
+def best_time(fn, repeats: int, rounds: int = 7) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+def _op_only(block: FusedInvertedResidual, x: torch.Tensor):
+    """The packed operator as the module calls it, without the module."""
+    packed = block._packed_weights(x, block._state(block._parts()))
+    parts = block._parts()
+    op = ops.packed_op()
+    args = (packed, parts[2].out_channels, parts[4].out_channels, parts[0] is not None, block.stride,
+            block.use_res_connect)
+    return lambda: op(x, *args)
+
+
+def profile(batch: int, repeats: int):
+    import mnv2_kernels
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2().eval()
+    randomize_batch_norm(tv)
+    fused = mnv2_kernels.mobilenet_v2().eval()
+    fused.load_state_dict(tv.state_dict())
+    tv = tv.to(memory_format=CL)
+    fused = fused.to(memory_format=CL)
+    x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=CL)
+    rows = []
+    with torch.no_grad():
+        total_fused = best_time(lambda: fused(x), max(1, repeats // 20))
+        total_tv = best_time(lambda: tv(x), max(1, repeats // 20))
+        h = x
+        for i, (f_layer, t_layer) in enumerate(zip(fused.features, tv.features)):
+            f_time = best_time(lambda: f_layer(h), repeats)
+            t_time = best_time(lambda: t_layer(h), repeats)
+            op_time = None
+            flops = None
+            if isinstance(f_layer, FusedInvertedResidual):
+                op_time = best_time(_op_only(f_layer, h), repeats)
+                flops = block_flops(BLOCKS[i - 1], batch)
+                name = f"block{i:02d}"
+            else:
+                name = "stem" if i == 0 else "head conv 1x1"
+            rows.append((name, tuple(h.shape[1:]), f_time, op_time, t_time, flops))
+            h = f_layer(h)
+
+        def head(m):
+            return lambda: m.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+        rows.append(("pool + classifier", tuple(h.shape[1:]), best_time(head(fused), repeats), None,
+                     best_time(head(tv), repeats), None))
+    return rows, total_fused, total_tv
+
+
+def to_markdown(rows, total_fused, total_tv, batch: int) -> str:
+    summed = sum(r[2] for r in rows)
+    lines = [
+        f"## Whole model, batch {batch}: where the time goes (fused model {total_fused * 1e3:.2f} ms, "
+        f"torchvision channels_last {total_tv * 1e3:.2f} ms)",
+        "",
+        "Each layer timed alone on its real input (best of 7 rounds). *op only*: the packed operator "
+        "called directly; module - op is the Python module's per-call cost.",
+        "",
+        "| layer | input | fused ms | op only ms | module - op us | share of model | GFLOP/s | "
+        "torchvision-cl ms | fused / tv |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, shape, f, op, t, flops in rows:
+        lines.append(
+            f"| {name} | {'x'.join(map(str, shape))} | {f * 1e3:.3f} | "
+            + (f"{op * 1e3:.3f} | {(f - op) * 1e6:.1f}" if op is not None else " | ")
+            + f" | {100 * f / summed:.1f}% | " + (f"{flops / f / 1e9:.1f}" if flops else "")
+            + f" | {t * 1e3:.3f} | {f / t:.2f} |")
+    blocks = [r for r in rows if r[3] is not None]
+    overhead = sum(r[2] - r[3] for r in blocks)
+    lines += [
+        "",
+        f"Sum of the layers: {summed * 1e3:.2f} ms; blocks {sum(r[2] for r in blocks) * 1e3:.2f} ms, "
+        f"of which Python module overhead {overhead * 1e3:.3f} ms; stem "
+        f"{rows[0][2] * 1e3:.3f} ms; head conv + pool + classifier {sum(r[2] for r in rows[-2:]) * 1e3:.3f} ms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    rows, tf, tt = profile(args.batch, args.repeats)
+    print(to_markdown(rows, tf, tt, args.batch))
+
+
+if __name__ == "__main__":
+    main()
