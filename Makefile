@@ -1,5 +1,7 @@
 # make test    install into .venv, build, run the C++ (ctest) and Python (pytest) tests
 # make bench   the same, then the pytest-benchmark suite and the memory report
+# make sanitize       the core's C++ tests under ASan+UBSan and TSan (part of make test)
+# make sanitize-ext   the extension built with ASan+UBSan, pytest on it (minutes; not in make test)
 # Re-running is quick: each step is redone only when its inputs changed.
 
 SHELL := /bin/bash
@@ -23,7 +25,7 @@ endif
 
 .PHONY: test bench build ctest neon-test pytest triton-test cuda-resources gpu-check-dry clean
 
-test: ctest neon-test pytest triton-test
+test: ctest neon-test pytest triton-test sanitize
 
 bench: $(STAMPS)/ext $(STAMPS)/core $(STAMPS)/bench-deps
 	$(PY) -m bench.run
@@ -56,6 +58,46 @@ $(STAMPS)/core: $(STAMPS)/deps $(CORE_SOURCES)
 
 ctest: $(STAMPS)/core
 	PATH=$(abspath $(VENV))/bin:$$PATH ctest --test-dir build/cmake --output-on-failure
+
+# Sanitizers: the core and its C++ tests built with -DMNV2_SANITIZE (CMakeLists.txt)
+# and run by ctest; any report fails. build/asan: ASan + UBSan, the whole test_core;
+# build/tsan: ThreadSanitizer, test_core --threaded (the cases run on std::threads).
+SAN_ENV := PATH=$(abspath $(VENV))/bin:$$PATH UBSAN_OPTIONS=print_stacktrace=1
+.PHONY: sanitize sanitize-ext
+sanitize: $(STAMPS)/deps
+	$(SAN_ENV) cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DMNV2_SANITIZE=address,undefined -DMNV2_TEST_ARGS= >/dev/null
+	$(SAN_ENV) ninja -j2 -C build/asan test_core
+	$(SAN_ENV) ctest --test-dir build/asan --output-on-failure
+	$(SAN_ENV) cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DMNV2_SANITIZE=thread -DMNV2_TEST_ARGS=--threaded >/dev/null
+	$(SAN_ENV) ninja -j2 -C build/tsan test_core
+	$(SAN_ENV) ctest --test-dir build/tsan --output-on-failure
+
+# The Python extension built with ASan + UBSan (CPU only) into build/asan-ext/pkg, next
+# to a copy of the package, and pytest on it with libasan preloaded (python itself is
+# not instrumented; libstdc++ is preloaded too, or ASan cannot intercept the C++
+# exceptions of libraries loaded later). Leak checks are off: Python leaks by design;
+# allocator_may_return_null: the bad-input tests ask for huge tensors, which must fail
+# with torch's error rather than ASan's abort. --capture=sys: a report (which aborts the
+# process) reaches the terminal instead of pytest's lost capture file.
+ASAN_EXT := build/asan-ext/pkg
+SANITIZE_EXT_TESTS ?= tests/test_ops.py tests/test_bad_input.py tests/test_threads.py tests/test_determinism.py
+sanitize-ext: $(STAMPS)/deps
+	MNV2_SANITIZE=address,undefined MNV2_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-1} \
+	  $(PY) setup.py -q build_ext --build-lib $(ASAN_EXT)
+	rm -rf $(ASAN_EXT)/mnv2_kernels/*.py $(ASAN_EXT)/mnv2_kernels/triton_kernels
+	mkdir -p $(ASAN_EXT)/mnv2_kernels/triton_kernels
+	cp mnv2_kernels/*.py $(ASAN_EXT)/mnv2_kernels/
+	cp triton_kernels/*.py $(ASAN_EXT)/mnv2_kernels/triton_kernels/
+	cd $(ASAN_EXT) && export PYTHONPATH=$(abspath $(ASAN_EXT)) \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1 \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	&& $(abspath $(PY)) -c "import mnv2_kernels as m; f = m._extension._C.__file__; \
+	  assert '$(ASAN_EXT)' in f, f'not the ASan build: {f}'" \
+	&& $(abspath $(PY)) -m pytest -p no:cacheprovider -q --capture=sys -k 'not slow' \
+	  $(addprefix $(abspath .)/,$(SANITIZE_EXT_TESTS)) $(PYTEST_ARGS)
 
 # NEON: the core cross-compiled for AArch64, its tests run under qemu-aarch64.
 # The Debian packages are installed when missing; where apt cannot provide
@@ -90,6 +132,14 @@ pytest: $(STAMPS)/ext
 # before triton is imported, hence a process of their own).
 triton-test: $(STAMPS)/ext
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton $(PYTEST_ARGS)
+
+# The property-based tests with the long hypothesis budget (HYPOTHESIS_PROFILE=fuzz,
+# tests/conftest.py): the CPU kernel (each other CPU ISA in a subprocess of its own),
+# then the Triton kernels in the interpreter. `make test` runs the seeded CI budget.
+.PHONY: fuzz
+fuzz: $(STAMPS)/ext
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fuzz TRITON_INTERPRET=1 $(PY) -m pytest tests/triton/test_triton_fuzz.py $(PYTEST_ARGS)
 
 # ptxas's resource report of the CUDA kernels for sm_90: registers, shared
 # memory, stack frame and spills (there must be no spills in the hot kernels).

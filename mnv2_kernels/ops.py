@@ -141,11 +141,14 @@ def _check_block_meta(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, s
                  lambda: "mnv2: w_expand and b_expand must be given together")
     if w_expand is not None:
         torch._check(tuple(w_expand.shape) == (hidden, cin), lambda: "mnv2: w_expand must be (hidden, Cin)")
+        torch._check(tuple(b_expand.shape) == (hidden,), lambda: "mnv2: b_expand must be (hidden,)")
     else:
         torch._check(hidden == cin, lambda: "mnv2: without w_expand, w_dw must have Cin channels")
+    torch._check(tuple(b_dw.shape) == (hidden,), lambda: "mnv2: b_dw must be (hidden,)")
     torch._check(w_project.dim() == 2 and w_project.shape[1] == hidden,
                  lambda: "mnv2: w_project must be (Cout, hidden)")
     cout = w_project.shape[0]
+    torch._check(tuple(b_project.shape) == (cout,), lambda: "mnv2: b_project must be (Cout,)")
     torch._check(not residual or (stride == 1 and cin == cout),
                  lambda: "mnv2: residual needs stride 1 and Cin == Cout")
     return hidden, cout

@@ -90,6 +90,18 @@ def cpu_backend():
         yield
 
 
+# Hypothesis budgets (tests/test_fuzz.py, tests/triton): HYPOTHESIS_PROFILE=ci (the
+# default: seeded, the same examples every run, well under a minute) or fuzz (make fuzz).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", derandomize=True, database=None, max_examples=200, deadline=None,
+                          print_blob=True, suppress_health_check=_SLOW_OK)
+settings.register_profile("fuzz", max_examples=5000, deadline=60_000, print_blob=True,
+                          suppress_health_check=_SLOW_OK)
+settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
 # tests/triton runs in a process of its own with TRITON_INTERPRET=1 (make
 # triton-test), or against a GPU: the interpreter must be chosen before triton's import.
 collect_ignore = []

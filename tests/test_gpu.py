@@ -217,6 +217,43 @@ def test_compile_fullgraph_backward(backend):
         assert rel_err(a, b) <= 1e-5
 
 
+# ---------------------------------------------------------------------------- determinism
+def _forward_backward(block, x):
+    """Output, input gradient and every parameter gradient of a fresh copy of
+    ``block`` (the same running statistics every time), for a fixed grad_y."""
+    block = copy.deepcopy(block)
+    x = x.clone().requires_grad_()
+    y = block(x)
+    g = torch.Generator(device=y.device).manual_seed(3)
+    gy = torch.randn(y.shape, device=y.device, generator=g).to(y.dtype)
+    return [y.detach()] + list(torch.autograd.grad(y, [x] + list(block.parameters()), gy))
+
+
+@pytest.mark.parametrize("train,dtype", [(False, torch.float32), (False, torch.bfloat16), (True, torch.float32)],
+                         ids=["eval-float32", "eval-bfloat16", "train-float32"])
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[1], BLOCK_SHAPES[8]], ids=block_id)
+def test_backward_deterministic(shape, train, dtype, backend, monkeypatch):
+    """Two forward + backward runs are bitwise equal under
+    torch.use_deterministic_algorithms(True): the weight gradients are per-program
+    partials reduced in a fixed order (no float atomics), and nothing raises.
+    Train mode's statistics also run cuBLAS (which needs CUBLAS_WORKSPACE_CONFIG in
+    deterministic mode), Triton's moments kernels and torch's batch_norm."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    _, fused = gpu_pair(shape, dtype)
+    fused.train(train)
+    x = make_input(shape, 8, dtype, True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _forward_backward(fused, x)
+        second = _forward_backward(fused, x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    names = ["y", "x"] + [n for n, _ in fused.named_parameters()]
+    for name, a, b in zip(names, first, second):
+        assert torch.equal(a, b), f"{backend} {block_id(shape)}: {name} differs between two runs"
+
+
 # ---------------------------------------------------------------------------- memory
 @pytest.mark.parametrize("shape", [BLOCK_SHAPES[1], BLOCK_SHAPES[3], BLOCK_SHAPES[16]], ids=block_id)
 def test_no_hidden_sized_allocation(shape, backend):

@@ -171,7 +171,8 @@ def _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32: tl.constexp
 
 @triton.jit
 def _relu6(z):
-    return tl.minimum(tl.maximum(z, 0.0), 6.0)
+    return tl.minimum(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 @triton.jit
 def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask, CIN,
@@ -188,7 +189,7 @@ def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh,
         b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
         z1 = _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
                      BLOCK_M, BLOCK_H, BLOCK_CI)
-        a1 = tl.where(inb[:, None], _relu6(z1 + b1[None, :]), 0.0)
+        a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1 + b1[None, :]), 0.0)
     else:
         a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
                      mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
@@ -374,7 +375,7 @@ def _bwd_weight_kernel(
                 xt = tl.load(x_base + pix[:, None] + ci[None, :] * sxc,
                              mask=inb[:, None] & ci_mask[None, :], other=0.0)
                 z1 = _dot(xt, w1t, IS_FP32, UPCAST) + b1[None, :]
-                a1 = tl.where(inb[:, None], _relu6(z1), 0.0)
+                a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1), 0.0)
                 gwd = tl.sum(g_z2 * a1, axis=0)
                 c = tl.where(inb[:, None] & (z1 > 0.0) & (z1 < 6.0), g_z2 * wd[None, :], 0.0)
                 acc_gb1 += tl.sum(c, axis=0)

@@ -381,17 +381,20 @@ const char* fmt_name(Fmt f) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // --quick: real shapes above 28x28 only at reduced size; --isa NAME: that path only
-  bool quick = false;
+  // --quick: real shapes above 28x28 only at reduced size; --isa NAME: that path only;
+  // --threaded: only the cases whose work runs on real threads (for ThreadSanitizer)
+  bool quick = false, threaded_only = false;
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--quick") {
       quick = true;
+    } else if (arg == "--threaded") {
+      threaded_only = true;
     } else if (arg == "--isa" && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::printf("usage: test_core [--quick] [--isa scalar|avx2|avx512|neon]\n");
+      std::printf("usage: test_core [--quick] [--threaded] [--isa scalar|avx2|avx512|neon]\n");
       return 2;
     }
   }
@@ -423,7 +426,7 @@ int main(int argc, char** argv) {
       // The 17 real shapes: forward on all, backward on the smaller ones (the
       // naive reference is slow), default plan with two tasks.
       for (const Case& c : blocks) {
-        if (quick && c.h > 28) continue;
+        if (threaded_only || (quick && c.h > 28)) continue;
         const bool bwd = c.h * c.w * c.cin * c.t <= 28 * 28 * 32 * 6;
         PlanOverride ov;
         ov.tasks = 2;
@@ -442,6 +445,10 @@ int main(int argc, char** argv) {
         for (Fmt f : {Fmt::kNCHW, Fmt::kNHWC, Fmt::kPadded}) {
           int k = 0;
           for (const PlanOverride& ov : tilings) {
+            if (threaded_only && !ov.threaded) {
+              ++k;
+              continue;
+            }
             run_case<T>(*kt, c, f, ov,
                      std::string(isa_name(isa)) + " " + dtype + " " + describe(c) + " " + fmt_name(f) + " tiling" +
                          std::to_string(k++),
@@ -449,13 +456,16 @@ int main(int argc, char** argv) {
           }
         }
       }
-      // Real shapes reduced to 7 rows, with forced bands and chunks, NCHW.
+      // Real shapes reduced to 7 rows, with forced bands and chunks, NCHW. With
+      // --threaded: on threads, and only up to 32 input channels (the same code paths
+      // as the wider ones, which take 10x longer under ThreadSanitizer).
       for (const Case& b : blocks) {
+        if (threaded_only && b.cin > 32) continue;
         Case c = b;
         c.n = 2;
         c.h = 7;
         c.w = 9;
-        run_case<T>(*kt, c, Fmt::kNCHW, {4, 2, 2, 16, 2, 3, false, 2},
+        run_case<T>(*kt, c, Fmt::kNCHW, {4, 2, 2, 16, 2, 3, threaded_only, 2},
                  std::string(isa_name(isa)) + " " + dtype + " " + describe(c) + " nchw forced", true);
       }
       std::printf("%s %s: %d checks, %d failures\n", isa_name(isa), dtype, g_checks - checks_before,

@@ -1,0 +1,96 @@
+"""A few hypothesis examples of the Triton kernels (forward and fused backward)
+against the float64 reference, and NaN / Inf propagation.
+
+Run with tests/triton (TRITON_INTERPRET=1 on the CPU, see conftest.py). The
+interpreter takes seconds per block, so the shapes are tiny (H, W <= 8,
+channels <= 16) and the CI profile draws 3 examples (30 under
+HYPOTHESIS_PROFILE=fuzz); tests/test_fuzz.py fuzzes the CPU kernel at length.
+Float32 data are dyadic, as in tests/test_fuzz.py, so that the ReLU6 masks are
+exactly the reference's.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mnv2_kernels import reference
+from test_triton_interp import DEVICE, GRAD_RTOL, NAMES, OUT_RTOL, rel_err
+from mnv2_kernels.triton_kernels import fused_ir
+
+EXAMPLES = 30 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 3
+
+
+def _dyadic(t, bits, bound):
+    scale = 2.0 ** bits
+    return (t * scale).round().clamp(-bound * scale, bound * scale) / scale
+
+
+def _args(n, cin, cout, t, stride, h, w, residual, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = cin * t
+
+    def r(*shape, scale=1.0, bits=6, bound=2.0):
+        return _dyadic(scale * torch.randn(*shape, generator=g), bits, bound).to(DEVICE)
+
+    x = r(n, cin, h, w, scale=2.0, bits=4, bound=8.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    we, be = (r(hidden, cin, scale=0.5), r(hidden)) if t != 1 else (None, None)
+    return [x, we, be, r(hidden, 3, 3, scale=0.5), r(hidden), r(cout, hidden, scale=0.3), r(cout),
+            stride, residual]
+
+
+@st.composite
+def blocks(draw):
+    stride = draw(st.sampled_from([1, 2]))
+    cin = draw(st.integers(1, 16))
+    cout = cin if draw(st.booleans()) else draw(st.integers(1, 16))
+    return dict(n=draw(st.integers(1, 2)), cin=cin, cout=cout, t=draw(st.sampled_from([1, 2, 6])),
+                stride=stride, h=draw(st.integers(1, 8)), w=draw(st.integers(1, 8)),
+                residual=stride == 1 and cin == cout and draw(st.booleans()),
+                channels_last=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=EXAMPLES)
+@given(block=blocks())
+def test_triton_matches_reference(block):
+    args = _args(**block)
+    a64 = [a.detach().double().cpu().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    y64 = reference.inverted_residual(*a64)
+    gy64 = torch.randn(y64.shape, generator=torch.Generator().manual_seed(block["seed"]), dtype=torch.float64)
+    y64.backward(gy64)
+
+    y = fused_ir.forward(*args)
+    assert y.shape == y64.shape
+    assert rel_err(y, y64) <= OUT_RTOL, block
+    gy = gy64.float().to(DEVICE)
+    if block["channels_last"]:
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    grads = fused_ir.backward(gy, *args)
+    for name, got, arg, ref in zip(NAMES, grads, args, a64):
+        if arg is None:
+            continue
+        assert got.shape == arg.shape, name
+        assert rel_err(got, ref.grad) <= GRAD_RTOL, (name, block)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmul
+def test_nan_and_inf_propagate_as_in_the_reference():
+    """ReLU6 keeps a NaN (torch.clamp does: relu6(nan) = nan) and clamps +-Inf."""
+    for t in (2, 1):
+        args = _args(1, 4, 4, t, 1, 5, 5, True, False, seed=3)
+        x = args[0].clone()
+        x[0, 1, 2, 2] = float("nan")
+        x[0, 2, 0, 4] = float("inf")
+        x[0, 3, 4, 0] = float("-inf")
+        args[0] = x
+        ref = reference.inverted_residual(*[a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args])
+        got = fused_ir.forward(*args).cpu()
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), t
+        assert torch.equal(torch.isposinf(got), torch.isposinf(ref)), t
+        assert torch.equal(torch.isneginf(got), torch.isneginf(ref)), t
+        finite = torch.isfinite(ref)
+        assert finite.any() and rel_err(got[finite], ref[finite]) <= OUT_RTOL, t
