@@ -9,7 +9,8 @@
 #
 # --dry-run (or no GPU): the same steps on the CPU with tiny sizes, the Triton
 # kernels under TRITON_INTERPRET=1, so this script is never first run on a GPU.
-# Each step has its own time limit, so the summary is written even when one hangs.
+# Each step has its own time limit, cut to what is left of GPU_CHECK_BUDGET (540 s), so
+# the summary is written even when one hangs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,15 +46,27 @@ OUT=build/gpu-check-work
 rm -rf "$OUT"
 mkdir -p "$OUT" "$DEST"
 finish() {
+  [ -f "$OUT/summary.md" ] || timeout 60 $PY -m bench.gpu_summary "$OUT" >/dev/null 2>&1
   cp -f "$OUT"/summary.md "$OUT"/summary.json "$OUT"/check.log "$DEST"/ 2>/dev/null
   tar -czf "$DEST/gpu_check.tar.gz" -C "$OUT" . 2>/dev/null
   echo "gpu_check: summary and gpu_check.tar.gz (every log and JSON) in $DEST"
 }
 trap finish EXIT
+trap 'exit 143' TERM INT
 LOG="$OUT/check.log"
 : > "$LOG"
 START=$(date +%s)
 step() { echo "== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+# The whole script keeps within GPU_CHECK_BUDGET seconds (default 540, under a lease's
+# 600 s per call), so that the summary and the tarball are always written: each step's
+# time limit is cut to what is left, less a reserve for the summary.
+# (a dry run on the CPU is slower: 1800 s by default).
+if [ $DRY = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-1800}; else BUDGET=${GPU_CHECK_BUDGET:-540}; fi
+cap() {  # cap SECONDS: the smaller of SECONDS and the time left, at least 1 (timeout 0 never stops)
+  local left=$(( START + BUDGET - 30 - $(date +%s) ))
+  [ $left -lt 1 ] && left=1
+  echo $(( $1 < left ? $1 : left ))
+}
 
 # ---------------------------------------------------------------- environment
 $PY - "$OUT/env.json" "$DRY" <<'PYEOF'
@@ -96,11 +109,11 @@ fi
 if [ $BUILD = 1 ]; then
   step "build (pip install -e . against $($PY -c 'import torch; print(torch.__version__)'))"
   if [ $DRY = 1 ]; then
-    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} $PY -m pip install -q -e . --no-build-isolation --no-deps \
+    CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} timeout $(cap 600) $PY -m pip install -q -e . --no-build-isolation --no-deps \
       >"$OUT/build.log" 2>&1
   else
     MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 MNV2_BUILD_CUDA=1 MNV2_PTXAS_VERBOSE=1 \
-      $PY -m pip install -e . --no-build-isolation --no-deps -v >"$OUT/build.log" 2>&1
+      timeout $(cap 300) $PY -m pip install -e . --no-build-isolation --no-deps -v >"$OUT/build.log" 2>&1
   fi
   rc=$?
   if [ $rc != 0 ]; then
@@ -117,12 +130,12 @@ fi
 if [ $TESTS = 1 ]; then
   if [ $DRY = 1 ]; then
     step "tests: Triton interpreter (tests/triton), quick"
-    timeout 600 $PY -m pytest tests/triton -q -x --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    timeout $(cap 600) $PY -m pytest tests/triton -q -x --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
   else
     XDIST=""
     $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
     step "tests: tests/test_gpu.py $XDIST"
-    timeout 240 $PY -m pytest tests/test_gpu.py -q $XDIST --junitxml="$OUT/tests.xml" -p no:cacheprovider \
+    timeout $(cap 240) $PY -m pytest tests/test_gpu.py -q $XDIST --junitxml="$OUT/tests.xml" -p no:cacheprovider \
       >"$OUT/tests.log" 2>&1
   fi
   echo "pytest rc $?" | tee -a "$LOG"
@@ -135,7 +148,7 @@ if [ $BENCH = 1 ]; then
   ARGS=(--out "$OUT" --compile-mode "$COMPILE_MODE")
   [ -n "$BLOCKS" ] && ARGS+=(--blocks "$BLOCKS")
   [ $DRY = 1 ] && ARGS+=(--dry-run --dtypes float32 --blocks "${BLOCKS:-1,2,4}")
-  timeout 420 $PY -m bench.gpu_bench "${ARGS[@]}" 2>&1 | tee -a "$LOG" | grep -v "^  block" || true
+  timeout $(cap 420) $PY -m bench.gpu_bench "${ARGS[@]}" 2>&1 | tee -a "$LOG" | grep -v "^  block" || true
 fi
 
 # ---------------------------------------------------------------- memory report (CUDA)
@@ -144,7 +157,7 @@ if [ $BENCH = 1 ]; then
   if [ $DRY = 1 ]; then
     echo "dry run: no CUDA device, memory report skipped" | tee -a "$LOG"
   else
-    timeout 180 $PY -m mnv2_kernels.memory_report --device cuda --batches 1 32 --sweep 1 8 32 64 \
+    timeout $(cap 120) $PY -m mnv2_kernels.memory_report --device cuda --batches 1 32 --sweep 1 8 32 64 \
       --no-progress --out "$OUT/memory" >"$OUT/memory.log" 2>&1
     echo "memory report rc $?" | tee -a "$LOG"
     grep -A8 "^## Goals" "$OUT/memory/memory.md" 2>/dev/null | tee -a "$LOG"
@@ -156,7 +169,7 @@ if [ $NCU = 1 ] && [ $DRY = 0 ]; then
   step "ncu DRAM bytes"
   NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ -n "$NCU_BIN" ]; then
-    timeout 240 "$NCU_BIN" --profile-from-start off --csv --page raw --clock-control none \
+    timeout $(cap 240) "$NCU_BIN" --profile-from-start off --csv --page raw --clock-control none \
       --metrics dram__bytes_read.sum,dram__bytes_write.sum \
       $PY -m bench.gpu_dram run >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
     $PY -m bench.gpu_dram parse "$OUT/ncu.csv" "$OUT/ncu.err" "$OUT/dram.json" 2>&1 | tee -a "$LOG"
@@ -171,7 +184,7 @@ if [ $SANITIZE = 1 ] && [ $DRY = 0 ]; then
   step "compute-sanitizer memcheck + racecheck (small case, CUDA backend)"
   : > "$OUT/sanitize.log"
   for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool $tool $PY bench/gpu_sanitize.py >>"$OUT/sanitize.log" 2>&1
+    timeout $(cap 150) compute-sanitizer --tool $tool $PY bench/gpu_sanitize.py >>"$OUT/sanitize.log" 2>&1
   done
   grep -E "SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
 fi
