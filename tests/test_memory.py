@@ -96,19 +96,25 @@ def _largest_allocation(fn):
     return max(e.cpu_memory_usage for e in prof.events())
 
 
+def _block_with_large_hidden(shape, train):
+    """(block, sizes, channels_last x) with a batch large enough that the hidden tensor is at
+    least 4x the parameters, so that any hidden-sized allocation would be the largest one."""
+    inp, oup, stride, t, h = shape
+    _, block = make_pair(inp, oup, stride, t)
+    block.train(train)
+    per_image = _sizes(block, 1, inp, h)
+    n = max(2, -(-4 * per_image["params"] // per_image["hidden"]))
+    x = torch.randn(n, inp, h, h).contiguous(memory_format=torch.channels_last)
+    return block, _sizes(block, n, inp, h), x
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=block_id)
 def test_eval_forward_allocates_nothing_hidden_sized(shape, threads, cpu_backend):
     """The batch is chosen so the hidden tensor is at least 4x the parameters
     (whose folded and packed copies the forward does allocate): then any
     hidden-sized allocation would be the largest one."""
-    inp, oup, stride, t, h = shape
-    _, block = make_pair(inp, oup, stride, t)
-    block.eval()
-    per_image = _sizes(block, 1, inp, h)
-    n = max(2, -(-4 * per_image["params"] // per_image["hidden"]))
-    sz = _sizes(block, n, inp, h)
-    x = torch.randn(n, inp, h, h).contiguous(memory_format=torch.channels_last)
+    block, sz, x = _block_with_large_hidden(shape, train=False)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     _C.reset_max_scratch_bytes()
@@ -122,7 +128,7 @@ def test_eval_forward_allocates_nothing_hidden_sized(shape, threads, cpu_backend
         torch.set_num_threads(previous)
     for largest in (cached, with_grad):
         assert largest >= sz["out"]  # the profiler does see the operator's allocations
-        assert largest < sz["hidden"], (n, largest, sz)
+        assert largest < sz["hidden"], (x.shape, largest, sz)
     # The kernels' per-thread scratch (kept across calls, so not a profiler
     # event) is far below the hidden tensor and does not grow with the batch.
     scratch = _C.max_scratch_bytes()
@@ -159,13 +165,9 @@ def test_train_step_allocates_nothing_hidden_sized(shape, cpu_backend):
     tensors too). With t == 1 there is no expansion: the bound is then the input's size,
     which grad_x itself has, plus the parameter-sized and per-channel tensors an event
     allocates next to it (an event's figure includes its children)."""
-    inp, oup, stride, t, h = shape
-    _, block = make_pair(inp, oup, stride, t)
-    block.train()
-    per_image = _sizes(block, 1, inp, h)
-    n = max(2, -(-4 * per_image["params"] // per_image["hidden"]))
-    sz = _sizes(block, n, inp, h)
-    x = torch.randn(n, inp, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+    block, sz, x = _block_with_large_hidden(shape, train=True)
+    t = shape[3]
+    x.requires_grad_()
 
     def step():
         block(x).square().sum().backward()
@@ -174,6 +176,6 @@ def test_train_step_allocates_nothing_hidden_sized(shape, cpu_backend):
     largest = _largest_allocation(step)
     assert largest >= sz["x"]  # grad_x: the profiler does see the backward's allocations
     if t == 1:
-        assert largest <= max(sz["x"], sz["out"]) + sz["params"] + sz["vectors"], (n, largest, sz)
+        assert largest <= max(sz["x"], sz["out"]) + sz["params"] + sz["vectors"], (x.shape, largest, sz)
     else:
-        assert largest < sz["hidden"], (n, largest, sz)
+        assert largest < sz["hidden"], (x.shape, largest, sz)
