@@ -196,6 +196,44 @@ def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh,
     return a1
 
 
+@triton.jit
+def _depthwise(x_base, oh, ow, valid, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask, CIN,
+               STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """The depthwise 3x3 of a1, without bias, [BLOCK_M, BLOCK_H] at the output pixels (oh, ow),
+    a1 recomputed tap by tap (_tap_a1). A runtime tap loop (not unrolled): an unrolled one
+    lets the pipeliner keep all 9 shifted input tiles in shared memory at once."""
+    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for tap in range(9):
+        a1 = _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
+                     CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_M, BLOCK_H, BLOCK_CI)
+        wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
+        acc += a1 * wd[None, :]
+    return acc
+
+
+@triton.jit
+def _split_items(N, HO, WO, N_SPLITS, split, TH: tl.constexpr, TW: tl.constexpr):
+    """(n_tw, n_tiles, start, end): split `split`'s contiguous range [start, end) of the
+    N x (output tiles of TH x TW) items."""
+    n_tw = tl.cdiv(WO, TW)
+    n_tiles = tl.cdiv(HO, TH) * n_tw
+    total = N * n_tiles
+    per = tl.cdiv(total, N_SPLITS)
+    start = split * per
+    end = tl.minimum(start + per, total)
+    return n_tw, n_tiles, start, end
+
+
+@triton.jit
+def _item_tile(item, n_tw, n_tiles, p, HO, WO, TH: tl.constexpr, TW: tl.constexpr):
+    """(image n as int64, oh, ow, p_mask) of an item of _split_items."""
+    n = (item // n_tiles).to(tl.int64)
+    t = item % n_tiles
+    oh = (t // n_tw) * TH + p // TW
+    ow = (t % n_tw) * TW + p % TW
+    return n, oh, ow, (oh < HO) & (ow < WO)
+
 
 # ---------------------------------------------------------------------------
 # Forward.
@@ -230,14 +268,8 @@ def _fwd_kernel(
     for h0 in range(0, HID, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         h_mask = hh < HID
-        acc_dw = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-        # A runtime tap loop (not unrolled): an unrolled one lets the pipeliner
-        # keep all 9 shifted input tiles in shared memory at once.
-        for tap in range(9):
-            a1 = _tap_a1(x_base, oh, ow, p_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
-                         CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
-            wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
-            acc_dw += a1 * wd[None, :]
+        acc_dw = _depthwise(x_base, oh, ow, p_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask,
+                            CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
         bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
         a2 = _relu6(acc_dw + bdw[None, :])
         # w3^T chunk [BLOCK_H, BLOCK_CO]
@@ -280,12 +312,7 @@ def _bwd_weight_kernel(
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
     dt = x_ptr.dtype.element_ty
-    n_tw = tl.cdiv(WO, TW)
-    n_tiles = tl.cdiv(HO, TH) * n_tw
-    total = N * n_tiles
-    per = tl.cdiv(total, N_SPLITS)
-    start = split * per
-    end = tl.minimum(start + per, total)
+    n_tw, n_tiles, start, end = _split_items(N, HO, WO, N_SPLITS, split, TH, TW)
 
     hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = hh < HID
@@ -324,22 +351,13 @@ def _bwd_weight_kernel(
     acc_gbdw = tl.zeros([BLOCK_H], dtype=tl.float32)
 
     for item in range(start, end):
-        n = (item // n_tiles).to(tl.int64)
-        t = item % n_tiles
-        oh = (t // n_tw) * TH + p // TW
-        ow = (t % n_tw) * TW + p % TW
-        p_mask = (oh < HO) & (ow < WO)
+        n, oh, ow, p_mask = _item_tile(item, n_tw, n_tiles, p, HO, WO, TH, TW)
         x_base = x_ptr + n * sxn
         gy_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
 
         # z2 of the chunk on the tile
-        acc_dw = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-        for tap in range(9):
-            a1 = _tap_a1(x_base, oh, ow, p_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
-                         CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
-            wd = tl.sum(tl.where(taps[:, None] == tap, wdw_all, 0.0), axis=0)
-            acc_dw += a1 * wd[None, :]
-        z2 = acc_dw + bdw[None, :]
+        z2 = _depthwise(x_base, oh, ow, p_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask,
+                        CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI) + bdw[None, :]
         if MOMENTS:
             g_z2 = tl.where(p_mask[:, None], al[None, :] + be[None, :] * z2, 0.0)
         else:
@@ -457,14 +475,9 @@ def _bwd_input_kernel(
             if HAS_EXPAND:
                 b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
             # z2 on O
-            acc_dw = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
-            for tap in range(9):
-                a1 = _tap_a1(x_base, oh, ow, o_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
-                             CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_O, BLOCK_H, BLOCK_CI)
-                wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
-                acc_dw += a1 * wd[None, :]
             bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-            z2 = acc_dw + bdw[None, :]
+            z2 = _depthwise(x_base, oh, ow, o_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask,
+                            CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_O, BLOCK_H, BLOCK_CI) + bdw[None, :]
             if MOMENTS:
                 al = tl.load(al_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
                 be = tl.load(be_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
@@ -563,12 +576,7 @@ def _moments_kernel(
     BLOCK_P: tl.constexpr = TH * TW
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
-    n_tw = tl.cdiv(WO, TW)
-    n_tiles = tl.cdiv(HO, TH) * n_tw
-    total = N * n_tiles
-    per = tl.cdiv(total, N_SPLITS)
-    start = split * per
-    end = tl.minimum(start + per, total)
+    n_tw, n_tiles, start, end = _split_items(N, HO, WO, N_SPLITS, split, TH, TW)
     hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = hh < HID
     p = tl.arange(0, BLOCK_P)
@@ -577,18 +585,9 @@ def _moments_kernel(
     run_mean = tl.zeros([BLOCK_H], dtype=tl.float32)
     run_m2 = tl.zeros([BLOCK_H], dtype=tl.float32)
     for item in range(start, end):
-        n = (item // n_tiles).to(tl.int64)
-        t = item % n_tiles
-        oh = (t // n_tw) * TH + p // TW
-        ow = (t % n_tw) * TW + p % TW
-        p_mask = (oh < HO) & (ow < WO)
-        x_base = x_ptr + n * sxn
-        z2 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-        for tap in range(9):
-            a1 = _tap_a1(x_base, oh, ow, p_mask, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
-                         CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
-            wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
-            z2 += a1 * wd[None, :]
+        n, oh, ow, p_mask = _item_tile(item, n_tw, n_tiles, p, HO, WO, TH, TW)
+        z2 = _depthwise(x_ptr + n * sxn, oh, ow, p_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh,
+                        h_mask, CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
         cnt = tl.sum(p_mask.to(tl.float32), axis=0)  # >= 1: every tile holds an output pixel
         tile_mean = tl.sum(tl.where(p_mask[:, None], z2, 0.0), axis=0) / cnt
         d = tl.where(p_mask[:, None], z2 - tile_mean[None, :], 0.0)
