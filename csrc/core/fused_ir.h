@@ -42,15 +42,15 @@ struct Layout {
   int64_t vl;                // vector width in floats (channel padding unit)
   int64_t hp, cin_p, cout_p; // padded hidden / input / output channels
   // forward weights
-  int64_t we_kn;  // expand  [cin][hp]
+  int64_t we_kn;  // expand  [hp / vl][cin][vl]: panel-major, panel j = channels [j*vl, j*vl + vl)
   int64_t be;     // [hp]
   int64_t wd;     // depthwise [9][hp]
   int64_t bd;     // [hp]
-  int64_t wp_kn;  // project [hp][cout_p]
+  int64_t wp_kn;  // project [cout_p / vl][hp][vl]: panel-major over output channels
   int64_t bp;     // [cout_p]
   // transposed copies used by the backward
-  int64_t we_nk;  // expand  [hp][cin_p]
-  int64_t wp_nk;  // project [cout][hp]
+  int64_t we_nk;  // expand  [cin_p / vl][hp][vl]: panel-major
+  int64_t wp_nk;  // project [hp / vl][cout][vl]: panel-major
   int64_t total;
 };
 // The transposed copies (we_nk, wp_nk) are laid out only `for_backward`, and
@@ -126,9 +126,13 @@ void reduce_forward_splits(const ForwardArgs<T>& a, const ForwardPlan& p, int64_
 // Work split of the backward: items are (image, row band). Bands span whole
 // rows; an input row shared by two bands is written by the first and the
 // second band's share goes to a side buffer added in backward_finish.
+constexpr int64_t kMaxBackwardSlots = 64;  // bound of BackwardPlan::window_slots
 struct BackwardPlan {
   int64_t rows_per_band, n_bands;
+  int64_t rows_per_step;        // output rows whose project GEMMs run as one
+  int64_t window_slots;         // a1 rows held: (rows_per_step - 1) * stride + 3
   int64_t scratch_floats;       // per thread
+  int64_t pending_pixels;       // pixels gathered per weight-gradient update
   int64_t side_rows_per_item;   // 3 - stride
   int64_t side_floats;          // whole side buffer
   int64_t items(const BlockShape& s) const { return s.batch * n_bands; }

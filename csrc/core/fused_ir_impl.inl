@@ -58,13 +58,17 @@ static vf relu6_grad(vf g, vf a) {
 // ---------------------------------------------------------------------------
 // GEMM: C[M x N] (+)= A[M x K] * B[K x N] (+ bias[N]), optional ReLU6.
 // A is addressed by strides (A(i,k) = A[i*sam + k*sak]) so a strided tensor or
-// a transposed row can be used in place. B and C have unit stride along N, and
-// N is a multiple of VL.
+// a transposed row can be used in place. B is read VL columns at a time: the
+// vector of columns [j*VL, j*VL + VL) in row k is at B + k*ldb + j*bjs, so a
+// row-major B has bjs = VL and a packed panel-major B (Layout) has ldb = VL
+// and bjs = K*VL, which the kernel streams sequentially. C has unit stride
+// along N, and N is a multiple of VL.
 static constexpr unsigned kAccumulate = 1u, kRelu6 = 2u;
 
 template <int ROWS, int NV>
 static void gemm_tile(int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
-                      int64_t ldb, T* C, int64_t ldc, const T* bias, unsigned flags) {
+                      int64_t ldb, int64_t bjs, T* C, int64_t ldc, const T* bias,
+                      unsigned flags) {
   vf acc[ROWS][NV];
   MNV2_UNROLL for (int i = 0; i < ROWS; ++i) {
     MNV2_UNROLL for (int j = 0; j < NV; ++j) {
@@ -75,7 +79,7 @@ static void gemm_tile(int64_t K, const T* A, int64_t sam, int64_t sak, const T* 
   }
   for (int64_t k = 0; k < K; ++k) {
     vf b[NV];
-    MNV2_UNROLL for (int j = 0; j < NV; ++j) b[j] = vload(B + j * VL);
+    MNV2_UNROLL for (int j = 0; j < NV; ++j) b[j] = vload(B + j * bjs);
     MNV2_UNROLL for (int i = 0; i < ROWS; ++i) {
       const vf a = vsplat(A[i * sam]);
       MNV2_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
@@ -92,38 +96,41 @@ static void gemm_tile(int64_t K, const T* A, int64_t sam, int64_t sak, const T* 
 
 template <int NV, int ROWS>
 static void gemm_rows_tail(int64_t rows, int64_t K, const T* A, int64_t sam, int64_t sak,
-                           const T* B, int64_t ldb, T* C, int64_t ldc, const T* bias,
-                           unsigned flags) {
+                           const T* B, int64_t ldb, int64_t bjs, T* C, int64_t ldc,
+                           const T* bias, unsigned flags) {
   if constexpr (ROWS > 0) {
     if (rows == ROWS) {
-      gemm_tile<ROWS, NV>(K, A, sam, sak, B, ldb, C, ldc, bias, flags);
+      gemm_tile<ROWS, NV>(K, A, sam, sak, B, ldb, bjs, C, ldc, bias, flags);
     } else {
-      gemm_rows_tail<NV, ROWS - 1>(rows, K, A, sam, sak, B, ldb, C, ldc, bias, flags);
+      gemm_rows_tail<NV, ROWS - 1>(rows, K, A, sam, sak, B, ldb, bjs, C, ldc, bias, flags);
     }
   }
 }
 
 template <int NV>
 static void gemm_panel(int64_t M, int64_t K, const T* A, int64_t sam, int64_t sak,
-                       const T* B, int64_t ldb, T* C, int64_t ldc, const T* bias,
-                       unsigned flags) {
+                       const T* B, int64_t ldb, int64_t bjs, T* C, int64_t ldc,
+                       const T* bias, unsigned flags) {
   int64_t m = 0;
   for (; m + MR <= M; m += MR) {
-    gemm_tile<MR, NV>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, bias, flags);
+    gemm_tile<MR, NV>(K, A + m * sam, sam, sak, B, ldb, bjs, C + m * ldc, ldc, bias, flags);
   }
-  gemm_rows_tail<NV, MR - 1>(M - m, K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, bias,
-                             flags);
+  gemm_rows_tail<NV, MR - 1>(M - m, K, A + m * sam, sam, sak, B, ldb, bjs, C + m * ldc, ldc,
+                             bias, flags);
 }
 
 static void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak,
-          const T* B, int64_t ldb, T* C, int64_t ldc, const T* bias, unsigned flags) {
+                 const T* B, int64_t ldb, int64_t bjs, T* C, int64_t ldc, const T* bias,
+                 unsigned flags) {
   // Panel by panel of B so that each K x NR panel is reused across all of M.
   int64_t n = 0;
   for (; n + 2 * VL <= N; n += 2 * VL) {
-    gemm_panel<2>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, bias ? bias + n : nullptr, flags);
+    gemm_panel<2>(M, K, A, sam, sak, B + n / VL * bjs, ldb, bjs, C + n, ldc,
+                  bias ? bias + n : nullptr, flags);
   }
   for (; n < N; n += VL) {
-    gemm_panel<1>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, bias ? bias + n : nullptr, flags);
+    gemm_panel<1>(M, K, A, sam, sak, B + n / VL * bjs, ldb, bjs, C + n, ldc,
+                  bias ? bias + n : nullptr, flags);
   }
 }
 
@@ -241,16 +248,17 @@ struct Window {
     T* dst = slot(lo);
     const int64_t rows = hi - lo + 1;
     if (s.has_expand) {
-      const T* B = a->packed + l.we_kn + h0;
+      // panel-major [hp / VL][cin][VL]: the panels of channels [h0, h0 + hc)
+      const T* B = a->packed + l.we_kn + h0 * s.cin;
       const T* bias = a->packed + l.be + h0;
       if (rows == 1 || xs.h == nvalid * xs.w) {
         // consecutive rows are one uniformly strided matrix: a single GEMM
-        gemm(rows * nvalid, hc, s.cin, xrow + lo * xs.h, xs.w, xs.c, B, l.hp, dst, hc, bias,
-             kRelu6);
+        gemm(rows * nvalid, hc, s.cin, xrow + lo * xs.h, xs.w, xs.c, B, VL, s.cin * VL, dst, hc,
+             bias, kRelu6);
       } else {
         for (int64_t i = lo; i <= hi; ++i) {
-          gemm(nvalid, hc, s.cin, xrow + i * xs.h, xs.w, xs.c, B, l.hp, dst + (i - lo) * row_floats(),
-               hc, bias, kRelu6);
+          gemm(nvalid, hc, s.cin, xrow + i * xs.h, xs.w, xs.c, B, VL, s.cin * VL,
+               dst + (i - lo) * row_floats(), hc, bias, kRelu6);
         }
       }
       // Padded channels must be exactly zero: with an infinite input, the
@@ -401,8 +409,9 @@ static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeom
                   a.packed + l.bd + win.h0, dwbuf + q * tw * win.hc, true);
       }
       T* accr = g.chunked ? acc + (r - r0) * tw * l.cout_p : acc;
-      gemm(rows * tw, l.cout_p, win.hc, dwbuf, win.hc, 1, a.packed + l.wp_kn + win.h0 * l.cout_p,
-           l.cout_p, accr, l.cout_p, bias, first ? 0u : kAccumulate);
+      // panel-major project weights [cout_p / VL][hp][VL]: rows [h0, h0 + hc) of every panel
+      gemm(rows * tw, l.cout_p, win.hc, dwbuf, win.hc, 1, a.packed + l.wp_kn + win.h0 * VL, VL,
+           l.hp * VL, accr, l.cout_p, bias, first ? 0u : kAccumulate);
       if (!g.chunked) store(r, rows, accr);
     }
   }
@@ -423,29 +432,43 @@ static void forward_entry(const FArgs& a, const ForwardPlan& p, int64_t begin, i
 //   g_wd, g_bd from gz2 and a1, and scatter gz2 into the ga1 row ring;
 // then every input row no later output row touches is finished:
 //   gz1 = ga1 * relu6'(a1),  g_we += gz1^T x,  g_be += sum gz1,  gx = gz1 We.
+// The two weight-gradient products are rank-K updates of a whole weight-sized
+// accumulator. With one row (K = W pixels, 7 for a 7x7 image) the accumulator's
+// traffic would swamp the arithmetic, so the rows' operands (a2 and gy; gz1 and
+// x) are gathered in pending buffers of plan.pending_pixels pixels and each
+// update runs once per that many pixels.
 
 struct BackwardBuffers {
-  T* ring;   // [3][W][hp]
+  T* ring;   // [slots][W][hp] a1 rows
   T* zero;   // [W][hp]
-  T* ga1;    // [3][W][hp]
+  T* ga1;    // [slots][W][hp] their gradients
   T* trash;  // [W][hp] scatter target for rows outside the image
-  T* z2;     // [Wo][hp]
-  T* a2;     // [Wo][hp]
-  T* gz2;    // [Wo][hp]
-  T* gxrow;  // [W][cin_p]
+  T* z2;     // [rows_per_step][Wo][hp]
+  T* gz2;    // [rows_per_step][Wo][hp]
+  T* gxrow;  // [pending_pixels][cin_p] input-gradient rows of one step
+  // pending operands of the weight-gradient updates, pending_pixels rows each
+  T* pend_a2;   // [.][hp]
+  T* pend_gy;   // [.][cout]
+  T* pend_gz1;  // [.][hp]
+  T* pend_x;    // [.][cin]
 };
 
-static BackwardBuffers carve_backward(const BlockShape& s, const Layout& l, T* scratch) {
-  const int64_t row = s.in_w * l.hp, orow = s.out_w() * l.hp;
+static BackwardBuffers carve_backward(const BlockShape& s, const Layout& l,
+                                      const BackwardPlan& p, T* scratch) {
+  const int64_t row = s.in_w * l.hp, pend = p.pending_pixels;
+  const int64_t step = p.rows_per_step * s.out_w() * l.hp;
   BackwardBuffers b;
   b.ring = scratch;
-  b.zero = b.ring + 3 * row;
+  b.zero = b.ring + p.window_slots * row;
   b.ga1 = b.zero + row;
-  b.trash = b.ga1 + 3 * row;
+  b.trash = b.ga1 + p.window_slots * row;
   b.z2 = b.trash + row;
-  b.a2 = b.z2 + orow;
-  b.gz2 = b.a2 + orow;
-  b.gxrow = b.gz2 + orow;
+  b.gz2 = b.z2 + step;
+  b.gxrow = b.gz2 + step;
+  b.pend_a2 = b.gxrow + pend * l.cin_p;
+  b.pend_gy = b.pend_a2 + pend * l.hp;
+  b.pend_gz1 = b.pend_gy + pend * s.cout;
+  b.pend_x = b.pend_gz1 + pend * l.hp;
   return b;
 }
 
@@ -462,51 +485,90 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
   const int64_t shared_hi = band > 0 ? (r0 - 1) * st + 1 : -1;  // rows the previous band wrote
 
   const FArgs fa{s, l, a.x, a.xs, a.packed, nullptr, {}, nullptr};
-  Window win{&fa, n, 0, W, 0, hp, 3, buf.ring, buf.zero, -1 - 2 * int64_t{st}};
-  int64_t ga1_tag[3] = {-1, -1, -1};
+  // rings of the a1 rows and their gradients: the rows one step reads
+  const int64_t slots = p.window_slots;
+  Window win{&fa, n, 0, W, 0, hp, slots, buf.ring, buf.zero, -1 - 2 * int64_t{st}};
+  int64_t ga1_tag[kMaxBackwardSlots];
+  for (int64_t k = 0; k < slots; ++k) ga1_tag[k] = -1;
   auto ga1_row = [&](int64_t i) -> T* {
     if (i < 0 || i >= H) return buf.trash;
-    return buf.ga1 + (i % 3) * W * hp;
+    return buf.ga1 + (i % slots) * W * hp;
   };
 
   const T* wd = a.packed + l.wd;
   const T* gy_n = a.gy != nullptr ? a.gy + n * a.gys.n : nullptr;
   const T* x_n = a.x + n * a.xs.n;
 
-  auto finish_row = [&](int64_t i) {
-    T* g = ga1_row(i);
-    const T* src = g;
+  // pending pixels of the two weight-gradient updates
+  const int64_t pend_cap = p.pending_pixels;
+  int64_t pend1 = 0, pend2 = 0;
+  auto flush_expand = [&] {  // g_we^T[cin][hp] += x^T gz1 over the pending pixels
+    if (pend1 > 0) {
+      gemm(s.cin, hp, pend1, buf.pend_x, 1, s.cin, buf.pend_gz1, hp, VL, grads + gl.g_weT, hp,
+           nullptr, kAccumulate);
+    }
+    pend1 = 0;
+  };
+  auto flush_project = [&] {  // g_wp[cout][hp] += gy^T a2 over the pending pixels
+    if (pend2 > 0) {
+      gemm(s.cout, hp, pend2, buf.pend_gy, 1, s.cout, buf.pend_a2, hp, VL, grads + gl.g_wp, hp,
+           nullptr, kAccumulate);
+    }
+    pend2 = 0;
+  };
+
+  // Finishes input rows [f0, f1] (consecutive, all scattered into): their gz1 rows
+  // are appended to the pending expand operands and, with an input gradient, one
+  // GEMM over all of them gives their gx rows.
+  auto finish_rows = [&](int64_t f0, int64_t f1) {
+    if (f1 < f0) return;
+    const int64_t nrows = f1 - f0 + 1;
+    const T* src = nullptr;  // row f's input gradient at src + (f - f0) * W * ld
     int64_t ld = hp;
     if (s.has_expand) {
-      const T* a1 = win.row(i);
-      for (int64_t e = 0; e < W * hp; e += VL) vstore(g + e, relu6_grad(vload(g + e), vload(a1 + e)));
+      if (pend1 + nrows * W > pend_cap) flush_expand();
+      T* gz1_0 = buf.pend_gz1 + pend1 * hp;
       T* g_be = grads + gl.g_be;
-      for (int64_t w = 0; w < W; ++w) {
-        for (int64_t c = 0; c < hp; c += VL) vstore(g_be + c, vload(g_be + c) + vload(g + w * hp + c));
+      for (int64_t i = f0; i <= f1; ++i) {
+        const T* g = ga1_row(i);
+        const T* a1 = win.row(i);
+        T* gz1 = buf.pend_gz1 + pend1 * hp;
+        for (int64_t e = 0; e < W * hp; e += VL) vstore(gz1 + e, relu6_grad(vload(g + e), vload(a1 + e)));
+        for (int64_t w = 0; w < W; ++w) {
+          for (int64_t c = 0; c < hp; c += VL) vstore(g_be + c, vload(g_be + c) + vload(gz1 + w * hp + c));
+        }
+        const T* xr = x_n + i * a.xs.h;
+        T* px = buf.pend_x + pend1 * s.cin;
+        for (int64_t w = 0; w < W; ++w) {
+          for (int64_t c = 0; c < s.cin; ++c) px[w * s.cin + c] = xr[w * a.xs.w + c * a.xs.c];
+        }
+        pend1 += W;
       }
-      gemm(s.cin, hp, W, x_n + i * a.xs.h, a.xs.c, a.xs.w, g, hp, grads + gl.g_weT, hp, nullptr,
-           kAccumulate);
       if (a.gx == nullptr) return;
-      gemm(W, l.cin_p, hp, g, hp, 1, a.packed + l.we_nk, l.cin_p, buf.gxrow, l.cin_p, nullptr, 0);
+      gemm(nrows * W, l.cin_p, hp, gz1_0, hp, 1, a.packed + l.we_nk, VL, hp * VL, buf.gxrow, l.cin_p,
+           nullptr, 0);
       src = buf.gxrow;
       ld = l.cin_p;
     }
     if (a.gx == nullptr) return;
-    if (i <= shared_hi) {
-      T* side = a.side + ((n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item + (i - i_first)) *
-                                 W * s.cin;
-      for (int64_t w = 0; w < W; ++w) {
-        for (int64_t c = 0; c < s.cin; ++c) side[w * s.cin + c] = src[w * ld + c];
+    for (int64_t i = f0; i <= f1; ++i) {
+      const T* row = src != nullptr ? src + (i - f0) * W * ld : ga1_row(i);  // t == 1: gx = ga1
+      if (i <= shared_hi) {
+        T* side = a.side + ((n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item + (i - i_first)) *
+                                   W * s.cin;
+        for (int64_t w = 0; w < W; ++w) {
+          for (int64_t c = 0; c < s.cin; ++c) side[w * s.cin + c] = row[w * ld + c];
+        }
+        continue;
       }
-      return;
-    }
-    T* gx = a.gx + n * a.gxs.n + i * a.gxs.h;
-    const T* gyr = s.residual ? gy_n + i * a.gys.h : nullptr;  // residual: stride 1, same row
-    for (int64_t w = 0; w < W; ++w) {
-      for (int64_t c = 0; c < s.cin; ++c) {
-        T v = src[w * ld + c];
-        if (s.residual) v += gyr[w * a.gys.w + c * a.gys.c];
-        gx[w * a.gxs.w + c * a.gxs.c] = v;
+      T* gx = a.gx + n * a.gxs.n + i * a.gxs.h;
+      const T* gyr = s.residual ? gy_n + i * a.gys.h : nullptr;  // residual: stride 1, same row
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t c = 0; c < s.cin; ++c) {
+          T v = row[w * ld + c];
+          if (s.residual) v += gyr[w * a.gys.w + c * a.gys.c];
+          gx[w * a.gxs.w + c * a.gxs.c] = v;
+        }
       }
     }
   };
@@ -531,53 +593,76 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
     return;
   }
 
+  // Steps of rows_per_step output rows: the project GEMMs of a step (gy Wp^T and
+  // the input-gradient GEMM of the rows it finishes) run over all its pixels, so
+  // the weights are streamed once per step rather than once per row.
   int64_t next_final = i_first;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i0 = r * st - 1;
-    win.fill(i0, i0 + 2);
-    for (int64_t i = i0; i <= i0 + 2; ++i) {
-      if (i < 0 || i >= H || ga1_tag[i % 3] == i) continue;
+  for (int64_t r = r0; r < r1; r += p.rows_per_step) {
+    const int64_t rows = imin(p.rows_per_step, r1 - r);
+    const int64_t i0 = r * st - 1, i_hi = (r + rows - 1) * st + 1;
+    win.fill(i0, i_hi);
+    for (int64_t i = i0; i <= i_hi; ++i) {
+      if (i < 0 || i >= H || ga1_tag[i % slots] == i) continue;
       std::memset(ga1_row(i), 0, sizeof(T) * W * hp);
-      ga1_tag[i % 3] = i;
+      ga1_tag[i % slots] = i;
     }
-    const T* rr[3] = {win.row(i0), win.row(i0 + 1), win.row(i0 + 2)};
-    dw3x3_row(rr, 0, W, st, 0, Wo, hp, wd, hp, a.packed + l.bd, buf.z2, false);
-
+    for (int64_t q = 0; q < rows; ++q) {
+      const int64_t iq = (r + q) * st - 1;
+      const T* rr[3] = {win.row(iq), win.row(iq + 1), win.row(iq + 2)};
+      dw3x3_row(rr, 0, W, st, 0, Wo, hp, wd, hp, a.packed + l.bd, buf.z2 + q * Wo * hp, false);
+    }
+    const int64_t npix = rows * Wo;
     if (a.moment_alpha != nullptr) {
       // d(statistics)/d z2: affine in z2, channel by channel
-      for (int64_t q = 0; q < Wo; ++q) {
+      for (int64_t q = 0; q < npix; ++q) {
         for (int64_t c = 0; c < hp; c += VL) {
           vstore(buf.gz2 + q * hp + c,
                  vload(a.moment_alpha + c) + vload(a.moment_beta + c) * vload(buf.z2 + q * hp + c));
         }
       }
     } else {
-      const T* gyr = gy_n + r * a.gys.h;
+      if (pend2 + npix > pend_cap) flush_project();
       T* g_bp = grads + gl.g_bp;
-      for (int64_t o = 0; o < s.cout; ++o) {
-        T sum = T(0);
-        for (int64_t q = 0; q < Wo; ++q) sum += gyr[o * a.gys.c + q * a.gys.w];
-        g_bp[o] += sum;
+      T* pg = buf.pend_gy + pend2 * s.cout;
+      for (int64_t q = 0; q < rows; ++q) {
+        const T* gyr = gy_n + (r + q) * a.gys.h;
+        for (int64_t o = 0; o < s.cout; ++o) {
+          T sum = T(0);
+          for (int64_t w = 0; w < Wo; ++w) sum += gyr[o * a.gys.c + w * a.gys.w];
+          g_bp[o] += sum;
+        }
+        for (int64_t w = 0; w < Wo; ++w) {
+          for (int64_t o = 0; o < s.cout; ++o) pg[(q * Wo + w) * s.cout + o] = gyr[o * a.gys.c + w * a.gys.w];
+        }
       }
-      for (int64_t e = 0; e < Wo * hp; e += VL) vstore(buf.a2 + e, relu6(vload(buf.z2 + e)));
-      gemm(s.cout, hp, Wo, gyr, a.gys.c, a.gys.w, buf.a2, hp, grads + gl.g_wp, hp, nullptr,
-           kAccumulate);
-      gemm(Wo, hp, s.cout, gyr, a.gys.w, a.gys.c, a.packed + l.wp_nk, hp, buf.gz2, hp, nullptr, 0);
-      for (int64_t e = 0; e < Wo * hp; e += VL) {
+      T* a2 = buf.pend_a2 + pend2 * hp;
+      for (int64_t e = 0; e < npix * hp; e += VL) vstore(a2 + e, relu6(vload(buf.z2 + e)));
+      pend2 += npix;
+      gemm(npix, hp, s.cout, pg, s.cout, 1, a.packed + l.wp_nk, VL, s.cout * VL, buf.gz2, hp, nullptr,
+           0);
+      for (int64_t e = 0; e < npix * hp; e += VL) {
         vstore(buf.gz2 + e, relu6_grad(vload(buf.gz2 + e), vload(buf.z2 + e)));
       }
     }
-    T* const ga[3] = {ga1_row(i0), ga1_row(i0 + 1), ga1_row(i0 + 2)};
-    dw3x3_row_backward(rr, ga, buf.gz2, W, st, Wo, hp, wd, grads + gl.g_wd, grads + gl.g_bd);
-
-    const int64_t last = r == r1 - 1 ? i_last : imin(i_last, (r + 1) * st - 2);
-    for (; next_final <= last; ++next_final) finish_row(next_final);
+    for (int64_t q = 0; q < rows; ++q) {
+      const int64_t iq = (r + q) * st - 1;
+      const T* rr[3] = {win.row(iq), win.row(iq + 1), win.row(iq + 2)};
+      T* const ga[3] = {ga1_row(iq), ga1_row(iq + 1), ga1_row(iq + 2)};
+      dw3x3_row_backward(rr, ga, buf.gz2 + q * Wo * hp, W, st, Wo, hp, wd, grads + gl.g_wd,
+                         grads + gl.g_bd);
+    }
+    // every input row no later step touches is final
+    const int64_t last = r + rows == r1 ? i_last : imin(i_last, (r + rows) * st - 2);
+    finish_rows(next_final, last);
+    next_final = imax(next_final, last + 1);
   }
+  flush_project();
+  flush_expand();
 }
 
 static void backward_entry(const BArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,
                     T* grads, T* scratch) {
-  const BackwardBuffers buf = carve_backward(a.shape, a.layout, scratch);
+  const BackwardBuffers buf = carve_backward(a.shape, a.layout, p, scratch);
   std::memset(buf.zero, 0, sizeof(T) * a.shape.in_w * a.layout.hp);
   for (int64_t item = begin; item < end; ++item) backward_item(a, p, item, grads, buf);
 }

@@ -89,16 +89,19 @@ void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const
     const int64_t h1 = std::min(h0 + kBlock, pad_end);
     const int64_t hv = std::min(h1, s.hidden);  // [h0, hv) real, [hv, h1) padding
     if (s.has_expand) {
-      for (int64_t c = 0; c < s.cin; ++c) {
-        T* dst = packed + l.we_kn + c * l.hp;
-        for (int64_t h = h0; h < hv; ++h) dst[h] = w_expand[h * s.cin + c];
-        for (int64_t h = hv; h < h1; ++h) dst[h] = T(0);
+      // panel-major [hp / vl][cin][vl]: the kernel streams one panel sequentially
+      for (int64_t h = h0; h < h1; ++h) {
+        T* dst = packed + l.we_kn + (h / l.vl) * s.cin * l.vl + h % l.vl;
+        for (int64_t c = 0; c < s.cin; ++c) dst[c * l.vl] = h < hv ? w_expand[h * s.cin + c] : T(0);
       }
       for (int64_t h = h0; h < h1; ++h) packed[l.be + h] = h < hv ? b_expand[h] : T(0);
       if (for_backward) {
+        // panel-major [cin_p / vl][hp][vl]
         for (int64_t h = h0; h < h1; ++h) {
-          T* dst = packed + l.we_nk + h * l.cin_p;
-          for (int64_t c = 0; c < l.cin_p; ++c) dst[c] = h < hv && c < s.cin ? w_expand[h * s.cin + c] : T(0);
+          T* dst = packed + l.we_nk + h * l.vl;
+          for (int64_t c = 0; c < l.cin_p; ++c) {
+            dst[(c / l.vl) * l.hp * l.vl + c % l.vl] = h < hv && c < s.cin ? w_expand[h * s.cin + c] : T(0);
+          }
         }
       }
     }
@@ -106,14 +109,20 @@ void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const
       for (int64_t h = h0; h < h1; ++h) packed[l.wd + t * l.hp + h] = h < hv ? w_dw[h * 9 + t] : T(0);
     }
     for (int64_t h = h0; h < h1; ++h) packed[l.bd + h] = h < hv ? b_dw[h] : T(0);
-    for (int64_t h = h0; h < h1; ++h) {
-      T* dst = packed + l.wp_kn + h * l.cout_p;
-      for (int64_t o = 0; o < l.cout_p; ++o) dst[o] = h < hv && o < s.cout ? w_project[o * s.hidden + h] : T(0);
+    // panel-major [cout_p / vl][hp][vl]
+    for (int64_t o = 0; o < l.cout_p; ++o) {
+      T* dst = packed + l.wp_kn + (o / l.vl) * l.hp * l.vl + o % l.vl;
+      for (int64_t h = h0; h < h1; ++h) {
+        dst[h * l.vl] = h < hv && o < s.cout ? w_project[o * s.hidden + h] : T(0);
+      }
     }
     if (for_backward) {
+      // panel-major [hp / vl][cout][vl]
       for (int64_t o = 0; o < s.cout; ++o) {
-        T* dst = packed + l.wp_nk + o * l.hp;
-        for (int64_t h = h0; h < h1; ++h) dst[h] = h < hv ? w_project[o * s.hidden + h] : T(0);
+        T* dst = packed + l.wp_nk + o * l.vl;
+        for (int64_t h = h0; h < h1; ++h) {
+          dst[(h / l.vl) * s.cout * l.vl + h % l.vl] = h < hv ? w_project[o * s.hidden + h] : T(0);
+        }
       }
     }
   }
@@ -226,7 +235,13 @@ void finish_backward_plan(const BlockShape& s, const Layout& l, BackwardPlan* p)
   const int64_t Ho = s.out_h(), W = s.in_w, Wo = s.out_w();
   p->rows_per_band = std::clamp<int64_t>(p->rows_per_band, 1, Ho);
   p->n_bands = ceil_div(Ho, p->rows_per_band);
-  p->scratch_floats = 8 * W * l.hp + 3 * Wo * l.hp + W * l.cin_p;
+  p->rows_per_step = std::clamp<int64_t>(p->rows_per_step, 1, p->rows_per_band);
+  p->rows_per_step = std::min<int64_t>(p->rows_per_step, (kMaxBackwardSlots - 3) / s.stride + 1);
+  p->window_slots = (p->rows_per_step - 1) * s.stride + 3;
+  // a step finishes at most rows_per_step * stride + 2 input rows
+  p->pending_pixels = std::max<int64_t>(32, (p->rows_per_step * s.stride + 2) * W);
+  p->scratch_floats = (2 * p->window_slots + 2) * W * l.hp + 2 * p->rows_per_step * Wo * l.hp +
+                      p->pending_pixels * (l.cin_p + 2 * l.hp + s.cin + s.cout);
   p->side_rows_per_item = 3 - s.stride;
   p->side_floats = s.batch * (p->n_bands - 1) * p->side_rows_per_item * W * s.cin;
 }
@@ -238,6 +253,8 @@ BackwardPlan plan_backward(const BlockShape& s, const Layout& l, int threads) {
   const int64_t bands =
       s.batch >= threads || s.batch == 0 ? 1 : std::min(Ho, ceil_div(threads, s.batch));
   p.rows_per_band = ceil_div(Ho, bands);
+  // project GEMMs over at least ~32 output pixels
+  p.rows_per_step = ceil_div(32, s.out_w());
   finish_backward_plan(s, l, &p);
   return p;
 }

@@ -224,6 +224,7 @@ struct PlanOverride {
   int tasks = 1;
   bool threaded = false;
   int64_t splits = 0;
+  int64_t bwd_step_rows = 0;  // backward rows per step (0: the planner's)
 };
 
 template <typename T>
@@ -325,8 +326,9 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   if (!backward) return;
 
   BackwardPlan bp = plan_backward(s, l, ov.tasks);
-  if (ov.bwd_band_rows) {
-    bp.rows_per_band = ov.bwd_band_rows;
+  if (ov.bwd_band_rows || ov.bwd_step_rows) {
+    if (ov.bwd_band_rows) bp.rows_per_band = ov.bwd_band_rows;
+    if (ov.bwd_step_rows) bp.rows_per_step = ov.bwd_step_rows;
     finish_backward_plan(s, l, &bp);
   }
   const GradLayout gl = make_grad_layout(s, l);
@@ -435,9 +437,9 @@ int main(int argc, char** argv) {
       // Awkward shapes in every layout, under several forced tilings.
       const PlanOverride tilings[] = {
           {},                                       // the planner's choice
-          {2, 1, 1, 0, 1, 3, false, 0},             // column tiles, one-row bands, 3 tasks
-          {3, 2, 2, 8, 2, 2, false, 0},             // small hidden chunks (sum over chunks)
-          {0, 3, 3, 0, 2, 4, true, 0},              // multi-row steps, real threads
+          {2, 1, 1, 0, 1, 3, false, 0, 1},          // column tiles, one-row bands, 3 tasks
+          {3, 2, 2, 8, 2, 2, false, 0, 3},          // small hidden chunks (sum over chunks)
+          {0, 3, 3, 0, 3, 4, true, 0, 2},           // multi-row steps, real threads
           {0, 0, 0, 8, 0, 3, false, 3},             // hidden splits, chunked within each
           {2, 2, 1, 0, 0, 2, true, 2},              // hidden splits with column tiles, threads
       };
