@@ -36,6 +36,13 @@ TORCH_LIBRARY(mnv2, m) {
       "fused_inverted_residual_packed(Tensor x, Tensor packed, int hidden, int cout, "
       "bool has_expand, int stride, bool residual) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // Pointwise (1x1) convolution for inference with cached weights, the model's head:
+  // y = act(conv1x1(x, weight) + bias), act 0 none, 1 ReLU, 2 ReLU6. weight (cout, cin)
+  // and bias (cout,) are packed once for this machine's CPU kernel (opaque result); x
+  // must be channels_last, and so is y. No autograd.
+  m.def("pack_pointwise(Tensor weight, Tensor bias) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("pointwise_conv_packed(Tensor x, Tensor packed, int cout, int activation) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   // Batch statistics for train-mode batch norm without the hidden tensor in
   // autograd: each op saves only its inputs and recomputes in its backward.
   // Per-channel mean and biased covariance of x over (N, H, W): bn1's statistics
@@ -64,6 +71,8 @@ TORCH_LIBRARY(mnv2, m) {
 TORCH_LIBRARY_IMPL(mnv2, Autograd, m) {
   m.impl("pack_weights", torch::autograd::autogradNotImplementedFallback());
   m.impl("fused_inverted_residual_packed", torch::autograd::autogradNotImplementedFallback());
+  m.impl("pack_pointwise", torch::autograd::autogradNotImplementedFallback());
+  m.impl("pointwise_conv_packed", torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace mnv2 {
@@ -109,6 +118,11 @@ int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand,
   return mnv2::make_layout(s, is_double ? k.f64.vl : k.f32.vl, false).total;
 }
 
+int64_t pointwise_packed_numel(int64_t cin, int64_t cout, bool is_double) {
+  const mnv2::KernelTable& k = mnv2::active_kernels();
+  return mnv2::make_pointwise_layout(cin, cout, is_double ? k.f64.vl : k.f32.vl).total;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -121,4 +135,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_max_scratch_bytes", &mnv2::reset_max_scratch_bytes);
   m.def("packed_numel", &packed_numel,
         "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.");
+  m.def("pointwise_packed_numel", &pointwise_packed_numel,
+        "Elements of mnv2::pack_pointwise's result on this machine's CPU kernel.");
 }

@@ -81,11 +81,18 @@ class Conv2dNormActivation(nn.Sequential):
                  if t is not None]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in state))
         fold = lambda: self._fold(conv, norm, fmt)  # noqa: E731
+        pointwise = (fmt == torch.channels_last and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                     and conv.padding == (0, 0) and conv.groups == 1)
+        if pointwise and not needs_grad and x.device.type == "cpu" and backends.resolve(x) == "cpu":
+            # the CPU kernel's 1x1 GEMM on packed weights, bias and activation in its epilogue
+            packed = self.__dict__.setdefault("_packed", DerivedCache()).get(
+                x.dtype, state, lambda: self._pack_pointwise(conv, norm))
+            if packed is not None:
+                return ops.pointwise_conv(x, packed, conv.out_channels, _ACTIVATION_NAMES[type(act)])
         folded = None if needs_grad else self.__dict__.setdefault("_folded", DerivedCache()).get(
             (x.dtype, fmt), state, fold)
         w, b = folded if folded is not None else fold()
-        if (fmt == torch.channels_last and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                and conv.padding == (0, 0) and conv.groups == 1):
+        if pointwise:
             n, c, h, wd = x.shape
             rows = torch.addmm(b, x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w.view(w.shape[0], c).t())
             y = rows.view(n, h, wd, -1).permute(0, 3, 1, 2)  # channels_last, no copy
@@ -101,6 +108,14 @@ class Conv2dNormActivation(nn.Sequential):
     def _fold(conv, norm, fmt):
         w, b = fold_bn(conv.weight, conv.bias, norm.weight, norm.bias, *running_stats(norm), norm.eps)
         return w.contiguous(memory_format=fmt), b
+
+    @classmethod
+    def _pack_pointwise(cls, conv, norm):
+        w, b = cls._fold(conv, norm, torch.contiguous_format)
+        return ops.pack_pointwise(w.view(w.shape[0], -1), b)
+
+
+_ACTIVATION_NAMES = {type(None): None, nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
 def _is_foldable_norm(m: nn.Module) -> bool:

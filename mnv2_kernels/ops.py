@@ -95,6 +95,21 @@ def packed_op():
     return _PACKED_OP
 
 
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+
+
+def pack_pointwise(weight: Tensor, bias: Tensor) -> Tensor:
+    """A 1x1 convolution's (cout, cin) weight and (cout,) bias laid out for this machine's
+    CPU kernel (opaque), for pointwise_conv."""
+    return torch.ops.mnv2.pack_pointwise.default(weight, bias)
+
+
+def pointwise_conv(x: Tensor, packed: Tensor, cout: int, activation: Optional[str] = None) -> Tensor:
+    """act(conv1x1(x) + bias) with weights from pack_pointwise, on a channels_last CPU input
+    (the result is channels_last); activation None, "relu" or "relu6". Inference only."""
+    return torch.ops.mnv2.pointwise_conv_packed.default(x, packed, cout, ACTIVATIONS[activation])
+
+
 def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean (C,) and biased covariance (C, C) of x over (N, H, W)."""
     return torch.ops.mnv2.channel_moments.default(x)
@@ -383,6 +398,20 @@ def _register():
     def _(x_shape, packed_shape, hidden, cout, has_expand, stride, residual, *args, out_shape=None,
           **kwargs) -> int:
         return 2 * block_macs(x_shape, hidden, cout, stride, has_expand)
+
+    # pack_pointwise / pointwise_conv_packed (the model's head, inference) ----
+    @torch.library.register_fake("mnv2::pack_pointwise")
+    def _(weight, bias):
+        torch._check(weight.dim() == 2, lambda: "mnv2: pack_pointwise needs a (cout, cin) weight")
+        numel = _extension._C.pointwise_packed_numel(weight.shape[1], weight.shape[0],
+                                                     weight.dtype == torch.float64)
+        return weight.new_empty((numel,))
+
+    @torch.library.register_fake("mnv2::pointwise_conv_packed")
+    def _(x, packed, cout, activation):
+        torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        return torch.empty((x.shape[0], cout, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
 
     # channel_moments ----------------------------------------------------------
     torch.library.register_kernel("mnv2::channel_moments", ("cpu", "cuda"), _channel_moments_impl)

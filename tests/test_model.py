@@ -59,6 +59,8 @@ def test_stem_and_head_fold_their_batch_norm(cpu_backend):
             x = torch.randn(2, 3, 64, 64, dtype=dtype).contiguous(memory_format=fmt)
             with torch.no_grad():
                 assert rel_err(b(x), a(x)) <= tol
+                # the channels_last head runs the CPU kernel's pointwise GEMM on packed weights
+                assert ("_packed" in b.features[-1].__dict__) == (fmt == torch.channels_last and not train)
                 for m in (a, b):
                     m.features[-1][1].running_var.mul_(1.5)  # the head's BN: the fold must follow
                 assert rel_err(b(x), a(x)) <= tol

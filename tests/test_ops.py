@@ -202,6 +202,81 @@ def test_inference_ops_refuse_to_differentiate():
         w.sum().backward()
 
 
+# (N, Cin, H, W, Cout): the head's shape at batch 1 and 2, and awkward ones (Cout not a
+# multiple of any vector width, more rows than one item, one pixel, an empty batch)
+POINTWISE_SHAPES = [(1, 320, 7, 7, 1280), (2, 320, 7, 7, 1280), (3, 5, 9, 11, 21), (1, 1, 1, 1, 1),
+                    (2, 17, 13, 12, 70), (0, 4, 3, 3, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", POINTWISE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_pointwise_conv_matches_conv2d(shape, activation, dtype):
+    n, cin, h, w, cout = shape
+    g = torch.Generator().manual_seed(cin * cout)
+    x = (3 * torch.randn(n, cin, h, w, generator=g, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, generator=g, dtype=dtype)
+    bias = torch.randn(cout, generator=g, dtype=dtype)
+    y = ops.pointwise_conv(x, ops.pack_pointwise(weight, bias), cout, activation)
+    ref = torch.nn.functional.conv2d(x.double(), weight.double().view(cout, cin, 1, 1), bias.double())
+    if activation == "relu":
+        ref = ref.clamp(min=0)
+    elif activation == "relu6":
+        ref = ref.clamp(0, 6)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, ref) <= (1e-6 if dtype == torch.float32 else 1e-13)
+
+
+def test_pointwise_conv_nan_and_opcheck():
+    x = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
+    x[0, 2, 1, 1] = float("nan")
+    weight, bias = torch.randn(9, 6), torch.randn(9)
+    packed = ops.pack_pointwise(weight, bias)
+    y = ops.pointwise_conv(x, packed, 9, "relu6")
+    ref = torch.nn.functional.conv2d(x, weight.view(9, 6, 1, 1), bias).clamp(0, 6)
+    assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()  # NaN passes ReLU6, as in torch
+    torch.library.opcheck(torch.ops.mnv2.pack_pointwise.default, (weight, bias))
+    torch.library.opcheck(torch.ops.mnv2.pointwise_conv_packed.default, (x.nan_to_num(), packed, 9, 2))
+
+
+def test_pointwise_conv_bad_input():
+    weight, bias = torch.randn(9, 6), torch.randn(9)
+    packed = ops.pack_pointwise(weight, bias)
+    x = torch.randn(2, 6, 3, 4)
+    with pytest.raises(RuntimeError, match="needs a channels_last"):
+        ops.pointwise_conv(x, packed, 9)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="activation must be 0"):
+        torch.ops.mnv2.pointwise_conv_packed(x, packed, 9, 3)
+    with pytest.raises(RuntimeError, match="not packed for a 6 -> 10 pointwise"):
+        ops.pointwise_conv(x, packed, 10)  # same padded size: only the trailer tells
+    with pytest.raises(RuntimeError, match="not packed for a 5 -> 9 pointwise"):
+        ops.pointwise_conv(x[:, :5].contiguous(memory_format=torch.channels_last), packed, 9)
+    with pytest.raises(RuntimeError, match="x's device and dtype"):
+        ops.pointwise_conv(x.double(), packed, 9)
+    with pytest.raises(RuntimeError, match=r"\(cout,\) bias"):
+        ops.pack_pointwise(weight, torch.randn(8))
+    with pytest.raises(RuntimeError, match=r"\(cout, cin\) weight"):
+        ops.pack_pointwise(weight.view(9, 6, 1, 1), bias)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        ops.pack_pointwise(weight.half(), bias.half())
+    w = weight.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="derivative for mnv2::pack_pointwise is not implemented"):
+        ops.pack_pointwise(w, bias).sum().backward()
+
+
+def test_packed_block_refuses_weights_packed_for_another_shape():
+    # hidden 12 -> 13 and Cout 3 -> 4 keep every padded size: only the packed trailer tells
+    x, we, be, wd, bd, wp, bp, stride, residual = sample_inputs(SAMPLES[1])
+    packed = torch.ops.mnv2.pack_weights(we, be, wd, bd, wp, bp)
+    hidden, cout = wd.shape[0], wp.shape[0]
+    for h, c in [(hidden + 1, cout), (hidden, cout + 1)]:
+        with pytest.raises(RuntimeError, match="not packed for this block"):
+            torch.ops.mnv2.fused_inverted_residual_packed(x, packed, h, c, True, stride, False)
+    torch.ops.mnv2.fused_inverted_residual_packed(x, packed, hidden, cout, True, stride, False)
+
+
 @pytest.mark.parametrize("sample", [s for s in SAMPLES if s[0] > 0], ids=sample_id)
 def test_op_matches_both_reference_forms(sample):
     args = sample_inputs(sample, torch.float64)

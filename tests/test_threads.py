@@ -76,6 +76,7 @@ def _clear_caches(model):
         if isinstance(m, FusedInvertedResidual):
             m.clear_cache()
         m.__dict__.pop("_folded", None)  # Conv2dNormActivation's folded weights
+        m.__dict__.pop("_packed", None)  # and its packed pointwise weights (the head)
 
 
 def _run_threads(target, n):

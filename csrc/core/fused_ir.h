@@ -51,8 +51,13 @@ struct Layout {
   // transposed copies used by the backward
   int64_t we_nk;  // expand  [cin_p / vl][hp][vl]: panel-major
   int64_t wp_nk;  // project [hp / vl][cout][vl]: panel-major
+  int64_t trailer;  // kBlockTrailer values: a tag, then cin, hidden, cout (see packed_matches)
   int64_t total;
 };
+// The packed buffers end with what they were packed for, so that weights packed for
+// another shape with the same padded size are refused rather than misread.
+constexpr int64_t kBlockTrailer = 4, kPointwiseTrailer = 3;
+constexpr double kBlockTag = 7001, kBlockTagNoExpand = 7002, kPointwiseTag = 7101;
 // The transposed copies (we_nk, wp_nk) are laid out only `for_backward`, and
 // the expand arrays only when s.has_expand.
 Layout make_layout(const BlockShape& s, int64_t vl, bool for_backward);
@@ -177,6 +182,38 @@ template <typename T>
 void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64_t tasks,
                   T* g_we, T* g_be, T* g_wd, T* g_bd, T* g_wp, T* g_bp);
 
+// 1x1 convolution (the model's head, or any pointwise layer) on rows of channels:
+//   y[m][o] = act(sum_c x[m][c] w[o][c] + b[o]),  act: none, ReLU or ReLU6.
+// The weights are packed panel-major [cout_p / vl][cin][vl], then the bias [cout_p].
+enum class Activation { kNone = 0, kRelu = 1, kRelu6 = 2 };
+struct PointwiseLayout {
+  int64_t vl, cin, cout, cout_p;
+  int64_t w, b;
+  int64_t trailer;  // kPointwiseTrailer values: a tag, cin, cout
+  int64_t total;
+};
+PointwiseLayout make_pointwise_layout(int64_t cin, int64_t cout, int64_t vl);
+template <typename T>
+void pack_pointwise(const PointwiseLayout& l, const T* w, const T* b, T* packed);
+// Whether packed buffers' trailers say they were packed for this layout's shape.
+template <typename T>
+bool packed_matches(const BlockShape& s, const Layout& l, const T* packed);
+template <typename T>
+bool packed_matches(const PointwiseLayout& l, const T* packed);
+template <typename T>
+struct PointwiseArgs {
+  PointwiseLayout layout;
+  Activation act;
+  const T* x;   // rows of cin channels, row stride ldx
+  int64_t ldx;
+  const T* packed;
+  T* y;         // rows of cout channels, row stride ldy
+  int64_t ldy;
+};
+// Scratch (elements) of one pointwise call: the tail panel when cout is not a
+// multiple of vl goes through it.
+constexpr int64_t kPointwiseScratch = 64 * 16;
+
 // The kernels of one instruction set for one element type.
 template <typename T>
 struct Kernels {
@@ -188,6 +225,10 @@ struct Kernels {
   // grads (GradLayout::total elements, zeroed by the caller).
   void (*backward)(const BackwardArgs<T>& a, const BackwardPlan& p, int64_t begin, int64_t end,
                    T* grads, T* scratch);
+  // Rows [m0, m1) and output channels [n0, n1) of a pointwise convolution; n0 is a
+  // multiple of vl, n1 one too or cout. scratch: kPointwiseScratch elements.
+  void (*pointwise)(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                    T* scratch);
 };
 
 // One instruction-set implementation of the kernels.

@@ -63,7 +63,16 @@ static vf relu6_grad(vf g, vf a) {
 // row-major B has bjs = VL and a packed panel-major B (Layout) has ldb = VL
 // and bjs = K*VL, which the kernel streams sequentially. C has unit stride
 // along N, and N is a multiple of VL.
-static constexpr unsigned kAccumulate = 1u, kRelu6 = 2u;
+static constexpr unsigned kAccumulate = 1u, kRelu6 = 2u, kRelu = 4u;
+
+static vf activate(vf v, unsigned flags) {
+  if (flags & kRelu6) return relu6(v);
+  if (flags & kRelu) {
+    const vf zero = {};
+    return v < zero ? zero : v;  // NaN passes through, as in torch
+  }
+  return v;
+}
 
 template <int ROWS, int NV>
 static void gemm_tile(int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
@@ -89,7 +98,7 @@ static void gemm_tile(int64_t K, const T* A, int64_t sam, int64_t sak, const T* 
   }
   MNV2_UNROLL for (int i = 0; i < ROWS; ++i) {
     MNV2_UNROLL for (int j = 0; j < NV; ++j) {
-      vstore(C + i * ldc + j * VL, (flags & kRelu6) ? relu6(acc[i][j]) : acc[i][j]);
+      vstore(C + i * ldc + j * VL, activate(acc[i][j], flags));
     }
   }
 }
@@ -658,6 +667,35 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
   }
   flush_project();
   flush_expand();
+}
+
+// ---------------------------------------------------------------------------
+// Pointwise (1x1) convolution: one GEMM with the bias and activation in its
+// epilogue, over panel-major packed weights.
+static void pointwise_entry(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, int64_t n0,
+                            int64_t n1, T* scratch) {
+  const PointwiseLayout& l = a.layout;
+  const unsigned flags = a.act == Activation::kRelu6 ? kRelu6 : a.act == Activation::kRelu ? kRelu : 0u;
+  const T* w = a.packed + l.w;
+  const T* bias = a.packed + l.b;
+  const int64_t full = imin(n1, l.cout / VL * VL);  // columns [n0, full) are whole panels
+  if (full > n0) {
+    gemm(m1 - m0, full - n0, l.cin, a.x + m0 * a.ldx, a.ldx, 1, w + n0 * l.cin, VL, l.cin * VL,
+         a.y + m0 * a.ldy + n0, a.ldy, bias + n0, flags);
+  }
+  if (n1 > full && full >= n0) {
+    // the last, partial panel: computed into scratch, its valid columns copied
+    const int64_t cols = n1 - full;
+    constexpr int64_t kRows = kPointwiseScratch / 16;
+    for (int64_t m = m0; m < m1; m += kRows) {
+      const int64_t rows = imin(kRows, m1 - m);
+      gemm(rows, VL, l.cin, a.x + m * a.ldx, a.ldx, 1, w + full * l.cin, VL, l.cin * VL, scratch, VL,
+           bias + full, flags);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) a.y[(m + i) * a.ldy + full + j] = scratch[i * VL + j];
+      }
+    }
+  }
 }
 
 static void backward_entry(const BArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,

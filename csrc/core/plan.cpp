@@ -62,6 +62,7 @@ Layout make_layout(const BlockShape& s, int64_t vl, bool for_backward) {
   l.bp = take(l.cout_p);
   l.we_nk = take(ex * bw * l.hp * l.cin_p);
   l.wp_nk = take(bw * s.cout * l.hp);
+  l.trailer = take(kBlockTrailer);
   l.total = off;
   return l;
 }
@@ -128,7 +129,57 @@ void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const
   }
   if (last) {
     for (int64_t o = 0; o < l.cout_p; ++o) packed[l.bp + o] = o < s.cout ? b_project[o] : T(0);
+    T* t = packed + l.trailer;
+    t[0] = T(s.has_expand ? kBlockTag : kBlockTagNoExpand);
+    t[1] = T(s.cin);
+    t[2] = T(s.hidden);
+    t[3] = T(s.cout);
   }
+}
+
+PointwiseLayout make_pointwise_layout(int64_t cin, int64_t cout, int64_t vl) {
+  PointwiseLayout l;
+  l.vl = vl;
+  l.cin = cin;
+  l.cout = cout;
+  l.cout_p = round_up(cout, vl);
+  l.w = 0;
+  l.b = l.cout_p * cin;
+  l.trailer = l.b + l.cout_p;
+  l.total = l.trailer + kPointwiseTrailer;
+  return l;
+}
+
+template <typename T>
+void pack_pointwise(const PointwiseLayout& l, const T* w, const T* b, T* packed) {
+  // panel by panel, each written sequentially: [cin][vl] from vl rows of w
+  for (int64_t o0 = 0; o0 < l.cout_p; o0 += l.vl) {
+    T* dst = packed + l.w + o0 * l.cin;
+    for (int64_t c = 0; c < l.cin; ++c) {
+      for (int64_t j = 0; j < l.vl; ++j) {
+        const int64_t o = o0 + j;
+        dst[c * l.vl + j] = o < l.cout ? w[o * l.cin + c] : T(0);
+      }
+    }
+  }
+  for (int64_t o = 0; o < l.cout_p; ++o) packed[l.b + o] = o < l.cout ? b[o] : T(0);
+  packed[l.trailer] = T(kPointwiseTag);
+  packed[l.trailer + 1] = T(l.cin);
+  packed[l.trailer + 2] = T(l.cout);
+}
+
+// (channel counts are far below 2^24, exact in float)
+template <typename T>
+bool packed_matches(const BlockShape& s, const Layout& l, const T* packed) {
+  const T* t = packed + l.trailer;
+  return t[0] == T(s.has_expand ? kBlockTag : kBlockTagNoExpand) && t[1] == T(s.cin) &&
+         t[2] == T(s.hidden) && t[3] == T(s.cout);
+}
+
+template <typename T>
+bool packed_matches(const PointwiseLayout& l, const T* packed) {
+  const T* t = packed + l.trailer;
+  return t[0] == T(kPointwiseTag) && t[1] == T(l.cin) && t[2] == T(l.cout);
 }
 
 void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
@@ -311,6 +362,9 @@ void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64
 }
 
 #define MNV2_INSTANTIATE(T)                                                                \
+  template void pack_pointwise<T>(const PointwiseLayout&, const T*, const T*, T*);            \
+  template bool packed_matches<T>(const BlockShape&, const Layout&, const T*);                \
+  template bool packed_matches<T>(const PointwiseLayout&, const T*);                          \
   template void pack_weights<T>(const BlockShape&, const Layout&, const T*, const T*, const T*, \
                                 const T*, const T*, const T*, bool, int64_t, int64_t, T*);    \
   template void reduce_forward_splits<T>(const ForwardArgs<T>&, const ForwardPlan&, int64_t,   \

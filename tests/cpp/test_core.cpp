@@ -368,6 +368,53 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   expect_close(label + " grad_b_project", ref.gbp, vec(gbp), tol);
 }
 
+// The pointwise (1x1) convolution against a naive loop: rows x cin -> cout with
+// bias and activation, computed in two row ranges and two column ranges (the
+// split at a multiple of vl, as the glue's work items), with padded row strides.
+template <typename T>
+void run_pointwise(const KernelTable& table, int64_t rows, int64_t cin, int64_t cout, Activation act,
+                   const std::string& label) {
+  const Kernels<T>& kt = table.get<T>();
+  std::mt19937 rng(static_cast<unsigned>(rows * 131 + cin * 17 + cout));
+  const int64_t ldx = cin + 3, ldy = cout + 5;
+  std::vector<T> x(rows * ldx), w(cout * cin), b(cout);
+  for (T& v : x) v = dyadic(rng, -24, 24);
+  for (T& v : w) v = dyadic(rng, -8, 8);
+  for (T& v : b) v = dyadic(rng, -16, 40);
+  const PointwiseLayout l = make_pointwise_layout(cin, cout, kt.vl);
+  std::vector<T> packed(l.total, T(-7)), y(rows * ldy, T(99)), scratch(kPointwiseScratch);
+  pack_pointwise<T>(l, w.data(), b.data(), packed.data());
+  const PointwiseArgs<T> a{l, act, x.data(), ldx, packed.data(), y.data(), ldy};
+  const int64_t m_mid = rows / 2, n_mid = std::min(cout, (cout / 2) / kt.vl * kt.vl);
+  for (auto [m0, m1] : {std::pair<int64_t, int64_t>{0, m_mid}, {m_mid, rows}}) {
+    if (n_mid > 0) kt.pointwise(a, m0, m1, 0, n_mid, scratch.data());
+    if (n_mid < cout) kt.pointwise(a, m0, m1, n_mid, cout, scratch.data());
+  }
+  std::vector<double> ref;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t o = 0; o < cout; ++o) {
+      double v = b[o];
+      for (int64_t c = 0; c < cin; ++c) v += double(x[m * ldx + c]) * double(w[o * cin + c]);
+      if (act != Activation::kNone) v = std::max(v, 0.0);
+      if (act == Activation::kRelu6) v = std::min(v, 6.0);
+      ref.push_back(v);
+    }
+  }
+  expect_close(label, ref, [&](size_t e) { return double(y[(e / cout) * ldy + e % cout]); },
+               sizeof(T) == 4 ? 1e-6 : 1e-14);
+  // nothing outside the output columns is written
+  ++g_checks;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t o = cout; o < ldy; ++o) {
+      if (y[m * ldy + o] != T(99)) {
+        ++g_failures;
+        std::printf("FAIL %s: wrote past the output columns\n", label.c_str());
+        return;
+      }
+    }
+  }
+}
+
 std::string describe(const Case& c) {
   char buf[128];
   std::snprintf(buf, sizeof buf, "n%lld c%lld h%lldx%lld o%lld t%lld s%d", (long long)c.n,
@@ -469,6 +516,19 @@ int main(int argc, char** argv) {
         c.w = 9;
         run_case<T>(*kt, c, Fmt::kNCHW, {4, 2, 2, 16, 2, 3, threaded_only, 2},
                  std::string(isa_name(isa)) + " " + dtype + " " + describe(c) + " nchw forced", true);
+      }
+      // Pointwise convolutions: the head's shape, then awkward ones (columns not a
+      // multiple of the vector width, more rows than one tail chunk).
+      if (!threaded_only) {
+        const int64_t pw[][3] = {{49, 320, 1280}, {1, 1, 1}, {7, 3, 5}, {70, 17, 21}, {130, 9, 40}, {5, 33, 16}};
+        for (const auto& d : pw) {
+          for (Activation act : {Activation::kNone, Activation::kRelu, Activation::kRelu6}) {
+            run_pointwise<T>(*kt, d[0], d[1], d[2], act,
+                             std::string(isa_name(isa)) + " " + dtype + " pointwise " + std::to_string(d[0]) +
+                                 "x" + std::to_string(d[1]) + "->" + std::to_string(d[2]) + " act" +
+                                 std::to_string(static_cast<int>(act)));
+          }
+        }
       }
       std::printf("%s %s: %d checks, %d failures\n", isa_name(isa), dtype, g_checks - checks_before,
                   g_failures - before);
