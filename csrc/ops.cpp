@@ -2,7 +2,10 @@
 // (build information, CPU ISA) exposed through pybind11. Backends add
 // implementations with TORCH_LIBRARY_IMPL(mnv2, <Backend>, m).
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
+
+#include <vector>
 #include <torch/library.h>
 
 #include "core/fused_ir.h"
@@ -118,6 +121,53 @@ int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand,
   return mnv2::make_layout(s, is_double ? k.f64.vl : k.f32.vl, false).total;
 }
 
+// What a cached value (folded or packed weights) was derived from: each tensor's
+// Python object, its TensorImpl, version counter and data pointer at stamping.
+// valid() says whether every object still holds the same impl (torch.utils.swap_tensors
+// changes it), unchanged in place (version) and with the same data (`t.data = ...`
+// leaves the version alone). The stamp holds the Python objects (which hold their
+// impls) and the storages, so no data address can be reused while it exists; it adds
+// no weakref and no impl reference (swap_tensors refuses tensors with either).
+// One C++ loop: a module checks its cache on every inference call.
+class TensorStamp {
+ public:
+  explicit TensorStamp(const pybind11::sequence& tensors) {
+    for (const pybind11::handle h : tensors) {
+      TORCH_CHECK(THPVariable_Check(h.ptr()), "TensorStamp: expected tensors");
+      const at::Tensor& t = THPVariable_Unpack(h.ptr());
+      Entry e{pybind11::reinterpret_borrow<pybind11::object>(h), t.unsafeGetTensorImpl(),
+              t._version(), t.has_storage() ? t.storage() : c10::Storage(), data_of(t)};
+      entries_.push_back(std::move(e));
+    }
+  }
+
+  bool valid() const {
+    for (const Entry& e : entries_) {
+      PyObject* o = e.object.ptr();
+      if (!THPVariable_Check(o)) return false;
+      const at::Tensor& t = THPVariable_Unpack(o);
+      if (t.unsafeGetTensorImpl() != e.impl || t._version() != e.version || data_of(t) != e.data) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+ private:
+  struct Entry {
+    pybind11::object object;
+    const c10::TensorImpl* impl;
+    int64_t version;
+    c10::Storage storage;
+    const void* data;
+  };
+  static const void* data_of(const at::Tensor& t) {
+    if (!t.has_storage()) return nullptr;
+    return static_cast<const char*>(t.storage().data()) + t.storage_offset() * t.itemsize();
+  }
+  std::vector<Entry> entries_;
+};
+
 int64_t pointwise_packed_numel(int64_t cin, int64_t cout, bool is_double) {
   const mnv2::KernelTable& k = mnv2::active_kernels();
   return mnv2::make_pointwise_layout(cin, cout, is_double ? k.f64.vl : k.f32.vl).total;
@@ -135,6 +185,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_max_scratch_bytes", &mnv2::reset_max_scratch_bytes);
   m.def("packed_numel", &packed_numel,
         "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.");
+  pybind11::class_<TensorStamp>(m, "TensorStamp",
+                                "Stamp of tensors a cached value was derived from (see _cache.py).")
+      .def(pybind11::init<const pybind11::sequence&>())
+      .def("valid", &TensorStamp::valid);
   m.def("pointwise_packed_numel", &pointwise_packed_numel,
         "Elements of mnv2::pack_pointwise's result on this machine's CPU kernel.");
 }

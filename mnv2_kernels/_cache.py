@@ -1,52 +1,91 @@
 """Values derived from a module's parameters and buffers (folded, packed weights),
 kept until one of those tensors changes."""
 
-import weakref
 from typing import Callable, List, Optional
 
 import torch
+from torch.nn.modules import module as _module
+
+from . import _extension
+
+# Bumped whenever any module anywhere registers or replaces a parameter, buffer or
+# submodule (`bn.weight = p`, `bn.running_mean = None`, `seq[1] = m`,
+# convert_sync_batchnorm, ...): a cache entry made before then is not trusted.
+_EPOCH = [0]
+
+
+def _bump(*_args):
+    _EPOCH[0] += 1
+
+
+for _register in (_module.register_module_parameter_registration_hook,
+                  _module.register_module_buffer_registration_hook,
+                  _module.register_module_module_registration_hook):
+    _register(_bump)
+
+
+class _PyStamp:
+    """TensorStamp in Python, for a build without the compiled extension."""
+
+    def __init__(self, tensors):
+        self._items = [(t, t._version, t.data_ptr()) for t in tensors]
+
+    def valid(self) -> bool:
+        return all(t._version == version and t.data_ptr() == ptr for t, version, ptr in self._items)
+
+
+def _stamp(tensors):
+    return _extension._C.TensorStamp(tensors) if _extension.LOADED else _PyStamp(tensors)
 
 
 class DerivedCache:
-    """Holds one value and a stamp of the tensors it was computed from: each
-    tensor's identity (weakly), version counter and data pointer, plus a key
-    (dtype, layout). An optimizer step, load_state_dict, any in-place change, a
-    replaced tensor or new data swapped in with ``t.data = ...`` (which leaves the
-    version counter alone) invalidates it. Nothing is cached for tensors made under
+    """Holds one value, the key it was made for (dtype, layout) and a stamp of the
+    tensors it was computed from: each tensor's object and implementation, version
+    counter and data pointer (the compiled TensorStamp). An optimizer step,
+    load_state_dict, any in-place change, new data swapped in with ``t.data = ...``
+    (which leaves the version counter alone) or torch.utils.swap_tensors invalidates
+    it, and so does any parameter, buffer or submodule registration in the process
+    (a replaced tensor or module). Nothing is cached for tensors made under
     inference_mode (they have no version counter) or for fake tensors (no data).
 
+    The stamp holds the stamped tensors, so until the next get() recomputes, a
+    replaced parameter stays alive and no new tensor can take its address.
+
     Threads: the entry is one immutable tuple, read once and replaced by one
-    assignment, so concurrent get() calls (GIL or free-threaded Python) see either
-    the old or the new entry, never a torn one; racing misses each compute and the
-    last assignment wins. The stamp is taken before compute() reads the tensors,
-    so an in-place change made while it runs (by another thread) leaves an
-    outdated stamp, and the next call recomputes: a value is never kept under the
-    stamp of data it was not computed from. A call that overlaps an in-place
-    change may still read half-updated tensors, as any PyTorch module would.
+    assignment, so concurrent calls (GIL or free-threaded Python) see either the old
+    or the new entry, never a torn one; racing misses each compute and the last
+    assignment wins. The stamp is taken before compute() reads the tensors, so an
+    in-place change made while it runs (by another thread) leaves an outdated stamp,
+    and the next call recomputes: a value is never kept under the stamp of data it
+    was not computed from. A call that overlaps an in-place change may still read
+    half-updated tensors, as any PyTorch module would.
     """
 
     def __init__(self):
         self._entry = None
 
-    def get(self, key, tensors: List[torch.Tensor], compute: Callable[[], object]) -> Optional[object]:
+    def peek(self, key) -> Optional[object]:
+        """The cached value for ``key`` if nothing it was derived from has changed, else None."""
         entry = self._entry
-        if entry is not None and entry[0] == key and len(entry[1]) == len(tensors):
-            for (ref, version, ptr), t in zip(entry[1], tensors):
-                if ref() is not t or version != t._version or ptr != t.data_ptr():
-                    break
-            else:
-                return entry[2]
-        # (the same tensor objects matched above: they were checked when cached)
+        if entry is not None and entry[0] == key and entry[3] == _EPOCH[0] and entry[1].valid():
+            return entry[2]
+        return None
+
+    def get(self, key, tensors: List[torch.Tensor], compute: Callable[[], object]) -> Optional[object]:
+        """The cached value for ``key``, or compute() from ``tensors`` (every tensor it reads),
+        cached. None (not computed) when the tensors cannot be stamped."""
+        entry = self._entry
+        if (entry is not None and entry[0] == key and entry[3] == _EPOCH[0] and entry[4] == len(tensors)
+                and entry[1].valid()):
+            return entry[2]
         if any(t.is_inference() or _is_fake(t) for t in tensors):
             return None
         # stamped before compute() reads the data (see the class comment)
-        stamp = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
-        # aliases that keep the stamped storages alive, so that no new data can
-        # take one of their addresses while this entry exists
-        keep = [t.detach() for t in tensors]
+        epoch = _EPOCH[0]
+        stamp = _stamp(tensors)
         with torch.no_grad():
             value = compute()
-        self._entry = (key, stamp, value, keep)  # one assignment: thread-safe
+        self._entry = (key, stamp, value, epoch, len(tensors))  # one assignment: thread-safe
         return value
 
     def clear(self) -> None:

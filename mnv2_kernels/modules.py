@@ -250,6 +250,11 @@ class FusedInvertedResidual(nn.Module):
                                f"parameters' dtype {weight.dtype}")
 
     def forward(self, x: Tensor) -> Tensor:
+        fast = self.__dict__.get("_fast")
+        if fast is not None and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            y = self._forward_fast(x, fast)
+            if y is not None:
+                return y
         parts = self._parts()
         self._check_input(x, parts)
         backend = backends.resolve(x)
@@ -267,14 +272,37 @@ class FusedInvertedResidual(nn.Module):
                 if backend == "cpu":
                     packed = self._packed_weights(x, state)
                     if packed is not None:
-                        return ops.packed_op()(x, packed, parts[2].out_channels, parts[4].out_channels,
-                                               parts[0] is not None, self.stride, self.use_res_connect)
+                        args = (parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
+                                self.stride, self.use_res_connect)
+                        if not torch.is_grad_enabled():
+                            self.__dict__["_fast"] = (
+                                x.dtype, (parts[0] or parts[2]).in_channels, backends.get_backend(),
+                                tuple(n for n in parts[1::2] if isinstance(n, nn.modules.batchnorm._BatchNorm)),
+                                args)
+                        return ops.packed_op()(x, packed, *args)
                 else:
                     cache = self.__dict__.setdefault("_folded_cache", DerivedCache())
                     weights = cache.get(x.dtype, state, self.folded_weights)
         if weights is None:
             weights = self.folded_weights()
         return ops.fused_inverted_residual(x, *weights, self.stride, self.use_res_connect, backend)
+
+    def _forward_fast(self, x, fast) -> Optional[Tensor]:
+        """The packed CPU operator without re-deriving anything, when the last inference
+        call's decisions all still hold (else None: the full path runs): the same dtype
+        and channels on a CPU tensor, the same backend setting, no batch norm in train
+        mode, and packed weights none of whose sources changed (DerivedCache.peek)."""
+        dtype, cin, backend, batch_norms, args = fast
+        if (type(x) is not Tensor or x.dtype is not dtype or not x.is_cpu or x.dim() != 4
+                or x.shape[1] != cin or backends.get_backend() != backend):
+            return None
+        for bn in batch_norms:
+            if bn.training:
+                return None
+        packed = self.__dict__["_packed_cache"].peek(dtype)
+        if packed is None:
+            return None
+        return ops.packed_op()(x, packed, *args)
 
     def folded_weights(self):
         """The operator's weights with every batch norm folded in with its running statistics:
@@ -298,6 +326,7 @@ class FusedInvertedResidual(nn.Module):
 
     def clear_cache(self) -> None:
         """Drops the cached folded and packed weights (rebuilt on the next inference call)."""
+        self.__dict__.pop("_fast", None)
         self.__dict__.pop("_packed_cache", None)
         self.__dict__.pop("_folded_cache", None)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mnv2_kernels
+from mnv2_kernels import ops
 from conftest import BLOCK_SHAPES, FP32_RTOL, block_id, make_pair, near_relu6_kink, rel_err
 
 # (inp, oup, stride, t, H, W, N): sizes 1, 7 and 13, odd channel counts, batch 0, 1, 3
@@ -153,6 +154,62 @@ def test_cache_follows_optimizer_steps_and_replaced_parameters(cpu_backend):
     fused.conv[2].weight = torch.nn.Parameter(new_weight.clone())
     with torch.no_grad():
         assert rel_err(fused(x), tv(x)) <= FP32_RTOL
+
+
+def test_inference_fast_path_sees_every_change(cpu_backend, monkeypatch):
+    """After the first inference call a block reuses its decisions and packed weights
+    (FusedInvertedResidual._forward_fast); each kind of change must reach the output."""
+    tv, fused = make_pair(24, 24, 1, 6, seed=4)
+    tv.eval()
+    fused.eval()
+    x = _input(2, 24, 9, 9, torch.channels_last)
+    calls = []
+    real_op = ops.packed_op()
+    monkeypatch.setattr(ops, "_PACKED_OP", lambda *a: calls.append(1) or real_op(*a))
+
+    def check():
+        with torch.no_grad():
+            assert rel_err(fused(x), tv(x)) <= FP32_RTOL
+
+    check()
+    check()
+    assert "_fast" in fused.__dict__ and len(calls) == 2
+    # a replaced parameter whose old tensor stays alive (the stamp still sees it unchanged)
+    kept = fused.conv[2].weight
+    new_weight = torch.randn_like(kept)
+    for block in (tv, fused):
+        block.conv[2].weight = torch.nn.Parameter(new_weight.clone())
+    check()
+    # torch.utils.swap_tensors exchanges what a parameter object holds
+    other = torch.randn_like(tv.conv[0][0].weight)
+    for block in (tv, fused):
+        torch.utils.swap_tensors(block.conv[0][0].weight, torch.nn.Parameter(other.clone()))
+    check()
+    # `p.data = ...` leaves the version counter alone
+    bias = torch.randn_like(tv.conv[3].bias)
+    for block in (tv, fused):
+        block.conv[3].bias.data = bias.clone()
+    check()
+    # one batch norm back in train mode: batch statistics (and running-stat updates)
+    for block in (tv, fused):
+        block.conv[1][1].train()
+    n_calls = len(calls)
+    check()
+    assert len(calls) == n_calls  # not the packed inference operator
+    for block in (tv, fused):
+        block.conv[1][1].eval()
+    check()
+    # another backend: the reference computation, not the cached operator
+    n_calls = len(calls)
+    with mnv2_kernels.use_backend("reference"):
+        check()
+    assert len(calls) == n_calls
+    # another dtype
+    for block in (tv, fused):
+        block.double()
+    x = x.double()
+    check()
+    del kept
 
 
 @pytest.mark.parametrize("bn_kwargs", [
