@@ -271,6 +271,24 @@ void reduce_forward_splits(const ForwardArgs<T>& a, const ForwardPlan& p, int64_
     const T* part = a.partial + nr * Wo * cp;
     T* y = a.y + n * a.ys.n + r * a.ys.h;
     const T* x = s.residual ? a.x + n * a.xs.n + r * a.xs.h : nullptr;
+    if (a.ys.c == 1 && (x == nullptr || a.xs.c == 1)) {
+      // channels contiguous (channels_last): one vectorisable pass per term, summed in
+      // the same order as below
+      for (int64_t q = 0; q < Wo; ++q) {
+        T* yq = y + q * a.ys.w;
+        const T* pq = part + q * cp;
+        for (int64_t o = 0; o < s.cout; ++o) yq[o] = pq[o];
+        for (int64_t sp = 1; sp < p.n_splits; ++sp) {
+          const T* ps = pq + sp * split_stride;
+          for (int64_t o = 0; o < s.cout; ++o) yq[o] += ps[o];
+        }
+        if (x != nullptr) {
+          const T* xq = x + q * a.xs.w;
+          for (int64_t o = 0; o < s.cout; ++o) yq[o] += xq[o];
+        }
+      }
+      continue;
+    }
     for (int64_t q = 0; q < Wo; ++q) {
       for (int64_t o = 0; o < s.cout; ++o) {
         T v = part[q * cp + o];
