@@ -175,12 +175,15 @@ template <typename T>
 void backward_finish(const BackwardArgs<T>& a, const BackwardPlan& p);
 
 // Sums `tasks` partial gradient buffers in order (deterministic) and writes
-// the unpadded gradients. Any output pointer may be null.
+// the unpadded gradients of hidden channels [h_begin, h_end) (the range that
+// starts at 0 also writes g_bp); disjoint ranges may run concurrently. Any
+// output pointer may be null.
 //   g_we [hidden][cin], g_be [hidden], g_wd [hidden][9], g_bd [hidden],
 //   g_wp [cout][hidden], g_bp [cout]
 template <typename T>
 void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64_t tasks,
-                  T* g_we, T* g_be, T* g_wd, T* g_bd, T* g_wp, T* g_bp);
+                  int64_t h_begin, int64_t h_end, T* g_we, T* g_be, T* g_wd, T* g_bd, T* g_wp,
+                  T* g_bp);
 
 // 1x1 convolution (the model's head, or any pointwise layer) on rows of channels:
 //   y[m][o] = act(sum_c x[m][c] w[o][c] + b[o]),  act: none, ReLU or ReLU6.

@@ -350,8 +350,9 @@ void backward_finish(const BackwardArgs<T>& a, const BackwardPlan& p) {
 }
 
 template <typename T>
-void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64_t tasks, T* g_we,
-                  T* g_be, T* g_wd, T* g_bd, T* g_wp, T* g_bp) {
+void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64_t tasks,
+                  int64_t h_begin, int64_t h_end, T* g_we, T* g_be, T* g_wd, T* g_bd, T* g_wp,
+                  T* g_bp) {
   const GradLayout gl = make_grad_layout(s, l);
   // Sum task 0, 1, 2, ... in that order for every element: bitwise repeatable.
   auto sum = [&](int64_t off) {
@@ -359,7 +360,7 @@ void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64
     for (int64_t t = 0; t < tasks; ++t) acc += partials[t * gl.total + off];
     return acc;
   };
-  for (int64_t h = 0; h < s.hidden; ++h) {
+  for (int64_t h = h_begin; h < h_end; ++h) {
     if (s.has_expand) {
       if (g_we) {
         for (int64_t c = 0; c < s.cin; ++c) g_we[h * s.cin + c] = sum(gl.g_weT + c * l.hp + h);
@@ -374,7 +375,7 @@ void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64
       for (int64_t o = 0; o < s.cout; ++o) g_wp[o * s.hidden + h] = sum(gl.g_wp + o * l.hp + h);
     }
   }
-  if (g_bp) {
+  if (g_bp && h_begin == 0) {
     for (int64_t o = 0; o < s.cout; ++o) g_bp[o] = sum(gl.g_bp + o);
   }
 }
@@ -388,8 +389,8 @@ void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64
   template void reduce_forward_splits<T>(const ForwardArgs<T>&, const ForwardPlan&, int64_t,   \
                                          int64_t);                                             \
   template void backward_finish<T>(const BackwardArgs<T>&, const BackwardPlan&);             \
-  template void reduce_grads<T>(const BlockShape&, const Layout&, const T*, int64_t, T*, T*, T*, \
-                                T*, T*, T*);
+  template void reduce_grads<T>(const BlockShape&, const Layout&, const T*, int64_t, int64_t,     \
+                                int64_t, T*, T*, T*, T*, T*, T*);
 MNV2_INSTANTIATE(float)
 MNV2_INSTANTIATE(double)
 #undef MNV2_INSTANTIATE

@@ -258,18 +258,20 @@ at::Tensor pointwise_conv_packed_cpu(const at::Tensor& x, const at::Tensor& pack
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor>;
 
-// grad_x (x's memory format, to be written) and zeroed weight gradients; the
+// grad_x (x's memory format) and the weight gradients, to be written (reduce_grads
+// writes every element); zeros for an empty batch, which has nothing to reduce. The
 // expand's are empty when t == 1.
 Grads zero_grads(const BlockShape& s, const at::Tensor& x) {
   const at::TensorOptions opts = dense_options(x);
   const int64_t he = s.has_expand ? s.hidden : 0;
+  auto make = [&](at::IntArrayRef size) { return s.batch == 0 ? at::zeros(size, opts) : at::empty(size, opts); };
   return {at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
-          at::zeros({he, s.has_expand ? s.cin : 0}, opts),
-          at::zeros({he}, opts),
-          at::zeros({s.hidden, 3, 3}, opts),
-          at::zeros({s.hidden}, opts),
-          at::zeros({s.cout, s.hidden}, opts),
-          at::zeros({s.cout}, opts)};
+          make({he, s.has_expand ? s.cin : 0}),
+          make({he}),
+          make({s.hidden, 3, 3}),
+          make({s.hidden}),
+          make({s.cout, s.hidden}),
+          make({s.cout})};
 }
 
 template <typename T>
@@ -321,19 +323,24 @@ void backward_impl(const BlockShape& s, const at::Tensor& grad_y, const at::Tens
     *moment_sums = sums.sum(0);
     return;
   }
-  at::Tensor partials = at::zeros({tasks, gl.total}, opts);
+  // each task zeroes its own partials, on the thread that accumulates into them
+  at::Tensor partials = at::empty({tasks, gl.total}, opts);
   T* parts = partials.mutable_data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     T* scratch = thread_scratch<T>(plan.scratch_floats);
     for (int64_t t = begin; t < end; ++t) {
+      std::fill_n(parts + t * gl.total, gl.total, T(0));
       k.backward(args, plan, items * t / tasks, items * (t + 1) / tasks, parts + t * gl.total, scratch);
     }
   });
   backward_finish<T>(args, plan);
   auto ptr = [](at::Tensor& t) { return t.numel() ? t.mutable_data_ptr<T>() : nullptr; };
-  reduce_grads<T>(s, l, parts, tasks, ptr(std::get<1>(out)), ptr(std::get<2>(out)),
-                  ptr(std::get<3>(out)), ptr(std::get<4>(out)), ptr(std::get<5>(out)),
-                  ptr(std::get<6>(out)));
+  // hidden-channel ranges in parallel (the sums per element stay in task order)
+  at::parallel_for(0, s.hidden, 64, [&](int64_t h0, int64_t h1) {
+    reduce_grads<T>(s, l, parts, tasks, h0, h1, ptr(std::get<1>(out)), ptr(std::get<2>(out)),
+                    ptr(std::get<3>(out)), ptr(std::get<4>(out)), ptr(std::get<5>(out)),
+                    ptr(std::get<6>(out)));
+  });
 }
 
 Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,

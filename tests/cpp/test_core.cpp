@@ -16,6 +16,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "fused_ir.h"
@@ -354,8 +355,12 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   backward_finish(ba, bp);
   std::vector<T> gwe(s.hidden * s.cin), gbe(s.hidden), gwd(s.hidden * 9), gbd(s.hidden),
       gwp(s.cout * s.hidden), gbp(s.cout);
-  reduce_grads(s, l, partials.data(), tasks, gwe.data(), gbe.data(), gwd.data(), gbd.data(),
-               gwp.data(), gbp.data());
+  // in two hidden-channel ranges, the second first (the glue runs them concurrently)
+  const int64_t h_mid = s.hidden / 2;
+  for (auto [h0, h1] : {std::pair<int64_t, int64_t>{h_mid, s.hidden}, {0, h_mid}}) {
+    reduce_grads(s, l, partials.data(), tasks, h0, h1, gwe.data(), gbe.data(), gwd.data(),
+                 gbd.data(), gwp.data(), gbp.data());
+  }
   auto vec = [](const std::vector<T>& v) { return [&v](size_t e) { return double(v[e]); }; };
   expect_close(label + " grad_x", ref.gx, dense(gx), tol);
   if (s.has_expand) {
