@@ -275,10 +275,11 @@ class FusedInvertedResidual(nn.Module):
                         args = (parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
                                 self.stride, self.use_res_connect)
                         if not torch.is_grad_enabled():
-                            self.__dict__["_fast"] = (
-                                x.dtype, (parts[0] or parts[2]).in_channels, backends.get_backend(),
-                                tuple(n for n in parts[1::2] if isinstance(n, nn.modules.batchnorm._BatchNorm)),
-                                args)
+                            batch_norms = tuple(n for n in parts[1::2]
+                                                if isinstance(n, nn.modules.batchnorm._BatchNorm))
+                            # (x's channels were checked against the block's above)
+                            self.__dict__["_fast"] = (x.dtype, x.shape[1], backends.get_backend(), batch_norms,
+                                                      args)
                         return ops.packed_op()(x, packed, *args)
                 else:
                     cache = self.__dict__.setdefault("_folded_cache", DerivedCache())

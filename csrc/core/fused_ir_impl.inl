@@ -683,7 +683,7 @@ static void pointwise_entry(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, i
     gemm(m1 - m0, full - n0, l.cin, a.x + m0 * a.ldx, a.ldx, 1, w + n0 * l.cin, VL, l.cin * VL,
          a.y + m0 * a.ldy + n0, a.ldy, bias + n0, flags);
   }
-  if (n1 > full && full >= n0) {
+  if (n1 > full) {
     // the last, partial panel: computed into scratch, its valid columns copied
     const int64_t cols = n1 - full;
     constexpr int64_t kRows = kPointwiseScratch / 16;

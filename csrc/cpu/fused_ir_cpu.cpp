@@ -261,10 +261,12 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 // grad_x (x's memory format) and the weight gradients, to be written (reduce_grads
 // writes every element); zeros for an empty batch, which has nothing to reduce. The
 // expand's are empty when t == 1.
-Grads zero_grads(const BlockShape& s, const at::Tensor& x) {
+Grads alloc_grads(const BlockShape& s, const at::Tensor& x) {
   const at::TensorOptions opts = dense_options(x);
   const int64_t he = s.has_expand ? s.hidden : 0;
-  auto make = [&](at::IntArrayRef size) { return s.batch == 0 ? at::zeros(size, opts) : at::empty(size, opts); };
+  auto make = [&](at::IntArrayRef size) {
+    return s.batch == 0 ? at::zeros(size, opts) : at::empty(size, opts);
+  };
   return {at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
           make({he, s.has_expand ? s.cin : 0}),
           make({he}),
@@ -352,7 +354,7 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
   const BlockShape s =
       check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
   glue::check_grad_y(grad_y, x, s);
-  Grads out = zero_grads(s, x);
+  Grads out = alloc_grads(s, x);
   if (s.batch == 0) {
     std::get<0>(out).zero_();
     return out;
@@ -401,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x,
     return {nan, nan.clone()};
   }
   at::Tensor sums;
-  Grads unused = zero_grads(s, x);
+  Grads unused = alloc_grads(s, x);
   std::get<0>(unused) = at::empty({0, 0, 0, 0}, opts);  // no input gradient in statistics mode
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_depthwise_moments", [&] {
     backward_impl<scalar_t>(s, x, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, unused,
@@ -433,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_bac
   TORCH_CHECK(alpha.scalar_type() == x.scalar_type() && beta.scalar_type() == x.scalar_type() &&
                   alpha.device() == x.device() && beta.device() == x.device(),
               "mnv2: alpha and beta must match x's dtype and device");
-  Grads out = zero_grads(s, x);
+  Grads out = alloc_grads(s, x);
   if (s.batch == 0) {
     std::get<0>(out).zero_();
   } else {
