@@ -111,6 +111,57 @@ def test_forward_odd_sizes(cfg, size, backend):
     assert rel_err(ours, ref) <= FP32_BOUND
 
 
+# ---------------------------------------------------------------------------- tensor cores
+# (cin, hidden, cout, stride, residual, expand, (H, W)): shapes that exercise the padding of
+# the fp16 / bf16 forward's tensor-core path (16-row WMMA tiles, Cout rounded up to 16,
+# hidden chunks of 32 with a partial last chunk, Cin sub-chunks of 32).
+TC_CONFIGS = [
+    (16, 96, 16, 1, True, True, (9, 7)),       # Cout 16, whole chunks, 7-wide image
+    (24, 144, 24, 1, True, True, (11, 13)),    # Cout 24 (padded ys / weight columns), last kc 16
+    (16, 60, 40, 2, False, True, (9, 11)),     # stride 2, last kc 28 (a k step reads its padding)
+    (40, 72, 12, 2, False, True, (5, 3)),      # Cin 40: two K sub-chunks (the second nk 8)
+    (3, 33, 17, 1, False, True, (1, 1)),       # 1x1 image, Cin 3, last kc 1
+    (32, 32, 16, 1, False, False, (10, 10)),   # t == 1: no expand
+    (160, 960, 320, 1, False, True, (7, 7)),   # largest MobileNetV2 block: 7x7 tile, most smem
+]
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("cfg", TC_CONFIGS, ids=str)
+def test_forward_tensor_cores(cfg, dtype, channels_last):
+    """The CUDA fp16 / bf16 forward (TF32 tensor cores) against the float64 CUDA kernel
+    (FFMA) on the same dtype-rounded inputs: the expand is exact up to fp32 accumulation,
+    so only a2's TF32 rounding (2^-11) and the output rounding remain. The output is
+    allocated over NaN-poisoned memory: every element must be written and finite."""
+    assert _extension.has_cuda_kernels(), f"the extension has no CUDA kernels: {mnv2_kernels.build_info()}"
+    cin, hidden, cout, stride, residual, expand, (h, w) = cfg
+    g = torch.Generator(device="cuda").manual_seed(11)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device="cuda", generator=g)).to(dtype)
+
+    x = rnd(2, cin, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    we = rnd(hidden, cin, scale=2 * cin ** -0.5) if expand else None
+    be = rnd(hidden, scale=0.5) if expand else None
+    args = [x, we, be, rnd(hidden, 3, 3, scale=0.5), rnd(hidden, scale=0.5),
+            rnd(cout, hidden, scale=2 * hidden ** -0.5), rnd(cout, scale=0.5)]
+    op = torch.ops.mnv2.fused_inverted_residual
+    with torch.no_grad():
+        ref = op(*[a.double() if a is not None else None for a in args], stride, residual)
+        torch.cuda.empty_cache()
+        poison = torch.full((64 << 20,), float("nan"), device="cuda")
+        del poison  # the caching allocator hands this NaN-filled block out again
+        ours = op(*args, stride, residual)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    assert torch.isfinite(ours).all(), "an output element was not written (or is not finite)"
+    bound = 2e-3 if dtype == torch.float16 else 1e-2  # output rounding 2^-11 / 2^-8, plus a2's TF32
+    err = rel_err(ours, ref)
+    assert err <= bound, f"{dtype_id(dtype)} {cfg}: error {err:.3g} > {bound}"
+
+
 # ---------------------------------------------------------------------------- backward
 def _grads(module, x):
     y = module(x)

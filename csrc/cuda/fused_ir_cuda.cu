@@ -13,9 +13,22 @@
 //   accesses for channels_last tensors).
 // * All arithmetic and all shared memory use the accumulation type A (fp32 for
 //   fp32/fp16/bf16, fp64 for fp64); inputs are converted on load and outputs
-//   cast once on store. This round uses FFMA only (no tensor cores yet): the
-//   small GEMMs (expand, project, grad_a2) are register-blocked 4 rows x 1
-//   column per thread with 16-byte shared loads of the activation rows.
+//   cast once on store. The small GEMMs (expand, project, grad_a2) are
+//   register-blocked FFMA, 4 rows x 1 column per thread with 16-byte shared
+//   loads of the activation rows, except in the fp16 / bf16 forward (below).
+// * Tensor cores (fp16 / bf16 forward only, kTensorCores<T>): the expand and the
+//   project run as TF32 WMMA (m16n16k8, fp32 accumulators) on the same fp32
+//   shared arrays, 16 x 16 output tiles spread over the 8 warps (mma_expand,
+//   mma_project). fp16 and bf16 values are exact in TF32 (11- and 8-bit
+//   significands vs TF32's 11, and TF32 has fp32's exponent range), so the
+//   expand's products are exact; only a2, an fp32 intermediate, is rounded to
+//   TF32 for the project: the same relative precision (2^-11) as the fp16
+//   rounding cuDNN applies to its intermediate activations. Accumulation stays
+//   fp32. The fp32 / fp64 forward and every backward kernel keep the FFMA code
+//   (the kTC branches are compile-time; their code is unchanged). The WMMA
+//   operand arrays get rows of KT = 36 floats (project weights: transposed,
+//   rows of round16(Cout) + 8), row counts padded to 16 and the padding zeroed
+//   (see fwd_layout, mma_expand, mma_project and the kernel).
 // * Global tensors are addressed through their element strides (x, y, grad_y,
 //   grad_x): NCHW, channels_last and arbitrary strided views are read and
 //   written in place, nothing is converted. channels_last is the fast layout
@@ -34,13 +47,23 @@
 //   zero outside the image) -> a1s; depthwise + bias + ReLU6 -> a2s; project
 //   ys[P x Cout] += a2s Wp[:, chunk]^T (fp32 in shared memory). Epilogue:
 //   + bp (+ x), cast, store. Shared memory (elements of A, see fwd_layout):
-//     P*Cout + M*KC + P*KC + M*KI + KC*33 + Cout*33 + KC*10,  P = TH*TW, M = RH*RW
-//   (each array rounded up to 8 elements). fp32/fp16/bf16 (A = fp32), output
-//   tile 8x8, or 7x7 on 7x7 images:
-//     Cin  32 hidden  32 Cout  16 s1 112x112:  44 KB     Cin 16 hidden  96 Cout  24 s2:  95 KB
-//     Cin  24 hidden 144 Cout  24 s1  56x56:   48 KB     Cin 24 hidden 144 Cout  32 s2:  98 KB
-//     Cin  64 hidden 384 Cout  64 s1  14x14:   63 KB     Cin 96 hidden 576 Cout 160 s2: 119 KB
-//     Cin 160 hidden 960 Cout 320 s1   7x7:   135 KB
+//     FFMA (fp32, fp64):
+//       P*Cout + M*KC + P*KC + M*KI + KC*33 + Cout*33 + KC*10,  P = TH*TW, M = RH*RW
+//     tensor cores (fp16, bf16), with P', M', C' = P, M, Cout rounded up to 16:
+//       P'*C' + M'*KC + P'*36 + M'*36 + KC*36 + KC*(C'+8) + KC*10
+//       (ys [P'][C'], a1s [M'][KC], a2s [P'][36], As [M'][36], Bs [KC][36],
+//       project weights transposed [KC][C'+8])
+//   (each array rounded up to 8 elements). Output tile 8x8, or 7x7 on 7x7
+//   images; fp32 (A = fp32) / fp16 and bf16 (A = fp32, tensor-core layout):
+//     Cin  32 hidden  32 Cout  16 s1 112x112:  44 /  52 KB
+//     Cin  24 hidden 144 Cout  24 s1  56x56:   48 /  58 KB
+//     Cin  64 hidden 384 Cout  64 s1  14x14:   63 /  70 KB
+//     Cin 160 hidden 960 Cout 320 s1   7x7:   135 / 161 KB
+//     Cin  16 hidden  96 Cout  24 s2:          95 / 109 KB
+//     Cin  24 hidden 144 Cout  32 s2:          98 / 109 KB
+//     Cin  96 hidden 576 Cout 160 s2:         119 / 140 KB
+//   (the padding grows the fp16 / bf16 sizes by 7-27 KB; they all still fit
+//   sm_80's 163 KB at the 8x8 / 7x7 tile, the largest with under 2 KB to spare).
 //   The tile starts at 8x8 (narrower for W < 8, taller up to 64 pixels when
 //   W < 8) and is halved until it fits the device's opt-in shared memory per
 //   block (227 KB on sm_90, 163 KB on sm_80); a TORCH_CHECK fires if even a 1x1
@@ -90,6 +113,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -112,6 +136,18 @@ constexpr int KC = 32;      // hidden channels per chunk (one per lane)
 constexpr int KI = 32;      // K sub-chunk of the small GEMMs
 constexpr int KB = KI + 1;  // padded row of the weight sub-tile Bs
 constexpr int KP = KC + 1;  // padded row of the staged project weights
+// Tensor-core forward (fp16 / bf16): row length of the WMMA operand arrays As,
+// a2s and Bs (a multiple of 4 floats as WMMA needs; 36 rather than 32 makes the
+// fragment loads conflict-free; the transposed project weights use
+// fwd_ldw_tc), and the row-count granularity of every array a 16 x 16 WMMA
+// tile covers.
+constexpr int KT = KC + 4;
+constexpr int kTile = 16;
+static_assert(KI == KC && KC % 16 == 0 && KT % 4 == 0, "WMMA tiling assumes KI == KC == 32");
+
+// Whether the forward kernel of element type T uses tensor cores (TF32 WMMA).
+template <typename T>
+constexpr bool kTensorCores = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
 // ---------------------------------------------------------------------------
 // Device helpers
@@ -140,9 +176,9 @@ __device__ __forceinline__ A ld(const T* p) {
   return static_cast<A>(p[0]);
 }
 
-// dst[m * KI + kk] = img[n, ch0 + kk, r0 + m / RW, c0 + m % RW] for m < RH * RW,
-// kk < KI; 0 outside the image and for kk >= nch.
-template <typename T, typename A>
+// dst[m * LD + kk] = img[n, ch0 + kk, r0 + m / RW, c0 + m % RW] for m < RH * RW,
+// kk < KI; 0 outside the image and for kk >= nch. Columns [KI, LD) are not written.
+template <typename T, typename A, int LD = KI>
 __device__ void load_region(A* __restrict__ dst, const Img<T>& img, int n, int ch0, int nch,
                             int r0, int c0, int RH, int RW) {
   const int total = RH * RW * KI;
@@ -154,20 +190,24 @@ __device__ void load_region(A* __restrict__ dst, const Img<T>& img, int n, int c
       v = ld<T, A>(img.p + n * img.sn + static_cast<int64_t>(ch0 + kk) * img.sc +
                    static_cast<int64_t>(r) * img.sh + static_cast<int64_t>(c) * img.sw);
     }
-    dst[e] = v;
+    if constexpr (LD == KI) {
+      dst[e] = v;
+    } else {
+      dst[m * LD + kk] = v;
+    }
   }
 }
 
-// Bs[j * KB + kk] = w[(n0 + j) * sn + (k0 + kk) * sk] for j < nj, kk < nk; 0 elsewhere
-// (j < KC, kk < KI).
-template <typename T, typename A>
+// Bs[j * LD + kk] = w[(n0 + j) * sn + (k0 + kk) * sk] for j < nj, kk < nk; 0 elsewhere
+// (j < KC, kk < KI). Columns [KI, LD) are not written.
+template <typename T, typename A, int LD = KB>
 __device__ void load_wtile(A* __restrict__ Bs, const T* __restrict__ w, int n0, int nj,
                            int64_t sn, int64_t sk, int k0, int nk) {
   for (int e = threadIdx.x; e < KC * KI; e += kThreads) {
     const int j = e / KI, kk = e - j * KI;
     A v = A(0);
     if (j < nj && kk < nk) v = ld<T, A>(w + (n0 + j) * sn + (k0 + kk) * sk);
-    Bs[j * KB + kk] = v;
+    Bs[j * LD + kk] = v;
   }
 }
 
@@ -214,25 +254,133 @@ __device__ void gemm_acc(A* __restrict__ acc, const A* __restrict__ As, const A*
   }
 }
 
+// Tensor-core GEMMs of the fp16 / bf16 forward: TF32 WMMA (m16n16k8, fp32
+// accumulators) on the fp32 shared-memory arrays. Fragment element ownership is
+// opaque; only load/store_matrix_sync touch memory. Every pointer below is 16
+// (or 8) rows times a row stride plus a multiple of 8 floats from a 32-byte
+// aligned array start, so it is 32-byte (256-bit) aligned, and every ldm is a
+// multiple of 4 floats (16 bytes), as WMMA needs; every tile read or written
+// lies inside its array (rows padded to 16, see fwd_layout). The A and B
+// fragments are rounded with __float_to_tf32 after the load, as the CUDA guide
+// asks for tf32 operands (a no-op for fp16 / bf16 values, which are exact in
+// TF32). The loops are uniform across each warp (they depend on the warp index
+// and block-wide values only), as the *_sync calls require.
+namespace wmma = nvcuda::wmma;
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+template <typename Frag>
+__device__ __forceinline__ void to_tf32(Frag& f) {
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+}
+
+// acc[m * KC + j] = (first ? 0 : acc[m * KC + j]) + sum_{kk < nk} As[m * KT + kk] Bs[j * KT + kk]
+// for every m < round16(M), j < KC: A = As row-major (ldm KT), B(kk, j) = Bs[j * KT + kk]
+// col-major (ldm KT), C = acc row-major (ldm KC). Warp w owns the row tiles w, w + 8, ...
+// and both 16-column halves (one A fragment per k step serves both). The k loop
+// runs in steps of 8 up to round8(nk) <= KI: columns [nk, KI) of As and Bs must be
+// zero, and rows [M, round16(M)) of As finite (they are zero: a row of A only
+// reaches its own row of acc, which nothing reads).
+__device__ void mma_expand(float* __restrict__ acc, const float* __restrict__ As,
+                           const float* __restrict__ Bs, int M, int nk, bool first) {
+  const int warp = threadIdx.x / 32;
+  const int MT = (M + kTile - 1) / kTile;
+  for (int mt = warp; mt < MT; mt += kWarps) {
+    float* c_ptr = acc + mt * kTile * KC;
+    FragC c[KC / kTile];
+#pragma unroll
+    for (int nt = 0; nt < KC / kTile; ++nt) {
+      if (first) {
+        wmma::fill_fragment(c[nt], 0.0f);
+      } else {
+        wmma::load_matrix_sync(c[nt], c_ptr + nt * kTile, KC, wmma::mem_row_major);
+      }
+    }
+    for (int k = 0; k < nk; k += 8) {
+      FragA a;
+      wmma::load_matrix_sync(a, As + mt * kTile * KT + k, KT);
+      to_tf32(a);
+#pragma unroll
+      for (int nt = 0; nt < KC / kTile; ++nt) {
+        FragB b;
+        wmma::load_matrix_sync(b, Bs + nt * kTile * KT + k, KT);
+        to_tf32(b);
+        wmma::mma_sync(c[nt], a, b, c[nt]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < KC / kTile; ++nt) {
+      wmma::store_matrix_sync(c_ptr + nt * kTile, c[nt], KC, wmma::mem_row_major);
+    }
+  }
+}
+
+// ys[p * ldy + co] += sum_{j < kc} a2s[p * KT + j] wps[j * ldw + co] for every
+// p < round16(P), co < ldy = round16(Cout): A = a2s row-major (ldm KT), B(j, co) =
+// wps[j * ldw + co] row-major (the project weights staged transposed, ldm ldw =
+// ldy + 8: conflict-free fragment loads and fewer floats than [ldy][KT]), C = ys
+// row-major (ldm ldy). Warp w owns the 16 x 16 tiles w, w + 8, ... (column tiles
+// fastest). Columns [kc, KC) of a2s, rows [kc, KC) of wps and its columns
+// [Cout, ldy) must be zero; rows [P, round16(P)) of a2s finite (zero).
+__device__ void mma_project(float* __restrict__ ys, int ldy, const float* __restrict__ a2s,
+                            const float* __restrict__ wps, int ldw, int P, int kc) {
+  const int warp = threadIdx.x / 32;
+  const int CT = ldy / kTile;
+  const int tiles = (P + kTile - 1) / kTile * CT;
+  for (int t = warp; t < tiles; t += kWarps) {
+    const int pt = t / CT, ct = t - pt * CT;
+    float* c_ptr = ys + pt * kTile * ldy + ct * kTile;
+    FragC c;
+    wmma::load_matrix_sync(c, c_ptr, ldy, wmma::mem_row_major);
+    for (int k = 0; k < kc; k += 8) {
+      FragA a;
+      FragBr b;
+      wmma::load_matrix_sync(a, a2s + pt * kTile * KT + k, KT);
+      wmma::load_matrix_sync(b, wps + k * ldw + ct * kTile, ldw);
+      to_tf32(a);
+      to_tf32(b);
+      wmma::mma_sync(c, a, b, c);
+    }
+    wmma::store_matrix_sync(c_ptr, c, ldy, wmma::mem_row_major);
+  }
+}
+
 // a1 of hidden channels [cc, cc + kc) on the RH x RW region whose top-left input
 // pixel is (r0, c0): a1s[m * KC + j]. 0 outside the image and for j >= kc.
-// Syncs before touching As/Bs and before returning.
-template <typename T, typename A>
+// Syncs before touching As/Bs and before returning. kTC (the fp16 / bf16
+// forward): the expand runs on tensor cores (mma_expand) with As / Bs rows of
+// KT floats; rows [M, round16(M)) of As must be zero (the caller zeroes them
+// once) and rows [M, round16(M)) of a1s are written with values nothing reads.
+template <typename T, typename A, bool kTC = false>
 __device__ void compute_a1(A* __restrict__ a1s, A* __restrict__ As, A* __restrict__ Bs,
                            const Img<T>& x, int n, const T* __restrict__ we,
                            const T* __restrict__ be, bool has_expand, int cc, int kc, int r0,
                            int c0, int RH, int RW) {
   const int M = RH * RW;
   const int Cin = x.C;
+  static_assert(!kTC || std::is_same_v<A, float>, "the tensor-core path accumulates in fp32");
   if (has_expand) {
-    for (int e = threadIdx.x; e < M * KC; e += kThreads) a1s[e] = A(0);
+    // (kTC: the first sub-chunk starts its accumulators from 0 instead; Cin >= 1)
+    if constexpr (!kTC) {
+      for (int e = threadIdx.x; e < M * KC; e += kThreads) a1s[e] = A(0);
+    }
     for (int k0 = 0; k0 < Cin; k0 += KI) {
       const int nk = min(KI, Cin - k0);
       __syncthreads();  // earlier readers of As / Bs are done
-      load_region<T, A>(As, x, n, k0, nk, r0, c0, RH, RW);
-      load_wtile<T, A>(Bs, we, cc, kc, Cin, 1, k0, nk);
-      __syncthreads();
-      gemm_acc<A>(a1s, As, Bs, M, nk);
+      if constexpr (kTC) {
+        load_region<T, A, KT>(As, x, n, k0, nk, r0, c0, RH, RW);
+        load_wtile<T, A, KT>(Bs, we, cc, kc, Cin, 1, k0, nk);
+        __syncthreads();
+        mma_expand(a1s, As, Bs, M, nk, k0 == 0);
+      } else {
+        load_region<T, A>(As, x, n, k0, nk, r0, c0, RH, RW);
+        load_wtile<T, A>(Bs, we, cc, kc, Cin, 1, k0, nk);
+        __syncthreads();
+        gemm_acc<A>(a1s, As, Bs, M, nk);
+      }
     }
     __syncthreads();  // gemm_acc's element ownership differs from the loop below
     for (int e = threadIdx.x; e < M * KC; e += kThreads) {
@@ -256,10 +404,11 @@ __device__ void compute_a1(A* __restrict__ a1s, A* __restrict__ As, A* __restric
   __syncthreads();
 }
 
-// a2 on the OH x OW box of output pixels starting at (or0, oc0); a1s holds the
-// region starting at input (or0 * s - 1, oc0 * s - 1) with row length RW.
+// a2 on the OH x OW box of output pixels starting at (or0, oc0): a2s[p * LD + j]
+// (columns [KC, LD) are not written); a1s holds the region starting at input
+// (or0 * s - 1, oc0 * s - 1) with row length RW.
 // 0 outside the output image and for j >= kc. Does not sync.
-template <typename A>
+template <typename A, int LD = KC>
 __device__ void compute_a2(A* __restrict__ a2s, const A* __restrict__ a1s,
                            const A* __restrict__ wd_s, const A* __restrict__ bd_s, int s, int OH,
                            int OW, int RW, int or0, int oc0, int Ho, int Wo, int kc) {
@@ -279,7 +428,11 @@ __device__ void compute_a2(A* __restrict__ a2s, const A* __restrict__ a1s,
       }
       v = relu6(acc);
     }
-    a2s[e] = v;
+    if constexpr (LD == KC) {
+      a2s[e] = v;
+    } else {
+      a2s[p * LD + j] = v;
+    }
   }
 }
 
@@ -296,18 +449,41 @@ __device__ void stage_dw(A* __restrict__ wd_s, A* __restrict__ bd_s, const T* __
 
 // Shared-memory layouts (element offsets, each array 32-byte aligned), shared by
 // the kernels and the host-side size computation.
+__host__ __device__ constexpr int64_t round16(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+
+// Row stride of the forward's ys: Cout (FFMA), Cout rounded up to 16 (tensor cores).
+// fwd_ldw_tc: row stride of the tensor-core path's transposed project weights
+// wps[j][co], round16(Cout) + 8 (8 or 24 mod 32: conflict-free row-major B fragments).
+template <bool kTC>
+__host__ __device__ inline int fwd_ldy(int Cout) {
+  return kTC ? static_cast<int>(round16(Cout)) : Cout;
+}
+__host__ __device__ inline int fwd_ldw_tc(int Cout) { return fwd_ldy<true>(Cout) + 8; }
+
 struct FwdLayout {
   int64_t ys, a1s, a2s, As, Bs, wps, wd, bd, total;
 };
+template <bool kTC>
 __host__ __device__ inline FwdLayout fwd_layout(int P, int M, int Cout) {
   FwdLayout l{};
   int64_t o = 0;
-  l.ys = o;  o = align8(o + int64_t(P) * Cout);            // [P][Cout] fp32 output accumulators
-  l.a1s = o; o = align8(o + int64_t(M) * KC);              // [M][KC] a1 of the chunk (tile + halo)
-  l.a2s = o; o = align8(o + int64_t((P + 3) / 4 * 4) * KC); // [P rounded to 4][KC] a2 of the chunk
-  l.As = o;  o = align8(o + int64_t(M) * KI);              // [M][KI] x sub-tile
-  l.Bs = o;  o = align8(o + KC * KB);                      // [KC][KB] w_expand sub-tile
-  l.wps = o; o = align8(o + int64_t(Cout) * KP);           // [Cout][KP] w_project[:, chunk]
+  if constexpr (kTC) {  // rows padded to 16 (WMMA tiles), operand rows of KT floats
+    const int64_t Pp = round16(P), Mp = round16(M), Cp = fwd_ldy<true>(Cout);
+    const int64_t ldw = fwd_ldw_tc(Cout);
+    l.ys = o;  o = align8(o + Pp * Cp);    // [Pp][Cp] fp32 output accumulators (C of the project)
+    l.a1s = o; o = align8(o + Mp * KC);    // [Mp][KC] a1 of the chunk (C of the expand)
+    l.a2s = o; o = align8(o + Pp * KT);    // [Pp][KT] a2 of the chunk (A of the project)
+    l.As = o;  o = align8(o + Mp * KT);    // [Mp][KT] x sub-tile (A of the expand)
+    l.Bs = o;  o = align8(o + KC * KT);    // [KC][KT] w_expand sub-tile (B, col-major)
+    l.wps = o; o = align8(o + KC * ldw);   // [KC][Cp + 8] w_project[:, chunk]^T (B, row-major)
+  } else {
+    l.ys = o;  o = align8(o + int64_t(P) * Cout);            // [P][Cout] fp32 output accumulators
+    l.a1s = o; o = align8(o + int64_t(M) * KC);              // [M][KC] a1 (tile + halo)
+    l.a2s = o; o = align8(o + int64_t((P + 3) / 4 * 4) * KC); // [P rounded to 4][KC] a2
+    l.As = o;  o = align8(o + int64_t(M) * KI);              // [M][KI] x sub-tile
+    l.Bs = o;  o = align8(o + KC * KB);                      // [KC][KB] w_expand sub-tile
+    l.wps = o; o = align8(o + int64_t(Cout) * KP);           // [Cout][KP] w_project[:, chunk]
+  }
   l.wd = o;  o = align8(o + KC * 9);
   l.bd = o;  o = align8(o + KC);
   l.total = o;
@@ -368,12 +544,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                         const T* __restrict__ wd, const T* __restrict__ bd,
                         const T* __restrict__ wp, const T* __restrict__ bp, T* __restrict__ y,
                         Strides4 ys_, Geo g) {
+  // fp16 / bf16: expand and project on tensor cores (TF32 WMMA), see mma_expand
+  constexpr bool kTC = kTensorCores<T>;
   extern __shared__ __align__(32) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int s = g.s;
   const int P = g.TH * g.TW;
   const int RH = (g.TH - 1) * s + 3, RW = (g.TW - 1) * s + 3, M = RH * RW;
-  const FwdLayout L = fwd_layout(P, M, g.Cout);
+  const FwdLayout L = fwd_layout<kTC>(P, M, g.Cout);
+  const int ldy = fwd_ldy<kTC>(g.Cout);  // row stride of ys
   A* ys = sm + L.ys;
   A* a1s = sm + L.a1s;
   A* a2s = sm + L.a2s;
@@ -390,45 +569,81 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int oh0 = (t / g.tiles_w) * g.TH, ow0 = (t % g.tiles_w) * g.TW;
   const int r0 = oh0 * s - 1, c0 = ow0 * s - 1;
 
-  for (int e = threadIdx.x; e < P * g.Cout; e += kThreads) ys[e] = A(0);
-  // a2 rows P .. 4 PG - 1 are read by the project and never written: zero them once
-  for (int e = P * KC + threadIdx.x; e < PG * 4 * KC; e += kThreads) a2s[e] = A(0);
+  if constexpr (kTC) {
+    // Every element a WMMA tile reads must be finite: ys is zeroed whole (its
+    // padding rows / columns included); rows P .. round16(P) - 1 of a2s and
+    // M .. round16(M) - 1 of As are read and never written: zero them once
+    // (their columns KC .. KT - 1 are never read). Rows past P of ys and past M
+    // of a1s receive values nothing reads.
+    const int Pp = static_cast<int>(round16(P)), Mp = static_cast<int>(round16(M));
+    for (int e = threadIdx.x; e < Pp * ldy; e += kThreads) ys[e] = A(0);
+    for (int e = P * KT + threadIdx.x; e < Pp * KT; e += kThreads) a2s[e] = A(0);
+    if (g.has_expand) {
+      for (int e = M * KT + threadIdx.x; e < Mp * KT; e += kThreads) As[e] = A(0);
+    }
+  } else {
+    for (int e = threadIdx.x; e < P * g.Cout; e += kThreads) ys[e] = A(0);
+    // a2 rows P .. 4 PG - 1 are read by the project and never written: zero them once
+    for (int e = P * KC + threadIdx.x; e < PG * 4 * KC; e += kThreads) a2s[e] = A(0);
+  }
 
   for (int cc = 0; cc < g.hidden; cc += KC) {
     const int kc = min(KC, g.hidden - cc);
     __syncthreads();  // the previous chunk's readers of wd_s, bd_s, wps, a1s, a2s are done
     stage_dw<T, A>(wd_s, bd_s, wd, bd, cc, kc);
-    for (int e = threadIdx.x; e < g.Cout * KC; e += kThreads) {
-      const int co = e / KC, j = e - co * KC;
-      wps[co * KP + j] =
-          j < kc ? ld<T, A>(wp + static_cast<int64_t>(co) * g.hidden + cc + j) : A(0);
-    }
-    compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH, RW);  // syncs
-    compute_a2<A>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
-    __syncthreads();
-    // ys[p][co] += sum_j a2s[p][j] wps[co][j]; a thread owns pixels 4 pg .. 4 pg + 3
-    // of one output channel (a2s rows are broadcast across the warp, wps rows
-    // are conflict-free with their padding). a2s and wps are zero for j >= kc.
-    for (int e = threadIdx.x; e < PG * g.Cout; e += kThreads) {
-      const int pg = e / g.Cout, co = e - pg * g.Cout;
-      const int p0 = pg * 4, np = min(4, P - p0);
-      const A* a = a2s + p0 * KC;
-      const A* w = wps + co * KP;
-      A acc[4];
+    if constexpr (kTC) {
+      // wps[j * ldw + co] for j < KC, co < ldy = round16(Cout): zero for co >= Cout and
+      // j >= kc. e = ((j / 8) * ldy + co) * 8 + j % 8: a warp reads 8 consecutive j of 4
+      // weight rows (16-byte runs of fp16 / bf16) and its shared stores are at most
+      // 2-way conflicted (ldw = 8 or 24 mod 32); one j per lane would be 8-way.
+      const int ldw = fwd_ldw_tc(g.Cout);
+      for (int e = threadIdx.x; e < ldy * KC; e += kThreads) {
+        const int r = e / 8, jb = r / ldy, co = r - jb * ldy;
+        const int j = jb * 8 + (e - r * 8);
+        wps[j * ldw + co] = co < g.Cout && j < kc
+                                ? ld<T, A>(wp + static_cast<int64_t>(co) * g.hidden + cc + j)
+                                : A(0);
+      }
+      compute_a1<T, A, true>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH,
+                             RW);  // syncs
+      compute_a2<A, KT>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
+      __syncthreads();
+      // ys[p][co] += sum_j a2s[p][j] wps[co][j] on tensor cores: a2 (fp32) is rounded
+      // to TF32 here, the weights are exact (fp16 / bf16 values)
+      mma_project(ys, ldy, a2s, wps, ldw, P, kc);
+    } else {
+      for (int e = threadIdx.x; e < g.Cout * KC; e += kThreads) {
+        const int co = e / KC, j = e - co * KC;
+        wps[co * KP + j] =
+            j < kc ? ld<T, A>(wp + static_cast<int64_t>(co) * g.hidden + cc + j) : A(0);
+      }
+      compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH, RW);  // syncs
+      compute_a2<A>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
+      __syncthreads();
+      // ys[p][co] += sum_j a2s[p][j] wps[co][j]; a thread owns pixels 4 pg .. 4 pg + 3
+      // of one output channel (a2s rows are broadcast across the warp, wps rows
+      // are conflict-free with their padding). a2s and wps are zero for j >= kc.
+      for (int e = threadIdx.x; e < PG * g.Cout; e += kThreads) {
+        const int pg = e / g.Cout, co = e - pg * g.Cout;
+        const int p0 = pg * 4, np = min(4, P - p0);
+        const A* a = a2s + p0 * KC;
+        const A* w = wps + co * KP;
+        A acc[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = i < np ? ys[(p0 + i) * g.Cout + co] : A(0);
+        for (int i = 0; i < 4; ++i) acc[i] = i < np ? ys[(p0 + i) * g.Cout + co] : A(0);
 #pragma unroll 2
-      for (int j = 0; j < kc; j += 4) {
-        const A w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+        for (int j = 0; j < kc; j += 4) {
+          const A w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const V4<A> v = *reinterpret_cast<const V4<A>*>(a + i * KC + j);
+            acc[i] += v.x * w0 + v.y * w1 + v.z * w2 + v.w * w3;
+          }
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const V4<A> v = *reinterpret_cast<const V4<A>*>(a + i * KC + j);
-          acc[i] += v.x * w0 + v.y * w1 + v.z * w2 + v.w * w3;
+          if (i < np) ys[(p0 + i) * g.Cout + co] = acc[i];
         }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (i < np) ys[(p0 + i) * g.Cout + co] = acc[i];
       }
     }
   }
@@ -437,7 +652,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int p = e / g.Cout, co = e - p * g.Cout;
     const int oh = oh0 + p / g.TW, ow = ow0 + p % g.TW;
     if (oh < g.Ho && ow < g.Wo) {
-      A v = ys[e] + ld<T, A>(bp + co);
+      A v = (kTC ? ys[p * ldy + co] : ys[e]) + ld<T, A>(bp + co);
       if (g.residual) {  // stride 1 and Cin == Cout: (oh, ow) is an input pixel
         v += ld<T, A>(x.p + n * x.sn + static_cast<int64_t>(co) * x.sc +
                       static_cast<int64_t>(oh) * x.sh + static_cast<int64_t>(ow) * x.sw);
@@ -448,10 +663,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+template <bool kTC>
 int64_t fwd_smem_floats(const Geo& g, int TH, int TW) {
   const int P = TH * TW;
   const int M = ((TH - 1) * g.s + 3) * ((TW - 1) * g.s + 3);
-  return fwd_layout(P, M, g.Cout).total;
+  return fwd_layout<kTC>(P, M, g.Cout).total;
 }
 
 // ---------------------------------------------------------------------------
@@ -912,7 +1128,7 @@ at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mnv2_fwd_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
     const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
-                                     fwd_smem_floats, "forward");
+                                     fwd_smem_floats<kTensorCores<scalar_t>>, "forward");
     auto kernel = fused_ir_fwd_kernel<scalar_t, A>;
     set_smem(kernel, bytes);
     const int blocks = g.N * g.tiles_h * g.tiles_w;
