@@ -46,6 +46,15 @@ TORCH_LIBRARY(mnv2, m) {
   m.def("pack_pointwise(Tensor weight, Tensor bias) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("pointwise_conv_packed(Tensor x, Tensor packed, int cout, int activation) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // MobileNetV2's stem and first block in one pass, for inference with cached weights:
+  // y = block(relu6(conv3x3(image, stride 2, padding 1) + b)) for a block without
+  // expansion or residual. stem_packed is pack_pointwise of the stem weight laid out
+  // as a (channels, 9 C) matrix, column (kh * 3 + kw) * C + c; packed is the block's
+  // pack_weights. The stem's output is never stored. No autograd.
+  m.def(
+      "stem_block_packed(Tensor image, Tensor stem_packed, Tensor packed, int channels, int cout, "
+      "int stride) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   // Batch statistics for train-mode batch norm without the hidden tensor in
   // autograd: each op saves only its inputs and recomputes in its backward.
   // Per-channel mean and biased covariance of x over (N, H, W): bn1's statistics
@@ -76,6 +85,7 @@ TORCH_LIBRARY_IMPL(mnv2, Autograd, m) {
   m.impl("fused_inverted_residual_packed", torch::autograd::autogradNotImplementedFallback());
   m.impl("pack_pointwise", torch::autograd::autogradNotImplementedFallback());
   m.impl("pointwise_conv_packed", torch::autograd::autogradNotImplementedFallback());
+  m.impl("stem_block_packed", torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace mnv2 {

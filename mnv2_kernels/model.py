@@ -10,7 +10,17 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .modules import Conv2dNormActivation, FusedInvertedResidual
+from . import backends, ops
+from ._cache import DerivedCache
+from .distributed import sync_process_group
+from .folding import uses_batch_stats
+from .modules import Conv2dNormActivation, FusedInvertedResidual, _is_foldable_norm
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 # t (expansion), c (output channels), n (repeats), s (first stride)
 DEFAULT_SETTING = [
@@ -88,10 +98,104 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.features(x)
+        y = self._stem_and_first_block(x)
+        if y is None:
+            x = self.features(x)
+        else:
+            # CPU inference: the stem and the first block ran as one operator
+            for i, m in enumerate(self.features):
+                if i >= 2:
+                    y = m(y)
+            x = y
         x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
         x = torch.flatten(x, 1)
+        return self._classify(x)
+
+    def _classify(self, x: Tensor) -> Tensor:
+        """self.classifier(x) on the pooled features."""
+        linear = self._packable_classifier(x)
+        if linear is not None:
+            # CPU inference: the linear layer as the CPU kernel's 1x1 GEMM on packed
+            # weights. At batch 1 it is a matrix-vector product whose 5 MB of weights
+            # come from DRAM in a whole model (they do not stay in L3 between calls);
+            # the packed panels stream sequentially on both threads.
+            packed = self.__dict__.setdefault("_classifier_packed", DerivedCache()).get(
+                x.dtype, [t for t in (linear.weight, linear.bias) if t is not None],
+                lambda: ops.pack_pointwise(linear.weight, linear.bias if linear.bias is not None
+                                           else linear.weight.new_zeros(linear.out_features)))
+            if packed is not None:
+                n, c = x.shape
+                return ops.pointwise_conv(x.view(n, c, 1, 1), packed, linear.out_features).view(n, -1)
         return self.classifier(x)
+
+    def _stem_and_first_block(self, x: Tensor) -> Optional[Tensor]:
+        """features[1](features[0](x)) computed by one CPU operator (ops.stem_block) that
+        never stores the stem's output (1.6 MB per 224x224 image, written to and read
+        back from memory otherwise), when that computes exactly what the two modules
+        would: CPU inference in float32/float64, torchvision's stem (3x3 stride-2
+        convolution, batch norm with running statistics, ReLU6), a first block without
+        expansion or residual, no hooks. Else None."""
+        feats = self.features
+        if (type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or len(feats) < 2
+                or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()):
+            return None
+        stem, block = feats[0], feats[1]
+        if type(stem) is not Conv2dNormActivation or type(block) is not FusedInvertedResidual:
+            return None
+        m = stem._modules
+        if len(m) != 3:
+            return None
+        conv, norm, act = m["0"], m["1"], m["2"]
+        if (type(conv) is not nn.Conv2d or conv.kernel_size != (3, 3) or conv.stride != (2, 2)
+                or conv.padding != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
+                or conv.padding_mode != "zeros" or conv.in_channels != x.shape[1]
+                or conv.weight.dtype != x.dtype or not conv.weight.is_cpu or type(act) is not nn.ReLU6
+                or not _is_foldable_norm(norm) or uses_batch_stats(norm) or sync_process_group(norm) is not None):
+            return None
+        parts = block._parts()
+        if (parts[0] is not None or block.use_res_connect or parts[2].in_channels != conv.out_channels
+                or any(uses_batch_stats(n) or sync_process_group(n) is not None for n in parts[1::2])):
+            return None
+        if (any(mod._forward_hooks or mod._forward_pre_hooks for mod in (feats, stem, block))
+                or _global_hooks()):
+            return None
+        stem_state = [t for mod in (conv, norm) for t in (*mod._parameters.values(), *mod._buffers.values())
+                      if t is not None]
+        block_state = block._state(parts)
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in stem_state)
+                                        or any(t.requires_grad for t in block_state)):
+            return None
+        if backends.resolve(x) != "cpu":
+            return None
+        stem_packed = stem.__dict__.setdefault("_stem_packed", DerivedCache()).get(
+            x.dtype, stem_state, lambda: ops.pack_stem(*stem._fold(conv, norm, torch.contiguous_format)))
+        packed = block._packed_weights(x, block_state)
+        if stem_packed is None or packed is None:
+            return None
+        return ops.stem_block(x, stem_packed, packed, conv.out_channels, parts[4].out_channels,
+                              block.stride)
+
+    def _packable_classifier(self, x: Tensor) -> Optional[nn.Linear]:
+        """The classifier's Linear when the packed CPU kernel computes exactly what the
+        classifier module would (torchvision's Dropout + Linear, dropout inactive, no
+        hooks, no gradient needed), else None."""
+        seq = self.classifier
+        if (type(seq) is not nn.Sequential or len(seq) != 2 or x.device.type != "cpu" or x.dim() != 2
+                or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()):
+            return None
+        dropout, linear = seq[0], seq[1]
+        if (type(dropout) is not nn.Dropout or (dropout.training and dropout.p > 0)
+                or type(linear) is not nn.Linear or linear.weight.dtype != x.dtype
+                or linear.weight.device != x.device or not x.is_contiguous()):
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (seq, dropout, linear)) or _global_hooks():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad
+                                        or (linear.bias is not None and linear.bias.requires_grad)):
+            return None
+        if backends.resolve(x) != "cpu":
+            return None
+        return linear
 
 
 def mobilenet_v2(

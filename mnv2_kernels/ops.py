@@ -110,6 +110,22 @@ def pointwise_conv(x: Tensor, packed: Tensor, cout: int, activation: Optional[st
     return torch.ops.mnv2.pointwise_conv_packed.default(x, packed, cout, ACTIVATIONS[activation])
 
 
+def pack_stem(weight: Tensor, bias: Tensor) -> Tensor:
+    """A 3x3 convolution's (cout, C, 3, 3) weight and (cout,) bias laid out for stem_block
+    (opaque): pack_pointwise of the weight as a (cout, 9 C) matrix, column (kh * 3 + kw) * C + c."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"mnv2: pack_stem needs a (cout, C, 3, 3) weight, got shape {tuple(weight.shape)}")
+    return pack_pointwise(weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), bias)
+
+
+def stem_block(image: Tensor, stem_packed: Tensor, packed: Tensor, channels: int, cout: int,
+               stride: int) -> Tensor:
+    """block(relu6(conv3x3(image, stride 2, padding 1) + b)) for a CPU block without expansion
+    or residual, in one pass that never stores the stem's output: stem_packed from pack_stem,
+    packed from pack_weights. Inference only."""
+    return torch.ops.mnv2.stem_block_packed.default(image, stem_packed, packed, channels, cout, stride)
+
+
 def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean (C,) and biased covariance (C, C) of x over (N, H, W)."""
     return torch.ops.mnv2.channel_moments.default(x)
@@ -412,6 +428,22 @@ def _register():
         torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
         return torch.empty((x.shape[0], cout, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
+
+    @torch.library.register_fake("mnv2::stem_block_packed")
+    def _(image, stem_packed, packed, channels, cout, stride):
+        torch._check(image.dim() == 4, lambda: f"mnv2: image must be 4-D (N, C, H, W), got {image.dim()}-D")
+        h, w = output_size(image.shape[2], image.shape[3], 2)
+        ho, wo = output_size(h, w, stride)
+        return torch.empty((image.shape[0], cout, ho, wo), dtype=image.dtype, device=image.device,
+                           memory_format=suggest_memory_format(image))
+
+    @register_flop_formula(torch.ops.mnv2.stem_block_packed)
+    def _(image_shape, stem_shape, packed_shape, channels, cout, stride, *args, out_shape=None,
+          **kwargs) -> int:
+        n, c, h, w = image_shape
+        sh, sw = output_size(h, w, 2)
+        return 2 * (n * sh * sw * channels * 9 * c + block_macs((n, channels, sh, sw), channels, cout,
+                                                                stride, False))
 
     # channel_moments ----------------------------------------------------------
     torch.library.register_kernel("mnv2::channel_moments", ("cpu", "cuda"), _channel_moments_impl)

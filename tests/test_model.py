@@ -61,8 +61,14 @@ def test_stem_and_head_fold_their_batch_norm(cpu_backend):
                 assert rel_err(b(x), a(x)) <= tol
                 # the channels_last head runs the CPU kernel's pointwise GEMM on packed weights
                 assert ("_packed" in b.features[-1].__dict__) == (fmt == torch.channels_last and not train)
+                # eval: the stem and the first block run as one operator (any layout); the
+                # classifier runs on packed weights whenever no gradient is needed
+                assert ("_stem_packed" in b.features[0].__dict__) == (not train)
+                assert "_classifier_packed" in b.__dict__
                 for m in (a, b):
                     m.features[-1][1].running_var.mul_(1.5)  # the head's BN: the fold must follow
+                    m.features[0][1].running_mean.add_(0.25)  # the stem's BN
+                    m.classifier[1].bias.add_(0.5)  # the classifier's packed weights
                 assert rel_err(b(x), a(x)) <= tol
             xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
             gy = torch.randn(2, 1000, dtype=dtype)

@@ -266,6 +266,72 @@ def test_pointwise_conv_bad_input():
         ops.pack_pointwise(w, bias).sum().backward()
 
 
+# (N, C, H, W image, block channels, Cout, block stride): MobileNetV2's stem + first block,
+# then odd image sides, channels not a multiple of any vector width, stride 2, one pixel
+STEM_SHAPES = [(1, 3, 224, 224, 32, 16, 1), (2, 3, 9, 7, 5, 3, 1), (1, 2, 13, 10, 17, 9, 2),
+               (2, 4, 1, 1, 8, 8, 1), (0, 3, 8, 8, 8, 4, 1)]
+
+
+def _stem_inputs(shape, dtype, fmt, seed=0):
+    n, c, h, w, ch, cout, stride = shape
+    g = torch.Generator().manual_seed(seed + c * 7 + ch)
+    image = (2 * torch.randn(n, c, h, w, generator=g, dtype=dtype)).contiguous(memory_format=fmt)
+    ws, bs = torch.randn(ch, c, 3, 3, generator=g, dtype=dtype), torch.randn(ch, generator=g, dtype=dtype)
+    wd, bd = torch.randn(ch, 3, 3, generator=g, dtype=dtype), torch.randn(ch, generator=g, dtype=dtype)
+    wp, bp = torch.randn(cout, ch, generator=g, dtype=dtype), torch.randn(cout, generator=g, dtype=dtype)
+    return image, (ws, bs), (wd, bd, wp, bp), stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", STEM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_stem_block_matches_conv_then_block(shape, fmt, dtype):
+    image, (ws, bs), (wd, bd, wp, bp), stride = _stem_inputs(shape, dtype, fmt)
+    ch, cout = ws.shape[0], wp.shape[0]
+    packed = torch.ops.mnv2.pack_weights(None, None, wd, bd, wp, bp)
+    y = ops.stem_block(image, ops.pack_stem(ws, bs), packed, ch, cout, stride)
+    x = torch.nn.functional.conv2d(image.double(), ws.double(), bs.double(), 2, 1).clamp(0, 6)
+    ref = reference.inverted_residual(x, None, None, wd.double(), bd.double(), wp.double(), bp.double(),
+                                      stride, False)
+    assert y.shape == ref.shape and y.dtype == dtype
+    if ref.numel():  # (an empty batch has no layout to keep)
+        assert y.is_contiguous(memory_format=fmt)
+        assert rel_err(y, ref) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_stem_block_nan_opcheck_and_bad_input():
+    image, (ws, bs), (wd, bd, wp, bp), stride = _stem_inputs(STEM_SHAPES[1], torch.float32,
+                                                             torch.channels_last)
+    stem, packed = ops.pack_stem(ws, bs), torch.ops.mnv2.pack_weights(None, None, wd, bd, wp, bp)
+    image[0, 1, 4, 3] = float("inf")  # padded stem channels must stay exactly 0, not inf * 0
+    y = ops.stem_block(image, stem, packed, 5, 3, 1)
+    x = torch.nn.functional.conv2d(image, ws, bs, 2, 1).clamp(0, 6)
+    ref = reference.inverted_residual(x, None, None, wd, bd, wp, bp, 1, False)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert rel_err(y[finite], ref[finite]) <= 1e-5
+    image = image.nan_to_num(posinf=1.0)
+    torch.library.opcheck(torch.ops.mnv2.stem_block_packed.default, (image, stem, packed, 5, 3, 1))
+    with pytest.raises(RuntimeError, match="image must be 4-D"):
+        ops.stem_block(image[0], stem, packed, 5, 3, 1)
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        ops.stem_block(image, stem, packed, 5, 3, 3)
+    with pytest.raises(RuntimeError, match="packed stem weights were not packed for a 3x3 convolution from 2"):
+        ops.stem_block(image[:, :2], stem, packed, 5, 3, 1)
+    with pytest.raises(RuntimeError, match="packed block weights were not packed for a 5 -> 4"):
+        ops.stem_block(image, stem, packed, 5, 4, 1)  # same padded size: only the trailer tells
+    with pytest.raises(RuntimeError, match="packed block weights were not packed for a 6 -> 3"):
+        ops.stem_block(image, stem, packed, 6, 3, 1)
+    with pytest.raises(RuntimeError, match="image's device and dtype"):
+        ops.stem_block(image.double(), stem, packed, 5, 3, 1)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        ops.stem_block(image.half(), stem.half(), packed.half(), 5, 3, 1)
+    with pytest.raises(ValueError, match=r"\(cout, C, 3, 3\) weight"):
+        ops.pack_stem(ws[:, :, :2], bs)
+    with pytest.raises(RuntimeError, match="derivative for mnv2::stem_block_packed is not implemented"):
+        ops.stem_block(image.clone().requires_grad_(), stem, packed, 5, 3, 1).sum().backward()
+
+
 def test_packed_block_refuses_weights_packed_for_another_shape():
     # hidden 12 -> 13 and Cout 3 -> 4 keep every padded size: only the packed trailer tells
     x, we, be, wd, bd, wp, bp, stride, residual = sample_inputs(SAMPLES[1])

@@ -86,6 +86,14 @@ void pack_weights(const BlockShape& s, const Layout& l, const T* w_expand, const
                   const T* w_dw, const T* b_dw, const T* w_project, const T* b_project,
                   bool for_backward, int64_t h_begin, int64_t h_end, T* packed);
 
+// Packed pointwise (1x1) weights, see pack_pointwise below.
+struct PointwiseLayout {
+  int64_t vl, cin, cout, cout_p;
+  int64_t w, b;
+  int64_t trailer;  // kPointwiseTrailer values: a tag, cin, cout
+  int64_t total;
+};
+
 // Work split of the forward: items are (image, row band, column tile, hidden
 // split). Hidden splits (for small images, where the weights dominate) each
 // compute a partial output over their share of the hidden channels into a
@@ -100,6 +108,7 @@ struct ForwardPlan {
                            // block into a sum over chunks (paper section 5.1)
   int64_t window_slots;    // expanded rows held: (rows_per_step - 1) * stride + 3
   int64_t window_cols;     // input columns held at most per tile
+  int64_t stem_k = 0;      // with a fused stem: its im2col row length (9 x image channels)
   int64_t scratch_floats;  // per thread, in elements
   int64_t items(const BlockShape& s) const { return s.batch * n_bands * n_col_tiles * n_splits; }
 };
@@ -119,6 +128,18 @@ struct ForwardArgs {
   T* y;
   Strides4 ys;
   T* partial;  // plan.partial_floats elements when plan.n_splits > 1, else unused
+  // Fused stem (MobileNetV2's first convolution), optional. When `stem` is set the
+  // block (t == 1, no residual) does not read x: each input row it needs is
+  // computed from `image` (N, C, H, W; element strides `is`) as
+  //   x = relu6(conv3x3(image, stride 2, padding 1) + b),
+  // with the weights packed by pack_pointwise as a (s.cin, 9 C) matrix whose
+  // column (kh * 3 + kw) * C + c holds w[:, c, kh, kw] (stem_layout). The block's
+  // input size is the convolution's output size. plan.stem_k must be 9 C.
+  const T* image = nullptr;
+  Strides4 is{};
+  int64_t image_c = 0, image_h = 0, image_w = 0;
+  const T* stem = nullptr;
+  PointwiseLayout stem_layout{};
 };
 
 // With hidden splits: y = sum of the partial outputs (+ x) for output rows
@@ -189,12 +210,6 @@ void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64
 //   y[m][o] = act(sum_c x[m][c] w[o][c] + b[o]),  act: none, ReLU or ReLU6.
 // The weights are packed panel-major [cout_p / vl][cin][vl], then the bias [cout_p].
 enum class Activation { kNone = 0, kRelu = 1, kRelu6 = 2 };
-struct PointwiseLayout {
-  int64_t vl, cin, cout, cout_p;
-  int64_t w, b;
-  int64_t trailer;  // kPointwiseTrailer values: a tag, cin, cout
-  int64_t total;
-};
 PointwiseLayout make_pointwise_layout(int64_t cin, int64_t cout, int64_t vl);
 template <typename T>
 void pack_pointwise(const PointwiseLayout& l, const T* w, const T* b, T* packed);

@@ -225,6 +225,7 @@ struct Window {
   T* ring;        // [slots][nvalid][hc]
   const T* zero;  // [nvalid][hc] zeros
   int64_t have_hi;    // highest row held (rows have_hi - slots + 1 .. have_hi)
+  T* cols;        // [nvalid][stem_k]: the fused stem's im2col row (unused without a stem)
 
   int64_t row_floats() const { return nvalid * hc; }
   T* slot(int64_t i) const { return ring + (i % slots) * row_floats(); }
@@ -278,6 +279,8 @@ struct Window {
           std::memset(dst + p * hc + valid, 0, sizeof(T) * (hc - valid));
         }
       }
+    } else if (a->stem != nullptr) {
+      for (int64_t i = lo; i <= hi; ++i) stem_row(i, dst + (i - lo) * row_floats());
     } else {
       // t == 1: the window holds x itself, channels [h0, h0 + hc), zero-padded
       const int64_t real = imin(hc, s.cin - h0);
@@ -293,6 +296,50 @@ struct Window {
           for (int64_t c = real; c < hc; ++c) d[p * hc + c] = T(0);
         }
       }
+    }
+  }
+
+  // Input row i of the block (columns [c_lo, c_lo + nvalid), channels [h0, h0 + hc))
+  // computed by the fused stem: relu6(conv3x3 stride 2 pad 1 of the image + b) as one
+  // GEMM over an im2col row, k = (kh * 3 + kw) * C + c.
+  void stem_row(int64_t i, T* dst) const {
+    const PointwiseLayout& sl = a->stem_layout;
+    const int64_t C = a->image_c, K = sl.cin, IH = a->image_h, IW = a->image_w;
+    const Strides4& is = a->is;
+    const T* img = a->image + n * is.n;
+    // channels_last image: the three pixels of one kernel row are 3 C consecutive values
+    const bool dense = is.c == 1 && is.w == C;
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const int64_t ih = 2 * i - 1 + kh;
+      const bool row_in = ih >= 0 && ih < IH;
+      const T* src_row = row_in ? img + ih * is.h : img;
+      for (int64_t j = 0; j < nvalid; ++j) {
+        const int64_t iw0 = 2 * (c_lo + j) - 1;
+        T* d = cols + j * K + kh * 3 * C;
+        if (!row_in) {
+          for (int64_t e = 0; e < 3 * C; ++e) d[e] = T(0);
+        } else if (dense && iw0 >= 0 && iw0 + 2 < IW) {
+          const T* src = src_row + iw0 * C;
+          if (C == 3) {
+            MNV2_UNROLL for (int e = 0; e < 9; ++e) d[e] = src[e];
+          } else {
+            for (int64_t e = 0; e < 3 * C; ++e) d[e] = src[e];
+          }
+        } else {
+          for (int64_t kw = 0; kw < 3; ++kw) {
+            const int64_t iw = iw0 + kw;
+            const bool in = iw >= 0 && iw < IW;
+            for (int64_t c = 0; c < C; ++c) d[kw * C + c] = in ? src_row[iw * is.w + c * is.c] : T(0);
+          }
+        }
+      }
+    }
+    gemm(nvalid, hc, K, cols, K, 1, a->stem + sl.w + h0 * K, VL, K * VL, dst, hc,
+         a->stem + sl.b + h0, kRelu6);
+    // padded channels exactly zero (an infinite pixel would leave inf * 0 = NaN there)
+    const int64_t valid = a->shape.cin - h0;
+    if (valid < hc) {
+      for (int64_t p = 0; p < nvalid; ++p) std::memset(dst + p * hc + valid, 0, sizeof(T) * (hc - valid));
     }
   }
 };
@@ -369,6 +416,26 @@ static void store_partial_rows(const FArgs& a, int64_t split, int64_t n, int64_t
   }
 }
 
+// Asks for the weights of hidden channels [h0, h0 + hc) (expand panels, depthwise
+// taps, project rows) to be brought into L2 while the current chunk computes.
+// In a whole model the weights come from L3 or DRAM (their sum exceeds L3),
+// and the project rows are short strided segments that the hardware
+// prefetchers pick up late.
+static void prefetch_range(const T* p, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0, 2);
+}
+
+static void prefetch_chunk_weights(const FArgs& a, int64_t h0, int64_t hc) {
+  const BlockShape& s = a.shape;
+  const Layout& l = a.layout;
+  if (s.has_expand) prefetch_range(a.packed + l.we_kn + h0 * s.cin, hc * s.cin);
+  for (int64_t t = 0; t < 9; ++t) prefetch_range(a.packed + l.wd + t * l.hp + h0, hc);
+  for (int64_t j = 0; j < l.cout_p / VL; ++j) {
+    prefetch_range(a.packed + l.wp_kn + j * l.hp * VL + h0 * VL, hc * VL);
+  }
+}
+
 static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeometry& g,
                   int64_t item, T* scratch) {
   const BlockShape& s = a.shape;
@@ -392,6 +459,7 @@ static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeom
   T* zero = ring + g.slots * g.nvalid_max * g.hc;
   T* dwbuf = zero + g.nvalid_max * g.hc;
   T* acc = dwbuf + p.rows_per_step * p.cols_per_tile * g.hc;
+  T* cols = acc + (g.chunked ? p.rows_per_band : p.rows_per_step) * p.cols_per_tile * l.cout_p;
 
   auto store = [&](int64_t r, int64_t rows, const T* accr) {
     if (p.n_splits > 1) {
@@ -400,10 +468,11 @@ static void forward_item(const FArgs& a, const ForwardPlan& p, const ForwardGeom
       store_output_rows(a, n, r, rows, oc0, tw, accr);
     }
   };
-  Window win{&a, n, c_lo, c_hi - c_lo + 1, 0, 0, g.slots, ring, zero, 0};
+  Window win{&a, n, c_lo, c_hi - c_lo + 1, 0, 0, g.slots, ring, zero, 0, cols};
   for (int64_t h0 = hs0; h0 < hs1; h0 += g.hc) {
     win.h0 = h0;
     win.hc = imin(g.hc, hs1 - h0);
+    if (h0 + g.hc < hs1) prefetch_chunk_weights(a, h0 + g.hc, imin(g.hc, hs1 - h0 - g.hc));
     win.have_hi = -1 - 2 * int64_t{st};  // nothing held
     const bool first = h0 == hs0;
     // the bias goes in once: with the first chunk of the first split
@@ -496,7 +565,7 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
   const FArgs fa{s, l, a.x, a.xs, a.packed, nullptr, {}, nullptr};
   // rings of the a1 rows and their gradients: the rows one step reads
   const int64_t slots = p.window_slots;
-  Window win{&fa, n, 0, W, 0, hp, slots, buf.ring, buf.zero, -1 - 2 * int64_t{st}};
+  Window win{&fa, n, 0, W, 0, hp, slots, buf.ring, buf.zero, -1 - 2 * int64_t{st}, nullptr};
   int64_t ga1_tag[kMaxBackwardSlots];
   for (int64_t k = 0; k < slots; ++k) ga1_tag[k] = -1;
   auto ga1_row = [&](int64_t i) -> T* {

@@ -199,8 +199,10 @@ void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
   const int64_t hc = p->hidden_chunk;
   const int64_t acc_rows = hc < p->split_channels ? p->rows_per_band : p->rows_per_step;
   // the kernel carves exactly this: window ring + zero row, depthwise rows, accumulator
+  // (then the stem's im2col row)
   p->scratch_floats = (p->window_slots + 1) * p->window_cols * hc +
-                      p->rows_per_step * p->cols_per_tile * hc + acc_rows * p->cols_per_tile * l.cout_p;
+                      p->rows_per_step * p->cols_per_tile * hc + acc_rows * p->cols_per_tile * l.cout_p +
+                      p->window_cols * p->stem_k;  // with a fused stem: one im2col row
 }
 
 ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {

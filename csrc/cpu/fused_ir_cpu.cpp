@@ -107,15 +107,37 @@ T* thread_scratch(int64_t elements) {
   return static_cast<T*>(buffer.data);
 }
 
+// A fused stem for run_forward: the block's input rows come from `image` through
+// the packed 3x3 stride-2 convolution (ForwardArgs::stem).
+struct StemInput {
+  const at::Tensor& image;
+  const at::Tensor& packed;
+  PointwiseLayout layout;
+};
+
 template <typename T>
 void run_forward(const BlockShape& s, const Layout& l, const at::Tensor& x,
-                 const at::Tensor& packed, const at::Tensor& y) {
+                 const at::Tensor& packed, const at::Tensor& y,
+                 const StemInput* stem = nullptr) {
   const Kernels<T>& k = kernels().get<T>();
-  const ForwardPlan plan = plan_forward(s, l, at::get_num_threads());
+  ForwardPlan plan = plan_forward(s, l, at::get_num_threads());
+  if (stem != nullptr) {
+    plan.stem_k = stem->layout.cin;
+    finish_forward_plan(s, l, &plan);
+  }
   const at::TensorOptions opts = dense_options(x);
   at::Tensor partial = at::empty({plan.partial_floats}, opts);
-  const ForwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x), packed.const_data_ptr<T>(),
-                            y.mutable_data_ptr<T>(), strides_of(y), partial.mutable_data_ptr<T>()};
+  ForwardArgs<T> args{s, l, x.const_data_ptr<T>(), strides_of(x), packed.const_data_ptr<T>(),
+                      y.mutable_data_ptr<T>(), strides_of(y), partial.mutable_data_ptr<T>()};
+  if (stem != nullptr) {
+    args.image = stem->image.const_data_ptr<T>();
+    args.is = strides_of(stem->image);
+    args.image_c = stem->image.size(1);
+    args.image_h = stem->image.size(2);
+    args.image_w = stem->image.size(3);
+    args.stem = stem->packed.const_data_ptr<T>();
+    args.stem_layout = stem->layout;
+  }
   at::parallel_for(0, plan.items(s), 1, [&](int64_t begin, int64_t end) {
     k.forward(args, plan, begin, end, thread_scratch<T>(plan.scratch_floats));
   });
@@ -186,6 +208,58 @@ at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Ten
                 s.hidden, ", Cout ", s.cout, s.has_expand ? "" : ", no expand",
                 ") on this machine's kernel; re-pack them for this block");
     if (s.batch > 0) run_forward<scalar_t>(s, l, x, packed, y);
+  });
+  return y;
+}
+
+// MobileNetV2's stem and first block in one pass: y = block(relu6(conv3x3 s2(image) + b))
+// for a t == 1 block without residual. The stem's output (the block's input) is
+// computed row by row inside the block's window and never stored.
+at::Tensor stem_block_packed_cpu(const at::Tensor& image, const at::Tensor& stem_packed,
+                                 const at::Tensor& packed, int64_t channels, int64_t cout,
+                                 int64_t stride) {
+  TORCH_CHECK(image.dim() == 4, "mnv2: image must be 4-D (N, C, H, W), got ", image.dim(), "-D");
+  TORCH_CHECK(image.layout() == at::kStrided, "mnv2: image must be a dense (strided) tensor");
+  TORCH_CHECK(image.scalar_type() == at::kFloat || image.scalar_type() == at::kDouble,
+              "mnv2: the CPU kernel supports float32 and float64, got ", image.scalar_type());
+  TORCH_CHECK(image.size(1) >= 1 && image.size(2) >= 1 && image.size(3) >= 1,
+              "mnv2: image must have channels, height and width >= 1, got ", image.sizes());
+  TORCH_CHECK(channels >= 1 && cout >= 1, "mnv2: channels and cout must be >= 1, got ", channels,
+              " and ", cout);
+  for (const at::Tensor* t : {&stem_packed, &packed}) {
+    TORCH_CHECK(t->device() == image.device() && t->scalar_type() == image.scalar_type() &&
+                    t->dim() == 1 && t->is_contiguous(),
+                "mnv2: packed weights must be contiguous 1-D tensors with the image's device and dtype");
+  }
+  BlockShape s{};
+  s.cin = channels;
+  s.hidden = channels;
+  s.cout = cout;
+  s.has_expand = false;
+  TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
+  s.stride = static_cast<int>(stride);
+  s.residual = false;
+  s.batch = image.size(0);
+  s.in_h = (image.size(2) - 1) / 2 + 1;
+  s.in_w = (image.size(3) - 1) / 2 + 1;
+  const char* err = validate_shape(s);
+  TORCH_CHECK(err == nullptr, "mnv2: ", err);
+  at::Tensor y = at::empty({s.batch, s.cout, s.out_h(), s.out_w()},
+                           image.options().memory_format(image.suggest_memory_format()));
+  AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "mnv2_stem_block_packed", [&] {
+    const int64_t vl = kernels().get<scalar_t>().vl;
+    const Layout l = make_layout(s, vl, false);
+    TORCH_CHECK(packed.numel() == l.total && packed_matches<scalar_t>(s, l, packed.const_data_ptr<scalar_t>()),
+                "mnv2: the packed block weights were not packed for a ", channels, " -> ", cout,
+                " block without expansion on this machine's kernel; re-pack them");
+    const PointwiseLayout sl = make_pointwise_layout(9 * image.size(1), channels, vl);
+    TORCH_CHECK(stem_packed.numel() == sl.total &&
+                    packed_matches<scalar_t>(sl, stem_packed.const_data_ptr<scalar_t>()),
+                "mnv2: the packed stem weights were not packed for a 3x3 convolution from ",
+                image.size(1), " to ", channels, " channels (a (", channels, ", ", 9 * image.size(1),
+                ") matrix) on this machine's kernel; re-pack them");
+    const StemInput stem{image, stem_packed, sl};
+    if (s.batch > 0) run_forward<scalar_t>(s, l, image, packed, y, &stem);
   });
   return y;
 }
@@ -461,6 +535,7 @@ TORCH_LIBRARY_IMPL(mnv2, CPU, m) {
   m.impl("depthwise_moments_backward", &depthwise_moments_backward_cpu);
   m.impl("pack_pointwise", &pack_pointwise_cpu);
   m.impl("pointwise_conv_packed", &pointwise_conv_packed_cpu);
+  m.impl("stem_block_packed", &stem_block_packed_cpu);
 }
 
 }  // namespace mnv2

@@ -420,6 +420,102 @@ void run_pointwise(const KernelTable& table, int64_t rows, int64_t cin, int64_t 
   }
 }
 
+// The block with a fused stem (its t == 1 input rows computed from an image by a
+// 3x3 stride-2 pad-1 convolution + bias + ReLU6) against the stem computed
+// naively, then the block's naive reference. Dyadic data keep the stem exact, so
+// the block sees the same input as the reference.
+template <typename T>
+void run_stem_case(const KernelTable& table, int64_t N, int64_t C, int64_t IH, int64_t IW,
+                   int64_t cin, int64_t cout, int stride, Fmt fmt, const PlanOverride& ov,
+                   const std::string& label) {
+  const Kernels<T>& kt = table.get<T>();
+  std::mt19937 rng(static_cast<unsigned>(C * 31 + IH * 7 + IW + cin * 3 + cout));
+  Tensor4<T> img = make_tensor<T>(N, C, IH, IW, fmt);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < IH; ++i)
+        for (int64_t j = 0; j < IW; ++j) img.at(n, c, i, j) = dyadic(rng, -24, 24);
+  std::vector<T> sw(cin * C * 9), sb(cin);  // stem weight (cin, C, 3, 3), bias
+  for (T& v : sw) v = dyadic(rng, -4, 4);
+  for (T& v : sb) v = dyadic(rng, -16, 40);
+  BlockShape s{};
+  s.batch = N;
+  s.in_h = (IH - 1) / 2 + 1;
+  s.in_w = (IW - 1) / 2 + 1;
+  s.cin = cin;
+  s.hidden = cin;
+  s.cout = cout;
+  s.stride = stride;
+  s.has_expand = false;
+  s.residual = false;
+  Tensor4<T> x = make_tensor<T>(N, cin, s.in_h, s.in_w, Fmt::kNHWC);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < cin; ++o)
+      for (int64_t i = 0; i < s.in_h; ++i)
+        for (int64_t j = 0; j < s.in_w; ++j) {
+          double z = sb[o];
+          for (int64_t c = 0; c < C; ++c)
+            for (int kh = 0; kh < 3; ++kh)
+              for (int kw = 0; kw < 3; ++kw) {
+                const int64_t ih = 2 * i - 1 + kh, iw = 2 * j - 1 + kw;
+                if (ih < 0 || ih >= IH || iw < 0 || iw >= IW) continue;
+                z += double(sw[((o * C + c) * 3 + kh) * 3 + kw]) * img.at(n, c, ih, iw);
+              }
+          x.at(n, o, i, j) = static_cast<T>(relu6d(z));
+        }
+  Weights<T> wt;
+  for (int64_t e = 0; e < cin; ++e) wt.be.push_back(0);
+  for (int64_t e = 0; e < cin * 9; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
+  for (int64_t e = 0; e < cin; ++e) wt.bd.push_back(dyadic(rng, -16, 40));
+  for (int64_t e = 0; e < cout * cin; ++e) wt.wp.push_back(dyadic(rng, -8, 8));
+  for (int64_t e = 0; e < cout; ++e) wt.bp.push_back(dyadic(rng, -16, 16));
+  const Reference ref = reference<T>(s, x, wt, static_cast<const Tensor4<T>*>(nullptr));
+
+  const Layout l = make_layout(s, kt.vl, false);
+  std::vector<T> packed(l.total);
+  pack_weights<T>(s, l, nullptr, nullptr, wt.wd.data(), wt.bd.data(), wt.wp.data(), wt.bp.data(),
+                  false, 0, s.hidden, packed.data());
+  // the stem as a (cin, 9 C) matrix, column (kh * 3 + kw) * C + c
+  const PointwiseLayout sl = make_pointwise_layout(9 * C, cin, kt.vl);
+  std::vector<T> w2(cin * 9 * C), stem(sl.total);
+  for (int64_t o = 0; o < cin; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int k = 0; k < 9; ++k) w2[o * 9 * C + k * C + c] = sw[(o * C + c) * 9 + k];
+  pack_pointwise<T>(sl, w2.data(), sb.data(), stem.data());
+
+  ForwardPlan fp = plan_forward(s, l, ov.tasks);
+  if (ov.cols) fp.cols_per_tile = ov.cols;
+  if (ov.band_rows) fp.rows_per_band = ov.band_rows;
+  if (ov.step_rows) fp.rows_per_step = ov.step_rows;
+  if (ov.chunk) fp.hidden_chunk = ov.chunk;
+  if (ov.splits) fp.n_splits = ov.splits;
+  fp.stem_k = 9 * C;
+  finish_forward_plan(s, l, &fp);
+  std::vector<T> partial(fp.partial_floats);
+  const int64_t Ho = s.out_h(), Wo = s.out_w();
+  Tensor4<T> y = make_tensor<T>(N, cout, Ho, Wo, fmt);
+  // x is poisoned: the kernel must not read it
+  std::vector<T> poison(x.data.size(), std::numeric_limits<T>::quiet_NaN());
+  ForwardArgs<T> fa{s, l, poison.data(), x.st, packed.data(), y.data.data(), y.st, partial.data()};
+  fa.image = img.data.data();
+  fa.is = img.st;
+  fa.image_c = C;
+  fa.image_h = IH;
+  fa.image_w = IW;
+  fa.stem = stem.data();
+  fa.stem_layout = sl;
+  const int64_t items = fp.items(s);
+  for (int t = 0; t < ov.tasks; ++t) {
+    std::vector<T> scratch(fp.scratch_floats);
+    kt.forward(fa, fp, items * t / ov.tasks, items * (t + 1) / ov.tasks, scratch.data());
+  }
+  if (fp.n_splits > 1) reduce_forward_splits<T>(fa, fp, 0, s.batch * Ho);
+  expect_close(label, ref.y, [&](size_t e) {
+    const int64_t j = e % Wo, i = (e / Wo) % Ho, o = (e / (Wo * Ho)) % cout, n = e / (Wo * Ho * cout);
+    return double(y.at(n, o, i, j));
+  }, sizeof(T) == 4 ? 1e-6 : 1e-14);
+}
+
 std::string describe(const Case& c) {
   char buf[128];
   std::snprintf(buf, sizeof buf, "n%lld c%lld h%lldx%lld o%lld t%lld s%d", (long long)c.n,
@@ -532,6 +628,32 @@ int main(int argc, char** argv) {
                              std::string(isa_name(isa)) + " " + dtype + " pointwise " + std::to_string(d[0]) +
                                  "x" + std::to_string(d[1]) + "->" + std::to_string(d[2]) + " act" +
                                  std::to_string(static_cast<int>(act)));
+          }
+        }
+      }
+      // Fused stem + t == 1 block: MobileNetV2's (3 x 224 x 224 -> 32 -> 16), then awkward
+      // sizes (odd image sides, channels not a multiple of the vector width, stride 2)
+      // in every layout and several tilings.
+      if (!threaded_only) {
+        const std::string pre = std::string(isa_name(isa)) + " " + dtype + " stem ";
+        if (!quick) {
+          PlanOverride two;
+          two.tasks = 2;
+          run_stem_case<T>(*kt, 1, 3, 224, 224, 32, 16, 1, Fmt::kNHWC, two, pre + "3x224x224->32->16");
+        }
+        const int64_t sc[][7] = {{2, 3, 9, 7, 5, 3, 1}, {1, 2, 5, 4, 17, 9, 2}, {1, 3, 1, 1, 8, 8, 1},
+                                 {2, 4, 13, 11, 16, 7, 1}};
+        const PlanOverride tilings[] = {{}, {2, 1, 1, 0, 0, 3}, {3, 2, 2, 8, 0, 2}, {0, 0, 0, 8, 0, 3, false, 2}};
+        for (const auto& d : sc) {
+          for (Fmt f : {Fmt::kNCHW, Fmt::kNHWC, Fmt::kPadded}) {
+            int k = 0;
+            for (const PlanOverride& ov : tilings) {
+              run_stem_case<T>(*kt, d[0], d[1], d[2], d[3], d[4], d[5], static_cast<int>(d[6]), f, ov,
+                               pre + std::to_string(d[1]) + "x" + std::to_string(d[2]) + "x" +
+                                   std::to_string(d[3]) + "->" + std::to_string(d[4]) + "->" +
+                                   std::to_string(d[5]) + " s" + std::to_string(d[6]) + " " +
+                                   fmt_name(f) + " tiling" + std::to_string(k++));
+            }
           }
         }
       }
