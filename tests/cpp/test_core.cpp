@@ -228,6 +228,21 @@ struct PlanOverride {
   int64_t bwd_step_rows = 0;  // backward rows per step (0: the planner's)
 };
 
+// The planner's forward plan with the override's forced sizes (and a fused stem's
+// im2col length) applied.
+ForwardPlan forced_forward_plan(const BlockShape& s, const Layout& l, const PlanOverride& ov,
+                                int64_t stem_k) {
+  ForwardPlan fp = plan_forward(s, l, ov.tasks);
+  if (ov.cols) fp.cols_per_tile = ov.cols;
+  if (ov.band_rows) fp.rows_per_band = ov.band_rows;
+  if (ov.step_rows) fp.rows_per_step = ov.step_rows;
+  if (ov.chunk) fp.hidden_chunk = ov.chunk;
+  if (ov.splits) fp.n_splits = ov.splits;
+  fp.stem_k = stem_k;
+  finish_forward_plan(s, l, &fp);
+  return fp;
+}
+
 template <typename T>
 void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverride& ov,
               const std::string& label, bool backward) {
@@ -284,13 +299,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   }
 
   // forward
-  ForwardPlan fp = plan_forward(s, l, ov.tasks);
-  if (ov.cols) fp.cols_per_tile = ov.cols;
-  if (ov.band_rows) fp.rows_per_band = ov.band_rows;
-  if (ov.step_rows) fp.rows_per_step = ov.step_rows;
-  if (ov.chunk) fp.hidden_chunk = ov.chunk;
-  if (ov.splits) fp.n_splits = ov.splits;
-  finish_forward_plan(s, l, &fp);
+  const ForwardPlan fp = forced_forward_plan(s, l, ov, 0);
   std::vector<T> partial(fp.partial_floats);
   Tensor4<T> y = make_tensor<T>(c.n, c.cout, Ho, Wo, fmt);
   ForwardArgs<T> fa{s, l, x.data.data(), x.st, packed.data(), y.data.data(), y.st, partial.data()};
@@ -483,14 +492,7 @@ void run_stem_case(const KernelTable& table, int64_t N, int64_t C, int64_t IH, i
       for (int k = 0; k < 9; ++k) w2[o * 9 * C + k * C + c] = sw[(o * C + c) * 9 + k];
   pack_pointwise<T>(sl, w2.data(), sb.data(), stem.data());
 
-  ForwardPlan fp = plan_forward(s, l, ov.tasks);
-  if (ov.cols) fp.cols_per_tile = ov.cols;
-  if (ov.band_rows) fp.rows_per_band = ov.band_rows;
-  if (ov.step_rows) fp.rows_per_step = ov.step_rows;
-  if (ov.chunk) fp.hidden_chunk = ov.chunk;
-  if (ov.splits) fp.n_splits = ov.splits;
-  fp.stem_k = 9 * C;
-  finish_forward_plan(s, l, &fp);
+  const ForwardPlan fp = forced_forward_plan(s, l, ov, 9 * C);
   std::vector<T> partial(fp.partial_floats);
   const int64_t Ho = s.out_h(), Wo = s.out_w();
   Tensor4<T> y = make_tensor<T>(N, cout, Ho, Wo, fmt);
