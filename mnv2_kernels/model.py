@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, ops
-from ._cache import DerivedCache
+from ._cache import _EPOCH, DerivedCache, _stamp
 from .distributed import sync_process_group
 from .folding import uses_batch_stats
 from .modules import Conv2dNormActivation, FusedInvertedResidual, _is_foldable_norm
@@ -98,6 +98,31 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            plan = self.__dict__.setdefault("_plan", _InferencePlan())
+            y = plan.run(x)
+            if y is not None:
+                return y
+            # taken before the layers read their weights (see DerivedCache): a change made
+            # while they run leaves an outdated stamp, and the plan is rebuilt next call
+            record = plan.start(self, x)
+        else:
+            record = None
+        y = self._forward_layers(x)
+        if record is not None:
+            plan.finish(self, x, record)
+        return y
+
+    def clear_cache(self) -> None:
+        """Drops the inference plan and every layer's cached folded and packed weights
+        (rebuilt on the next inference call)."""
+        self.__dict__.pop("_plan", None)
+        self.__dict__.pop("_classifier_packed", None)
+        for m in self.modules():
+            if m is not self and callable(getattr(type(m), "clear_cache", None)):
+                m.clear_cache()
+
+    def _forward_layers(self, x: Tensor) -> Tensor:
         y = self._stem_and_first_block(x)
         if y is None:
             x = self.features(x)
@@ -113,20 +138,24 @@ class MobileNetV2(nn.Module):
 
     def _classify(self, x: Tensor) -> Tensor:
         """self.classifier(x) on the pooled features."""
-        linear = self._packable_classifier(x)
-        if linear is not None:
-            # CPU inference: the linear layer as the CPU kernel's 1x1 GEMM on packed
-            # weights. At batch 1 it is a matrix-vector product whose 5 MB of weights
-            # come from DRAM in a whole model (they do not stay in L3 between calls);
-            # the packed panels stream sequentially on both threads.
-            packed = self.__dict__.setdefault("_classifier_packed", DerivedCache()).get(
-                x.dtype, [t for t in (linear.weight, linear.bias) if t is not None],
-                lambda: ops.pack_pointwise(linear.weight, linear.bias if linear.bias is not None
-                                           else linear.weight.new_zeros(linear.out_features)))
-            if packed is not None:
-                n, c = x.shape
-                return ops.pointwise_conv(x.view(n, c, 1, 1), packed, linear.out_features).view(n, -1)
+        args = self._classifier_args(x)
+        if args is not None:
+            return _linear_packed(x, *args)
         return self.classifier(x)
+
+    def _classifier_args(self, x: Tensor):
+        """(packed weights, out features) when the classifier can run as the CPU kernel's 1x1
+        GEMM on packed weights, else None. At batch 1 it is a matrix-vector product whose 5 MB
+        of weights come from DRAM in a whole model (they do not stay in L3 between calls);
+        the packed panels stream sequentially on both threads."""
+        linear = self._packable_classifier(x)
+        if linear is None:
+            return None
+        packed = self.__dict__.setdefault("_classifier_packed", DerivedCache()).get(
+            x.dtype, [t for t in (linear.weight, linear.bias) if t is not None],
+            lambda: ops.pack_pointwise(linear.weight, linear.bias if linear.bias is not None
+                                       else linear.weight.new_zeros(linear.out_features)))
+        return None if packed is None else (packed, linear.out_features)
 
     def _stem_and_first_block(self, x: Tensor) -> Optional[Tensor]:
         """features[1](features[0](x)) computed by one CPU operator (ops.stem_block) that
@@ -135,6 +164,11 @@ class MobileNetV2(nn.Module):
         would: CPU inference in float32/float64, torchvision's stem (3x3 stride-2
         convolution, batch norm with running statistics, ReLU6), a first block without
         expansion or residual, no hooks. Else None."""
+        args = self._stem_block_args(x)
+        return None if args is None else ops.stem_block(x, *args)
+
+    def _stem_block_args(self, x: Tensor):
+        """The arguments of ops.stem_block after x when _stem_and_first_block applies, else None."""
         feats = self.features
         if (type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or len(feats) < 2
                 or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()):
@@ -172,8 +206,7 @@ class MobileNetV2(nn.Module):
         packed = block._packed_weights(x, block_state)
         if stem_packed is None or packed is None:
             return None
-        return ops.stem_block(x, stem_packed, packed, conv.out_channels, parts[4].out_channels,
-                              block.stride)
+        return stem_packed, packed, conv.out_channels, parts[4].out_channels, block.stride
 
     def _packable_classifier(self, x: Tensor) -> Optional[nn.Linear]:
         """The classifier's Linear when the packed CPU kernel computes exactly what the
@@ -196,6 +229,122 @@ class MobileNetV2(nn.Module):
         if backends.resolve(x) != "cpu":
             return None
         return linear
+
+
+def _linear_packed(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    n, c = x.shape
+    return ops.pointwise_conv(x.view(n, c, 1, 1), packed, out_features).view(n, -1)
+
+
+class _InferencePlan:
+    """The whole model's CPU inference as a list of packed operators, replayed without
+    the modules in between.
+
+    Every layer of MobileNetV2 already caches its packed weights (DerivedCache), but
+    between two operators each module call still re-derives its decisions in Python:
+    about 25 us per layer inside a model, where the interpreter's own data has been
+    pushed out of the cache by the kernels (0.5 ms of a 6 ms batch-1 inference). After
+    an inference call in which every layer took its packed path (channels_last CPU
+    input, float32/float64, no gradient), the operators and their packed weights are
+    recorded here. A later call replays them when all of this still holds, else the
+    modules run (and the plan is rebuilt):
+      * gradients disabled and not compiling; the input a CPU tensor of the same dtype,
+        channel count and channels_last layout; the same backend setting;
+      * no module in train mode and no forward hook or pre-hook on any submodule, none
+        global (hooks on the model itself run as usual, around forward);
+      * one TensorStamp over every parameter and buffer of the model (object,
+        implementation, version counter, data pointer) and the process-wide registration
+        epoch of DerivedCache: any change of a weight, statistic or submodule.
+    """
+
+    def __init__(self):
+        self.value = None
+        self._modules = (None, None)  # (registration epoch, the model's submodules then)
+
+    def _submodules(self, model: "MobileNetV2"):
+        epoch, modules = self._modules
+        if epoch != _EPOCH[0]:
+            modules = [m for m in model.modules() if m is not model]
+            self._modules = (_EPOCH[0], modules)
+        return modules
+
+    def run(self, x: Tensor) -> Optional[Tensor]:
+        v = self.value
+        if v is None:
+            return None
+        dtype, cin, backend, epoch, stamp, modules, stem, blocks, head, classifier = v
+        if (type(x) is not Tensor or x.dtype is not dtype or not x.is_cpu or x.dim() != 4
+                or x.shape[1] != cin or not x.is_contiguous(memory_format=torch.channels_last)
+                or x.is_contiguous() or backends.get_backend() != backend or _EPOCH[0] != epoch
+                or _global_hooks() or not stamp.valid()):
+            return None
+        for m in modules:
+            if m.training or m._forward_hooks or m._forward_pre_hooks:
+                return None
+        h = ops.stem_block(x, *stem)
+        op = ops.packed_op()
+        for packed, args in blocks:
+            h = op(h, packed, *args)
+        h = ops.pointwise_conv(h, *head)
+        h = torch.flatten(nn.functional.adaptive_avg_pool2d(h, (1, 1)), 1)
+        return _linear_packed(h, *classifier)
+
+    def start(self, model: "MobileNetV2", x: Tensor):
+        """Before a module-by-module inference call: what a plan needs from before it
+        (the epoch and the stamp), or None when x cannot have a plan. (A plan this call
+        cannot use is kept: run() re-checks everything, and finish() replaces it.)"""
+        if (type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64)
+                or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
+                or _global_hooks()):
+            return None
+        epoch = _EPOCH[0]
+        modules = self._submodules(model)
+        if any(m.training or m._forward_hooks or m._forward_pre_hooks for m in modules):
+            return None
+        tensors = [t for m in (model, *modules) for d in (m._parameters, m._buffers) for t in d.values()
+                   if t is not None]
+        try:
+            return epoch, modules, _stamp(tensors)
+        except RuntimeError:
+            return None  # inference-mode or fake tensors: nothing to stamp (as DerivedCache)
+
+    def finish(self, model: "MobileNetV2", x: Tensor, record) -> None:
+        """After that call: records the plan when every layer took its packed path."""
+        epoch, modules, stamp = record
+        feats = model.features
+        if len(feats) < 4:
+            return
+        stem = model._stem_block_args(x)
+        if stem is None:
+            return
+        backend = backends.get_backend()
+        blocks = []
+        for i in range(2, len(feats) - 1):
+            block = feats[i]
+            fast = block.__dict__.get("_fast") if type(block) is FusedInvertedResidual else None
+            if fast is None or fast[0] is not x.dtype or fast[2] != backend:
+                return
+            packed = block.__dict__["_packed_cache"].peek(x.dtype)
+            if packed is None:
+                return
+            blocks.append((packed, fast[4]))
+        head = feats[len(feats) - 1]
+        if (type(head) is not Conv2dNormActivation or sync_process_group(head._modules.get("1")) is not None
+                or not head._foldable()):
+            return
+        head_args = head._pointwise_args(x, head._state())
+        # (the pooled features: one row per image, the head's channels)
+        classifier = model._classifier_args(x.new_empty((1, head._modules["0"].out_channels)))
+        if head_args is None or classifier is None:
+            return
+        self.value = (x.dtype, x.shape[1], backend, epoch, stamp, modules, stem, blocks, head_args,
+                      classifier)
+
+    def __deepcopy__(self, memo):
+        return _InferencePlan()  # a copy has its own tensors
+
+    def __getstate__(self):
+        return {"value": None}
 
 
 def mobilenet_v2(

@@ -71,24 +71,18 @@ class Conv2dNormActivation(nn.Sequential):
             # (nn.SyncBatchNorm itself refuses CPU tensors)
             y = sync_batch_norm(conv(x), norm, group)
             return y if act is None else act(y)
-        if (len(m) > 3 or not isinstance(conv, nn.Conv2d) or norm is None or not _is_foldable_norm(norm)
-                or uses_batch_stats(norm) or (act is not None and type(act) not in (nn.ReLU, nn.ReLU6))
-                or torch.compiler.is_compiling()):
+        if not self._foldable():
             return super().forward(x)
         fmt = torch.channels_last if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                                       and not x.is_contiguous()) else torch.contiguous_format
-        state = [t for mod in (conv, norm) for t in (*mod._parameters.values(), *mod._buffers.values())
-                 if t is not None]
+        state = self._state()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in state))
         fold = lambda: self._fold(conv, norm, fmt)  # noqa: E731
-        pointwise = (fmt == torch.channels_last and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                     and conv.padding == (0, 0) and conv.groups == 1)
-        if pointwise and not needs_grad and x.device.type == "cpu" and backends.resolve(x) == "cpu":
-            # the CPU kernel's 1x1 GEMM on packed weights, bias and activation in its epilogue
-            packed = self.__dict__.setdefault("_packed", DerivedCache()).get(
-                x.dtype, state, lambda: self._pack_pointwise(conv, norm))
+        pointwise = fmt == torch.channels_last and self._is_pointwise(conv)
+        if pointwise and not needs_grad:
+            packed = self._pointwise_args(x, state)
             if packed is not None:
-                return ops.pointwise_conv(x, packed, conv.out_channels, _ACTIVATION_NAMES[type(act)])
+                return ops.pointwise_conv(x, *packed)
         folded = None if needs_grad else self.__dict__.setdefault("_folded", DerivedCache()).get(
             (x.dtype, fmt), state, fold)
         w, b = folded if folded is not None else fold()
@@ -103,6 +97,42 @@ class Conv2dNormActivation(nn.Sequential):
         if needs_grad:
             return nn.functional.relu6(y) if type(act) is nn.ReLU6 else nn.functional.relu(y)
         return y.clamp_(0, 6) if type(act) is nn.ReLU6 else y.clamp_(min=0)
+
+    def _foldable(self) -> bool:
+        """conv -> batch norm with running statistics (folded) -> ReLU/ReLU6 or nothing,
+        outside torch.compile: the layouts forward handles itself."""
+        m = self._modules
+        conv, norm, act = m.get("0"), m.get("1"), m.get("2")
+        return not (len(m) > 3 or not isinstance(conv, nn.Conv2d) or norm is None
+                    or not _is_foldable_norm(norm) or uses_batch_stats(norm)
+                    or (act is not None and type(act) not in (nn.ReLU, nn.ReLU6))
+                    or torch.compiler.is_compiling())
+
+    def _state(self) -> List[Tensor]:
+        return [t for mod in (self._modules["0"], self._modules["1"])
+                for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None]
+
+    @staticmethod
+    def _is_pointwise(conv) -> bool:
+        return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+                and conv.groups == 1)
+
+    def _pointwise_args(self, x: Tensor, state):
+        """For a foldable 1x1 layer on a CPU input that needs no gradient: (packed weights,
+        cout, activation name) for the CPU kernel's 1x1 GEMM (bias and activation in its
+        epilogue), the weights cached until a source changes. None when the CPU kernel does
+        not run x or the weights cannot be cached (inference-mode tensors)."""
+        conv, norm, act = self._modules["0"], self._modules["1"], self._modules.get("2")
+        if not (self._is_pointwise(conv) and x.device.type == "cpu" and backends.resolve(x) == "cpu"):
+            return None
+        packed = self.__dict__.setdefault("_packed", DerivedCache()).get(
+            x.dtype, state, lambda: self._pack_pointwise(conv, norm))
+        return None if packed is None else (packed, conv.out_channels, _ACTIVATION_NAMES[type(act)])
+
+    def clear_cache(self) -> None:
+        """Drops the cached folded and packed weights (rebuilt on the next inference call)."""
+        for key in ("_packed", "_folded", "_stem_packed"):
+            self.__dict__.pop(key, None)
 
     @staticmethod
     def _fold(conv, norm, fmt):

@@ -221,3 +221,82 @@ def test_five_sgd_steps_match_torchvision(cpu_backend):
             assert (value - ref[key]).norm() <= 1e-6 * ref[key].norm() + 1e-12, key
         else:
             assert torch.equal(value, ref[key]), key  # num_batches_tracked
+
+
+def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
+    """After an inference call in which every layer took its packed CPU path, the model
+    replays the packed operators without the modules (_InferencePlan); each kind of
+    change must reach the output, and anything the plan cannot honour (hooks, train
+    mode, another backend, dtype or layout, gradients) runs the modules."""
+    from mnv2_kernels.modules import FusedInvertedResidual
+    torch.manual_seed(3)
+    tv = torchvision.models.mobilenet_v2(width_mult=0.5)
+    randomize_bn(tv)
+    ours = mnv2_kernels.mobilenet_v2(width_mult=0.5)
+    ours.load_state_dict(tv.state_dict())
+    cl = torch.channels_last
+    tv.eval().to(memory_format=cl)
+    ours.eval().to(memory_format=cl)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=cl)
+    module_calls = []
+    real_forward = FusedInvertedResidual.forward
+    monkeypatch.setattr(FusedInvertedResidual, "forward",
+                        lambda self, h: module_calls.append(1) or real_forward(self, h))
+
+    def check(replayed, grad=False):
+        module_calls.clear()
+        with torch.set_grad_enabled(grad):
+            assert rel_err(ours(x), tv(x)) <= FP32_RTOL
+        assert (not module_calls) == replayed
+
+    check(False)  # builds the plan
+    assert ours._plan.value is not None
+    check(True)
+    check(True)
+    with torch.no_grad():
+        for m in (tv, ours):  # in place (version counter): a weight, a running statistic, the classifier
+            m.features[5].conv[1][0].weight.mul_(1.25)
+            m.features[9].conv[0][1].running_var.mul_(1.5)
+            m.classifier[1].bias.add_(0.5)
+    check(False)
+    check(True)
+    new = torch.randn_like(tv.features[12].conv[2].weight)
+    for m in (tv, ours):  # `p.data = ...` leaves the version counter alone
+        m.features[12].conv[2].weight.data = new.clone()
+    check(False)
+    for m in (tv, ours):  # a replaced submodule
+        m.features[7] = copy.deepcopy(tv.features[7]) if m is tv else \
+            mnv2_kernels.FusedInvertedResidual.from_torchvision(copy.deepcopy(tv.features[7])).to(memory_format=cl)
+    check(False)
+    check(True)
+    for m in (tv, ours):  # one batch norm in train mode: batch statistics, running stats updated
+        m.features[3].conv[0][1].train()
+    check(False)
+    for m in (tv, ours):
+        m.features[3].conv[0][1].eval()
+    check(False)
+    check(True)
+    hooked = []
+    handle = ours.features[10].register_forward_hook(lambda *a: hooked.append(1))
+    check(False)
+    assert hooked
+    handle.remove()
+    check(True)  # (a plan a call could not use is kept)
+    with mnv2_kernels.use_backend("reference"):
+        check(False)
+    check(True)
+    check(False, grad=True)  # gradients: the modules (autograd)
+    x = x.contiguous()  # NCHW: no plan (the per-layer paths)
+    check(False)
+    check(False)
+    x = x.contiguous(memory_format=cl).double()
+    for m in (tv, ours):
+        m.double()
+    check(False)
+    check(True)
+    for m in (tv, ours):  # eps is a plain attribute: seen after clear_cache()
+        m.features[6].conv[1][1].eps = 0.5
+    ours.clear_cache()
+    assert "_plan" not in ours.__dict__ and "_packed_cache" not in ours.features[6].__dict__
+    check(False)
+    check(True)
