@@ -6,6 +6,7 @@ Writes under bench/results/<machine>/:
     benchmark.json   pytest-benchmark's raw results
     benchmark.md     ratios of the fused block to torchvision, torch.compile, ONNX Runtime and
                      OpenVINO from the same run, GFLOP/s and the fraction of the measured FMA peak
+    model_paired.md  the whole model against its peers in interleaved rounds (python -m bench.paired_model)
     profile_b1.md    the whole model at batch 1 layer by layer (python -m bench.profile_model)
     memory.md/.json  the memory report (python -m mnv2_kernels.memory_report)
 """
@@ -178,7 +179,13 @@ def main(argv=None):
     print(summary)
     print(f"written to {os.path.relpath(out, ROOT)}/benchmark.md and benchmark.json")
     if not args.quick:
-        # where the whole model's batch-1 time goes, layer by layer, alone and in model order
+        # the whole model against its peers in interleaved rounds (robust to load that comes
+        # and goes), then where its batch-1 time goes, layer by layer
+        paired = subprocess.run([sys.executable, "-m", "bench.paired_model"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+        with open(os.path.join(out, "model_paired.md"), "w") as f:
+            f.write(paired)
+        print(paired)
         profile = subprocess.run([sys.executable, "-m", "bench.profile_model", "--batch", "1"], cwd=ROOT,
                                  check=True, capture_output=True, text=True).stdout
         with open(os.path.join(out, "profile_b1.md"), "w") as f:

@@ -170,9 +170,10 @@ class MobileNetV2(nn.Module):
     def _stem_block_args(self, x: Tensor):
         """The arguments of ops.stem_block after x when _stem_and_first_block applies, else None."""
         feats = self.features
-        if (type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or len(feats) < 2
-                or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()):
-            return None
+        if (type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or type(feats) is not nn.Sequential
+                or len(feats) < 2 or x.dtype not in (torch.float32, torch.float64)
+                or torch.compiler.is_compiling()):
+            return None  # (a Sequential subclass may run its layers its own way)
         stem, block = feats[0], feats[1]
         if type(stem) is not Conv2dNormActivation or type(block) is not FusedInvertedResidual:
             return None
