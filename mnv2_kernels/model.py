@@ -260,13 +260,13 @@ class _InferencePlan:
 
     def __init__(self):
         self.value = None
-        self._modules = (None, None)  # (registration epoch, the model's submodules then)
+        self._submodule_list = (None, None)  # (registration epoch, the model's submodules then)
 
     def _submodules(self, model: "MobileNetV2"):
-        epoch, modules = self._modules
+        epoch, modules = self._submodule_list
         if epoch != _EPOCH[0]:
             modules = [m for m in model.modules() if m is not model]
-            self._modules = (_EPOCH[0], modules)
+            self._submodule_list = (_EPOCH[0], modules)
         return modules
 
     def run(self, x: Tensor) -> Optional[Tensor]:
@@ -345,7 +345,10 @@ class _InferencePlan:
         return _InferencePlan()  # a copy has its own tensors
 
     def __getstate__(self):
-        return {"value": None}
+        return {}  # (a stamp does not pickle; the copy builds its own plan)
+
+    def __setstate__(self, state):
+        self.__init__()
 
 
 def mobilenet_v2(

@@ -3,6 +3,7 @@ architecture and state_dict and gives its logits; convert_model(torchvision
 model) gives the same logits and gradients as the model it converts."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -294,6 +295,15 @@ def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
         m.double()
     check(False)
     check(True)
+    # a pickled (torch.save) or deep-copied model builds its own plan
+    for clone in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        module_calls.clear()
+        with torch.no_grad():
+            assert rel_err(clone(x), tv(x)) <= FP32_RTOL
+            assert module_calls
+            module_calls.clear()
+            assert rel_err(clone(x), tv(x)) <= FP32_RTOL
+            assert not module_calls
     for m in (tv, ours):  # eps is a plain attribute: seen after clear_cache()
         m.features[6].conv[1][1].eps = 0.5
     ours.clear_cache()
