@@ -98,6 +98,15 @@ class DerivedCache:
         return {"_entry": None}
 
 
+def cache_of(owner, name: str) -> DerivedCache:
+    """owner.__dict__[name], a DerivedCache made on first use (not built on every call,
+    as ``__dict__.setdefault(name, DerivedCache())`` would)."""
+    cache = owner.__dict__.get(name)
+    if cache is None:
+        cache = owner.__dict__[name] = DerivedCache()
+    return cache
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake  # (imported by torch already)
 

@@ -9,17 +9,15 @@ from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from . import backends, ops
-from ._cache import _EPOCH, DerivedCache, _stamp
-from .distributed import sync_process_group
+from ._cache import _EPOCH, _stamp, cache_of
 from .folding import uses_batch_stats
-from .modules import Conv2dNormActivation, FusedInvertedResidual, _is_foldable_norm
+from .modules import Conv2dNormActivation, FusedInvertedResidual
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as _module
-
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 # t (expansion), c (output channels), n (repeats), s (first stride)
@@ -99,7 +97,9 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            plan = self.__dict__.setdefault("_plan", _InferencePlan())
+            plan = self.__dict__.get("_plan")
+            if plan is None:
+                plan = self.__dict__["_plan"] = _InferencePlan()
             y = plan.run(x)
             if y is not None:
                 return y
@@ -151,7 +151,7 @@ class MobileNetV2(nn.Module):
         linear = self._packable_classifier(x)
         if linear is None:
             return None
-        packed = self.__dict__.setdefault("_classifier_packed", DerivedCache()).get(
+        packed = cache_of(self, "_classifier_packed").get(
             x.dtype, [t for t in (linear.weight, linear.bias) if t is not None],
             lambda: ops.pack_pointwise(linear.weight, linear.bias if linear.bias is not None
                                        else linear.weight.new_zeros(linear.out_features)))
@@ -178,31 +178,30 @@ class MobileNetV2(nn.Module):
         if type(stem) is not Conv2dNormActivation or type(block) is not FusedInvertedResidual:
             return None
         m = stem._modules
-        if len(m) != 3:
+        # (a batch norm in train mode, synchronised or not, is not foldable)
+        if len(m) != 3 or not stem._foldable():
             return None
         conv, norm, act = m["0"], m["1"], m["2"]
         if (type(conv) is not nn.Conv2d or conv.kernel_size != (3, 3) or conv.stride != (2, 2)
                 or conv.padding != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
                 or conv.padding_mode != "zeros" or conv.in_channels != x.shape[1]
-                or conv.weight.dtype != x.dtype or not conv.weight.is_cpu or type(act) is not nn.ReLU6
-                or not _is_foldable_norm(norm) or uses_batch_stats(norm) or sync_process_group(norm) is not None):
+                or conv.weight.dtype != x.dtype or not conv.weight.is_cpu or type(act) is not nn.ReLU6):
             return None
         parts = block._parts()
         if (parts[0] is not None or block.use_res_connect or parts[2].in_channels != conv.out_channels
-                or any(uses_batch_stats(n) or sync_process_group(n) is not None for n in parts[1::2])):
+                or any(uses_batch_stats(n) for n in parts[1::2])):
             return None
         if (any(mod._forward_hooks or mod._forward_pre_hooks for mod in (feats, stem, block))
                 or _global_hooks()):
             return None
-        stem_state = [t for mod in (conv, norm) for t in (*mod._parameters.values(), *mod._buffers.values())
-                      if t is not None]
+        stem_state = stem._state()
         block_state = block._state(parts)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in stem_state)
                                         or any(t.requires_grad for t in block_state)):
             return None
         if backends.resolve(x) != "cpu":
             return None
-        stem_packed = stem.__dict__.setdefault("_stem_packed", DerivedCache()).get(
+        stem_packed = cache_of(stem, "_stem_packed").get(
             x.dtype, stem_state, lambda: ops.pack_stem(*stem._fold(conv, norm, torch.contiguous_format)))
         packed = block._packed_weights(x, block_state)
         if stem_packed is None or packed is None:
@@ -330,8 +329,7 @@ class _InferencePlan:
                 return
             blocks.append((packed, fast[4]))
         head = feats[len(feats) - 1]
-        if (type(head) is not Conv2dNormActivation or sync_process_group(head._modules.get("1")) is not None
-                or not head._foldable()):
+        if type(head) is not Conv2dNormActivation or not head._foldable():
             return
         head_args = head._pointwise_args(x, head._state())
         # (the pooled features: one row per image, the head's channels)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, ops
-from ._cache import DerivedCache
+from ._cache import cache_of
 from .distributed import (
     all_reduce_moments,
     check_global_count,
@@ -83,7 +83,7 @@ class Conv2dNormActivation(nn.Sequential):
             packed = self._pointwise_args(x, state)
             if packed is not None:
                 return ops.pointwise_conv(x, *packed)
-        folded = None if needs_grad else self.__dict__.setdefault("_folded", DerivedCache()).get(
+        folded = None if needs_grad else cache_of(self, "_folded").get(
             (x.dtype, fmt), state, fold)
         w, b = folded if folded is not None else fold()
         if pointwise:
@@ -125,7 +125,7 @@ class Conv2dNormActivation(nn.Sequential):
         conv, norm, act = self._modules["0"], self._modules["1"], self._modules.get("2")
         if not (self._is_pointwise(conv) and x.device.type == "cpu" and backends.resolve(x) == "cpu"):
             return None
-        packed = self.__dict__.setdefault("_packed", DerivedCache()).get(
+        packed = cache_of(self, "_packed").get(
             x.dtype, state, lambda: self._pack_pointwise(conv, norm))
         return None if packed is None else (packed, conv.out_channels, _ACTIVATION_NAMES[type(act)])
 
@@ -312,7 +312,7 @@ class FusedInvertedResidual(nn.Module):
                                                       args)
                         return ops.packed_op()(x, packed, *args)
                 else:
-                    cache = self.__dict__.setdefault("_folded_cache", DerivedCache())
+                    cache = cache_of(self, "_folded_cache")
                     weights = cache.get(x.dtype, state, self.folded_weights)
         if weights is None:
             weights = self.folded_weights()
@@ -352,7 +352,7 @@ class FusedInvertedResidual(nn.Module):
     def _packed_weights(self, x: Tensor, tensors) -> Optional[Tensor]:
         """Folded and packed weights for the CPU kernel, cached on the module until a
         parameter or buffer changes (None for tensors made under inference_mode)."""
-        cache = self.__dict__.setdefault("_packed_cache", DerivedCache())
+        cache = cache_of(self, "_packed_cache")
         return cache.get(x.dtype, tensors, lambda: torch.ops.mnv2.pack_weights.default(*self.folded_weights()))
 
     def clear_cache(self) -> None:

@@ -271,14 +271,7 @@ struct Window {
                dst + (i - lo) * row_floats(), hc, bias, kRelu6);
         }
       }
-      // Padded channels must be exactly zero: with an infinite input, the
-      // GEMM would leave inf * 0 = NaN there and the project would spread it.
-      const int64_t valid = s.hidden - h0;
-      if (valid < hc) {
-        for (int64_t p = 0; p < rows * nvalid; ++p) {
-          std::memset(dst + p * hc + valid, 0, sizeof(T) * (hc - valid));
-        }
-      }
+      zero_padded_channels(dst, rows * nvalid);
     } else if (a->stem != nullptr) {
       for (int64_t i = lo; i <= hi; ++i) stem_row(i, dst + (i - lo) * row_floats());
     } else {
@@ -336,11 +329,16 @@ struct Window {
     }
     gemm(nvalid, hc, K, cols, K, 1, a->stem + sl.w + h0 * K, VL, K * VL, dst, hc,
          a->stem + sl.b + h0, kRelu6);
-    // padded channels exactly zero (an infinite pixel would leave inf * 0 = NaN there)
-    const int64_t valid = a->shape.cin - h0;
-    if (valid < hc) {
-      for (int64_t p = 0; p < nvalid; ++p) std::memset(dst + p * hc + valid, 0, sizeof(T) * (hc - valid));
-    }
+    zero_padded_channels(dst, nvalid);
+  }
+
+  // After a GEMM into `pixels` rows of the window: the padded channels (past
+  // s.hidden, which is s.cin when t == 1) must be exactly zero. With an infinite
+  // input the GEMM leaves inf * 0 = NaN there, and the project would spread it.
+  void zero_padded_channels(T* dst, int64_t pixels) const {
+    const int64_t valid = a->shape.hidden - h0;
+    if (valid >= hc) return;
+    for (int64_t p = 0; p < pixels; ++p) std::memset(dst + p * hc + valid, 0, sizeof(T) * (hc - valid));
   }
 };
 
