@@ -82,11 +82,35 @@ def profile(batch: int, repeats: int):
         # what the model runs instead of the first two rows: one operator (ops.stem_block)
         stem_block = best_time(lambda: fused._stem_and_first_block(x), repeats)
         two = best_time(lambda: tv.features[1](tv.features[0](x)), repeats)
-        rows.append(("stem + block01, fused (the model's path)", tuple(x.shape[1:]), stem_block, None,
-                     two, None))
+        rows.append((STEM_ROW, tuple(x.shape[1:]), stem_block, None, two, None))
+        # and instead of the last two: the head with the pooling, then the classifier
+        h_head = fused.features[:-1](x)
+        head_pool, classify = _head_steps(fused, h_head)
+        pooled = head_pool(h_head)
+        rows.append((HEAD_ROW, tuple(h_head.shape[1:]), best_time(lambda: head_pool(h_head), repeats),
+                     None, best_time(lambda: torch.flatten(torch.nn.functional.adaptive_avg_pool2d(
+                         tv.features[-1](h_head), 1), 1), repeats), None))
+        rows.append((CLASSIFIER_ROW, tuple(pooled.shape[1:]), best_time(lambda: classify(pooled), repeats),
+                     None, best_time(lambda: tv.classifier(pooled), repeats), None))
         in_model = in_model_times(fused, x, max(20, repeats // 4))
     rows = [r + (in_model.get(r[0]),) for r in rows]
     return rows, total_fused, total_tv
+
+
+STEM_ROW = "stem + block01, fused (the model's path)"
+HEAD_ROW = "head conv + pool, fused (the model's path)"
+CLASSIFIER_ROW = "classifier (the model's path)"
+
+
+def _head_steps(fused, h):
+    """The model's last two steps on the head's input h, as its inference plan runs them:
+    the head conv with the average pooling in one operator, then the classifier."""
+    from mnv2_kernels.model import _linear_packed
+
+    head = fused.features[-1]
+    packed, cout, act = head._pointwise_args(h, head._state())
+    classifier = fused._classifier_args(h.new_empty((1, cout)))
+    return (lambda t: ops.pointwise_conv_mean(t, packed, cout, act)), (lambda t: _linear_packed(t, *classifier))
 
 
 def in_model_times(fused, x, passes: int):
@@ -95,11 +119,10 @@ def in_model_times(fused, x, passes: int):
     import statistics
 
     feats = list(fused.features)
-    steps = [("stem + block01, fused (the model's path)", fused._stem_and_first_block)]
+    head_pool, classify = _head_steps(fused, fused.features[:-1](x))
+    steps = [(STEM_ROW, fused._stem_and_first_block)]
     steps += [(f"block{i:02d}", feats[i]) for i in range(2, len(feats) - 1)]
-    steps += [("head conv 1x1", feats[-1]),
-              ("pool + classifier",
-               lambda h: fused._classify(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)))]
+    steps += [(HEAD_ROW, head_pool), (CLASSIFIER_ROW, classify)]
     times = {name: [] for name, _ in steps}
     for p in range(passes + 2):
         h = x
@@ -112,17 +135,21 @@ def in_model_times(fused, x, passes: int):
 
 
 def to_markdown(rows, total_fused, total_tv, batch: int) -> str:
-    # the layers the model runs: the fused stem + block01 replaces the first two rows
-    model_rows = rows[2:]
+    # the layers the model runs: the fused stem + block01 replaces the first two rows, the
+    # fused head + pool and the classifier the last two module rows
+    model_rows = [r for r in rows if (r[0].startswith("block") and r[0] != "block01")
+                  or r[0] in (STEM_ROW, HEAD_ROW, CLASSIFIER_ROW)]
     summed = sum(r[2] for r in model_rows)
+    by_name = {r[0]: r for r in rows}
     lines = [
         f"## Whole model, batch {batch}: where the time goes (fused model {total_fused * 1e3:.2f} ms, "
         f"torchvision channels_last {total_tv * 1e3:.2f} ms)",
         "",
         "Each layer timed alone on its real input (best of 7 rounds). *op only*: the packed operator "
         "called directly; module - op is the Python module's per-call cost. The model runs the stem "
-        "and block01 as one operator (last row); the shares and the sum count that row instead of "
-        "the first two.",
+        "and block01 as one operator, and the head conv with the pooling as another, then the "
+        "classifier (the last three rows); the shares and the sums count those rows instead of the "
+        "module rows they replace. (The whole model runs as one C++ call: no Python between layers.)",
         "",
         "*in model*: the median time of the layer timed in model order inside whole passes, where "
         "its weights and input come from wherever the layers before it left them (L3 or DRAM) "
@@ -132,11 +159,16 @@ def to_markdown(rows, total_fused, total_tv, batch: int) -> str:
         "torchvision-cl ms | fused / tv | in model ms | in model / alone |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    names_in = {r[0] for r in model_rows}
+
+    def r_in(name):
+        return name in names_in
+
     for name, shape, f, op, t, flops, inm in rows:
         lines.append(
             f"| {name} | {'x'.join(map(str, shape))} | {f * 1e3:.3f} | "
             + (f"{op * 1e3:.3f} | {(f - op) * 1e6:.1f}" if op is not None else " | ")
-            + f" | {100 * f / summed:.1f}% | " + (f"{flops / f / 1e9:.1f}" if flops else "")
+            + (f" | {100 * f / summed:.1f}% | " if r_in(name) else " | | ") + (f"{flops / f / 1e9:.1f}" if flops else "")
             + f" | {t * 1e3:.3f} | {f / t:.2f} | "
             + (f"{inm * 1e3:.3f} | {inm / f:.2f} |" if inm is not None else " | |"))
     blocks = [r for r in model_rows if r[3] is not None]
@@ -145,8 +177,9 @@ def to_markdown(rows, total_fused, total_tv, batch: int) -> str:
         "",
         f"Sum of the layers the model runs: {summed * 1e3:.2f} ms; blocks 2-17 "
         f"{sum(r[2] for r in blocks) * 1e3:.2f} ms, of which Python module overhead {overhead * 1e3:.3f} ms; "
-        f"stem + block01 fused {rows[-1][2] * 1e3:.3f} ms (apart: {(rows[0][2] + rows[1][2]) * 1e3:.3f} ms); "
-        f"head conv + pool + classifier {sum(r[2] for r in rows[-3:-1]) * 1e3:.3f} ms.",
+        f"stem + block01 fused {by_name[STEM_ROW][2] * 1e3:.3f} ms (apart: {(rows[0][2] + rows[1][2]) * 1e3:.3f} ms); "
+        f"head conv + pool fused + classifier {(by_name[HEAD_ROW][2] + by_name[CLASSIFIER_ROW][2]) * 1e3:.3f} ms "
+        f"(module by module: {(by_name['head conv 1x1'][2] + by_name['pool + classifier'][2]) * 1e3:.3f} ms).",
         f"Timed inside the model the same layers sum to {sum(r[6] for r in model_rows) * 1e3:.2f} ms "
         "(medians).",
         "",

@@ -55,6 +55,21 @@ TORCH_LIBRARY(mnv2, m) {
       "stem_block_packed(Tensor image, Tensor stem_packed, Tensor packed, int channels, int cout, "
       "int stride) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // The head and global average pooling in one pass, for inference with cached
+  // weights: (N, cout) = mean over (H, W) of act(conv1x1(x) + bias), weights from
+  // pack_pointwise, x channels_last. The head's output is never stored. No autograd.
+  m.def("pointwise_conv_mean_packed(Tensor x, Tensor packed, int cout, int activation) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // MobileNetV2's whole inference on packed weights in one call: stem_block_packed
+  // (first_args: channels, cout, stride), then fused_inverted_residual_packed per block
+  // (block_args: hidden, cout, has_expand, stride, residual for each), then
+  // pointwise_conv_mean_packed (head_args: cout, activation), then the classifier as
+  // pointwise_conv_packed on the pooled rows -> (N, classes). No autograd.
+  m.def(
+      "mobilenet_v2_packed(Tensor image, Tensor stem_packed, Tensor first_packed, int[] first_args, "
+      "Tensor[] blocks, int[] block_args, Tensor head_packed, int[] head_args, "
+      "Tensor classifier_packed, int classes) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   // Batch statistics for train-mode batch norm without the hidden tensor in
   // autograd: each op saves only its inputs and recomputes in its backward.
   // Per-channel mean and biased covariance of x over (N, H, W): bn1's statistics
@@ -86,6 +101,8 @@ TORCH_LIBRARY_IMPL(mnv2, Autograd, m) {
   m.impl("pack_pointwise", torch::autograd::autogradNotImplementedFallback());
   m.impl("pointwise_conv_packed", torch::autograd::autogradNotImplementedFallback());
   m.impl("stem_block_packed", torch::autograd::autogradNotImplementedFallback());
+  m.impl("pointwise_conv_mean_packed", torch::autograd::autogradNotImplementedFallback());
+  m.impl("mobilenet_v2_packed", torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace mnv2 {
@@ -178,6 +195,43 @@ class TensorStamp {
   std::vector<Entry> entries_;
 };
 
+// Whether every module of a list is in eval mode without forward hooks or pre-hooks,
+// read from each module's __dict__ (where nn.Module keeps `training` and its hook
+// dicts) in one C++ loop: the whole-model inference plan checks ~200 modules on
+// every call, 0.25 ms as a Python loop over attributes the kernels have evicted
+// from the cache.
+class ModulesIdle {
+ public:
+  explicit ModulesIdle(const pybind11::sequence& modules)
+      : training_("training"), hooks_("_forward_hooks"), pre_hooks_("_forward_pre_hooks") {
+    for (const pybind11::handle h : modules) modules_.push_back(pybind11::reinterpret_borrow<pybind11::object>(h));
+  }
+
+  bool operator()() const {
+    for (const pybind11::object& m : modules_) {
+      PyObject* d = PyObject_GenericGetDict(m.ptr(), nullptr);
+      if (d == nullptr) throw pybind11::error_already_set();
+      const bool idle = idle_dict(d);
+      Py_DECREF(d);
+      if (!idle) return false;
+    }
+    return true;
+  }
+
+ private:
+  bool idle_dict(PyObject* d) const {
+    if (!PyDict_Check(d) || PyDict_GetItemWithError(d, training_.ptr()) != Py_False) return false;
+    for (const pybind11::str* key : {&hooks_, &pre_hooks_}) {
+      PyObject* hooks = PyDict_GetItemWithError(d, key->ptr());
+      if (hooks == nullptr || !PyDict_Check(hooks) || PyDict_Size(hooks) != 0) return false;
+    }
+    return true;
+  }
+
+  pybind11::str training_, hooks_, pre_hooks_;
+  std::vector<pybind11::object> modules_;
+};
+
 int64_t pointwise_packed_numel(int64_t cin, int64_t cout, bool is_double) {
   const mnv2::KernelTable& k = mnv2::active_kernels();
   return mnv2::make_pointwise_layout(cin, cout, is_double ? k.f64.vl : k.f32.vl).total;
@@ -199,6 +253,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 "Stamp of tensors a cached value was derived from (see _cache.py).")
       .def(pybind11::init<const pybind11::sequence&>())
       .def("valid", &TensorStamp::valid);
+  pybind11::class_<ModulesIdle>(m, "ModulesIdle",
+                                "Callable: whether every module given is in eval mode with no "
+                                "forward hook or pre-hook (read from each __dict__).")
+      .def(pybind11::init<const pybind11::sequence&>())
+      .def("__call__", &ModulesIdle::operator());
   m.def("pointwise_packed_numel", &pointwise_packed_numel,
         "Elements of mnv2::pack_pointwise's result on this machine's CPU kernel.");
 }

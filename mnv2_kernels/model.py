@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from . import backends, ops
+from . import _extension, backends, ops
 from ._cache import _EPOCH, _stamp, cache_of
 from .folding import uses_batch_stats
 from .modules import Conv2dNormActivation, FusedInvertedResidual
@@ -236,17 +236,22 @@ def _linear_packed(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     return ops.pointwise_conv(x.view(n, c, 1, 1), packed, out_features).view(n, -1)
 
 
+_MODEL_OP = torch.ops.mnv2.mobilenet_v2_packed.default if _extension.LOADED else None
+
+
 class _InferencePlan:
-    """The whole model's CPU inference as a list of packed operators, replayed without
-    the modules in between.
+    """The whole model's CPU inference as one operator call (mnv2::mobilenet_v2_packed)
+    on the layers' packed weights, without the modules in between.
 
     Every layer of MobileNetV2 already caches its packed weights (DerivedCache), but
     between two operators each module call still re-derives its decisions in Python:
     about 25 us per layer inside a model, where the interpreter's own data has been
-    pushed out of the cache by the kernels (0.5 ms of a 6 ms batch-1 inference). After
-    an inference call in which every layer took its packed path (channels_last CPU
-    input, float32/float64, no gradient), the operators and their packed weights are
-    recorded here. A later call replays them when all of this still holds, else the
+    pushed out of the cache by the kernels (0.5 ms of a 6 ms batch-1 inference), and
+    even a bare replay of the ~20 operators from Python costs each a dispatcher call.
+    After an inference call in which every layer took its packed path (channels_last
+    CPU input, float32/float64, no gradient), the packed weights and every layer's
+    arguments are recorded here, and a later call runs them in one C++ call (which also
+    fuses the head with the average pooling) when all of this still holds, else the
     modules run (and the plan is rebuilt):
       * gradients disabled and not compiling; the input a CPU tensor of the same dtype,
         channel count and channels_last layout; the same backend setting;
@@ -272,22 +277,13 @@ class _InferencePlan:
         v = self.value
         if v is None:
             return None
-        dtype, cin, backend, epoch, stamp, modules, stem, blocks, head, classifier = v
+        dtype, cin, backend, epoch, stamp, idle, args = v
         if (type(x) is not Tensor or x.dtype is not dtype or not x.is_cpu or x.dim() != 4
                 or x.shape[1] != cin or not x.is_contiguous(memory_format=torch.channels_last)
                 or x.is_contiguous() or backends.get_backend() != backend or _EPOCH[0] != epoch
-                or _global_hooks() or not stamp.valid()):
+                or _global_hooks() or not stamp.valid() or not idle()):
             return None
-        for m in modules:
-            if m.training or m._forward_hooks or m._forward_pre_hooks:
-                return None
-        h = ops.stem_block(x, *stem)
-        op = ops.packed_op()
-        for packed, args in blocks:
-            h = op(h, packed, *args)
-        h = ops.pointwise_conv(h, *head)
-        h = torch.flatten(nn.functional.adaptive_avg_pool2d(h, (1, 1)), 1)
-        return _linear_packed(h, *classifier)
+        return _MODEL_OP(x, *args)
 
     def start(self, model: "MobileNetV2", x: Tensor):
         """Before a module-by-module inference call: what a plan needs from before it
@@ -312,7 +308,7 @@ class _InferencePlan:
         """After that call: records the plan when every layer took its packed path."""
         epoch, modules, stamp = record
         feats = model.features
-        if len(feats) < 4:
+        if len(feats) < 4 or _MODEL_OP is None:
             return
         stem = model._stem_block_args(x)
         if stem is None:
@@ -336,8 +332,14 @@ class _InferencePlan:
         classifier = model._classifier_args(x.new_empty((1, head._modules["0"].out_channels)))
         if head_args is None or classifier is None:
             return
-        self.value = (x.dtype, x.shape[1], backend, epoch, stamp, modules, stem, blocks, head_args,
-                      classifier)
+        head_packed, head_cout, activation = head_args
+        # (the operator's arguments after the image: one C++ call runs every layer)
+        args = (stem[0], stem[1], list(stem[2:]), [packed for packed, _ in blocks],
+                [int(a) for _, block_args in blocks for a in block_args], head_packed,
+                [head_cout, ops.ACTIVATIONS[activation]], *classifier)
+        # (every submodule in eval mode without forward hooks, checked in one C++ loop)
+        idle = _extension._C.ModulesIdle(modules)
+        self.value = (x.dtype, x.shape[1], backend, epoch, stamp, idle, args)
 
     def __deepcopy__(self, memo):
         return _InferencePlan()  # a copy has its own tensors

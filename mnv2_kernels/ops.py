@@ -126,6 +126,27 @@ def stem_block(image: Tensor, stem_packed: Tensor, packed: Tensor, channels: int
     return torch.ops.mnv2.stem_block_packed.default(image, stem_packed, packed, channels, cout, stride)
 
 
+def pointwise_conv_mean(x: Tensor, packed: Tensor, cout: int, activation: Optional[str] = None) -> Tensor:
+    """(N, cout) = the mean over (H, W) of pointwise_conv(x, packed, cout, activation): the
+    model's head and global average pooling in one pass that never stores the head's output.
+    Channels_last CPU input; inference only."""
+    return torch.ops.mnv2.pointwise_conv_mean_packed.default(x, packed, cout, ACTIVATIONS[activation])
+
+
+def mobilenet_v2_packed(image: Tensor, stem_packed: Tensor, first_packed: Tensor, first_args,
+                        blocks, block_args, head_packed: Tensor, head_args, classifier_packed: Tensor,
+                        classes: int) -> Tensor:
+    """MobileNetV2's whole CPU inference in one operator call (no return to Python between
+    layers): stem_block(image, stem_packed, first_packed, *first_args), then the packed
+    block operator per block (``block_args``: hidden, cout, has_expand, stride, residual for
+    each, flattened), then pointwise_conv_mean(h, head_packed, *head_args) (activation as
+    an int, see ACTIVATIONS) and the classifier, pointwise_conv on the pooled rows with
+    ``classifier_packed`` -> (N, classes). Inference only."""
+    return torch.ops.mnv2.mobilenet_v2_packed.default(image, stem_packed, first_packed, first_args, blocks,
+                                                     block_args, head_packed, head_args, classifier_packed,
+                                                     classes)
+
+
 def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean (C,) and biased covariance (C, C) of x over (N, H, W)."""
     return torch.ops.mnv2.channel_moments.default(x)
@@ -444,6 +465,39 @@ def _register():
         sh, sw = output_size(h, w, 2)
         return 2 * (n * sh * sw * channels * 9 * c + block_macs((n, channels, sh, sw), channels, cout,
                                                                 stride, False))
+
+    @torch.library.register_fake("mnv2::pointwise_conv_mean_packed")
+    def _(x, packed, cout, activation):
+        torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+        return x.new_empty((x.shape[0], cout))
+
+    @register_flop_formula(torch.ops.mnv2.pointwise_conv_mean_packed)
+    def _(x_shape, packed_shape, cout, activation, *args, out_shape=None, **kwargs) -> int:
+        n, c, h, w = x_shape
+        return 2 * n * h * w * c * cout
+
+    @torch.library.register_fake("mnv2::mobilenet_v2_packed")
+    def _(image, stem_packed, first_packed, first_args, blocks, block_args, head_packed, head_args,
+          classifier_packed, classes):
+        torch._check(image.dim() == 4, lambda: f"mnv2: image must be 4-D (N, C, H, W), got {image.dim()}-D")
+        return image.new_empty((image.shape[0], classes))
+
+    @register_flop_formula(torch.ops.mnv2.mobilenet_v2_packed)
+    def _(image_shape, stem_shape, first_shape, first_args, block_shapes, block_args, head_shape,
+          head_args, classifier_shape, classes, *args, out_shape=None, **kwargs) -> int:
+        n, c, h, w = image_shape
+        channels, cout, stride = first_args
+        h, w = output_size(h, w, 2)
+        macs = n * h * w * channels * 9 * c + block_macs((n, channels, h, w), channels, cout, stride, False)
+        c = cout
+        h, w = output_size(h, w, stride)
+        for i in range(0, len(block_args), 5):
+            hidden, cout, has_expand, stride, _residual = block_args[i:i + 5]
+            macs += block_macs((n, c, h, w), hidden, cout, stride, bool(has_expand))
+            c = cout
+            h, w = output_size(h, w, stride)
+        macs += n * h * w * c * head_args[0] + n * head_args[0] * classes
+        return 2 * macs
 
     # channel_moments ----------------------------------------------------------
     torch.library.register_kernel("mnv2::channel_moments", ("cpu", "cuda"), _channel_moments_impl)

@@ -283,6 +283,12 @@ def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
     assert hooked
     handle.remove()
     check(True)  # (a plan a call could not use is kept)
+    hooked.clear()
+    handle = ours.classifier[1].register_forward_pre_hook(lambda *a: hooked.append(1))
+    check(False)
+    assert hooked
+    handle.remove()
+    check(True)
     with mnv2_kernels.use_backend("reference"):
         check(False)
     check(True)
@@ -310,3 +316,53 @@ def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
     assert "_plan" not in ours.__dict__ and "_packed_cache" not in ours.features[6].__dict__
     check(False)
     check(True)
+
+
+def test_whole_model_operator(cpu_backend):
+    """mnv2::mobilenet_v2_packed (the inference plan's one C++ call) against the layers run
+    one by one, opcheck, and clear errors for arguments that do not fit."""
+    from mnv2_kernels import ops
+    torch.manual_seed(5)
+    tv = torchvision.models.mobilenet_v2(width_mult=0.35)
+    randomize_bn(tv)
+    ours = mnv2_kernels.mobilenet_v2(width_mult=0.35)
+    ours.load_state_dict(tv.state_dict())
+    ours.eval().to(memory_format=torch.channels_last)
+    tv.eval()
+    x = torch.randn(3, 3, 45, 38).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ours(x)
+        args = ours._plan.value[-1]
+        y = ops.mobilenet_v2_packed(x, *args)
+        assert rel_err(y, tv(x)) <= FP32_RTOL
+        stem, first, first_args, blocks, block_args, head, head_args, classifier, classes = args
+        h = ops.stem_block(x, stem, first, *first_args)
+        for i, packed in enumerate(blocks):
+            hidden, cout, has_expand, stride, residual = block_args[5 * i:5 * i + 5]
+            h = ops.packed_op()(h, packed, hidden, cout, bool(has_expand), stride, bool(residual))
+        h = ops.pointwise_conv(h, head, head_args[0], "relu6").mean((2, 3))
+        steps = ops.pointwise_conv(h.view(3, -1, 1, 1), classifier, classes).view(3, -1)
+        assert rel_err(y, steps) <= FP32_RTOL
+        torch.library.opcheck(torch.ops.mnv2.mobilenet_v2_packed.default, (x, *args))
+        assert ops.mobilenet_v2_packed(x[:0], *args).shape == (0, classes)
+        with pytest.raises(RuntimeError, match="5 values per block"):
+            ops.mobilenet_v2_packed(x, stem, first, first_args, blocks, block_args[:-1], head, head_args,
+                                    classifier, classes)
+        with pytest.raises(RuntimeError, match="first_args must be"):
+            ops.mobilenet_v2_packed(x, stem, first, first_args[:2], blocks, block_args, head, head_args,
+                                    classifier, classes)
+        with pytest.raises(RuntimeError, match="head_args must be"):
+            ops.mobilenet_v2_packed(x, stem, first, first_args, blocks, block_args, head, head_args + [1],
+                                    classifier, classes)
+        bad = list(block_args)
+        bad[4] = 2
+        with pytest.raises(RuntimeError, match="block 0's has_expand and residual must be 0 or 1"):
+            ops.mobilenet_v2_packed(x, stem, first, first_args, blocks, bad, head, head_args, classifier, classes)
+        with pytest.raises(RuntimeError, match="not packed for this block"):  # blocks out of order
+            ops.mobilenet_v2_packed(x, stem, first, first_args, blocks[::-1], block_args, head, head_args,
+                                    classifier, classes)
+        with pytest.raises(RuntimeError, match="not packed for a .* pointwise"):
+            ops.mobilenet_v2_packed(x, stem, first, first_args, blocks, block_args, head, head_args,
+                                    classifier, classes + 1)
+    with pytest.raises(RuntimeError, match="derivative for mnv2::mobilenet_v2_packed is not implemented"):
+        ops.mobilenet_v2_packed(x.clone().requires_grad_(), *args).sum().backward()

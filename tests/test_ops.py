@@ -266,6 +266,53 @@ def test_pointwise_conv_bad_input():
         ops.pack_pointwise(w, bias).sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", POINTWISE_SHAPES + [(2, 9, 10, 7, 130)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_pointwise_conv_mean_matches_conv2d_then_pool(shape, activation, dtype):
+    # (130 output channels: two whole column groups of 64 and a partial one; 70 rows: more
+    # than one block of rows through the scratch)
+    n, cin, h, w, cout = shape
+    g = torch.Generator().manual_seed(cin * cout + 1)
+    x = (3 * torch.randn(n, cin, h, w, generator=g, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, generator=g, dtype=dtype)
+    bias = torch.randn(cout, generator=g, dtype=dtype)
+    y = ops.pointwise_conv_mean(x, ops.pack_pointwise(weight, bias), cout, activation)
+    ref = torch.nn.functional.conv2d(x.double(), weight.double().view(cout, cin, 1, 1), bias.double())
+    if activation == "relu":
+        ref = ref.clamp(min=0)
+    elif activation == "relu6":
+        ref = ref.clamp(0, 6)
+    ref = torch.nn.functional.adaptive_avg_pool2d(ref, (1, 1)).flatten(1)
+    assert y.shape == ref.shape == (n, cout) and y.dtype == dtype and y.is_contiguous()
+    assert rel_err(y, ref) <= (1e-6 if dtype == torch.float32 else 1e-13)
+
+
+def test_pointwise_conv_mean_nan_opcheck_and_bad_input():
+    x = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
+    x[0, 2, 1, 1] = float("nan")
+    weight, bias = torch.randn(9, 6), torch.randn(9)
+    packed = ops.pack_pointwise(weight, bias)
+    y = ops.pointwise_conv_mean(x, packed, 9, "relu6")
+    ref = torch.nn.functional.conv2d(x, weight.view(9, 6, 1, 1), bias).clamp(0, 6).mean((2, 3))
+    assert torch.equal(y.isnan(), ref.isnan()) and y[0].isnan().any() and not y[1].isnan().any()
+    assert rel_err(y[1], ref[1]) <= 1e-6
+    x = x.nan_to_num()
+    torch.library.opcheck(torch.ops.mnv2.pointwise_conv_mean_packed.default, (x, packed, 9, 2))
+    with pytest.raises(RuntimeError, match="pointwise_conv_mean_packed needs a channels_last"):
+        ops.pointwise_conv_mean(x.contiguous(), packed, 9)
+    with pytest.raises(RuntimeError, match="activation must be 0"):
+        torch.ops.mnv2.pointwise_conv_mean_packed(x, packed, 9, -1)
+    with pytest.raises(RuntimeError, match="not packed for a 6 -> 10 pointwise"):
+        ops.pointwise_conv_mean(x, packed, 10)
+    with pytest.raises(RuntimeError, match="x's device and dtype"):
+        ops.pointwise_conv_mean(x.double(), packed, 9)
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        ops.pointwise_conv_mean(x[0], packed, 9)
+    with pytest.raises(RuntimeError, match="derivative for mnv2::pointwise_conv_mean_packed is not implemented"):
+        ops.pointwise_conv_mean(x.clone().requires_grad_(), packed, 9).sum().backward()
+
+
 # (N, C, H, W image, block channels, Cout, block stride): MobileNetV2's stem + first block,
 # then odd image sides, channels not a multiple of any vector width, stride 2, one pixel
 STEM_SHAPES = [(1, 3, 224, 224, 32, 16, 1), (2, 3, 9, 7, 5, 3, 1), (1, 2, 13, 10, 17, 9, 2),

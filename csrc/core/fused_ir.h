@@ -231,6 +231,10 @@ struct PointwiseArgs {
 // Scratch (elements) of one pointwise call: the tail panel when cout is not a
 // multiple of vl goes through it.
 constexpr int64_t kPointwiseScratch = 64 * 16;
+// A pointwise mean (Kernels::pointwise_mean) covers at most kPoolCols output channels
+// and computes its rows kPoolScratch / kPoolCols at a time through scratch.
+constexpr int64_t kPoolCols = 64;
+constexpr int64_t kPoolScratch = 32 * kPoolCols;
 
 // The kernels of one instruction set for one element type.
 template <typename T>
@@ -247,6 +251,12 @@ struct Kernels {
   // multiple of vl, n1 one too or cout. scratch: kPointwiseScratch elements.
   void (*pointwise)(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                     T* scratch);
+  // out[j] = the mean over rows [0, rows) of output channel n0 + j of a pointwise
+  // convolution, for j < n1 - n0 (n0 a multiple of vl, n1 - n0 <= kPoolCols, n1 <=
+  // cout): the head and global average pooling, without storing the head's output.
+  // scratch: kPoolScratch elements.
+  void (*pointwise_mean)(const PointwiseArgs<T>& a, int64_t rows, int64_t n0, int64_t n1,
+                         T* scratch, T* out);
 };
 
 // One instruction-set implementation of the kernels.

@@ -739,10 +739,14 @@ static void backward_item(const BArgs& a, const BackwardPlan& p, int64_t item, T
 // ---------------------------------------------------------------------------
 // Pointwise (1x1) convolution: one GEMM with the bias and activation in its
 // epilogue, over panel-major packed weights.
+static unsigned activation_flags(Activation act) {
+  return act == Activation::kRelu6 ? kRelu6 : act == Activation::kRelu ? kRelu : 0u;
+}
+
 static void pointwise_entry(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, int64_t n0,
                             int64_t n1, T* scratch) {
   const PointwiseLayout& l = a.layout;
-  const unsigned flags = a.act == Activation::kRelu6 ? kRelu6 : a.act == Activation::kRelu ? kRelu : 0u;
+  const unsigned flags = activation_flags(a.act);
   const T* w = a.packed + l.w;
   const T* bias = a.packed + l.b;
   const int64_t full = imin(n1, l.cout / VL * VL);  // columns [n0, full) are whole panels
@@ -763,6 +767,29 @@ static void pointwise_entry(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, i
       }
     }
   }
+}
+
+// The mean over rows [0, rows) of a pointwise convolution's output channels [n0, n1)
+// (the model's head followed by global average pooling): the rows' outputs pass
+// through scratch a block at a time and are never stored. The packed weights and
+// bias are padded to whole panels, so the last panel is computed whole and its
+// padded columns are dropped.
+static void pointwise_mean_entry(const PointwiseArgs<T>& a, int64_t rows, int64_t n0, int64_t n1,
+                                 T* scratch, T* out) {
+  const PointwiseLayout& l = a.layout;
+  const unsigned flags = activation_flags(a.act);
+  const int64_t cols = (n1 - n0 + VL - 1) / VL * VL;  // <= kPoolCols
+  constexpr int64_t kRows = kPoolScratch / kPoolCols;
+  alignas(64) T sum[kPoolCols] = {};
+  for (int64_t m = 0; m < rows; m += kRows) {
+    const int64_t r = imin(kRows, rows - m);
+    gemm(r, cols, l.cin, a.x + m * a.ldx, a.ldx, 1, a.packed + l.w + n0 * l.cin, VL, l.cin * VL,
+         scratch, cols, a.packed + l.b + n0, flags);
+    for (int64_t i = 0; i < r; ++i) {
+      for (int64_t j = 0; j < cols; j += VL) vstore(sum + j, vload(sum + j) + vload(scratch + i * cols + j));
+    }
+  }
+  for (int64_t j = 0; j < n1 - n0; ++j) out[j] = sum[j] / T(rows);
 }
 
 static void backward_entry(const BArgs& a, const BackwardPlan& p, int64_t begin, int64_t end,

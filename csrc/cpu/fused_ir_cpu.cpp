@@ -287,27 +287,37 @@ at::Tensor pack_pointwise_cpu(const at::Tensor& weight, const at::Tensor& bias) 
   return packed;
 }
 
-at::Tensor pointwise_conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t cout,
-                                     int64_t activation) {
+// The checks shared by the pointwise operators (op: the operator's name).
+void check_pointwise(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t cout,
+                     int64_t activation) {
   check_x(x);
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "mnv2: pointwise_conv_packed needs a channels_last (NHWC-contiguous) input, got "
-              "strides ", x.strides());
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "mnv2: ", op,
+              " needs a channels_last (NHWC-contiguous) input, got strides ", x.strides());
   TORCH_CHECK(activation >= 0 && activation <= 2,
               "mnv2: activation must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", activation);
   TORCH_CHECK(cout >= 1, "mnv2: cout must be >= 1, got ", cout);
   TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() &&
                   packed.dim() == 1 && packed.is_contiguous(),
               "mnv2: packed weights must be a contiguous 1-D tensor with x's device and dtype");
+}
+
+template <typename T>
+PointwiseLayout checked_pointwise_layout(const at::Tensor& x, const at::Tensor& packed, int64_t cout) {
+  const PointwiseLayout l = make_pointwise_layout(x.size(1), cout, kernels().get<T>().vl);
+  TORCH_CHECK(packed.numel() == l.total && packed_matches<T>(l, packed.const_data_ptr<T>()),
+              "mnv2: the packed weights were not packed for a ", x.size(1), " -> ", cout,
+              " pointwise convolution on this machine's kernel; re-pack them for this layer");
+  return l;
+}
+
+at::Tensor pointwise_conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t cout,
+                                     int64_t activation) {
+  check_pointwise("pointwise_conv_packed", x, packed, cout, activation);
   at::Tensor y = at::empty({x.size(0), cout, x.size(2), x.size(3)},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_pointwise_conv", [&] {
     const Kernels<scalar_t>& k = kernels().get<scalar_t>();
-    const PointwiseLayout l = make_pointwise_layout(x.size(1), cout, k.vl);
-    TORCH_CHECK(packed.numel() == l.total &&
-                    packed_matches<scalar_t>(l, packed.const_data_ptr<scalar_t>()),
-                "mnv2: the packed weights were not packed for a ", x.size(1), " -> ", cout,
-                " pointwise convolution on this machine's kernel; re-pack them for this layer");
+    const PointwiseLayout l = checked_pointwise_layout<scalar_t>(x, packed, cout);
     const int64_t rows = x.size(0) * x.size(2) * x.size(3);
     if (rows == 0) return;
     const PointwiseArgs<scalar_t> a{l, static_cast<Activation>(activation), x.const_data_ptr<scalar_t>(),
@@ -327,6 +337,68 @@ at::Tensor pointwise_conv_packed_cpu(const at::Tensor& x, const at::Tensor& pack
     });
   });
   return y;
+}
+
+// The model's head and global average pooling in one pass: (N, cout) =
+// mean over (H, W) of act(conv1x1(x) + bias). The head's output is never stored.
+at::Tensor pointwise_conv_mean_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t cout,
+                                          int64_t activation) {
+  check_pointwise("pointwise_conv_mean_packed", x, packed, cout, activation);
+  at::Tensor y = at::empty({x.size(0), cout}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_pointwise_conv_mean", [&] {
+    const Kernels<scalar_t>& k = kernels().get<scalar_t>();
+    const PointwiseLayout l = checked_pointwise_layout<scalar_t>(x, packed, cout);
+    const int64_t rows = x.size(2) * x.size(3), n = x.size(0);
+    const PointwiseArgs<scalar_t> a0{l, static_cast<Activation>(activation), x.const_data_ptr<scalar_t>(),
+                                     x.size(1), packed.const_data_ptr<scalar_t>(), nullptr, 0};
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    // items: images by column groups (each thread reads only its share of the weights
+    // at batch 1)
+    const int64_t groups = (cout + kPoolCols - 1) / kPoolCols;
+    at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
+      scalar_t* scratch = thread_scratch<scalar_t>(kPoolScratch);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t i = item / groups, n0 = item % groups * kPoolCols;
+        PointwiseArgs<scalar_t> a = a0;
+        a.x += i * x.stride(0);
+        k.pointwise_mean(a, rows, n0, std::min(cout, n0 + kPoolCols), scratch, out + i * cout + n0);
+      }
+    });
+  });
+  return y;
+}
+
+// MobileNetV2's whole inference on packed weights in one call, without a return to
+// Python between layers: stem + first block (stem_block_packed), the other blocks
+// (fused_inverted_residual_packed), the head with global average pooling
+// (pointwise_conv_mean_packed) and the classifier (pointwise_conv_packed on the
+// pooled rows; its dropout is the identity in inference). first_args: (channels,
+// cout, stride) of stem_block_packed; block_args: (hidden, cout, has_expand, stride,
+// residual) per block; head_args: (cout, activation).
+at::Tensor mobilenet_v2_packed_cpu(const at::Tensor& image, const at::Tensor& stem_packed,
+                                   const at::Tensor& first_packed, at::IntArrayRef first_args,
+                                   at::TensorList blocks, at::IntArrayRef block_args,
+                                   const at::Tensor& head_packed, at::IntArrayRef head_args,
+                                   const at::Tensor& classifier_packed, int64_t classes) {
+  TORCH_CHECK(first_args.size() == 3, "mnv2: first_args must be (channels, cout, stride), got ",
+              first_args.size(), " values");
+  TORCH_CHECK(block_args.size() == 5 * blocks.size(), "mnv2: block_args must hold 5 values per block ",
+              "(hidden, cout, has_expand, stride, residual): ", blocks.size(), " blocks need ",
+              5 * blocks.size(), ", got ", block_args.size());
+  TORCH_CHECK(head_args.size() == 2, "mnv2: head_args must be (cout, activation), got ",
+              head_args.size(), " values");
+  at::Tensor h = stem_block_packed_cpu(image, stem_packed, first_packed, first_args[0], first_args[1],
+                                       first_args[2]);
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const int64_t* a = block_args.data() + 5 * b;
+    TORCH_CHECK((a[2] == 0 || a[2] == 1) && (a[4] == 0 || a[4] == 1), "mnv2: block ", b,
+                "'s has_expand and residual must be 0 or 1, got ", a[2], " and ", a[4]);
+    h = fused_inverted_residual_packed_cpu(h, blocks[b], a[0], a[1], a[2] != 0, a[3], a[4] != 0);
+  }
+  if (!h.is_contiguous(at::MemoryFormat::ChannelsLast)) h = h.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor pooled = pointwise_conv_mean_packed_cpu(h, head_packed, head_args[0], head_args[1]);
+  const int64_t n = pooled.size(0), c = pooled.size(1);
+  return pointwise_conv_packed_cpu(pooled.view({n, c, 1, 1}), classifier_packed, classes, 0).view({n, classes});
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -536,6 +608,8 @@ TORCH_LIBRARY_IMPL(mnv2, CPU, m) {
   m.impl("pack_pointwise", &pack_pointwise_cpu);
   m.impl("pointwise_conv_packed", &pointwise_conv_packed_cpu);
   m.impl("stem_block_packed", &stem_block_packed_cpu);
+  m.impl("pointwise_conv_mean_packed", &pointwise_conv_mean_packed_cpu);
+  m.impl("mobilenet_v2_packed", &mobilenet_v2_packed_cpu);
 }
 
 }  // namespace mnv2

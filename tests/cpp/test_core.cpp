@@ -382,6 +382,50 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   expect_close(label + " grad_b_project", ref.gbp, vec(gbp), tol);
 }
 
+// The pointwise convolution's mean over rows (the head + global average pooling)
+// against a naive loop, in column groups of at most kPoolCols (the last one partial
+// when cout is not a multiple of it), with a padded row stride; nothing past each
+// group's columns is written.
+template <typename T>
+void run_pointwise_mean(const KernelTable& table, int64_t rows, int64_t cin, int64_t cout, Activation act,
+                        const std::string& label) {
+  const Kernels<T>& kt = table.get<T>();
+  std::mt19937 rng(static_cast<unsigned>(rows * 7 + cin * 131 + cout));
+  const int64_t ldx = cin + 3;
+  std::vector<T> x(rows * ldx), w(cout * cin), b(cout);
+  for (T& v : x) v = dyadic(rng, -24, 24);
+  for (T& v : w) v = dyadic(rng, -8, 8);
+  for (T& v : b) v = dyadic(rng, -16, 40);
+  const PointwiseLayout l = make_pointwise_layout(cin, cout, kt.vl);
+  std::vector<T> packed(l.total, T(-7)), out(cout + 5, T(99)), scratch(kPoolScratch, T(-3));
+  pack_pointwise<T>(l, w.data(), b.data(), packed.data());
+  const PointwiseArgs<T> a{l, act, x.data(), ldx, packed.data(), nullptr, 0};
+  for (int64_t n0 = 0; n0 < cout; n0 += kPoolCols) {
+    kt.pointwise_mean(a, rows, n0, std::min(cout, n0 + kPoolCols), scratch.data(), out.data() + n0);
+  }
+  std::vector<double> ref;
+  for (int64_t o = 0; o < cout; ++o) {
+    double sum = 0;
+    for (int64_t m = 0; m < rows; ++m) {
+      double v = b[o];
+      for (int64_t c = 0; c < cin; ++c) v += double(x[m * ldx + c]) * double(w[o * cin + c]);
+      if (act != Activation::kNone) v = std::max(v, 0.0);
+      if (act == Activation::kRelu6) v = std::min(v, 6.0);
+      sum += v;
+    }
+    ref.push_back(sum / double(rows));
+  }
+  expect_close(label, ref, [&](size_t e) { return double(out[e]); }, sizeof(T) == 4 ? 1e-6 : 1e-14);
+  ++g_checks;
+  for (int64_t o = cout; o < cout + 5; ++o) {
+    if (out[o] != T(99)) {
+      ++g_failures;
+      std::printf("FAIL %s: wrote past the output channels\n", label.c_str());
+      return;
+    }
+  }
+}
+
 // The pointwise (1x1) convolution against a naive loop: rows x cin -> cout with
 // bias and activation, computed in two row ranges and two column ranges (the
 // split at a multiple of vl, as the glue's work items), with padded row strides.
@@ -623,13 +667,17 @@ int main(int argc, char** argv) {
       // Pointwise convolutions: the head's shape, then awkward ones (columns not a
       // multiple of the vector width, more rows than one tail chunk).
       if (!threaded_only) {
-        const int64_t pw[][3] = {{49, 320, 1280}, {1, 1, 1}, {7, 3, 5}, {70, 17, 21}, {130, 9, 40}, {5, 33, 16}};
+        const int64_t pw[][3] = {{49, 320, 1280}, {1, 1, 1}, {7, 3, 5}, {70, 17, 21}, {130, 9, 40}, {5, 33, 16}, {33, 10, 100}};
         for (const auto& d : pw) {
           for (Activation act : {Activation::kNone, Activation::kRelu, Activation::kRelu6}) {
             run_pointwise<T>(*kt, d[0], d[1], d[2], act,
                              std::string(isa_name(isa)) + " " + dtype + " pointwise " + std::to_string(d[0]) +
                                  "x" + std::to_string(d[1]) + "->" + std::to_string(d[2]) + " act" +
                                  std::to_string(static_cast<int>(act)));
+            run_pointwise_mean<T>(*kt, d[0], d[1], d[2], act,
+                                  std::string(isa_name(isa)) + " " + dtype + " pointwise mean " +
+                                      std::to_string(d[0]) + "x" + std::to_string(d[1]) + "->" +
+                                      std::to_string(d[2]) + " act" + std::to_string(static_cast<int>(act)));
           }
         }
       }
