@@ -202,10 +202,11 @@ def test_inference_ops_refuse_to_differentiate():
         w.sum().backward()
 
 
-# (N, Cin, H, W, Cout): the head's shape at batch 1 and 2, and awkward ones (Cout not a
-# multiple of any vector width, more rows than one item, one pixel, an empty batch)
-POINTWISE_SHAPES = [(1, 320, 7, 7, 1280), (2, 320, 7, 7, 1280), (3, 5, 9, 11, 21), (1, 1, 1, 1, 1),
-                    (2, 17, 13, 12, 70), (0, 4, 3, 3, 5)]
+# (N, Cin, H, W, Cout): the head's shape at batch 1 and 2, the classifier's at batch 1 (one
+# row: the matrix-vector path), and awkward ones (Cout not a multiple of any vector width,
+# more rows than one item, one pixel, an empty batch)
+POINTWISE_SHAPES = [(1, 320, 7, 7, 1280), (2, 320, 7, 7, 1280), (1, 1280, 1, 1, 1000), (3, 5, 9, 11, 21),
+                    (1, 1, 1, 1, 1), (1, 33, 1, 1, 100), (2, 17, 13, 12, 70), (0, 4, 3, 3, 5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -743,6 +743,33 @@ static unsigned activation_flags(Activation act) {
   return act == Activation::kRelu6 ? kRelu6 : act == Activation::kRelu ? kRelu : 0u;
 }
 
+// One row times whole panels [0, panels) of packed weights (a matrix-vector product,
+// the classifier at batch 1): bound by reading the weights from memory, so four panels
+// stream at once, each with a software prefetch a few lines ahead.
+static void gemv_panels(int64_t K, const T* x, const T* B, int64_t bjs, int64_t panels, T* y,
+                        const T* bias, unsigned flags) {
+  constexpr int64_t kAhead = 1024 / sizeof(T);  // elements ahead in each panel's stream
+  constexpr int64_t kLine = 64 / sizeof(T);
+  int64_t j = 0;
+  for (; j + 4 <= panels; j += 4) {
+    const T* b = B + j * bjs;
+    vf acc[4];
+    MNV2_UNROLL for (int q = 0; q < 4; ++q) acc[q] = vload(bias + (j + q) * VL);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = k * VL;
+      if (e % kLine == 0) {
+        MNV2_UNROLL for (int q = 0; q < 4; ++q) __builtin_prefetch(b + q * bjs + e + kAhead, 0, 3);
+      }
+      const vf xv = vsplat(x[k]);
+      MNV2_UNROLL for (int q = 0; q < 4; ++q) acc[q] += xv * vload(b + q * bjs + e);
+    }
+    MNV2_UNROLL for (int q = 0; q < 4; ++q) vstore(y + (j + q) * VL, activate(acc[q], flags));
+  }
+  if (j < panels) {
+    gemm(1, (panels - j) * VL, K, x, 1, 1, B + j * bjs, VL, bjs, y + j * VL, 0, bias + j * VL, flags);
+  }
+}
+
 static void pointwise_entry(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, int64_t n0,
                             int64_t n1, T* scratch) {
   const PointwiseLayout& l = a.layout;
@@ -750,7 +777,10 @@ static void pointwise_entry(const PointwiseArgs<T>& a, int64_t m0, int64_t m1, i
   const T* w = a.packed + l.w;
   const T* bias = a.packed + l.b;
   const int64_t full = imin(n1, l.cout / VL * VL);  // columns [n0, full) are whole panels
-  if (full > n0) {
+  if (full > n0 && m1 - m0 == 1) {
+    gemv_panels(l.cin, a.x + m0 * a.ldx, w + n0 * l.cin, l.cin * VL, (full - n0) / VL,
+                a.y + m0 * a.ldy + n0, bias + n0, flags);
+  } else if (full > n0) {
     gemm(m1 - m0, full - n0, l.cin, a.x + m0 * a.ldx, a.ldx, 1, w + n0 * l.cin, VL, l.cin * VL,
          a.y + m0 * a.ldy + n0, a.ldy, bias + n0, flags);
   }

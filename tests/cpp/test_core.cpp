@@ -665,9 +665,11 @@ int main(int argc, char** argv) {
                  std::string(isa_name(isa)) + " " + dtype + " " + describe(c) + " nchw forced", true);
       }
       // Pointwise convolutions: the head's shape, then awkward ones (columns not a
-      // multiple of the vector width, more rows than one tail chunk).
+      // multiple of the vector width, more rows than one tail chunk, single rows: the
+      // matrix-vector path, four panels at a time and the rest).
       if (!threaded_only) {
-        const int64_t pw[][3] = {{49, 320, 1280}, {1, 1, 1}, {7, 3, 5}, {70, 17, 21}, {130, 9, 40}, {5, 33, 16}, {33, 10, 100}};
+        const int64_t pw[][3] = {{49, 320, 1280}, {1, 1, 1},   {7, 3, 5},     {70, 17, 21}, {130, 9, 40},
+                                 {5, 33, 16},     {33, 10, 100}, {1, 37, 100}, {3, 9, 52}};
         for (const auto& d : pw) {
           for (Activation act : {Activation::kNone, Activation::kRelu, Activation::kRelu6}) {
             run_pointwise<T>(*kt, d[0], d[1], d[2], act,
