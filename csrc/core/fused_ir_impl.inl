@@ -745,7 +745,9 @@ static unsigned activation_flags(Activation act) {
 
 // One row times whole panels [0, panels) of packed weights (a matrix-vector product,
 // the classifier at batch 1): bound by reading the weights from memory, so four panels
-// stream at once, each with a software prefetch a few lines ahead.
+// stream at once, each with a software prefetch a few lines ahead. Each column sums
+// its even and its odd k apart (two half-length sums: about half the rounding error
+// of one sequential sum over K, and two independent FMA chains).
 static void gemv_panels(int64_t K, const T* x, const T* B, int64_t bjs, int64_t panels, T* y,
                         const T* bias, unsigned flags) {
   constexpr int64_t kAhead = 1024 / sizeof(T);  // elements ahead in each panel's stream
@@ -753,17 +755,30 @@ static void gemv_panels(int64_t K, const T* x, const T* B, int64_t bjs, int64_t 
   int64_t j = 0;
   for (; j + 4 <= panels; j += 4) {
     const T* b = B + j * bjs;
-    vf acc[4];
-    MNV2_UNROLL for (int q = 0; q < 4; ++q) acc[q] = vload(bias + (j + q) * VL);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t e = k * VL;
-      if (e % kLine == 0) {
-        MNV2_UNROLL for (int q = 0; q < 4; ++q) __builtin_prefetch(b + q * bjs + e + kAhead, 0, 3);
-      }
-      const vf xv = vsplat(x[k]);
-      MNV2_UNROLL for (int q = 0; q < 4; ++q) acc[q] += xv * vload(b + q * bjs + e);
+    vf even[4], odd[4];
+    MNV2_UNROLL for (int q = 0; q < 4; ++q) {
+      even[q] = vload(bias + (j + q) * VL);
+      odd[q] = vf{};
     }
-    MNV2_UNROLL for (int q = 0; q < 4; ++q) vstore(y + (j + q) * VL, activate(acc[q], flags));
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      const int64_t e = k * VL;
+      if (2 * VL >= kLine || e % kLine == 0) {  // each line of the step once
+        for (int64_t o = 0; o < 2 * VL; o += kLine) {
+          MNV2_UNROLL for (int q = 0; q < 4; ++q) __builtin_prefetch(b + q * bjs + e + o + kAhead, 0, 3);
+        }
+      }
+      const vf x0 = vsplat(x[k]), x1 = vsplat(x[k + 1]);
+      MNV2_UNROLL for (int q = 0; q < 4; ++q) {
+        even[q] += x0 * vload(b + q * bjs + e);
+        odd[q] += x1 * vload(b + q * bjs + e + VL);
+      }
+    }
+    if (k < K) {
+      const vf x0 = vsplat(x[k]);
+      MNV2_UNROLL for (int q = 0; q < 4; ++q) even[q] += x0 * vload(b + q * bjs + k * VL);
+    }
+    MNV2_UNROLL for (int q = 0; q < 4; ++q) vstore(y + (j + q) * VL, activate(even[q] + odd[q], flags));
   }
   if (j < panels) {
     gemm(1, (panels - j) * VL, K, x, 1, 1, B + j * bjs, VL, bjs, y + j * VL, 0, bias + j * VL, flags);
