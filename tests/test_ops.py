@@ -218,31 +218,39 @@ def _pointwise_tol(x, cin):
     return max(1e-13, cin ** 0.5 * 2.0 ** -53)
 
 
+def _pointwise_case(shape, activation, dtype, seed):
+    """A channels_last input, a (cout, cin) weight and bias, and act(conv1x1) in float64."""
+    n, cin, h, w, cout = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(n, cin, h, w, generator=g, dtype=dtype)).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, generator=g, dtype=dtype)
+    bias = torch.randn(cout, generator=g, dtype=dtype)
+    ref = torch.nn.functional.conv2d(x.double(), weight.double().view(cout, cin, 1, 1), bias.double())
+    ref = {"relu": ref.clamp(min=0), "relu6": ref.clamp(0, 6)}.get(activation, ref)
+    return x, weight, bias, ref
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", POINTWISE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
 def test_pointwise_conv_matches_conv2d(shape, activation, dtype):
-    n, cin, h, w, cout = shape
-    g = torch.Generator().manual_seed(cin * cout)
-    x = (3 * torch.randn(n, cin, h, w, generator=g, dtype=dtype)).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(cout, cin, generator=g, dtype=dtype)
-    bias = torch.randn(cout, generator=g, dtype=dtype)
-    y = ops.pointwise_conv(x, ops.pack_pointwise(weight, bias), cout, activation)
-    ref = torch.nn.functional.conv2d(x.double(), weight.double().view(cout, cin, 1, 1), bias.double())
-    if activation == "relu":
-        ref = ref.clamp(min=0)
-    elif activation == "relu6":
-        ref = ref.clamp(0, 6)
+    x, weight, bias, ref = _pointwise_case(shape, activation, dtype, shape[1] * shape[4])
+    y = ops.pointwise_conv(x, ops.pack_pointwise(weight, bias), shape[4], activation)
     assert y.shape == ref.shape and y.dtype == dtype
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert rel_err(y, ref) <= _pointwise_tol(x, cin)
+    assert rel_err(y, ref) <= _pointwise_tol(x, shape[1])
 
 
-def test_pointwise_conv_nan_and_opcheck():
+def _pointwise_nan_case():
+    """A 6 -> 9 pointwise case whose first image holds a NaN: x, weight, bias, packed."""
     x = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
     x[0, 2, 1, 1] = float("nan")
     weight, bias = torch.randn(9, 6), torch.randn(9)
-    packed = ops.pack_pointwise(weight, bias)
+    return x, weight, bias, ops.pack_pointwise(weight, bias)
+
+
+def test_pointwise_conv_nan_and_opcheck():
+    x, weight, bias, packed = _pointwise_nan_case()
     y = ops.pointwise_conv(x, packed, 9, "relu6")
     ref = torch.nn.functional.conv2d(x, weight.view(9, 6, 1, 1), bias).clamp(0, 6)
     assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()  # NaN passes ReLU6, as in torch
@@ -283,26 +291,15 @@ def test_pointwise_conv_mean_matches_conv2d_then_pool(shape, activation, dtype):
     # (130 output channels: two whole column groups of 64 and a partial one; 70 rows: more
     # than one block of rows through the scratch)
     n, cin, h, w, cout = shape
-    g = torch.Generator().manual_seed(cin * cout + 1)
-    x = (3 * torch.randn(n, cin, h, w, generator=g, dtype=dtype)).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(cout, cin, generator=g, dtype=dtype)
-    bias = torch.randn(cout, generator=g, dtype=dtype)
+    x, weight, bias, ref = _pointwise_case(shape, activation, dtype, cin * cout + 1)
     y = ops.pointwise_conv_mean(x, ops.pack_pointwise(weight, bias), cout, activation)
-    ref = torch.nn.functional.conv2d(x.double(), weight.double().view(cout, cin, 1, 1), bias.double())
-    if activation == "relu":
-        ref = ref.clamp(min=0)
-    elif activation == "relu6":
-        ref = ref.clamp(0, 6)
     ref = torch.nn.functional.adaptive_avg_pool2d(ref, (1, 1)).flatten(1)
     assert y.shape == ref.shape == (n, cout) and y.dtype == dtype and y.is_contiguous()
     assert rel_err(y, ref) <= _pointwise_tol(x, cin)
 
 
 def test_pointwise_conv_mean_nan_opcheck_and_bad_input():
-    x = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
-    x[0, 2, 1, 1] = float("nan")
-    weight, bias = torch.randn(9, 6), torch.randn(9)
-    packed = ops.pack_pointwise(weight, bias)
+    x, weight, bias, packed = _pointwise_nan_case()
     y = ops.pointwise_conv_mean(x, packed, 9, "relu6")
     ref = torch.nn.functional.conv2d(x, weight.view(9, 6, 1, 1), bias).clamp(0, 6).mean((2, 3))
     assert torch.equal(y.isnan(), ref.isnan()) and y[0].isnan().any() and not y[1].isnan().any()
