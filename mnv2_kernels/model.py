@@ -289,26 +289,29 @@ class _InferencePlan:
         """Before a module-by-module inference call: what a plan needs from before it
         (the epoch and the stamp), or None when x cannot have a plan. (A plan this call
         cannot use is kept: run() re-checks everything, and finish() replaces it.)"""
-        if (type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64)
+        if (_MODEL_OP is None or type(x) is not Tensor or not x.is_cpu or x.dim() != 4
+                or x.dtype not in (torch.float32, torch.float64)
                 or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
                 or _global_hooks()):
             return None
         epoch = _EPOCH[0]
         modules = self._submodules(model)
-        if any(m.training or m._forward_hooks or m._forward_pre_hooks for m in modules):
+        # (every submodule in eval mode without forward hooks: one C++ loop, which run() repeats)
+        idle = _extension._C.ModulesIdle(modules)
+        if not idle():
             return None
         tensors = [t for m in (model, *modules) for d in (m._parameters, m._buffers) for t in d.values()
                    if t is not None]
         try:
-            return epoch, modules, _stamp(tensors)
+            return epoch, idle, _stamp(tensors)
         except RuntimeError:
             return None  # inference-mode or fake tensors: nothing to stamp (as DerivedCache)
 
     def finish(self, model: "MobileNetV2", x: Tensor, record) -> None:
         """After that call: records the plan when every layer took its packed path."""
-        epoch, modules, stamp = record
+        epoch, idle, stamp = record
         feats = model.features
-        if len(feats) < 4 or _MODEL_OP is None:
+        if len(feats) < 4:
             return
         stem = model._stem_block_args(x)
         if stem is None:
@@ -337,8 +340,6 @@ class _InferencePlan:
         args = (stem[0], stem[1], list(stem[2:]), [packed for packed, _ in blocks],
                 [int(a) for _, block_args in blocks for a in block_args], head_packed,
                 [head_cout, ops.ACTIVATIONS[activation]], *classifier)
-        # (every submodule in eval mode without forward hooks, checked in one C++ loop)
-        idle = _extension._C.ModulesIdle(modules)
         self.value = (x.dtype, x.shape[1], backend, epoch, stamp, idle, args)
 
     def __deepcopy__(self, memo):

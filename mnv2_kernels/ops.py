@@ -458,13 +458,15 @@ def _register():
         return torch.empty((image.shape[0], cout, ho, wo), dtype=image.dtype, device=image.device,
                            memory_format=suggest_memory_format(image))
 
+    def stem_block_macs(image_shape, channels, cout, stride) -> int:
+        n, c, h, w = image_shape
+        sh, sw = output_size(h, w, 2)
+        return n * sh * sw * channels * 9 * c + block_macs((n, channels, sh, sw), channels, cout, stride, False)
+
     @register_flop_formula(torch.ops.mnv2.stem_block_packed)
     def _(image_shape, stem_shape, packed_shape, channels, cout, stride, *args, out_shape=None,
           **kwargs) -> int:
-        n, c, h, w = image_shape
-        sh, sw = output_size(h, w, 2)
-        return 2 * (n * sh * sw * channels * 9 * c + block_macs((n, channels, sh, sw), channels, cout,
-                                                                stride, False))
+        return 2 * stem_block_macs(image_shape, channels, cout, stride)
 
     @torch.library.register_fake("mnv2::pointwise_conv_mean_packed")
     def _(x, packed, cout, activation):
@@ -485,12 +487,10 @@ def _register():
     @register_flop_formula(torch.ops.mnv2.mobilenet_v2_packed)
     def _(image_shape, stem_shape, first_shape, first_args, block_shapes, block_args, head_shape,
           head_args, classifier_shape, classes, *args, out_shape=None, **kwargs) -> int:
-        n, c, h, w = image_shape
-        channels, cout, stride = first_args
-        h, w = output_size(h, w, 2)
-        macs = n * h * w * channels * 9 * c + block_macs((n, channels, h, w), channels, cout, stride, False)
-        c = cout
-        h, w = output_size(h, w, stride)
+        n, _, h, w = image_shape
+        channels, c, stride = first_args
+        macs = stem_block_macs(image_shape, channels, c, stride)
+        h, w = output_size(*output_size(h, w, 2), stride)
         for i in range(0, len(block_args), 5):
             hidden, cout, has_expand, stride, _residual = block_args[i:i + 5]
             macs += block_macs((n, c, h, w), hidden, cout, stride, bool(has_expand))
