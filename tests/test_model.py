@@ -184,35 +184,41 @@ def test_convert_model_shares_parameters_and_converts_a_bare_block():
 
 
 def test_five_sgd_steps_match_torchvision(cpu_backend):
-    """Training equivalence (issue 6): torchvision's mobilenet_v2 and ours from the same
-    weights, 5 SGD steps with momentum in train mode on one fixed batch (8 x 3 x 96 x 96).
-    The losses agree step by step and the final parameters and running statistics agree.
+    """Training equivalence: torchvision's mobilenet_v2 and ours from the same weights,
+    5 SGD steps with momentum in train mode on one fixed batch (8 x 3 x 96 x 96). The
+    losses agree step by step and the final parameters and running statistics agree.
 
-    In float64, to 1e-9 (losses) and 1e-6 (state): tighter than the issue's 1e-4 / 1e-3.
-    Not in float32, where this training run is chaotic: with lr 0.05, torchvision's own
-    channels_last and NCHW runs already differ by 0.15% at step 2 and 3% at step 4 (0.6%
-    at step 3 even with lr 0.002), so a float32 bound would test rounding, not our kernels.
-    Dropout is off so both models compute the same function."""
+    In float64. The run amplifies rounding about tenfold per step: torchvision's own
+    NCHW and channels_last runs differ by ~1e-15 at step 0 and ~1e-8 at step 4 (which
+    of its kernels MKL and oneDNN pick, and so the digits, depend on the CPU). So each
+    step's loss must agree to 1e-9, or, where torchvision's two layouts disagree by more,
+    to twice their disagreement; the state to 1e-6. Not in float32, where the run is
+    chaotic from step 2 (torchvision's own layouts differ by 3% at step 4), so a float32
+    bound would test rounding, not our kernels. Dropout is off so both models compute
+    the same function."""
     torch.manual_seed(11)
     tv = torchvision.models.mobilenet_v2(dropout=0.0).double()
+    tv_nchw = torchvision.models.mobilenet_v2(dropout=0.0).double()
     ours = mnv2_kernels.mobilenet_v2(dropout=0.0).double()
+    tv_nchw.load_state_dict(tv.state_dict())
     ours.load_state_dict(tv.state_dict())
     g = torch.Generator().manual_seed(12)
-    x = torch.randn(8, 3, 96, 96, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 96, 96, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 1000, (8,), generator=g)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     losses = {}
-    for name, model in (("torchvision", tv), ("fused", ours)):
+    for name, model, inp in (("torchvision", tv, x_cl), ("torchvision-nchw", tv_nchw, x), ("fused", ours, x_cl)):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         losses[name] = []
         for _ in range(5):
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss = torch.nn.functional.cross_entropy(model(inp), labels)
             loss.backward()
             opt.step()
             losses[name].append(loss.item())
-    for step, (a, b) in enumerate(zip(losses["fused"], losses["torchvision"])):
-        assert abs(a - b) <= 1e-9 * abs(b), (step, losses)
+    for step, (a, b, b_nchw) in enumerate(zip(losses["fused"], losses["torchvision"], losses["torchvision-nchw"])):
+        assert abs(a - b) <= max(1e-9 * abs(b), 2 * abs(b_nchw - b)), (step, losses)
     assert losses["torchvision"][-1] < 0.5 * losses["torchvision"][0]  # it trains at all
     ref = tv.state_dict()
     for key, value in ours.state_dict().items():
