@@ -14,8 +14,8 @@ STAMPS := .stamps
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := "setuptools>=64" wheel ninja "cmake>=3.18"
 TEST_DEPS := pytest hypothesis expecttest numpy
-EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
-CORE_SOURCES := CMakeLists.txt $(shell find csrc/core tests/cpp bench/cpp -type f)
+EXT_SOURCES := setup.py pyproject.toml cmake/isa_flags.txt $(shell find csrc -type f)
+CORE_SOURCES := CMakeLists.txt cmake/isa_flags.txt $(shell find csrc/core tests/cpp bench/cpp -type f)
 PYTEST_ARGS ?=
 
 # CUDA sources compile wherever nvcc is; torch needs CUDA_HOME to find it.

@@ -17,7 +17,8 @@ Environment switches:
 Objects are kept in build/ext-<python>, so rebuilding after an edit is incremental.
 
 Each CPU instruction set is compiled in its own translation unit with its own
-flags (csrc/core/fused_ir_<isa>.cpp); the runtime dispatch in
+flags (csrc/core/isa/kernels_<isa>.cpp, flags in cmake/isa_flags.txt, the table
+the C++ tests' CMake build reads too); the runtime dispatch in
 csrc/core/dispatch.cpp picks one. torch's BuildExtension applies one set of
 flags to every source, so those files are compiled separately in
 build_extension and linked in as extra objects.
@@ -26,8 +27,9 @@ build_extension and linked in as extra objects.
 import glob
 import os
 import platform
-import sys
+import re
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -53,18 +55,22 @@ def rel(path):
     return os.path.relpath(path, ROOT)
 
 
+ISA_TABLE = os.path.join(ROOT, "cmake", "isa_flags.txt")
+
+
 def isa_sources():
-    """(source, flags) for every ISA-specific core file of this target."""
+    """(source, flags) for every ISA translation unit of this target, from the table
+    cmake/isa_flags.txt (name, architectures regex, source, flags)."""
     machine = platform.machine().lower()
-    contract = ["-ffp-contract=fast"]
-    if machine in ("x86_64", "amd64"):
-        return [
-            ("csrc/core/fused_ir_avx2.cpp", ["-mavx2", "-mfma"] + contract),
-            ("csrc/core/fused_ir_avx512.cpp", ["-mavx512f", "-mfma"] + contract),
-        ]
-    if machine in ("aarch64", "arm64"):
-        return [("csrc/core/fused_ir_neon.cpp", contract)]
-    return []
+    sources = []
+    with open(ISA_TABLE) as table:
+        for line in table:
+            if not line[:1].isalpha():
+                continue  # comments and blank lines
+            _name, arch, source, *flags = line.split()
+            if re.fullmatch(arch, machine):
+                sources.append((source, flags))
+    return sources
 
 
 def want_cuda(cuda_sources):
@@ -123,15 +129,10 @@ class BuildWithIsaFlags(BuildExtension):
 
 
 def extension():
-    generic = [
-        "csrc/ops.cpp",
-        "csrc/cpu/fused_ir_cpu.cpp",
-        "csrc/core/plan.cpp",
-        "csrc/core/dispatch.cpp",
-        "csrc/core/fused_ir_scalar.cpp",
-    ]
+    # the ISA-independent core, the CPU glue, the schemas and the Python bindings
+    generic = sorted(rel(p) for pattern in ("csrc/*.cpp", "csrc/core/*.cpp", "csrc/cpu/*.cpp", "csrc/python/*.cpp")
+                     for p in glob.glob(os.path.join(ROOT, pattern)))
     cuda_sources = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")))
-    cuda_sources += sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc/cuda/*.cpp")))
     # at::parallel_for is an inline OpenMP template: without -fopenmp it runs
     # serially. The linked libgomp.so.1 resolves to the one torch already loaded.
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
@@ -140,8 +141,8 @@ def extension():
         name="mnv2_kernels._C",
         extra_link_args=openmp + SANITIZE_FLAGS,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        depends=glob.glob(os.path.join(ROOT, "csrc/core/*.h"))
-        + glob.glob(os.path.join(ROOT, "csrc/core/*.inl")),
+        depends=glob.glob(os.path.join(ROOT, "csrc/**/*.h"), recursive=True)
+        + glob.glob(os.path.join(ROOT, "csrc/core/kernels/*.inl")) + [ISA_TABLE],
     )
     if want_cuda(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

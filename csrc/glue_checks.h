@@ -30,21 +30,17 @@ inline void check_param(const at::Tensor& p, const char* name, const at::Tensor&
               p.sizes());
 }
 
-// Validates the weights against `ref` (x, whose device and dtype they must
-// share) and returns the block's channel counts in a shape.
-inline BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTensor& w_expand,
-                                const OptTensor& b_expand, const at::Tensor& w_dw,
-                                const at::Tensor& b_dw, const at::Tensor& w_project,
-                                const at::Tensor& b_project) {
+// Validates the expand and depthwise weights against `ref` (x, whose device and dtype
+// they must share) and returns their channel counts in a shape (cout 0).
+inline BlockShape check_front_weights(const at::Tensor& ref, int64_t cin, const OptTensor& w_expand,
+                                      const OptTensor& b_expand, const at::Tensor& w_dw) {
   TORCH_CHECK(w_expand.has_value() == b_expand.has_value(),
               "mnv2: w_expand and b_expand must be given together (or both omitted when t == 1)");
-  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, 3, 3), got ", w_dw.sizes());
-  TORCH_CHECK(w_project.dim() == 2, "mnv2: w_project must be 2-D (Cout, hidden), got ",
-              w_project.sizes());
+  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, ", kDwKernel, ", ", kDwKernel, "), got ",
+              w_dw.sizes());
   BlockShape s{};
   s.cin = cin;
   s.hidden = w_dw.size(0);
-  s.cout = w_project.size(0);
   s.has_expand = w_expand.has_value();
   if (s.has_expand) {
     check_param(*w_expand, "w_expand", ref, {s.hidden, s.cin});
@@ -53,25 +49,49 @@ inline BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTen
     TORCH_CHECK(s.hidden == s.cin, "mnv2: without w_expand (t == 1) w_dw must have x's ", s.cin,
                 " channels, got ", s.hidden);
   }
-  check_param(w_dw, "w_dw", ref, {s.hidden, 3, 3});
+  check_param(w_dw, "w_dw", ref, {s.hidden, kDwKernel, kDwKernel});
+  return s;
+}
+
+// check_front_weights, and the depthwise bias and the project's weights.
+inline BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTensor& w_expand,
+                                const OptTensor& b_expand, const at::Tensor& w_dw,
+                                const at::Tensor& b_dw, const at::Tensor& w_project,
+                                const at::Tensor& b_project) {
+  TORCH_CHECK(w_project.dim() == 2, "mnv2: w_project must be 2-D (Cout, hidden), got ",
+              w_project.sizes());
+  BlockShape s = check_front_weights(ref, cin, w_expand, b_expand, w_dw);
+  s.cout = w_project.size(0);
   check_param(b_dw, "b_dw", ref, {s.hidden});
   check_param(w_project, "w_project", ref, {s.cout, s.hidden});
   check_param(b_project, "b_project", ref, {s.cout});
   return s;
 }
 
-// Completes `s` with x's geometry, the stride and the residual, and validates it.
-inline void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, bool residual) {
+// Completes `s` with x's geometry and the stride.
+inline void set_geometry(BlockShape& s, const at::Tensor& x, int64_t stride) {
   TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
-              "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
-              ", Cout ", s.cout);
   s.batch = x.size(0);
   s.in_h = x.size(2);
   s.in_w = x.size(3);
   s.stride = static_cast<int>(stride);
+}
+
+// Completes a block's `s` with x's geometry, the stride and the residual, and validates it.
+inline void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, bool residual) {
+  set_geometry(s, x, stride);
+  TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
+              "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
+              ", Cout ", s.cout);
   s.residual = residual;
   const char* err = validate_shape(s);
+  TORCH_CHECK(err == nullptr, "mnv2: ", err);
+}
+
+// The same for the depthwise statistics' shape (no project).
+inline void finish_front_shape(BlockShape& s, const at::Tensor& x, int64_t stride) {
+  set_geometry(s, x, stride);
+  const char* err = validate_front(s);
   TORCH_CHECK(err == nullptr, "mnv2: ", err);
 }
 

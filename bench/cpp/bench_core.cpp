@@ -24,19 +24,20 @@ int main(int argc, char** argv) {
                       {96, 14, 96, 6, 1},  {96, 14, 160, 6, 2}, {160, 7, 160, 6, 1}, {160, 7, 320, 6, 1}};
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> u(-1, 1);
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
+  for (Isa isa : kAllIsas) {
     const KernelTable* kt = kernel_table(isa);
     if (kt == nullptr || (!want.empty() && want != isa_name(isa))) continue;
     double total_s = 0, total_flop = 0;
     for (const B& b : blocks) {
       BlockShape s{batch, b.h, b.h, b.cin, b.cin * b.t, b.cout, b.s, b.t != 1, b.s == 1 && b.cin == b.cout};
-      const Layout l = make_layout(s, kt->f32.vl, backward);
-      std::vector<float> we(s.hidden * s.cin), be(s.hidden), wd(s.hidden * 9), bd(s.hidden),
+      const Packing packing = backward ? Packing::kBackward : Packing::kForward;
+      const Layout l = make_layout(s, kt->f32.vl, packing);
+      std::vector<float> we(s.hidden * s.cin), be(s.hidden), wd(s.hidden * kDwTaps), bd(s.hidden),
           wp(s.cout * s.hidden), bp(s.cout), packed(l.total);
       for (auto* v : {&we, &be, &wd, &bd, &wp, &bp}) for (float& f : *v) f = u(rng) * 0.3f;
       const auto p0 = std::chrono::steady_clock::now();
-      pack_weights<float>(s, l, we.data(), be.data(), wd.data(), bd.data(), wp.data(), bp.data(),
-                          backward, 0, s.hidden, packed.data());
+      pack_weights<float>(s, l, packing, we.data(), be.data(), wd.data(), bd.data(), wp.data(), bp.data(),
+                          0, s.hidden, packed.data());
       const double pack_ms =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count() * 1e3;
       std::vector<float> x(batch * b.h * b.h * b.cin), y(batch * s.out_h() * s.out_w() * b.cout);

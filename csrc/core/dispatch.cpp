@@ -4,39 +4,40 @@
 #include <stdexcept>
 #include <string>
 
-#include "fused_ir.h"
+#include "kernels.h"
 
 namespace mnv2 {
 
-extern const KernelTable kKernelsScalar;
-#if defined(__x86_64__) || defined(_M_X64)
-extern const KernelTable kKernelsAvx2;
-extern const KernelTable kKernelsAvx512;
-#endif
-#if defined(__aarch64__)
-extern const KernelTable kKernelsNeon;
-#endif
+// Defined by isa/kernels_<name>.cpp for the ISAs compiled for this target.
+#define MNV2_DECLARE_TABLE(Name, name, compiled) extern const KernelTable kKernels##Name;
+MNV2_ISAS(MNV2_DECLARE_TABLE)
+#undef MNV2_DECLARE_TABLE
 
 namespace {
 
+// Whether the CPU runs each ISA (asked only of ISAs compiled for this target).
+bool cpu_runs(Isa isa) {
+#if MNV2_TARGET_X86 && (defined(__GNUC__) || defined(__clang__))
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f");
+#endif
+  return isa == Isa::kScalar || isa == Isa::kNeon;  // NEON: part of AArch64's base ISA
+}
+
 const KernelTable* compiled_table(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar: return &kKernelsScalar;
-#if defined(__x86_64__) || defined(_M_X64)
-    case Isa::kAvx2: return &kKernelsAvx2;
-    case Isa::kAvx512: return &kKernelsAvx512;
-#endif
-#if defined(__aarch64__)
-    case Isa::kNeon: return &kKernelsNeon;
-#endif
-    default: return nullptr;
+#define MNV2_TABLE_CASE(Name, name, compiled) \
+  if constexpr (compiled) {                   \
+    if (isa == Isa::k##Name) return &kKernels##Name; \
   }
+  MNV2_ISAS(MNV2_TABLE_CASE)
+#undef MNV2_TABLE_CASE
+  return nullptr;
 }
 
 const KernelTable& choose() {
   const char* forced = std::getenv("MNV2_CPU_ISA");
   if (forced != nullptr && forced[0] != '\0') {
-    for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
+    for (Isa isa : kAllIsas) {
       if (std::strcmp(forced, isa_name(isa)) != 0) continue;
       if (!isa_compiled(isa)) {
         throw std::runtime_error(std::string("MNV2_CPU_ISA=") + forced +
@@ -48,33 +49,39 @@ const KernelTable& choose() {
       }
       return *compiled_table(isa);
     }
-    throw std::runtime_error(std::string("MNV2_CPU_ISA=") + forced +
-                             " is not one of scalar, avx2, avx512, neon");
+    throw std::runtime_error(std::string("MNV2_CPU_ISA=") + forced + " is not one of " + isa_names());
   }
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kNeon}) {
-    if (const KernelTable* t = kernel_table(isa)) return *t;
+  const KernelTable* best = nullptr;
+  for (Isa isa : kAllIsas) {  // later entries are preferred
+    if (const KernelTable* t = kernel_table(isa)) best = t;
   }
-  return kKernelsScalar;
+  return *best;  // scalar at least
 }
 
 }  // namespace
 
+const char* isa_name(Isa isa) {
+  switch (isa) {
+#define MNV2_NAME_CASE(Name, name, compiled) \
+  case Isa::k##Name: return #name;
+    MNV2_ISAS(MNV2_NAME_CASE)
+#undef MNV2_NAME_CASE
+  }
+  return "unknown";
+}
+
+const char* isa_names() {
+  static const std::string names = [] {
+    std::string s;
+    for (Isa isa : kAllIsas) s += (s.empty() ? "" : ", ") + std::string(isa_name(isa));
+    return s;
+  }();
+  return names.c_str();
+}
+
 bool isa_compiled(Isa isa) { return compiled_table(isa) != nullptr; }
 
-bool cpu_supports(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar: return true;
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-    case Isa::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case Isa::kAvx512: return __builtin_cpu_supports("avx512f");
-#endif
-#if defined(__aarch64__)
-    case Isa::kNeon: return true;
-#endif
-    default: return false;
-  }
-}
+bool cpu_supports(Isa isa) { return isa_compiled(isa) && cpu_runs(isa); }
 
 const KernelTable* kernel_table(Isa isa) {
   return cpu_supports(isa) ? compiled_table(isa) : nullptr;

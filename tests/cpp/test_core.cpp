@@ -81,6 +81,57 @@ struct Reference {
 double relu6d(double v) { return v < 0 ? 0 : (v > 6 ? 6 : v); }
 double dmask(double z) { return (z > 0 && z < 6) ? 1.0 : 0.0; }
 
+// The gradients below z2 for grad_z2 `gz2` (NCHW dense): r.gwd, r.gbd, r.gx and, with
+// an expand step, r.gwe, r.gbe; r holds the forward's a1 and z1.
+template <typename T>
+void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& wt,
+                       const std::vector<double>& gz2, Reference& r) {
+  const int64_t N = s.batch, H = s.in_h, W = s.in_w, Ho = s.out_h(), Wo = s.out_w();
+  const int64_t C = s.cin, Hd = s.hidden;
+  const int st = s.stride;
+  auto i1 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * H + i) * W + j; };
+  auto i2 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * Ho + i) * Wo + j; };
+  r.gwd.assign(Hd * kDwTaps, 0);
+  r.gbd.assign(Hd, 0);
+  std::vector<double> ga1(N * Hd * H * W, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < Hd; ++h)
+      for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) {
+          const double g = gz2[i2(n, h, i, j)];
+          r.gbd[h] += g;
+          for (int ky = 0; ky < kDwKernel; ++ky)
+            for (int kx = 0; kx < kDwKernel; ++kx) {
+              const int64_t ii = first_input_row(i, st) + ky, jj = first_input_row(j, st) + kx;
+              if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
+              r.gwd[h * kDwTaps + ky * kDwKernel + kx] += g * r.a1[i1(n, h, ii, jj)];
+              ga1[i1(n, h, ii, jj)] += g * wt.wd[h * kDwTaps + ky * kDwKernel + kx];
+            }
+        }
+  r.gx.assign(N * C * H * W, 0);
+  if (s.has_expand) {
+    r.gwe.assign(Hd * C, 0);
+    r.gbe.assign(Hd, 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < Hd; ++h)
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t j = 0; j < W; ++j) {
+            const double g = ga1[i1(n, h, i, j)] * dmask(r.z1[i1(n, h, i, j)]);
+            r.gbe[h] += g;
+            for (int64_t c = 0; c < C; ++c) {
+              r.gwe[h * C + c] += g * x.at(n, c, i, j);
+              r.gx[((n * C + c) * H + i) * W + j] += g * wt.we[h * C + c];
+            }
+          }
+  } else {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t j = 0; j < W; ++j)
+            r.gx[((n * C + c) * H + i) * W + j] = ga1[i1(n, c, i, j)];
+  }
+}
+
 template <typename T>
 Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& wt,
                     const Tensor4<T>* gy) {
@@ -114,11 +165,11 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
       for (int64_t i = 0; i < Ho; ++i)
         for (int64_t j = 0; j < Wo; ++j) {
           double z = wt.bd[h];
-          for (int ky = 0; ky < 3; ++ky)
-            for (int kx = 0; kx < 3; ++kx) {
-              const int64_t ii = i * st + ky - 1, jj = j * st + kx - 1;
+          for (int ky = 0; ky < kDwKernel; ++ky)
+            for (int kx = 0; kx < kDwKernel; ++kx) {
+              const int64_t ii = first_input_row(i, st) + ky, jj = first_input_row(j, st) + kx;
               if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
-              z += double(wt.wd[h * 9 + ky * 3 + kx]) * r.a1[i1(n, h, ii, jj)];
+              z += double(wt.wd[h * kDwTaps + ky * kDwKernel + kx]) * r.a1[i1(n, h, ii, jj)];
             }
           r.z2[i2(n, h, i, j)] = z;
           r.a2[i2(n, h, i, j)] = relu6d(z);
@@ -150,45 +201,7 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
           }
         }
   for (size_t e = 0; e < gz2.size(); ++e) gz2[e] *= dmask(r.z2[e]);
-  r.gwd.assign(Hd * 9, 0);
-  r.gbd.assign(Hd, 0);
-  std::vector<double> ga1(N * Hd * H * W, 0);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < Hd; ++h)
-      for (int64_t i = 0; i < Ho; ++i)
-        for (int64_t j = 0; j < Wo; ++j) {
-          const double g = gz2[i2(n, h, i, j)];
-          r.gbd[h] += g;
-          for (int ky = 0; ky < 3; ++ky)
-            for (int kx = 0; kx < 3; ++kx) {
-              const int64_t ii = i * st + ky - 1, jj = j * st + kx - 1;
-              if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
-              r.gwd[h * 9 + ky * 3 + kx] += g * r.a1[i1(n, h, ii, jj)];
-              ga1[i1(n, h, ii, jj)] += g * wt.wd[h * 9 + ky * 3 + kx];
-            }
-        }
-  r.gx.assign(N * C * H * W, 0);
-  if (s.has_expand) {
-    r.gwe.assign(Hd * C, 0);
-    r.gbe.assign(Hd, 0);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t h = 0; h < Hd; ++h)
-        for (int64_t i = 0; i < H; ++i)
-          for (int64_t j = 0; j < W; ++j) {
-            const double g = ga1[i1(n, h, i, j)] * dmask(r.z1[i1(n, h, i, j)]);
-            r.gbe[h] += g;
-            for (int64_t c = 0; c < C; ++c) {
-              r.gwe[h * C + c] += g * x.at(n, c, i, j);
-              r.gx[((n * C + c) * H + i) * W + j] += g * wt.we[h * C + c];
-            }
-          }
-  } else {
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < H; ++i)
-          for (int64_t j = 0; j < W; ++j)
-            r.gx[((n * C + c) * H + i) * W + j] = ga1[i1(n, c, i, j)];
-  }
+  backward_from_gz2(s, x, wt, gz2, r);
   if (s.residual) {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c)
@@ -243,6 +256,101 @@ ForwardPlan forced_forward_plan(const BlockShape& s, const Layout& l, const Plan
   return fp;
 }
 
+// The depthwise statistics of the block's front (no project, no depthwise bias) and
+// their backward for grad_z2 = alpha + beta * z2, against the naive reference, split
+// into tasks as the glue does.
+template <typename T>
+void check_stats(const Kernels<T>& kt, const BlockShape& block, const Tensor4<T>& x, const Weights<T>& wt,
+                 const Reference& ref, const PlanOverride& ov, const std::string& label) {
+  BlockShape s = block;
+  s.cout = 0;  // the statistics stop before the project
+  s.residual = false;
+  const int64_t Hd = s.hidden, Ho = s.out_h(), Wo = s.out_w();
+  std::vector<double> z2(ref.z2.size());  // without the depthwise bias
+  for (size_t e = 0; e < z2.size(); ++e) z2[e] = ref.z2[e] - double(wt.bd[(e / (Ho * Wo)) % Hd]);
+  std::vector<double> sum_ref(2 * Hd, 0);
+  for (size_t e = 0; e < z2.size(); ++e) {
+    const int64_t h = (e / (Ho * Wo)) % Hd;
+    sum_ref[h] += z2[e];
+    sum_ref[Hd + h] += z2[e] * z2[e];
+  }
+  const T* we = s.has_expand ? wt.we.data() : nullptr;
+  const T* be = s.has_expand ? wt.be.data() : nullptr;
+
+  const Layout lf = make_layout(s, kt.vl, Packing::kForward);
+  std::vector<T> packed(lf.total);
+  pack_weights<T>(s, lf, Packing::kForward, we, be, wt.wd.data(), nullptr, nullptr, nullptr, 0, Hd,
+                  packed.data());
+  const StatsPlan sp = plan_stats(s, lf, ov.tasks);
+  const int64_t items = sp.items(s);
+  const int tasks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ov.tasks, items)));
+  std::vector<double> sums(tasks * 2 * lf.hp, 0.0);
+  for (int t = 0; t < tasks; ++t) {
+    std::vector<T> scratch(sp.scratch_floats);
+    kt.stats(StatsArgs<T>{s, lf, x.data.data(), x.st, packed.data()}, sp, items * t / tasks,
+             items * (t + 1) / tasks, sums.data() + t * 2 * lf.hp, scratch.data());
+  }
+  auto summed = [&](size_t e) {
+    const int64_t off = static_cast<int64_t>(e) < Hd ? e : lf.hp + (e - Hd);
+    double v = 0;
+    for (int t = 0; t < tasks; ++t) v += sums[t * 2 * lf.hp + off];
+    return v;
+  };
+  expect_close(label + " stats", sum_ref, summed, sizeof(T) == 4 ? 1e-6 : 1e-14);
+
+  std::mt19937 rng(static_cast<unsigned>(Hd * 17 + s.in_h));
+  const Layout lb = make_layout(s, kt.vl, Packing::kBackward);
+  std::vector<T> packed_b(lb.total), alpha(lb.hp, T(0)), beta(lb.hp, T(0));
+  pack_weights<T>(s, lb, Packing::kBackward, we, be, wt.wd.data(), nullptr, nullptr, nullptr, 0, Hd,
+                  packed_b.data());
+  for (int64_t h = 0; h < Hd; ++h) {
+    alpha[h] = dyadic(rng, -8, 8);
+    beta[h] = dyadic(rng, -4, 4) / 8;
+  }
+  std::vector<double> gz2(z2.size());
+  for (size_t e = 0; e < z2.size(); ++e) {
+    const int64_t h = (e / (Ho * Wo)) % Hd;
+    gz2[e] = double(alpha[h]) + double(beta[h]) * z2[e];
+  }
+  Reference r = ref;
+  backward_from_gz2(s, x, wt, gz2, r);
+  BackwardPlan bp = plan_backward(s, lb, ov.tasks);
+  if (ov.bwd_band_rows || ov.bwd_step_rows) {
+    if (ov.bwd_band_rows) bp.rows_per_band = ov.bwd_band_rows;
+    if (ov.bwd_step_rows) bp.rows_per_step = ov.bwd_step_rows;
+    finish_backward_plan(s, lb, &bp);
+  }
+  const GradLayout gl = make_grad_layout(s, lb);
+  Tensor4<T> gx = make_tensor<T>(s.batch, s.cin, s.in_h, s.in_w, Fmt::kNHWC);
+  std::vector<T> side(bp.side_floats);
+  const StatsBackwardArgs<T> ba{s, lb, x.data.data(), x.st, packed_b.data(), alpha.data(), beta.data(),
+                                gx.data.data(), gx.st, side.data()};
+  const int64_t bitems = bp.items(s);
+  const int btasks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ov.tasks, bitems)));
+  std::vector<T> partials(btasks * gl.total, T(0));
+  for (int t = 0; t < btasks; ++t) {
+    std::vector<T> scratch(bp.scratch_floats);
+    kt.stats_backward(ba, bp, bitems * t / btasks, bitems * (t + 1) / btasks, partials.data() + t * gl.total,
+                      scratch.data());
+  }
+  backward_finish(s, bp, side.data(), gx.data.data(), gx.st);
+  std::vector<T> gwe(Hd * s.cin), gbe(Hd), gwd(Hd * kDwTaps);
+  reduce_grads(s, lb, partials.data(), btasks, 0, Hd, gwe.data(), gbe.data(), gwd.data(),
+               static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+  const double tol = sizeof(T) == 4 ? 1e-5 : 1e-13;
+  auto vec = [](const std::vector<T>& v) { return [&v](size_t e) { return double(v[e]); }; };
+  expect_close(label + " stats grad_x", r.gx, [&](size_t e) {
+    const int64_t j = e % s.in_w, i = (e / s.in_w) % s.in_h, c = (e / (s.in_w * s.in_h)) % s.cin,
+                  n = e / (s.in_w * s.in_h * s.cin);
+    return double(gx.at(n, c, i, j));
+  }, tol);
+  if (s.has_expand) {
+    expect_close(label + " stats grad_w_expand", r.gwe, vec(gwe), tol);
+    expect_close(label + " stats grad_b_expand", r.gbe, vec(gbe), tol);
+  }
+  expect_close(label + " stats grad_w_dw", r.gwd, vec(gwd), tol);
+}
+
 template <typename T>
 void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverride& ov,
               const std::string& label, bool backward) {
@@ -271,7 +379,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   Weights<T> wt;
   for (int64_t e = 0; e < s.hidden * s.cin; ++e) wt.we.push_back(dyadic(rng, -8, 8));
   for (int64_t e = 0; e < s.hidden; ++e) wt.be.push_back(dyadic(rng, -16, 40));
-  for (int64_t e = 0; e < s.hidden * 9; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
+  for (int64_t e = 0; e < s.hidden * kDwTaps; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
   for (int64_t e = 0; e < s.hidden; ++e) wt.bd.push_back(dyadic(rng, -16, 40));
   for (int64_t e = 0; e < s.cout * s.hidden; ++e) wt.wp.push_back(dyadic(rng, -8, 8));
   for (int64_t e = 0; e < s.cout; ++e) wt.bp.push_back(dyadic(rng, -16, 16));
@@ -284,13 +392,13 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
 
   const Reference ref = reference(s, x, wt, backward ? &gy : nullptr);
 
-  const Layout l = make_layout(s, kt.vl, backward);
+  const Layout l = make_layout(s, kt.vl, backward ? Packing::kBackward : Packing::kForward);
   // Packed in two ranges, as the glue does across threads.
   std::vector<T> packed(l.total, std::numeric_limits<T>::quiet_NaN());
   const int64_t mid = s.hidden / 2;
   for (auto [h0, h1] : {std::pair<int64_t, int64_t>{0, mid}, {mid, s.hidden}}) {
-    pack_weights<T>(s, l, wt.we.data(), wt.be.data(), wt.wd.data(), wt.bd.data(), wt.wp.data(),
-                    wt.bp.data(), backward, h0, h1, packed.data());
+    pack_weights<T>(s, l, backward ? Packing::kBackward : Packing::kForward, wt.we.data(), wt.be.data(),
+                    wt.wd.data(), wt.bd.data(), wt.wp.data(), wt.bp.data(), h0, h1, packed.data());
   }
   ++g_checks;
   if (std::any_of(packed.begin(), packed.end(), [](T v) { return std::isnan(v); })) {
@@ -361,8 +469,8 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   } else {
     for (int t = 0; t < tasks; ++t) run_backward_task(t);
   }
-  backward_finish(ba, bp);
-  std::vector<T> gwe(s.hidden * s.cin), gbe(s.hidden), gwd(s.hidden * 9), gbd(s.hidden),
+  backward_finish(s, bp, side.data(), gx.data.data(), gx.st);
+  std::vector<T> gwe(s.hidden * s.cin), gbe(s.hidden), gwd(s.hidden * kDwTaps), gbd(s.hidden),
       gwp(s.cout * s.hidden), gbp(s.cout);
   // in two hidden-channel ranges, the second first (the glue runs them concurrently)
   const int64_t h_mid = s.hidden / 2;
@@ -380,6 +488,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   expect_close(label + " grad_b_dw", ref.gbd, vec(gbd), tol);
   expect_close(label + " grad_w_project", ref.gwp, vec(gwp), tol);
   expect_close(label + " grad_b_project", ref.gbp, vec(gbp), tol);
+  check_stats(kt, s, x, wt, ref, ov, label);
 }
 
 // The pointwise convolution's mean over rows (the head + global average pooling)
@@ -488,13 +597,13 @@ void run_stem_case(const KernelTable& table, int64_t N, int64_t C, int64_t IH, i
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < IH; ++i)
         for (int64_t j = 0; j < IW; ++j) img.at(n, c, i, j) = dyadic(rng, -24, 24);
-  std::vector<T> sw(cin * C * 9), sb(cin);  // stem weight (cin, C, 3, 3), bias
+  std::vector<T> sw(cin * C * kStemTaps), sb(cin);  // stem weight (cin, C, kStemKernel, kStemKernel), bias
   for (T& v : sw) v = dyadic(rng, -4, 4);
   for (T& v : sb) v = dyadic(rng, -16, 40);
   BlockShape s{};
   s.batch = N;
-  s.in_h = (IH - 1) / 2 + 1;
-  s.in_w = (IW - 1) / 2 + 1;
+  s.in_h = (IH + 2 * kStemPad - kStemKernel) / kStemStride + 1;
+  s.in_w = (IW + 2 * kStemPad - kStemKernel) / kStemStride + 1;
   s.cin = cin;
   s.hidden = cin;
   s.cout = cout;
@@ -508,48 +617,48 @@ void run_stem_case(const KernelTable& table, int64_t N, int64_t C, int64_t IH, i
         for (int64_t j = 0; j < s.in_w; ++j) {
           double z = sb[o];
           for (int64_t c = 0; c < C; ++c)
-            for (int kh = 0; kh < 3; ++kh)
-              for (int kw = 0; kw < 3; ++kw) {
-                const int64_t ih = 2 * i - 1 + kh, iw = 2 * j - 1 + kw;
+            for (int kh = 0; kh < kStemKernel; ++kh)
+              for (int kw = 0; kw < kStemKernel; ++kw) {
+                const int64_t ih = kStemStride * i - kStemPad + kh, iw = kStemStride * j - kStemPad + kw;
                 if (ih < 0 || ih >= IH || iw < 0 || iw >= IW) continue;
-                z += double(sw[((o * C + c) * 3 + kh) * 3 + kw]) * img.at(n, c, ih, iw);
+                z += double(sw[((o * C + c) * kStemKernel + kh) * kStemKernel + kw]) * img.at(n, c, ih, iw);
               }
           x.at(n, o, i, j) = static_cast<T>(relu6d(z));
         }
   Weights<T> wt;
   for (int64_t e = 0; e < cin; ++e) wt.be.push_back(0);
-  for (int64_t e = 0; e < cin * 9; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
+  for (int64_t e = 0; e < cin * kDwTaps; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
   for (int64_t e = 0; e < cin; ++e) wt.bd.push_back(dyadic(rng, -16, 40));
   for (int64_t e = 0; e < cout * cin; ++e) wt.wp.push_back(dyadic(rng, -8, 8));
   for (int64_t e = 0; e < cout; ++e) wt.bp.push_back(dyadic(rng, -16, 16));
   const Reference ref = reference<T>(s, x, wt, static_cast<const Tensor4<T>*>(nullptr));
 
-  const Layout l = make_layout(s, kt.vl, false);
+  const Layout l = make_layout(s, kt.vl, Packing::kForward);
   std::vector<T> packed(l.total);
-  pack_weights<T>(s, l, nullptr, nullptr, wt.wd.data(), wt.bd.data(), wt.wp.data(), wt.bp.data(),
-                  false, 0, s.hidden, packed.data());
-  // the stem as a (cin, 9 C) matrix, column (kh * 3 + kw) * C + c
-  const PointwiseLayout sl = make_pointwise_layout(9 * C, cin, kt.vl);
-  std::vector<T> w2(cin * 9 * C), stem(sl.total);
+  pack_weights<T>(s, l, Packing::kForward, nullptr, nullptr, wt.wd.data(), wt.bd.data(), wt.wp.data(),
+                  wt.bp.data(), 0, s.hidden, packed.data());
+  // the stem as a (cin, kStemTaps C) matrix, column (kh * kStemKernel + kw) * C + c
+  const PointwiseLayout sl = make_pointwise_layout(kStemTaps * C, cin, kt.vl);
+  std::vector<T> w2(cin * kStemTaps * C), stem(sl.total);
   for (int64_t o = 0; o < cin; ++o)
     for (int64_t c = 0; c < C; ++c)
-      for (int k = 0; k < 9; ++k) w2[o * 9 * C + k * C + c] = sw[(o * C + c) * 9 + k];
+      for (int k = 0; k < kStemTaps; ++k) w2[o * kStemTaps * C + k * C + c] = sw[(o * C + c) * kStemTaps + k];
   pack_pointwise<T>(sl, w2.data(), sb.data(), stem.data());
 
-  const ForwardPlan fp = forced_forward_plan(s, l, ov, 9 * C);
+  const ForwardPlan fp = forced_forward_plan(s, l, ov, kStemTaps * C);
   std::vector<T> partial(fp.partial_floats);
   const int64_t Ho = s.out_h(), Wo = s.out_w();
   Tensor4<T> y = make_tensor<T>(N, cout, Ho, Wo, fmt);
   // x is poisoned: the kernel must not read it
   std::vector<T> poison(x.data.size(), std::numeric_limits<T>::quiet_NaN());
   ForwardArgs<T> fa{s, l, poison.data(), x.st, packed.data(), y.data.data(), y.st, partial.data()};
-  fa.image = img.data.data();
-  fa.is = img.st;
-  fa.image_c = C;
-  fa.image_h = IH;
-  fa.image_w = IW;
-  fa.stem = stem.data();
-  fa.stem_layout = sl;
+  fa.stem.image = img.data.data();
+  fa.stem.strides = img.st;
+  fa.stem.channels = C;
+  fa.stem.height = IH;
+  fa.stem.width = IW;
+  fa.stem.packed = stem.data();
+  fa.stem.layout = sl;
   const int64_t items = fp.items(s);
   for (int t = 0; t < ov.tasks; ++t) {
     std::vector<T> scratch(fp.scratch_floats);
@@ -610,7 +719,7 @@ int main(int argc, char** argv) {
   };
   auto run_all = [&](auto zero, const char* dtype) {
     using T = decltype(zero);
-    for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kNeon}) {
+    for (Isa isa : kAllIsas) {
       if (!only.empty() && only != isa_name(isa)) continue;
       const KernelTable* kt = kernel_table(isa);
       if (kt == nullptr) {

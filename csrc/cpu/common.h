@@ -1,0 +1,93 @@
+// What the CPU operators share: input checks, the kernel table, per-thread scratch,
+// packing into a tensor and the forward driver.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+
+#include "core/fused_ir.h"
+#include "glue_checks.h"
+
+namespace mnv2 {
+namespace cpu {
+
+using glue::OptTensor;
+
+// A dense (strided) 4-D float32 or float64 tensor with height and width >= 1.
+void check_x(const at::Tensor& x, const char* name = "x");
+
+// The kernels of the ISA in use (an MNV2_CPU_ISA that cannot be used is a TORCH_CHECK error).
+const KernelTable& kernels();
+
+inline at::TensorOptions dense_options(const at::Tensor& t) {
+  return t.options().memory_format(at::MemoryFormat::Contiguous);
+}
+
+// The largest per-thread scratch requested since start (or the last reset), in bytes.
+extern std::atomic<int64_t> g_max_scratch_bytes;
+
+// Per-thread kernel scratch, kept across calls. Its size is bounded by the plan
+// (independent of N and H); allocating it afresh on every call cost small blocks more
+// than their arithmetic (each large malloc is a fresh mmap and page faults).
+template <typename T>
+T* thread_scratch(int64_t elements) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(elements, 1)) * sizeof(T);
+  int64_t seen = g_max_scratch_bytes.load();
+  while (static_cast<int64_t>(bytes) > seen &&
+         !g_max_scratch_bytes.compare_exchange_weak(seen, static_cast<int64_t>(bytes))) {
+  }
+  if (bytes > buffer.bytes) {
+    std::free(buffer.data);
+    buffer.bytes = (bytes + 63) / 64 * 64;
+    buffer.data = std::aligned_alloc(64, buffer.bytes);
+    TORCH_CHECK(buffer.data != nullptr, "mnv2: cannot allocate ", buffer.bytes, " bytes of scratch");
+  }
+  return static_cast<T*>(buffer.data);
+}
+
+// The block's weights packed for the layout `l` (made with `packing`), hidden-channel
+// ranges in parallel. Absent tensors (no expand; no depthwise bias or project for the
+// depthwise statistics) are not read.
+template <typename T>
+at::Tensor pack_block(const BlockShape& s, const Layout& l, Packing packing, const at::TensorOptions& opts,
+                      const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
+                      const OptTensor& b_dw, const OptTensor& w_project, const OptTensor& b_project);
+
+// The fused stem as the block's input source (StemSource).
+struct StemInput {
+  const at::Tensor& image;
+  const at::Tensor& packed;
+  PointwiseLayout layout;
+};
+
+// Runs the block's forward into y (allocated, s.batch > 0), with hidden splits reduced.
+template <typename T>
+void run_forward(const BlockShape& s, const Layout& l, const at::Tensor& x, const at::Tensor& packed,
+                 const at::Tensor& y, const StemInput* stem = nullptr);
+
+// (N, cout, Ho, Wo) in x's memory format.
+at::Tensor empty_output(const BlockShape& s, const at::Tensor& x);
+
+// Operators that others call (the whole-model operator).
+at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t hidden,
+                                              int64_t cout, bool has_expand, int64_t stride, bool residual);
+at::Tensor stem_block_packed_cpu(const at::Tensor& image, const at::Tensor& stem_packed,
+                                 const at::Tensor& packed, int64_t channels, int64_t cout, int64_t stride);
+at::Tensor pointwise_conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t cout,
+                                     int64_t activation);
+at::Tensor pointwise_conv_mean_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t cout,
+                                          int64_t activation);
+
+}  // namespace cpu
+}  // namespace mnv2

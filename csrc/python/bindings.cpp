@@ -1,0 +1,78 @@
+// The extension's small non-tensor API, through pybind11: build information, the CPU
+// ISA in use, scratch statistics, packed sizes, and the inference caches' state
+// classes. Tensor operators go through TORCH_LIBRARY (csrc/ops.cpp).
+#include <torch/extension.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "core/fused_ir.h"
+#include "cpu/common.h"
+#include "python/module_state.h"
+
+namespace mnv2 {
+namespace python {
+namespace {
+
+std::string active_cpu_isa() {
+  try {
+    return isa_name(active_kernels().isa);
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  pybind11::list compiled, supported;
+  for (Isa isa : kAllIsas) {
+    if (isa_compiled(isa)) compiled.append(isa_name(isa));
+    if (kernel_table(isa) != nullptr) supported.append(isa_name(isa));
+  }
+  info["cpu_isas_compiled"] = compiled;
+  info["cpu_isas_runnable"] = supported;
+  info["depthwise_kernel"] = kDwKernel;
+#ifdef MNV2_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+int64_t vector_width(bool is_double) {
+  const KernelTable& k = active_kernels();
+  return is_double ? k.f64.vl : k.f32.vl;
+}
+
+int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand, bool is_double) {
+  BlockShape s{};
+  s.cin = cin;
+  s.hidden = hidden;
+  s.cout = cout;
+  s.has_expand = has_expand;
+  return make_layout(s, vector_width(is_double), Packing::kForward).total;
+}
+
+int64_t pointwise_packed_numel(int64_t cin, int64_t cout, bool is_double) {
+  return make_pointwise_layout(cin, cout, vector_width(is_double)).total;
+}
+
+}  // namespace
+}  // namespace python
+}  // namespace mnv2
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace mnv2::python;
+  m.doc() = "mnv2_kernels compiled backend";
+  m.def("cpu_isa", &active_cpu_isa, "Instruction set of the CPU kernels in use (the best available, or MNV2_CPU_ISA).");
+  m.def("build_info", &build_info, "What this build contains and what this machine can run.");
+  m.def("max_scratch_bytes", [] { return mnv2::cpu::g_max_scratch_bytes.load(); },
+        "Largest per-thread kernel scratch requested since start (or the last reset).");
+  m.def("reset_max_scratch_bytes", [] { mnv2::cpu::g_max_scratch_bytes = 0; });
+  m.def("packed_numel", &packed_numel,
+        "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.");
+  m.def("pointwise_packed_numel", &pointwise_packed_numel,
+        "Elements of mnv2::pack_pointwise's result on this machine's CPU kernel.");
+  bind_module_state(m);
+}
