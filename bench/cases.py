@@ -9,12 +9,12 @@ import torchvision
 from torchvision.models.mobilenetv2 import InvertedResidual
 
 import mnv2_kernels
-from mnv2_kernels import ops, reference
-from mnv2_kernels.memory_report import checkpoint_blocks
+from mnv2_kernels import flops, reference
 from mnv2_kernels.model import mobilenet_block_shapes
 from mnv2_kernels.testing import randomize_batch_norm
 
 from bench import peers
+from bench.memory_report import checkpoint_blocks
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -30,7 +30,7 @@ def block_name(i: int, shape) -> str:
 
 def block_flops(shape, batch: int) -> int:
     inp, oup, stride, t, h = shape
-    return 2 * ops.block_macs((batch, inp, h, h), inp * t, oup, stride, t != 1)
+    return 2 * flops.block_macs((batch, inp, h, h), inp * t, oup, stride, t != 1)
 
 
 def model_flops(batch: int, resolution: int = 224) -> int:

@@ -153,11 +153,11 @@ fi
 
 # ---------------------------------------------------------------- memory report (CUDA)
 if [ $BENCH = 1 ]; then
-  step "memory report: python -m mnv2_kernels.memory_report --device cuda"
+  step "memory report: python -m bench.memory_report --device cuda"
   if [ $DRY = 1 ]; then
     echo "dry run: no CUDA device, memory report skipped" | tee -a "$LOG"
   else
-    timeout $(cap 120) $PY -m mnv2_kernels.memory_report --device cuda --batches 1 32 --sweep 1 8 32 64 \
+    timeout $(cap 120) $PY -m bench.memory_report --device cuda --batches 1 32 --sweep 1 8 32 64 \
       --no-progress --out "$OUT/memory" >"$OUT/memory.log" 2>&1
     echo "memory report rc $?" | tee -a "$LOG"
     grep -A8 "^## Goals" "$OUT/memory/memory.md" 2>/dev/null | tee -a "$LOG"

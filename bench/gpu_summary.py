@@ -182,7 +182,7 @@ def summarize(d):
         lines += ["## compute-sanitizer", ""] + [f"- {t}" for t in tail] + [""]
     mem = os.path.join(d, "memory", "memory.md")
     if os.path.exists(mem):
-        # the memory report on CUDA (python -m mnv2_kernels.memory_report --device cuda)
+        # the memory report on CUDA (python -m bench.memory_report --device cuda)
         with open(mem) as f:
             text = f.read().split("\n")
         goals = [line for line in text[text.index("## Goals (memory)") + 1:] if line.startswith(("-", " "))] \

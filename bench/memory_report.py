@@ -1,8 +1,8 @@
 """Memory footprint of the fused block against torchvision, per block and for
 the whole MobileNetV2-1.0 at 224.
 
-    python -m mnv2_kernels.memory_report [--batches 1 32] [--sweep 1 2 4 8 16 32]
-                                         [--device cpu|cuda] [--out DIR] [--no-plot]
+    python -m bench.memory_report [--batches 1 32] [--sweep 1 2 4 8 16 32]
+                                  [--device cpu|cuda] [--out DIR] [--no-plot]
 
 For each block (at its input resolution) and the whole model, for inference
 (eval, no_grad) and a training step (train mode, forward + backward), it
@@ -36,10 +36,8 @@ what was allocated before the call. On the CPU it is Linux only.
 
 import argparse
 import copy
-import gc
 import json
 import os
-import platform
 import sys
 from typing import Callable, Dict, List
 
@@ -48,60 +46,17 @@ MMAP_THRESHOLD = "65536"
 if __name__ == "__main__" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
     # malloc reads this at start-up: run again with it set
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-    os.execve(sys.executable, [sys.executable, "-m", "mnv2_kernels.memory_report", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.memory_report", *sys.argv[1:]], env)
 
 import torch  # noqa: E402
 import torch.utils.checkpoint  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mnv2_kernels.memory import peak_bytes, saved_bytes  # noqa: E402
+
+from bench.machine import machine_info, machine_slug  # noqa: E402
 
 MB = 1e6
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
-    """High-water mark during fn above what was in use before it: resident memory on
-    the CPU, the caching allocator's allocated bytes on CUDA."""
-    gc.collect()
-    if device != "cpu":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        result = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del result
-        return max(peak, 0)
-    base = _status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current VmRSS
-    result = fn()
-    peak = _status("VmHWM:") - base
-    del result
-    return max(peak, 0)
-
-
-def saved_bytes(module: nn.Module, fn: Callable[[], torch.Tensor]) -> int:
-    own = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
-    saved: Dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in own:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(saved.values())
 
 
 class Checkpointed(nn.Module):
@@ -136,14 +91,14 @@ def _fused_model(tv_model: nn.Module) -> nn.Module:
     inference) loaded with torchvision's weights."""
     from torchvision.models import MobileNetV2 as TorchvisionMobileNetV2
 
-    from .model import convert_model, mobilenet_v2
+    from mnv2_kernels.model import convert_model, mobilenet_v2
 
     if isinstance(tv_model, TorchvisionMobileNetV2):
         fused = mobilenet_v2(num_classes=tv_model.classifier[-1].out_features)
         fused.load_state_dict(tv_model.state_dict())
         return fused
     if _is_torchvision_stem(tv_model):
-        from .modules import Conv2dNormActivation
+        from mnv2_kernels.modules import Conv2dNormActivation
 
         conv = tv_model[0]
         fused = Conv2dNormActivation(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
@@ -220,7 +175,7 @@ def cases(resolution: int = 224):
     import torchvision
     from torchvision.models.mobilenetv2 import InvertedResidual
 
-    from .model import mobilenet_block_shapes
+    from mnv2_kernels.model import mobilenet_block_shapes
 
     torch.manual_seed(0)
     tv = torchvision.models.mobilenet_v2().eval()
@@ -279,7 +234,7 @@ def resolution_table(resolution: int = 224) -> Dict[str, Dict[str, Dict[int, int
     from torch.utils._python_dispatch import TorchDispatchMode
     from torchvision.models.mobilenetv2 import InvertedResidual
 
-    from .modules import FusedInvertedResidual
+    from mnv2_kernels.modules import FusedInvertedResidual
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -518,22 +473,6 @@ def plot(rows: List[dict], sweep: List[dict], path: str) -> bool:
     return True
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    from . import _extension
-
-    isa = _extension.cpu_isa() if _extension.LOADED else "none (reference backend)"
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_isa": isa}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -573,13 +512,6 @@ def main(argv=None) -> None:
         json.dump({"machine": machine, "rows": rows, "sweep": sweep, "resolution_table": table}, f, indent=1)
     print(text)
     print(f"written to {out}/memory.md" + (f" and {png}" if png else ""))
-
-
-def machine_slug(machine: dict) -> str:
-    name = "".join(c if c.isalnum() else "-" for c in machine["cpu"].lower()).strip("-")
-    while "--" in name:
-        name = name.replace("--", "-")
-    return f"{name}-{machine['threads']}t"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def _op_only(block: FusedInvertedResidual, x: torch.Tensor):
     """The packed operator as the module calls it, without the module."""
     packed = block._packed_weights(x, block._state(block._parts()))
     parts = block._parts()
-    op = ops.packed_op()
+    op = ops.BLOCK_PACKED
     args = (packed, parts[2].out_channels, parts[4].out_channels, parts[0] is not None, block.stride,
             block.use_res_connect)
     return lambda: op(x, *args)

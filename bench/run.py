@@ -8,7 +8,7 @@ Writes under bench/results/<machine>/:
                      OpenVINO from the same run, GFLOP/s and the fraction of the measured FMA peak
     model_paired.md  the whole model against its peers in interleaved rounds (python -m bench.paired_model)
     profile_b1.md    the whole model at batch 1 layer by layer (python -m bench.profile_model)
-    memory.md/.json  the memory report (python -m mnv2_kernels.memory_report)
+    memory.md/.json  the memory report (python -m bench.memory_report)
 """
 
 import argparse
@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import pytest
 
-from mnv2_kernels.memory_report import machine_info, machine_slug
+from bench.machine import machine_info, machine_slug
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUSED = "fused-cl"
@@ -192,7 +192,7 @@ def main(argv=None):
             f.write(profile)
         print(profile)
     if not args.no_memory:
-        subprocess.run([sys.executable, "-m", "mnv2_kernels.memory_report", "--out", out], check=True)
+        subprocess.run([sys.executable, "-m", "bench.memory_report", "--out", out], check=True)
 
 
 if __name__ == "__main__":

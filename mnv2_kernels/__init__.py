@@ -6,11 +6,10 @@ See README.md for backends and environment switches.
 """
 
 from . import _extension  # noqa: F401  (loads the compiled operators, or warns once)
-from . import ops, reference  # noqa: F401  (registers fake kernels, autograd, FLOP formulas)
+from . import autograd, fake, flops, moments, ops, reference  # noqa: F401  (registrations at import)
 from ._extension import build_info, cpu_isa
 from .backends import BACKENDS, get_backend, set_backend, use_backend
-from .distributed import SyncBatchNorm, convert_sync_batchnorm
-from .folding import fold_bn
+from .batch_norm import SyncBatchNorm, convert_sync_batchnorm, fold_bn
 from .model import MobileNetV2, convert_model, mobilenet_v2
 from .modules import Conv2dNormActivation, FusedInvertedResidual
 
@@ -33,4 +32,4 @@ __all__ = [
     "use_backend",
 ]
 
-ops._register_triton_early()
+ops.register_triton_early()

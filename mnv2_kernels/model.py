@@ -9,16 +9,11 @@ from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
-from . import _extension, backends, ops
-from ._cache import _EPOCH, _stamp, cache_of
-from .folding import uses_batch_stats
+from . import backends, inference, ops
+from .batch_norm import uses_batch_stats
+from .inference import ModelCache, global_hooks
 from .modules import Conv2dNormActivation, FusedInvertedResidual
-
-
-def _global_hooks() -> bool:
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 # t (expansion), c (output channels), n (repeats), s (first stride)
 DEFAULT_SETTING = [
@@ -43,6 +38,8 @@ def _make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> 
 
 
 class MobileNetV2(nn.Module):
+    _mnv2_cache = None  # a ModelCache, made on the first inference call (inference.cache_for)
+
     def __init__(
         self,
         num_classes: int = 1000,
@@ -97,9 +94,7 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            plan = self.__dict__.get("_plan")
-            if plan is None:
-                plan = self.__dict__["_plan"] = _InferencePlan()
+            plan = inference.cache_for(self, ModelCache).plan
             y = plan.run(x)
             if y is not None:
                 return y
@@ -110,14 +105,30 @@ class MobileNetV2(nn.Module):
             record = None
         y = self._forward_layers(x)
         if record is not None:
-            plan.finish(self, x, record)
+            self._record_plan(plan, x, record)
         return y
+
+    def _record_plan(self, plan: inference.ModelPlan, x: Tensor, record) -> None:
+        """After a module-by-module inference call: the whole-model plan, when every layer
+        took its packed path (the plan checks the blocks' records itself)."""
+        feats = self.features
+        if len(feats) < 4:
+            return
+        blocks = [feats[i] for i in range(2, len(feats) - 1)]
+        if any(type(b) is not FusedInvertedResidual for b in blocks):
+            return
+        head = feats[len(feats) - 1]
+        if type(head) is not Conv2dNormActivation or not head._foldable():
+            return
+        head_args = head._pointwise_args(x, head._state())
+        # (the pooled features: one row per image, the head's channels)
+        classifier = self._classifier_args(x.new_empty((1, head._modules["0"].out_channels)))
+        plan.finish(x, record, self._stem_block_args(x), blocks, head_args, classifier)
 
     def clear_cache(self) -> None:
         """Drops the inference plan and every layer's cached folded and packed weights
         (rebuilt on the next inference call)."""
-        self.__dict__.pop("_plan", None)
-        self.__dict__.pop("_classifier_packed", None)
+        inference.clear(self)
         for m in self.modules():
             if m is not self and callable(getattr(type(m), "clear_cache", None)):
                 m.clear_cache()
@@ -151,7 +162,7 @@ class MobileNetV2(nn.Module):
         linear = self._packable_classifier(x)
         if linear is None:
             return None
-        packed = cache_of(self, "_classifier_packed").get(
+        packed = inference.cache_for(self, ModelCache).classifier.get(
             x.dtype, [t for t in (linear.weight, linear.bias) if t is not None],
             lambda: ops.pack_pointwise(linear.weight, linear.bias if linear.bias is not None
                                        else linear.weight.new_zeros(linear.out_features)))
@@ -181,9 +192,10 @@ class MobileNetV2(nn.Module):
         # (a batch norm in train mode, synchronised or not, is not foldable)
         if len(m) != 3 or not stem._foldable():
             return None
-        conv, norm, act = m["0"], m["1"], m["2"]
-        if (type(conv) is not nn.Conv2d or conv.kernel_size != (3, 3) or conv.stride != (2, 2)
-                or conv.padding != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
+        conv, act = m["0"], m["2"]
+        k, st, pad = ops.STEM_KERNEL, ops.STEM_STRIDE, ops.STEM_PAD
+        if (type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.stride != (st, st)
+                or conv.padding != (pad, pad) or conv.dilation != (1, 1) or conv.groups != 1
                 or conv.padding_mode != "zeros" or conv.in_channels != x.shape[1]
                 or conv.weight.dtype != x.dtype or not conv.weight.is_cpu or type(act) is not nn.ReLU6):
             return None
@@ -192,7 +204,7 @@ class MobileNetV2(nn.Module):
                 or any(uses_batch_stats(n) for n in parts[1::2])):
             return None
         if (any(mod._forward_hooks or mod._forward_pre_hooks for mod in (feats, stem, block))
-                or _global_hooks()):
+                or global_hooks()):
             return None
         stem_state = stem._state()
         block_state = block._state(parts)
@@ -201,8 +213,7 @@ class MobileNetV2(nn.Module):
             return None
         if backends.resolve(x) != "cpu":
             return None
-        stem_packed = cache_of(stem, "_stem_packed").get(
-            x.dtype, stem_state, lambda: ops.pack_stem(*stem._fold(conv, norm, torch.contiguous_format)))
+        stem_packed = stem.stem_packed_weights(x, stem_state)
         packed = block._packed_weights(x, block_state)
         if stem_packed is None or packed is None:
             return None
@@ -221,7 +232,7 @@ class MobileNetV2(nn.Module):
                 or type(linear) is not nn.Linear or linear.weight.dtype != x.dtype
                 or linear.weight.device != x.device or not x.is_contiguous()):
             return None
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (seq, dropout, linear)) or _global_hooks():
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (seq, dropout, linear)) or global_hooks():
             return None
         if torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad
                                         or (linear.bias is not None and linear.bias.requires_grad)):
@@ -234,122 +245,6 @@ class MobileNetV2(nn.Module):
 def _linear_packed(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     n, c = x.shape
     return ops.pointwise_conv(x.view(n, c, 1, 1), packed, out_features).view(n, -1)
-
-
-_MODEL_OP = torch.ops.mnv2.mobilenet_v2_packed.default if _extension.LOADED else None
-
-
-class _InferencePlan:
-    """The whole model's CPU inference as one operator call (mnv2::mobilenet_v2_packed)
-    on the layers' packed weights, without the modules in between.
-
-    Every layer of MobileNetV2 already caches its packed weights (DerivedCache), but
-    between two operators each module call still re-derives its decisions in Python:
-    about 25 us per layer inside a model, where the interpreter's own data has been
-    pushed out of the cache by the kernels (0.5 ms of a 6 ms batch-1 inference), and
-    even a bare replay of the ~20 operators from Python costs each a dispatcher call.
-    After an inference call in which every layer took its packed path (channels_last
-    CPU input, float32/float64, no gradient), the packed weights and every layer's
-    arguments are recorded here, and a later call runs them in one C++ call (which also
-    fuses the head with the average pooling) when all of this still holds, else the
-    modules run (and the plan is rebuilt):
-      * gradients disabled and not compiling; the input a CPU tensor of the same dtype,
-        channel count and channels_last layout; the same backend setting;
-      * no module in train mode and no forward hook or pre-hook on any submodule, none
-        global (hooks on the model itself run as usual, around forward);
-      * one TensorStamp over every parameter and buffer of the model (object,
-        implementation, version counter, data pointer) and the process-wide registration
-        epoch of DerivedCache: any change of a weight, statistic or submodule.
-    """
-
-    def __init__(self):
-        self.value = None
-        self._submodule_list = (None, None)  # (registration epoch, the model's submodules then)
-
-    def _submodules(self, model: "MobileNetV2"):
-        epoch, modules = self._submodule_list
-        if epoch != _EPOCH[0]:
-            modules = [m for m in model.modules() if m is not model]
-            self._submodule_list = (_EPOCH[0], modules)
-        return modules
-
-    def run(self, x: Tensor) -> Optional[Tensor]:
-        v = self.value
-        if v is None:
-            return None
-        dtype, cin, backend, epoch, stamp, idle, args = v
-        if (type(x) is not Tensor or x.dtype is not dtype or not x.is_cpu or x.dim() != 4
-                or x.shape[1] != cin or not x.is_contiguous(memory_format=torch.channels_last)
-                or x.is_contiguous() or backends.get_backend() != backend or _EPOCH[0] != epoch
-                or _global_hooks() or not stamp.valid() or not idle()):
-            return None
-        return _MODEL_OP(x, *args)
-
-    def start(self, model: "MobileNetV2", x: Tensor):
-        """Before a module-by-module inference call: what a plan needs from before it
-        (the epoch and the stamp), or None when x cannot have a plan. (A plan this call
-        cannot use is kept: run() re-checks everything, and finish() replaces it.)"""
-        if (_MODEL_OP is None or type(x) is not Tensor or not x.is_cpu or x.dim() != 4
-                or x.dtype not in (torch.float32, torch.float64)
-                or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
-                or _global_hooks()):
-            return None
-        epoch = _EPOCH[0]
-        modules = self._submodules(model)
-        # (every submodule in eval mode without forward hooks: one C++ loop, which run() repeats)
-        idle = _extension._C.ModulesIdle(modules)
-        if not idle():
-            return None
-        tensors = [t for m in (model, *modules) for d in (m._parameters, m._buffers) for t in d.values()
-                   if t is not None]
-        try:
-            return epoch, idle, _stamp(tensors)
-        except RuntimeError:
-            return None  # inference-mode or fake tensors: nothing to stamp (as DerivedCache)
-
-    def finish(self, model: "MobileNetV2", x: Tensor, record) -> None:
-        """After that call: records the plan when every layer took its packed path."""
-        epoch, idle, stamp = record
-        feats = model.features
-        if len(feats) < 4:
-            return
-        stem = model._stem_block_args(x)
-        if stem is None:
-            return
-        backend = backends.get_backend()
-        blocks = []
-        for i in range(2, len(feats) - 1):
-            block = feats[i]
-            fast = block.__dict__.get("_fast") if type(block) is FusedInvertedResidual else None
-            if fast is None or fast[0] is not x.dtype or fast[2] != backend:
-                return
-            packed = block.__dict__["_packed_cache"].peek(x.dtype)
-            if packed is None:
-                return
-            blocks.append((packed, fast[4]))
-        head = feats[len(feats) - 1]
-        if type(head) is not Conv2dNormActivation or not head._foldable():
-            return
-        head_args = head._pointwise_args(x, head._state())
-        # (the pooled features: one row per image, the head's channels)
-        classifier = model._classifier_args(x.new_empty((1, head._modules["0"].out_channels)))
-        if head_args is None or classifier is None:
-            return
-        head_packed, head_cout, activation = head_args
-        # (the operator's arguments after the image: one C++ call runs every layer)
-        args = (stem[0], stem[1], list(stem[2:]), [packed for packed, _ in blocks],
-                [int(a) for _, block_args in blocks for a in block_args], head_packed,
-                [head_cout, ops.ACTIVATIONS[activation]], *classifier)
-        self.value = (x.dtype, x.shape[1], backend, epoch, stamp, idle, args)
-
-    def __deepcopy__(self, memo):
-        return _InferencePlan()  # a copy has its own tensors
-
-    def __getstate__(self):
-        return {}  # (a stamp does not pickle; the copy builds its own plan)
-
-    def __setstate__(self, state):
-        self.__init__()
 
 
 def mobilenet_v2(

@@ -5,22 +5,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends, ops
-from ._cache import cache_of
-from .distributed import (
-    all_reduce_moments,
-    check_global_count,
-    sync_batch_norm,
-    sync_process_group,
-    zero_if_empty,
-)
-from .folding import (
-    check_batch_count,
-    fold_bn,
-    running_stats,
-    update_running_stats,
-    uses_batch_stats,
-)
+from . import backends, inference, ops
+from .batch_norm import BatchNormStep, fold_bn, running_stats, sync_batch_norm, sync_process_group, uses_batch_stats
+from .inference import BlockCache, BlockRecord, ConvCache, PackedBlockArgs
 
 
 class Conv2dNormActivation(nn.Sequential):
@@ -32,6 +19,8 @@ class Conv2dNormActivation(nn.Sequential):
     1x1 convolution on channels_last input runs as one matrix product, and
     ReLU/ReLU6 are applied in place. Otherwise it runs module by module.
     """
+
+    _mnv2_cache = None  # a ConvCache, made on the first inference call (inference.cache_for)
 
     def __init__(
         self,
@@ -83,7 +72,7 @@ class Conv2dNormActivation(nn.Sequential):
             packed = self._pointwise_args(x, state)
             if packed is not None:
                 return ops.pointwise_conv(x, *packed)
-        folded = None if needs_grad else cache_of(self, "_folded").get(
+        folded = None if needs_grad else inference.cache_for(self, ConvCache).folded.get(
             (x.dtype, fmt), state, fold)
         w, b = folded if folded is not None else fold()
         if pointwise:
@@ -125,14 +114,21 @@ class Conv2dNormActivation(nn.Sequential):
         conv, norm, act = self._modules["0"], self._modules["1"], self._modules.get("2")
         if not (self._is_pointwise(conv) and x.device.type == "cpu" and backends.resolve(x) == "cpu"):
             return None
-        packed = cache_of(self, "_packed").get(
+        packed = inference.cache_for(self, ConvCache).packed.get(
             x.dtype, state, lambda: self._pack_pointwise(conv, norm))
         return None if packed is None else (packed, conv.out_channels, _ACTIVATION_NAMES[type(act)])
 
+    def stem_packed_weights(self, x: Tensor, state) -> Optional[Tensor]:
+        """This layer's weights packed for ops.stem_block (MobileNetV2's first convolution
+        fused into the first block), cached until a source changes; None when they
+        cannot be cached (inference-mode tensors)."""
+        conv, norm = self._modules["0"], self._modules["1"]
+        return inference.cache_for(self, ConvCache).stem.get(
+            x.dtype, state, lambda: ops.pack_stem(*self._fold(conv, norm, torch.contiguous_format)))
+
     def clear_cache(self) -> None:
         """Drops the cached folded and packed weights (rebuilt on the next inference call)."""
-        for key in ("_packed", "_folded", "_stem_packed"):
-            self.__dict__.pop(key, None)
+        inference.clear(self)
 
     @staticmethod
     def _fold(conv, norm, fmt):
@@ -165,6 +161,8 @@ class FusedInvertedResidual(nn.Module):
     call. In train mode the batch statistics are computed without keeping the
     hidden tensor for backward, folded, and the last batch norm runs as usual.
     """
+
+    _mnv2_cache = None  # a BlockCache, made on the first inference call (inference.cache_for)
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int,
                  norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
@@ -250,8 +248,10 @@ class FusedInvertedResidual(nn.Module):
                 raise TypeError(
                     "FusedInvertedResidual folds batch norm into the convolutions; norm_layer must "
                     f"build BatchNorm2d (or FrozenBatchNorm2d), got {type(norm).__name__}")
-        if dw.kernel_size != (3, 3) or dw.groups != dw.in_channels or dw.padding != (1, 1):
-            raise TypeError(f"FusedInvertedResidual: expected a 3x3 depthwise convolution, got {dw}")
+        k, pad = ops.DW_KERNEL, ops.DW_PAD
+        if dw.kernel_size != (k, k) or dw.groups != dw.in_channels or dw.padding != (pad, pad):
+            raise TypeError(f"FusedInvertedResidual: expected a {k}x{k} depthwise convolution with padding "
+                            f"{pad}, got {dw}")
 
     @property
     def in_channels(self) -> int:
@@ -280,9 +280,8 @@ class FusedInvertedResidual(nn.Module):
                                f"parameters' dtype {weight.dtype}")
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = self.__dict__.get("_fast")
-        if fast is not None and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            y = self._forward_fast(x, fast)
+        if not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            y = inference.run_block(self._mnv2_cache, x)  # the last inference call's decisions, re-checked
             if y is not None:
                 return y
         parts = self._parts()
@@ -299,41 +298,24 @@ class FusedInvertedResidual(nn.Module):
             if not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in state))):
                 # inference: fold (and pack, for the CPU kernel) once, reuse until a
                 # parameter or buffer changes
+                cache = inference.cache_for(self, BlockCache)
                 if backend == "cpu":
                     packed = self._packed_weights(x, state)
                     if packed is not None:
-                        args = (parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
-                                self.stride, self.use_res_connect)
+                        args = PackedBlockArgs(parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
+                                               self.stride, self.use_res_connect)
                         if not torch.is_grad_enabled():
                             batch_norms = tuple(n for n in parts[1::2]
                                                 if isinstance(n, nn.modules.batchnorm._BatchNorm))
                             # (x's channels were checked against the block's above)
-                            self.__dict__["_fast"] = (x.dtype, x.shape[1], backends.get_backend(), batch_norms,
-                                                      args)
-                        return ops.packed_op()(x, packed, *args)
+                            cache.record = BlockRecord(x.dtype, x.shape[1], backends.get_backend(), batch_norms,
+                                                       args)
+                        return ops.fused_inverted_residual_packed(x, packed, *args)
                 else:
-                    cache = cache_of(self, "_folded_cache")
-                    weights = cache.get(x.dtype, state, self.folded_weights)
+                    weights = cache.folded.get(x.dtype, state, self.folded_weights)
         if weights is None:
             weights = self.folded_weights()
         return ops.fused_inverted_residual(x, *weights, self.stride, self.use_res_connect, backend)
-
-    def _forward_fast(self, x, fast) -> Optional[Tensor]:
-        """The packed CPU operator without re-deriving anything, when the last inference
-        call's decisions all still hold (else None: the full path runs): the same dtype
-        and channels on a CPU tensor, the same backend setting, no batch norm in train
-        mode, and packed weights none of whose sources changed (DerivedCache.peek)."""
-        dtype, cin, backend, batch_norms, args = fast
-        if (type(x) is not Tensor or x.dtype is not dtype or not x.is_cpu or x.dim() != 4
-                or x.shape[1] != cin or backends.get_backend() != backend):
-            return None
-        for bn in batch_norms:
-            if bn.training:
-                return None
-        packed = self.__dict__["_packed_cache"].peek(dtype)
-        if packed is None:
-            return None
-        return ops.packed_op()(x, packed, *args)
 
     def folded_weights(self):
         """The operator's weights with every batch norm folded in with its running statistics:
@@ -347,19 +329,17 @@ class FusedInvertedResidual(nn.Module):
             w1 = w1.view(hidden, -1)
         wd, bd = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, *running_stats(bn2), bn2.eps)
         w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
-        return w1, b1, wd.view(hidden, 3, 3), bd, w3.view(cout, hidden), b3
+        return w1, b1, wd.view(hidden, *dw.kernel_size), bd, w3.view(cout, hidden), b3
 
     def _packed_weights(self, x: Tensor, tensors) -> Optional[Tensor]:
-        """Folded and packed weights for the CPU kernel, cached on the module until a
-        parameter or buffer changes (None for tensors made under inference_mode)."""
-        cache = cache_of(self, "_packed_cache")
-        return cache.get(x.dtype, tensors, lambda: torch.ops.mnv2.pack_weights.default(*self.folded_weights()))
+        """Folded and packed weights for the CPU kernel, cached until a parameter or buffer
+        changes (None for tensors made under inference_mode)."""
+        return inference.cache_for(self, BlockCache).packed.get(
+            x.dtype, tensors, lambda: ops.pack_weights(*self.folded_weights()))
 
     def clear_cache(self) -> None:
         """Drops the cached folded and packed weights (rebuilt on the next inference call)."""
-        self.__dict__.pop("_fast", None)
-        self.__dict__.pop("_packed_cache", None)
-        self.__dict__.pop("_folded_cache", None)
+        inference.clear(self)
 
     def _forward_unfused(self, x: Tensor, parts) -> Tensor:
         """torchvision's computation, module by module (the stages' SyncBatchNorm is
@@ -374,35 +354,22 @@ class FusedInvertedResidual(nn.Module):
         y = sync_batch_norm(y, bn3, group)
         return x + y if self.use_res_connect else y
 
-    @staticmethod
-    def _batch_moments(bn: nn.Module, group, mean: Tensor, var: Tensor, count: int, size):
-        """This process's batch statistics of ``bn``'s input, or, when ``group`` is not None
-        (``bn`` is a SyncBatchNorm in distributed training), the process group's: one
-        all-reduce of the sum, the sum of squares and the count. The running statistics
-        are updated with them."""
-        if group is not None:
-            mean, var, count = all_reduce_moments(mean, var, count, group)
-            check_global_count(count, size)
-        update_running_stats(bn, mean, var, count)
-        return mean, var
-
     def _forward_batch_stats(self, x: Tensor, backend: str) -> Tensor:
         """Train mode (or BN without running statistics): exact batch statistics.
 
         bn1's statistics come from x's channel mean and covariance, bn2's from the
-        depthwise_moments operator; both are folded into the fused operator, which
-        then produces the pre-bn3 output; bn3 runs as an ordinary module.
+        depthwise_moments operator; both are folded into the fused operator, which then
+        produces the pre-bn3 output; bn3 runs as an ordinary module.
 
         SyncBatchNorm in distributed training: each statistic is this process's
         (mean, variance, count) all-reduced over the group as (sum, sum of squares,
-        count) before folding (all_reduce_moments), per hidden channel for bn1 and bn2,
-        per output channel for bn3; autograd flows through the all-reduce. A process
-        with an empty batch takes part with a count of 0.
+        count) before folding (BatchNormStep), per hidden channel for bn1 and bn2, per
+        output channel for bn3; autograd flows through the all-reduce. A process with an
+        empty batch takes part with a count of 0.
         """
-        parts = self._parts()
-        expand, bn1, dw, bn2, proj, bn3 = parts
-        group1, group2, group3 = (sync_process_group(bn) for bn in (bn1, bn2, bn3))
-        if x.shape[0] == 0 and group1 is None and group2 is None and group3 is None:
+        expand, bn1, dw, bn2, proj, bn3 = self._parts()
+        step1, step2, step3 = BatchNormStep(bn1), BatchNormStep(bn2), BatchNormStep(bn3)
+        if x.shape[0] == 0 and step1.group is None and step2.group is None and step3.group is None:
             # an empty batch has no statistics: torch's batch norm returns an empty
             # result and only counts the batch, which the unfused modules reproduce
             return x + self.conv(x) if self.use_res_connect else self.conv(x)
@@ -412,43 +379,38 @@ class FusedInvertedResidual(nn.Module):
         hidden, cout = dw.out_channels, proj.out_channels
         w1 = b1 = None
         if expand is not None:
-            if uses_batch_stats(bn1):
-                if group1 is None:
-                    check_batch_count(n * h * w, (n, hidden, h, w))
-                mean_x, cov_x = ops.channel_moments(x)
-                if group1 is not None:
-                    mean_x, cov_x = zero_if_empty(mean_x, n), zero_if_empty(cov_x, n)
+            if step1.uses_batch:
+                step1.check_count(n * h * w, (n, hidden, h, w))
+                mean_x, cov_x = step1.local_moments(*ops.channel_moments(x), n)
                 we = expand.weight.view(hidden, -1).to(cov_x.dtype)
                 mean1 = we @ mean_x
                 if expand.bias is not None:
                     mean1 = mean1 + expand.bias
                 var1 = ((we @ cov_x) * we).sum(1).clamp_min(0)
-                mean1, var1 = self._batch_moments(bn1, group1, mean1, var1, n * h * w, (n, hidden, h, w))
+                mean1, var1 = step1.batch_moments(mean1, var1, n * h * w, (n, hidden, h, w))
                 mean1, var1 = mean1.to(x.dtype), var1.to(x.dtype)
             else:
                 mean1, var1 = running_stats(bn1)
             w1, b1 = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, mean1, var1, bn1.eps)
             w1 = w1.view(hidden, -1)
         ho, wo = ops.output_size(h, w, self.stride)
-        if uses_batch_stats(bn2):
-            if group2 is None:
-                check_batch_count(n * ho * wo, (n, hidden, ho, wo))
-            mean2, var2 = ops.depthwise_moments(x, w1, b1, dw.weight.view(hidden, 3, 3), self.stride)
-            if group2 is not None:
-                mean2, var2 = zero_if_empty(mean2, n), zero_if_empty(var2, n)
+        if step2.uses_batch:
+            step2.check_count(n * ho * wo, (n, hidden, ho, wo))
+            moments = ops.depthwise_moments(x, w1, b1, dw.weight.view(hidden, *dw.kernel_size), self.stride)
+            mean2, var2 = step2.local_moments(*moments, n)
             if dw.bias is not None:
                 mean2 = mean2 + dw.bias
-            mean2, var2 = self._batch_moments(bn2, group2, mean2, var2, n * ho * wo, (n, hidden, ho, wo))
+            mean2, var2 = step2.batch_moments(mean2, var2, n * ho * wo, (n, hidden, ho, wo))
             mean2, var2 = mean2.to(x.dtype), var2.to(x.dtype)
         else:
             mean2, var2 = running_stats(bn2)
         wd, bd = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, mean2, var2, bn2.eps)
-        wd = wd.view(hidden, 3, 3)
-        if uses_batch_stats(bn3):
+        wd = wd.view(hidden, *dw.kernel_size)
+        if step3.uses_batch:
             b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
             u = ops.fused_inverted_residual(x, w1, b1, wd, bd, proj.weight.view(cout, hidden), b_proj,
                                             self.stride, False, backend)
-            y = bn3(u) if group3 is None else sync_batch_norm(u, bn3, group3)
+            y = step3.normalize(u)
             return y + x if self.use_res_connect else y
         w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
         return ops.fused_inverted_residual(x, w1, b1, wd, bd, w3.view(cout, hidden), b3, self.stride,

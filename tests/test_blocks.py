@@ -158,14 +158,15 @@ def test_cache_follows_optimizer_steps_and_replaced_parameters(cpu_backend):
 
 def test_inference_fast_path_sees_every_change(cpu_backend, monkeypatch):
     """After the first inference call a block reuses its decisions and packed weights
-    (FusedInvertedResidual._forward_fast); each kind of change must reach the output."""
+    (its inference.BlockRecord, replayed by inference.run_block); each kind of change must
+    reach the output."""
     tv, fused = make_pair(24, 24, 1, 6, seed=4)
     tv.eval()
     fused.eval()
     x = _input(2, 24, 9, 9, torch.channels_last)
     calls = []
-    real_op = ops.packed_op()
-    monkeypatch.setattr(ops, "_PACKED_OP", lambda *a: calls.append(1) or real_op(*a))
+    real_op = ops.BLOCK_PACKED
+    monkeypatch.setattr(ops, "BLOCK_PACKED", lambda *a: calls.append(1) or real_op(*a))
 
     def check():
         with torch.no_grad():
@@ -173,7 +174,7 @@ def test_inference_fast_path_sees_every_change(cpu_backend, monkeypatch):
 
     check()
     check()
-    assert "_fast" in fused.__dict__ and len(calls) == 2
+    assert fused._mnv2_cache.record is not None and len(calls) == 2
     # a replaced parameter whose old tensor stays alive (the stamp still sees it unchanged)
     kept = fused.conv[2].weight
     new_weight = torch.randn_like(kept)

@@ -143,7 +143,7 @@ def test_report_resolution_table_shows_no_expansion():
     """The memory report's paper-Table-3 view: inside the fused blocks nothing wider than a
     bottleneck is materialised at any resolution, while torchvision materialises the expansions
     (t x the block's input). Recorded from every operator's output, so it can fail."""
-    from mnv2_kernels import memory_report
+    from bench import memory_report
     from mnv2_kernels.model import mobilenet_block_shapes
 
     table = memory_report.resolution_table(resolution=64)

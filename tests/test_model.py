@@ -43,6 +43,12 @@ def test_block_shapes_follow_the_architecture(width_mult):
             torchvision_block_shapes(width_mult, resolution)
 
 
+def cached(module, field, dtype) -> bool:
+    """Whether the module's inference cache holds a valid value in ``field`` for dtype."""
+    cache = module._mnv2_cache
+    return cache is not None and getattr(cache, field).peek(dtype) is not None
+
+
 def test_stem_and_head_fold_their_batch_norm(cpu_backend):
     """mobilenet_v2's own Conv2dNormActivation folds BN in eval mode (cached under
     no_grad, re-folded after a change); train mode and gradients stay exact.
@@ -61,11 +67,11 @@ def test_stem_and_head_fold_their_batch_norm(cpu_backend):
             with torch.no_grad():
                 assert rel_err(b(x), a(x)) <= tol
                 # the channels_last head runs the CPU kernel's pointwise GEMM on packed weights
-                assert ("_packed" in b.features[-1].__dict__) == (fmt == torch.channels_last and not train)
+                assert cached(b.features[-1], "packed", dtype) == (fmt == torch.channels_last and not train)
                 # eval: the stem and the first block run as one operator (any layout); the
                 # classifier runs on packed weights whenever no gradient is needed
-                assert ("_stem_packed" in b.features[0].__dict__) == (not train)
-                assert "_classifier_packed" in b.__dict__
+                assert cached(b.features[0], "stem", dtype) == (not train)
+                assert cached(b, "classifier", dtype)
                 for m in (a, b):
                     m.features[-1][1].running_var.mul_(1.5)  # the head's BN: the fold must follow
                     m.features[0][1].running_mean.add_(0.25)  # the stem's BN
@@ -232,7 +238,7 @@ def test_five_sgd_steps_match_torchvision(cpu_backend):
 
 def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
     """After an inference call in which every layer took its packed CPU path, the model
-    replays the packed operators without the modules (_InferencePlan); each kind of
+    replays the packed operators without the modules (inference.ModelPlan); each kind of
     change must reach the output, and anything the plan cannot honour (hooks, train
     mode, another backend, dtype or layout, gradients) runs the modules."""
     from mnv2_kernels.modules import FusedInvertedResidual
@@ -257,7 +263,7 @@ def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
         assert (not module_calls) == replayed
 
     check(False)  # builds the plan
-    assert ours._plan.value is not None
+    assert ours._mnv2_cache.plan.entry is not None
     check(True)
     check(True)
     with torch.no_grad():
@@ -319,7 +325,7 @@ def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
     for m in (tv, ours):  # eps is a plain attribute: seen after clear_cache()
         m.features[6].conv[1][1].eps = 0.5
     ours.clear_cache()
-    assert "_plan" not in ours.__dict__ and "_packed_cache" not in ours.features[6].__dict__
+    assert ours._mnv2_cache is None and ours.features[6]._mnv2_cache is None
     check(False)
     check(True)
 
@@ -338,14 +344,14 @@ def test_whole_model_operator(cpu_backend):
     x = torch.randn(3, 3, 45, 38).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ours(x)
-        args = ours._plan.value[-1]
+        args = ours._mnv2_cache.plan.entry.args
         y = ops.mobilenet_v2_packed(x, *args)
         assert rel_err(y, tv(x)) <= FP32_RTOL
         stem, first, first_args, blocks, block_args, head, head_args, classifier, classes = args
         h = ops.stem_block(x, stem, first, *first_args)
         for i, packed in enumerate(blocks):
             hidden, cout, has_expand, stride, residual = block_args[5 * i:5 * i + 5]
-            h = ops.packed_op()(h, packed, hidden, cout, bool(has_expand), stride, bool(residual))
+            h = ops.fused_inverted_residual_packed(h, packed, hidden, cout, bool(has_expand), stride, bool(residual))
         h = ops.pointwise_conv(h, head, head_args[0], "relu6").mean((2, 3))
         steps = ops.pointwise_conv(h.view(3, -1, 1, 1), classifier, classes).view(3, -1)
         assert rel_err(y, steps) <= FP32_RTOL

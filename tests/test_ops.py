@@ -11,7 +11,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import mnv2_kernels
-from mnv2_kernels import ops, reference
+from mnv2_kernels import moments, ops, reference
 from conftest import FP32_RTOL, randomize_bn, rel_err
 
 # (N, Cin, H, W, Cout, t, stride, residual, layout)
@@ -91,7 +91,7 @@ def test_depthwise_moments_cpu_kernel_matches_pytorch(cfg, channels_last, dtype)
     wd = torch.randn(hidden, 3, 3, dtype=dtype, generator=g) / 3 + 1.0  # mean >> std
     mean, var = torch.ops.mnv2.depthwise_moments(x, we, be, wd, stride)
     x64 = x.double()
-    ref_mean, ref_var = ops._depthwise_moments_impl(
+    ref_mean, ref_var = moments.depthwise_moments_torch(
         x64, None if we is None else we.double(), None if be is None else be.double(), wd.double(), stride)
     assert mean.dtype == dtype and var.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -121,9 +121,8 @@ def test_depthwise_moments_fused_backward_matches_pytorch(cfg, channels_last, dt
     gv = torch.randn(hidden, dtype=mean.dtype, generator=g)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     for g_mean, g_var in ((gm, None), (None, gv), (gm, gv)):
-        fused = ops._depthwise_moments_backward_fused(x, we, be, wd, stride, mean, g_mean, g_var)
-        ctx = type("Ctx", (), {"saved_tensors": (x, we, be, wd, mean), "stride": stride})()
-        generic = ops._depthwise_moments_backward_generic(ctx, g_mean, g_var)
+        fused = moments.depthwise_moments_backward_fused(x, we, be, wd, stride, mean, g_mean, g_var)
+        generic = moments.depthwise_moments_backward_torch(x, we, be, wd, stride, g_mean, g_var)
         for a, b in zip(fused, generic):
             assert (a is None) == (b is None)
             if a is not None:

@@ -4,7 +4,7 @@ Python threads run blocks concurrently (the operators release the GIL, and each
 call runs its own OpenMP team, so the C++ kernels really overlap). Results must
 be bitwise those of serial runs at the same torch thread count: the kernels'
 work split and reductions depend only on torch.get_num_threads(), never on
-timing, and the weight caches (mnv2_kernels/_cache.py) must never serve
+timing, and the weight caches (mnv2_kernels/inference.py) must never serve
 weights other than the module's current ones.
 """
 
@@ -15,8 +15,8 @@ import time
 import torch
 
 import mnv2_kernels
-from mnv2_kernels import FusedInvertedResidual
-from mnv2_kernels._cache import DerivedCache
+from mnv2_kernels import Conv2dNormActivation, FusedInvertedResidual
+from mnv2_kernels.inference import DerivedCache
 
 from conftest import make_pair
 
@@ -73,10 +73,8 @@ def _run_worker(i, blocks, shared, shared_inputs, barrier=None):
 
 def _clear_caches(model):
     for m in model.modules():
-        if isinstance(m, FusedInvertedResidual):
-            m.clear_cache()
-        m.__dict__.pop("_folded", None)  # Conv2dNormActivation's folded weights
-        m.__dict__.pop("_packed", None)  # and its packed pointwise weights (the head)
+        if isinstance(m, (FusedInvertedResidual, Conv2dNormActivation)):
+            m.clear_cache()  # folded and packed weights, the blocks' records
 
 
 def _run_threads(target, n):

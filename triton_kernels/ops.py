@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..autograd import register_block_autograd
 from . import fused_ir
 
 FWD = "mnv2::triton_fused_inverted_residual"
@@ -95,13 +96,6 @@ def _triton_op_usable() -> bool:
     return True
 
 
-def _setup_context(ctx, inputs, output):
-    x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual = inputs
-    ctx.save_for_backward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project)
-    ctx.stride = stride
-    ctx.residual = residual
-
-
 def _define(fwd_name: str, bwd_name: str, use_triton_op: bool) -> None:
     """Defines the forward/backward operators under the given names, with autograd."""
 
@@ -131,18 +125,7 @@ def _define(fwd_name: str, bwd_name: str, use_triton_op: bool) -> None:
         bwd_op.register_fake(_fake_backward)
 
     ns, bwd_short = bwd_name.split("::")
-    bwd_packet = getattr(getattr(torch.ops, ns), bwd_short)
-
-    def backward(ctx, grad_y):
-        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project = ctx.saved_tensors
-        grads = list(bwd_packet.default(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project,
-                                        ctx.stride, ctx.residual))
-        if w_expand is None:
-            grads[1] = grads[2] = None
-        needs = ctx.needs_input_grad
-        return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None)
-
-    torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
+    register_block_autograd(fwd_name, lambda: getattr(getattr(torch.ops, ns), bwd_short).default)
 
 
 def register() -> None:
@@ -159,9 +142,3 @@ def register() -> None:
     _define(FWD, BWD, use_triton_op)
     USED_TRITON_OP = use_triton_op
 
-
-def triton_fused_inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
-    """Calls the registered operator (registering it first if needed)."""
-    register()
-    return torch.ops.mnv2.triton_fused_inverted_residual.default(
-        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)

@@ -1,0 +1,137 @@
+"""Fake (meta) kernels of the compiled ``mnv2::`` operators: output shapes, dtypes and
+memory formats for torch.compile, torch.export and meta tensors, with the checks that
+the C++ kernels make on shapes."""
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from . import _extension
+from .moments import acc_dtype
+from .ops import DW_KERNEL, output_size, stem_output_size
+
+
+def check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+    """The shape checks of the block's kernels; returns (hidden, cout)."""
+    torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    torch._check(stride in (1, 2), lambda: f"mnv2: stride must be 1 or 2, got {stride}")
+    for name, t in (("w_expand", w_expand), ("b_expand", b_expand), ("w_dw", w_dw), ("b_dw", b_dw),
+                    ("w_project", w_project), ("b_project", b_project)):
+        if t is not None:
+            torch._check(t.device == x.device and t.dtype == x.dtype,
+                         lambda: f"mnv2: {name} ({t.dtype} on {t.device}) must match x ({x.dtype} on {x.device})")
+    hidden = w_dw.shape[0]
+    cin = x.shape[1]
+    torch._check(tuple(w_dw.shape) == (hidden, DW_KERNEL, DW_KERNEL),
+                 lambda: f"mnv2: w_dw must be (hidden, {DW_KERNEL}, {DW_KERNEL})")
+    torch._check((w_expand is None) == (b_expand is None),
+                 lambda: "mnv2: w_expand and b_expand must be given together")
+    if w_expand is not None:
+        torch._check(tuple(w_expand.shape) == (hidden, cin), lambda: "mnv2: w_expand must be (hidden, Cin)")
+        torch._check(tuple(b_expand.shape) == (hidden,), lambda: "mnv2: b_expand must be (hidden,)")
+    else:
+        torch._check(hidden == cin, lambda: "mnv2: without w_expand, w_dw must have Cin channels")
+    torch._check(tuple(b_dw.shape) == (hidden,), lambda: "mnv2: b_dw must be (hidden,)")
+    torch._check(w_project.dim() == 2 and w_project.shape[1] == hidden,
+                 lambda: "mnv2: w_project must be (Cout, hidden)")
+    cout = w_project.shape[0]
+    torch._check(tuple(b_project.shape) == (cout,), lambda: "mnv2: b_project must be (Cout,)")
+    torch._check(not residual or (stride == 1 and cin == cout),
+                 lambda: "mnv2: residual needs stride 1 and Cin == Cout")
+    return hidden, cout
+
+
+def _like_x(x, shape):
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+
+
+def _check_4d(t, name="x"):
+    torch._check(t.dim() == 4, lambda: f"mnv2: {name} must be 4-D (N, C, H, W), got {t.dim()}-D")
+
+
+def block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+    _, cout = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+    return _like_x(x, (x.shape[0], cout, *output_size(x.shape[2], x.shape[3], stride)))
+
+
+def block_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+    hidden, cout = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+    he = hidden if w_expand is not None else 0
+    return (_like_x(x, x.shape), x.new_empty((he, x.shape[1] if w_expand is not None else 0)), x.new_empty((he,)),
+            x.new_empty((hidden, DW_KERNEL, DW_KERNEL)), x.new_empty((hidden,)), x.new_empty((cout, hidden)),
+            x.new_empty((cout,)))
+
+
+def pack_weights(w_expand, b_expand, w_dw, b_dw, w_project, b_project):
+    cin = w_expand.shape[1] if w_expand is not None else w_dw.shape[0]
+    numel = _extension._C.packed_numel(cin, w_dw.shape[0], w_project.shape[0], w_expand is not None,
+                                       w_dw.dtype == torch.float64)
+    return w_dw.new_empty((numel,))
+
+
+def block_packed(x, packed, hidden, cout, has_expand, stride, residual):
+    _check_4d(x)
+    return _like_x(x, (x.shape[0], cout, *output_size(x.shape[2], x.shape[3], stride)))
+
+
+def pack_pointwise(weight, bias):
+    torch._check(weight.dim() == 2, lambda: "mnv2: pack_pointwise needs a (cout, cin) weight")
+    numel = _extension._C.pointwise_packed_numel(weight.shape[1], weight.shape[0], weight.dtype == torch.float64)
+    return weight.new_empty((numel,))
+
+
+def pointwise_conv_packed(x, packed, cout, activation):
+    _check_4d(x)
+    return torch.empty((x.shape[0], cout, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def stem_block_packed(image, stem_packed, packed, channels, cout, stride):
+    _check_4d(image, "image")
+    h, w = stem_output_size(image.shape[2], image.shape[3])
+    return _like_x(image, (image.shape[0], cout, *output_size(h, w, stride)))
+
+
+def pointwise_conv_mean_packed(x, packed, cout, activation):
+    _check_4d(x)
+    return x.new_empty((x.shape[0], cout))
+
+
+def mobilenet_v2_packed(image, stem_packed, first_packed, first_args, blocks, block_args, head_packed, head_args,
+                        classifier_packed, classes):
+    _check_4d(image, "image")
+    return image.new_empty((image.shape[0], classes))
+
+
+def channel_moments(x):
+    torch._check(x.dim() == 4, lambda: "mnv2: channel_moments needs a 4-D input")
+    c = x.shape[1]
+    acc = acc_dtype(x)
+    return x.new_empty((c,), dtype=acc), x.new_empty((c, c), dtype=acc)
+
+
+def depthwise_moments(x, w_expand, b_expand, w_dw, stride):
+    torch._check(x.dim() == 4, lambda: "mnv2: depthwise_moments needs a 4-D input")
+    acc = acc_dtype(x)
+    return x.new_empty((w_dw.shape[0],), dtype=acc), x.new_empty((w_dw.shape[0],), dtype=acc)
+
+
+def depthwise_moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta):
+    he = w_dw.shape[0] if w_expand is not None else 0
+    return (_like_x(x, x.shape), x.new_empty((he, x.shape[1] if w_expand is not None else 0)),
+            x.new_empty((he,)), x.new_empty(tuple(w_dw.shape)))
+
+
+if _extension.LOADED:
+    for _name, _fake in (("fused_inverted_residual", block),
+                         ("fused_inverted_residual_backward", block_backward),
+                         ("pack_weights", pack_weights),
+                         ("fused_inverted_residual_packed", block_packed),
+                         ("pack_pointwise", pack_pointwise),
+                         ("pointwise_conv_packed", pointwise_conv_packed),
+                         ("stem_block_packed", stem_block_packed),
+                         ("pointwise_conv_mean_packed", pointwise_conv_mean_packed),
+                         ("mobilenet_v2_packed", mobilenet_v2_packed),
+                         ("channel_moments", channel_moments),
+                         ("depthwise_moments", depthwise_moments),
+                         ("depthwise_moments_backward", depthwise_moments_backward)):
+        torch.library.register_fake(f"mnv2::{_name}")(_fake)

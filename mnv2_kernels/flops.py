@@ -1,0 +1,77 @@
+"""FLOP formulas of the ``mnv2::`` operators for torch.utils.flop_counter.FlopCounterMode:
+twice the multiply-adds of the convolutions each computes (batch norm, activations and
+the residual add are not counted, as torch does not count them for convolutions)."""
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from . import _extension
+from .ops import DW_KERNEL, STEM_KERNEL, output_size, stem_output_size
+
+
+def block_macs(x_shape, hidden: int, cout: int, stride: int, has_expand: bool) -> int:
+    """Multiply-adds of one block: expand + depthwise + project."""
+    n, cin, h, w = x_shape
+    ho, wo = output_size(h, w, stride)
+    expand = n * h * w * cin * hidden if has_expand else 0
+    return expand + n * ho * wo * hidden * DW_KERNEL * DW_KERNEL + n * ho * wo * hidden * cout
+
+
+def stem_block_macs(image_shape, channels: int, cout: int, stride: int) -> int:
+    """Multiply-adds of MobileNetV2's first convolution and the first block."""
+    n, c, h, w = image_shape
+    sh, sw = stem_output_size(h, w)
+    stem = n * sh * sw * channels * STEM_KERNEL * STEM_KERNEL * c
+    return stem + block_macs((n, channels, sh, sw), channels, cout, stride, False)
+
+
+def _block(x_shape, w_expand_shape, b_expand_shape, w_dw_shape, b_dw_shape, w_project_shape,
+           b_project_shape, stride, residual, *args, out_shape=None, **kwargs) -> int:
+    return 2 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride, w_expand_shape is not None)
+
+
+def _block_backward(grad_y_shape, x_shape, w_expand_shape, b_expand_shape, w_dw_shape, b_dw_shape,
+                    w_project_shape, b_project_shape, stride, residual, *args, out_shape=None, **kwargs) -> int:
+    # As torch counts convolution backward: input and weight gradients of each
+    # convolution, twice the forward. The forward recomputation is not counted.
+    return 4 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride, w_expand_shape is not None)
+
+
+def _block_packed(x_shape, packed_shape, hidden, cout, has_expand, stride, residual, *args, out_shape=None,
+                  **kwargs) -> int:
+    return 2 * block_macs(x_shape, hidden, cout, stride, has_expand)
+
+
+def _stem_block(image_shape, stem_shape, packed_shape, channels, cout, stride, *args, out_shape=None,
+                **kwargs) -> int:
+    return 2 * stem_block_macs(image_shape, channels, cout, stride)
+
+
+def _pointwise_mean(x_shape, packed_shape, cout, activation, *args, out_shape=None, **kwargs) -> int:
+    n, c, h, w = x_shape
+    return 2 * n * h * w * c * cout
+
+
+def _model(image_shape, stem_shape, first_shape, first_args, block_shapes, block_args, head_shape,
+           head_args, classifier_shape, classes, *args, out_shape=None, **kwargs) -> int:
+    n, _, h, w = image_shape
+    channels, c, stride = first_args
+    macs = stem_block_macs(image_shape, channels, c, stride)
+    h, w = output_size(*stem_output_size(h, w), stride)
+    for i in range(0, len(block_args), 5):
+        hidden, cout, has_expand, stride, _residual = block_args[i:i + 5]
+        macs += block_macs((n, c, h, w), hidden, cout, stride, bool(has_expand))
+        c = cout
+        h, w = output_size(h, w, stride)
+    macs += n * h * w * c * head_args[0] + n * head_args[0] * classes
+    return 2 * macs
+
+
+if _extension.LOADED:
+    for _op, _formula in ((torch.ops.mnv2.fused_inverted_residual, _block),
+                          (torch.ops.mnv2.fused_inverted_residual_backward, _block_backward),
+                          (torch.ops.mnv2.fused_inverted_residual_packed, _block_packed),
+                          (torch.ops.mnv2.stem_block_packed, _stem_block),
+                          (torch.ops.mnv2.pointwise_conv_mean_packed, _pointwise_mean),
+                          (torch.ops.mnv2.mobilenet_v2_packed, _model)):
+        register_flop_formula(_op)(_formula)
