@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (../shared/DESIGN.md, "The GPU check script"): builds the
-# extension against this machine's torch, runs the GPU tests, the GPU
-# benchmarks and the memory comparison, and writes summary.md and summary.json
+# The GPU check: builds the extension against this machine's torch, runs the
+# GPU tests, the GPU benchmarks and the memory comparison, and writes summary.md and summary.json
 # to $OUT (default bench/results/gpu-latest). The short goal table is printed last.
 #
 #   bench/gpu_check.sh [--dry-run] [--no-build] [--no-tests] [--no-bench]

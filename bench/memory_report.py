@@ -337,7 +337,7 @@ def _ratio(a, b):
 
 
 def goals_markdown(rows: List[dict]) -> List[str]:
-    """The goals of issue 6 (memory), from this run."""
+    """The memory goals, checked against this run."""
     lines = ["## Goals (memory)", ""]
     by = {(r["case"], r["batch"], r["impl"]): r for r in rows}
     batches = sorted({r["batch"] for r in rows})

@@ -3,7 +3,9 @@
     python -m bench.run [--quick] [pytest-benchmark options...]
 
 Writes under bench/results/<machine>/:
-    benchmark.json   pytest-benchmark's raw results
+    benchmark.json   pytest-benchmark's raw results (several MB; not committed)
+    summary.json     the compact record of the run: machine, and per case each implementation's
+                     best and median time, rounds, FLOPs and the fused / peer ratios
     benchmark.md     ratios of the fused block to torchvision, torch.compile, ONNX Runtime and
                      OpenVINO from the same run, GFLOP/s and the fraction of the measured FMA peak
     model_paired.md  the whole model against its peers in interleaved rounds (python -m bench.paired_model)
@@ -72,7 +74,7 @@ def _raw_table(entries, groups):
 
 
 def _verdict(ratios_by_section):
-    """The goals of issues 2, 3 and 6, checked against this run."""
+    """The performance goals, checked against this run."""
     lines = ["## Goals", ""]
 
     def check(label, items, bound):
@@ -104,6 +106,24 @@ def _verdict(ratios_by_section):
     return lines + [""]
 
 
+def compact_summary(bench_json: dict, machine: dict) -> dict:
+    """The run's record without pytest-benchmark's raw samples: per case (group), each
+    implementation's best and median time (s) and rounds, the FLOPs, and the ratios of the
+    fused implementation to each other, from the best times as in benchmark.md."""
+    cases = defaultdict(lambda: {"impls": {}})
+    for b in bench_json["benchmarks"]:
+        case = cases[b["group"]]
+        case["flops"] = b["extra_info"]["flops"]
+        case["impls"][b["extra_info"]["impl"]] = {
+            "min": b["stats"]["min"], "median": b["stats"]["median"], "rounds": b["stats"]["rounds"]}
+    for case in cases.values():
+        fused = case["impls"].get(FUSED)
+        if fused:
+            case["fused_over"] = {name: fused["min"] / t["min"] for name, t in case["impls"].items()
+                                  if name != FUSED and t["min"] > 0}
+    return {"machine": machine, "fused": FUSED, "cases": dict(sorted(cases.items()))}
+
+
 def summarize(bench_json: dict, machine: dict) -> str:
     groups = defaultdict(dict)
     flops = {}
@@ -120,7 +140,7 @@ def summarize(bench_json: dict, machine: dict) -> str:
         + (f"{peak:.1f} GFLOP/s" if peak else "not measured") + ".",
         "",
         "Best time per call (ms, the minimum over the rounds of one pytest-benchmark run: "
-        "background load on a shared machine only adds time; benchmark.json has the medians). "
+        "background load on a shared machine only adds time; summary.json has the medians). "
         "Ratios are fused (channels_last) / "
         "peer: below 1 is faster. Forward runs in inference mode (eval, no_grad); ONNX Runtime and "
         "OpenVINO run the torchvision module exported to ONNX with the same thread count; "
@@ -173,11 +193,14 @@ def main(argv=None):
     machine["fma_peak_gflops"] = max(readings) if readings else None
     print(f"FMA peak readings (GFLOP/s, before and after the suite): {peak_before}, {peak_after}")
     with open(json_path) as f:
-        summary = summarize(json.load(f), machine)
+        raw = json.load(f)
+    summary = summarize(raw, machine)
     with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write(summary)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(compact_summary(raw, machine), f, indent=1)
     print(summary)
-    print(f"written to {os.path.relpath(out, ROOT)}/benchmark.md and benchmark.json")
+    print(f"written to {os.path.relpath(out, ROOT)}/benchmark.md, summary.json and benchmark.json (raw)")
     if not args.quick:
         # the whole model against its peers in interleaved rounds (robust to load that comes
         # and goes), then where its batch-1 time goes, layer by layer

@@ -28,7 +28,7 @@ def _forward_fn(index, batch, impl):
     return impls[impl]
 
 
-# The train step of the goal: batch 8 at 160x160 for the whole model; the
+# The train step of the goals: batch 8 at 160x160 for the whole model; the
 # blocks at their own resolution in MobileNetV2-1.0 at 224.
 TRAIN_BATCH, TRAIN_RESOLUTION = 8, 160
 TRAIN_IMPLS = ["torchvision-cl", "torchvision-ckpt-cl", "fused-cl"]

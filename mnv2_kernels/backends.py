@@ -89,9 +89,9 @@ def resolve(x: torch.Tensor) -> str:
                         "use backend 'reference' for other dtypes")
             return "cpu"
         if device == "cuda":
-            # Triton first: its dots use the tensor cores, the CUDA kernel is FFMA
-            # only so far (H200, fp16, 24->144->24 at 56x56: Triton 0.115 ms at
-            # batch 32, CUDA 0.74 ms at batch 64; bench/results/h200-2026-11-26).
+            # Triton first: every one of its kernels runs its dots on the tensor cores,
+            # the CUDA kernel only its fp16/bf16 forward, and Triton was the faster in
+            # the only GPU run so far (bench/results/h200-2026-11-26).
             if _triton_available():
                 return "triton"
             if _extension.has_cuda_kernels() and _cuda_capable(x):

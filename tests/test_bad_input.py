@@ -1,4 +1,4 @@
-"""Test 6: bad input gets an error that names the problem; odd but valid input
+"""Bad input gets an error that names the problem; odd but valid input
 (strided views, NaN, Inf) gets torchvision's result."""
 
 import pytest
@@ -136,7 +136,7 @@ def test_nan_and_inf_propagate_as_in_torchvision(layout, mode, grad, cpu_backend
 
 
 # ---------------------------------------------------------------------------
-# Hostile input (issue 7): huge sizes, zero sizes, wrong shapes, dtype and
+# Hostile input: huge sizes, zero sizes, wrong shapes, dtype and
 # device mixes, NaN and Inf with gradients. What each case gets is listed in
 # README.md, "Limits".
 

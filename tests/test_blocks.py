@@ -1,4 +1,4 @@
-"""Test 1: every block shape against torchvision's InvertedResidual.
+"""Every block shape against torchvision's InvertedResidual.
 
 The 17 blocks of MobileNetV2-1.0 at 224 (batch 2) and awkward shapes; eval and
 train mode; NCHW and channels_last. Outputs, the input gradient, the gradient of

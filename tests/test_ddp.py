@@ -1,4 +1,4 @@
-"""Distributed data-parallel training (issue 7), on the CPU with the gloo backend.
+"""Distributed data-parallel training, on the CPU with the gloo backend.
 
 One ``torchrun --standalone --nproc_per_node=2`` launch of tests/ddp_worker.py trains
 small float64 MobileNetV2s under DistributedDataParallel (see its docstring for the

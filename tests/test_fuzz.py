@@ -297,12 +297,25 @@ def test_block_matches_reference(case):
 
 
 def test_isa_is_the_one_asked_for():
-    """MNV2_CPU_ISA really selects the path (a child process of the test below)."""
-    if not mnv2_kernels.build_info()["extension"]:
+    """Without MNV2_CPU_ISA the kernels are the best ISA this CPU runs (the last of the
+    runnable ones, in the order of preference); with it, exactly the one named, each
+    checked in a process of its own (the path is chosen once per process); and a name
+    that is no ISA is an error that lists the valid ones."""
+    info = mnv2_kernels.build_info()
+    if not info["extension"]:
         pytest.skip("no compiled extension")
-    forced = os.environ.get("MNV2_CPU_ISA")
-    if forced:
-        assert mnv2_kernels.cpu_isa() == forced
+    runnable = info["cpu_isas_runnable"]
+    if not os.environ.get("MNV2_CPU_ISA"):
+        assert mnv2_kernels.cpu_isa() == runnable[-1]
+    for isa in [*runnable, "no-such-isa"]:
+        proc = subprocess.run([sys.executable, "-c", "import mnv2_kernels; print(mnv2_kernels.cpu_isa())"],
+                              env=dict(os.environ, MNV2_CPU_ISA=isa), capture_output=True, text=True)
+        if isa == "no-such-isa":
+            message = [line for line in proc.stderr.splitlines() if f"MNV2_CPU_ISA={isa} is not one of" in line]
+            assert proc.returncode != 0 and message, proc.stderr[-2000:]
+            assert all(name in message[0] for name in info["cpu_isas_compiled"]), message
+        else:
+            assert proc.returncode == 0 and proc.stdout.split()[-1] == isa, proc.stderr[-2000:]
 
 
 def _other_isas():

@@ -1,4 +1,4 @@
-"""Test 5: the memory contract.
+"""The memory contract.
 
 * Autograd saves only the input, parameter-sized tensors and per-channel
   vectors (measured with saved_tensors_hooks, each storage counted once).

@@ -1,4 +1,4 @@
-"""Test 2: the whole model. mobilenet_v2(width_mult) has torchvision's
+"""The whole model. mobilenet_v2(width_mult) has torchvision's
 architecture and state_dict and gives its logits; convert_model(torchvision
 model) gives the same logits and gradients as the model it converts."""
 

@@ -1,7 +1,6 @@
-"""Tests 3 and 4 at the operator level: gradcheck in float64 (the CPU kernel
-runs float64 too), opcheck of every mnv2:: operator with and without
-requires_grad, torch.compile(fullgraph=True), the two reference forms, and
-FLOP counting."""
+"""The operators: gradcheck in float64 (the CPU kernel runs float64 too), opcheck
+of every mnv2:: operator with and without requires_grad,
+torch.compile(fullgraph=True), the two reference forms, and FLOP counting."""
 
 import copy
 
