@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, inference, ops
-from .batch_norm import BatchNormStep, fold_bn, running_stats, sync_batch_norm, sync_process_group, uses_batch_stats
+from .batch_norm import (BatchNormStep, fold_bn, running_stats, sync_batch_norm, sync_process_group,
+                         uses_batch_stats)
 from .inference import BlockCache, BlockRecord, ConvCache, PackedBlockArgs
 
 
@@ -323,13 +324,15 @@ class FusedInvertedResidual(nn.Module):
         expand_ratio == 1. Differentiable."""
         expand, bn1, dw, bn2, proj, bn3 = self._parts()
         hidden, cout = dw.out_channels, proj.out_channels
-        w1 = b1 = None
+        w_expand = b_expand = None
         if expand is not None:
-            w1, b1 = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, *running_stats(bn1), bn1.eps)
-            w1 = w1.view(hidden, -1)
-        wd, bd = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, *running_stats(bn2), bn2.eps)
-        w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
-        return w1, b1, wd.view(hidden, *dw.kernel_size), bd, w3.view(cout, hidden), b3
+            w_expand, b_expand = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, *running_stats(bn1),
+                                         bn1.eps)
+            w_expand = w_expand.view(hidden, -1)
+        w_dw, b_dw = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, *running_stats(bn2), bn2.eps)
+        w_project, b_project = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
+        w_dw = w_dw.view(hidden, *dw.kernel_size)
+        return w_expand, b_expand, w_dw, b_dw, w_project.view(cout, hidden), b_project
 
     def _packed_weights(self, x: Tensor, tensors) -> Optional[Tensor]:
         """Folded and packed weights for the CPU kernel, cached until a parameter or buffer
@@ -377,7 +380,7 @@ class FusedInvertedResidual(nn.Module):
         # that this process joins every collective of the others, forward and backward)
         n, _, h, w = x.shape
         hidden, cout = dw.out_channels, proj.out_channels
-        w1 = b1 = None
+        w_expand = b_expand = None
         if expand is not None:
             if step1.uses_batch:
                 step1.check_count(n * h * w, (n, hidden, h, w))
@@ -391,12 +394,13 @@ class FusedInvertedResidual(nn.Module):
                 mean1, var1 = mean1.to(x.dtype), var1.to(x.dtype)
             else:
                 mean1, var1 = running_stats(bn1)
-            w1, b1 = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, mean1, var1, bn1.eps)
-            w1 = w1.view(hidden, -1)
+            w_expand, b_expand = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, mean1, var1, bn1.eps)
+            w_expand = w_expand.view(hidden, -1)
         ho, wo = ops.output_size(h, w, self.stride)
         if step2.uses_batch:
             step2.check_count(n * ho * wo, (n, hidden, ho, wo))
-            moments = ops.depthwise_moments(x, w1, b1, dw.weight.view(hidden, *dw.kernel_size), self.stride)
+            w_dw_raw = dw.weight.view(hidden, *dw.kernel_size)
+            moments = ops.depthwise_moments(x, w_expand, b_expand, w_dw_raw, self.stride)
             mean2, var2 = step2.local_moments(*moments, n)
             if dw.bias is not None:
                 mean2 = mean2 + dw.bias
@@ -404,14 +408,14 @@ class FusedInvertedResidual(nn.Module):
             mean2, var2 = mean2.to(x.dtype), var2.to(x.dtype)
         else:
             mean2, var2 = running_stats(bn2)
-        wd, bd = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, mean2, var2, bn2.eps)
-        wd = wd.view(hidden, *dw.kernel_size)
+        w_dw, b_dw = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, mean2, var2, bn2.eps)
+        w_dw = w_dw.view(hidden, *dw.kernel_size)
         if step3.uses_batch:
             b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
-            u = ops.fused_inverted_residual(x, w1, b1, wd, bd, proj.weight.view(cout, hidden), b_proj,
-                                            self.stride, False, backend)
+            u = ops.fused_inverted_residual(x, w_expand, b_expand, w_dw, b_dw, proj.weight.view(cout, hidden),
+                                            b_proj, self.stride, False, backend)
             y = step3.normalize(u)
             return y + x if self.use_res_connect else y
-        w3, b3 = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
-        return ops.fused_inverted_residual(x, w1, b1, wd, bd, w3.view(cout, hidden), b3, self.stride,
-                                           self.use_res_connect, backend)
+        w_project, b_project = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
+        return ops.fused_inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project.view(cout, hidden),
+                                           b_project, self.stride, self.use_res_connect, backend)

@@ -24,7 +24,9 @@ def _hidden(x, w_expand, b_expand, w_dw, b_dw, stride):
     h = x
     if w_expand is not None:
         h = F.relu6(F.conv2d(x, w_expand[:, :, None, None], b_expand))
-    return F.relu6(F.conv2d(h, w_dw[:, None], b_dw, stride=stride, padding=1, groups=w_dw.shape[0]))
+    # padding k // 2 for the (hidden, k, k) depthwise weights: the output size of the fused kernels
+    pad = w_dw.shape[-1] // 2
+    return F.relu6(F.conv2d(h, w_dw[:, None], b_dw, stride=stride, padding=pad, groups=w_dw.shape[0]))
 
 
 def inverted_residual(

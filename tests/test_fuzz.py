@@ -219,11 +219,10 @@ def _layout_gy(gy, case):
 
 @contextlib.contextmanager
 def _one_thread():
-    """Runs the float64 reference on one thread. On a busy 2-core machine a
-    2-thread torch convolution can wait hundreds of milliseconds for a
-    descheduled worker (seen: a 2 x 30 x 4 x 6 float64 depthwise convolution,
-    0.3 ms on one thread, 475 ms on two); the kernel under test keeps torch's
-    thread count."""
+    """Runs the float64 reference on one thread: on a busy 2-core machine a tiny
+    2-thread torch convolution can wait a thousand times its own time for a
+    descheduled worker, which would eat the fuzzer's deadline; the kernel under
+    test keeps torch's thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

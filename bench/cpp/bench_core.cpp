@@ -59,13 +59,13 @@ int main(int argc, char** argv) {
       };
       const double fwd_t = median_time([&] { kt->f32.forward(a, p, 0, p.items(s), scratch.data()); });
       const double fwd_macs = double(batch) * ((s.has_expand ? b.h * b.h * s.cin * s.hidden : 0) +
-                                               s.out_h() * s.out_w() * s.hidden * (9 + s.cout));
+                                               s.out_h() * s.out_w() * s.hidden * (kDwTaps + s.cout));
       double t = fwd_t, macs = fwd_macs;
       if (backward) {
         // recompute (expand, depthwise), then the project twice (weight and hidden
         // gradients), the depthwise twice and the expand twice
         macs = double(batch) * ((s.has_expand ? 3 * b.h * b.h * s.cin * s.hidden : 0) +
-                                s.out_h() * s.out_w() * s.hidden * (27 + 2 * s.cout));
+                                s.out_h() * s.out_w() * s.hidden * (3 * kDwTaps + 2 * s.cout));
         const BackwardPlan bp = plan_backward(s, l, 1);
         const GradLayout gl = make_grad_layout(s, l);
         std::vector<float> gy(y.size()), gx(x.size()), side(bp.side_floats), grads(gl.total),

@@ -76,7 +76,6 @@ void run_backward(const BlockShape& s, const at::Tensor& grad_y, const at::Tenso
                   const at::Tensor& w_project, const at::Tensor& b_project, Grads& out) {
   const Kernels<T>& k = kernels().get<T>();
   const Layout l = make_layout(s, k.vl, Packing::kBackward);
-  const GradLayout gl = make_grad_layout(s, l);
   const at::TensorOptions opts = dense_options(x);
   const at::Tensor packed =
       pack_block<T>(s, l, Packing::kBackward, opts, w_expand, b_expand, w_dw, b_dw, w_project, b_project);
@@ -86,27 +85,13 @@ void run_backward(const BlockShape& s, const at::Tensor& grad_y, const at::Tenso
   const BackwardArgs<T> args{s, l, x.const_data_ptr<T>(), glue::strides_of(x), grad_y.const_data_ptr<T>(),
                              glue::strides_of(grad_y), packed.const_data_ptr<T>(), gx.mutable_data_ptr<T>(),
                              glue::strides_of(gx), side.mutable_data_ptr<T>()};
-  // A fixed number of tasks, each owning a contiguous range of items and its own
-  // gradient partials (zeroed on the thread that accumulates into them), reduced in
-  // task order: bitwise repeatable for a given thread count.
-  const int64_t items = plan.items(s);
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  at::Tensor partials = at::empty({tasks, gl.total}, opts);
-  T* parts = partials.mutable_data_ptr<T>();
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    T* scratch = thread_scratch<T>(plan.scratch_floats);
-    for (int64_t t = begin; t < end; ++t) {
-      std::fill_n(parts + t * gl.total, gl.total, T(0));
-      k.backward(args, plan, items * t / tasks, items * (t + 1) / tasks, parts + t * gl.total, scratch);
-    }
-  });
-  backward_finish<T>(s, plan, args.side, args.gx, args.gxs);
   auto ptr = [](at::Tensor& t) { return t.numel() ? t.mutable_data_ptr<T>() : nullptr; };
-  // hidden-channel ranges in parallel (the sums per element stay in task order)
-  at::parallel_for(0, s.hidden, 64, [&](int64_t h0, int64_t h1) {
-    reduce_grads<T>(s, l, parts, tasks, h0, h1, ptr(std::get<1>(out)), ptr(std::get<2>(out)),
-                    ptr(std::get<3>(out)), ptr(std::get<4>(out)), ptr(std::get<5>(out)), ptr(std::get<6>(out)));
-  });
+  run_backward_tasks<T>(
+      s, l, plan, opts,
+      [&](int64_t begin, int64_t end, T* grads, T* scratch) { k.backward(args, plan, begin, end, grads, scratch); },
+      ptr(std::get<1>(out)), ptr(std::get<2>(out)), ptr(std::get<3>(out)), ptr(std::get<4>(out)),
+      ptr(std::get<5>(out)), ptr(std::get<6>(out)));
+  backward_finish<T>(s, plan, args.side, args.gx, args.gxs);
 }
 
 Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,

@@ -64,6 +64,33 @@ at::Tensor pack_block(const BlockShape& s, const Layout& l, Packing packing, con
                       const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
                       const OptTensor& b_dw, const OptTensor& w_project, const OptTensor& b_project);
 
+// Runs backward items [0, plan.items(s)) as a fixed number of tasks (at most the thread
+// count), each owning a contiguous range of items and its own gradient partials (zeroed
+// on the thread that accumulates into them); then sums the partials in task order into
+// the unpadded gradients (reduce_grads; any may be null), hidden-channel ranges in
+// parallel. Bitwise repeatable for a given thread count. run_items(begin, end, partials,
+// scratch) runs the kernel on items [begin, end).
+template <typename T, typename RunItems>
+void run_backward_tasks(const BlockShape& s, const Layout& l, const BackwardPlan& plan,
+                        const at::TensorOptions& opts, RunItems run_items, T* g_w_expand, T* g_b_expand,
+                        T* g_w_dw, T* g_b_dw, T* g_w_project, T* g_b_project) {
+  const GradLayout gl = make_grad_layout(s, l);
+  const int64_t items = plan.items(s);
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  at::Tensor partials = at::empty({tasks, gl.total}, opts);
+  T* parts = partials.mutable_data_ptr<T>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    T* scratch = thread_scratch<T>(plan.scratch_floats);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill_n(parts + t * gl.total, gl.total, T(0));
+      run_items(items * t / tasks, items * (t + 1) / tasks, parts + t * gl.total, scratch);
+    }
+  });
+  at::parallel_for(0, s.hidden, 64, [&](int64_t h0, int64_t h1) {
+    reduce_grads<T>(s, l, parts, tasks, h0, h1, g_w_expand, g_b_expand, g_w_dw, g_b_dw, g_w_project, g_b_project);
+  });
+}
+
 // The fused stem as the block's input source (StemSource).
 struct StemInput {
   const at::Tensor& image;

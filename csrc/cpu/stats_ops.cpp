@@ -88,7 +88,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_bac
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_depthwise_moments_backward", [&] {
     const Kernels<scalar_t>& k = kernels().get<scalar_t>();
     const Layout l = make_layout(s, k.vl, Packing::kBackward);
-    const GradLayout gl = make_grad_layout(s, l);
     const at::Tensor packed =
         pack_block<scalar_t>(s, l, Packing::kBackward, opts, w_expand, b_expand, w_dw, {}, {}, {});
     // alpha and beta padded to the layout's hidden width with zeros
@@ -101,24 +100,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_bac
         s, l, x.const_data_ptr<scalar_t>(), glue::strides_of(x), packed.const_data_ptr<scalar_t>(),
         alpha_p.const_data_ptr<scalar_t>(), beta_p.const_data_ptr<scalar_t>(), g_x.mutable_data_ptr<scalar_t>(),
         glue::strides_of(g_x), side.mutable_data_ptr<scalar_t>()};
-    // tasks as in the block's backward: bitwise repeatable for a given thread count
-    const int64_t items = plan.items(s);
-    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-    at::Tensor partials = at::empty({tasks, gl.total}, opts);
-    scalar_t* parts = partials.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      scalar_t* scratch = thread_scratch<scalar_t>(plan.scratch_floats);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill_n(parts + t * gl.total, gl.total, scalar_t(0));
-        k.stats_backward(args, plan, items * t / tasks, items * (t + 1) / tasks, parts + t * gl.total, scratch);
-      }
-    });
-    backward_finish<scalar_t>(s, plan, args.side, args.gx, args.gxs);
     auto ptr = [](at::Tensor& t) { return t.numel() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
-    at::parallel_for(0, s.hidden, 64, [&](int64_t h0, int64_t h1) {
-      reduce_grads<scalar_t>(s, l, parts, tasks, h0, h1, ptr(g_w_expand), ptr(g_b_expand), ptr(g_w_dw),
-                             nullptr, nullptr, nullptr);
-    });
+    run_backward_tasks<scalar_t>(
+        s, l, plan, opts,
+        [&](int64_t begin, int64_t end, scalar_t* grads, scalar_t* scratch) {
+          k.stats_backward(args, plan, begin, end, grads, scratch);
+        },
+        ptr(g_w_expand), ptr(g_b_expand), ptr(g_w_dw), nullptr, nullptr, nullptr);
+    backward_finish<scalar_t>(s, plan, args.side, args.gx, args.gxs);
   });
   return {g_x, g_w_expand, g_b_expand, g_w_dw};
 }

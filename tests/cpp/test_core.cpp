@@ -81,6 +81,16 @@ struct Reference {
 double relu6d(double v) { return v < 0 ? 0 : (v > 6 ? 6 : v); }
 double dmask(double z) { return (z > 0 && z < 6) ? 1.0 : 0.0; }
 
+// Dense NCHW indices of the reference's hidden tensors: a1 and z1 are [N][hidden][H][W],
+// z2 and a2 [N][hidden][Ho][Wo].
+struct HiddenIndex {
+  int64_t hidden, H, W, Ho, Wo;
+  explicit HiddenIndex(const BlockShape& s)
+      : hidden(s.hidden), H(s.in_h), W(s.in_w), Ho(s.out_h()), Wo(s.out_w()) {}
+  int64_t a1(int64_t n, int64_t h, int64_t i, int64_t j) const { return ((n * hidden + h) * H + i) * W + j; }
+  int64_t z2(int64_t n, int64_t h, int64_t i, int64_t j) const { return ((n * hidden + h) * Ho + i) * Wo + j; }
+};
+
 // The gradients below z2 for grad_z2 `gz2` (NCHW dense): r.gwd, r.gbd, r.gx and, with
 // an expand step, r.gwe, r.gbe; r holds the forward's a1 and z1.
 template <typename T>
@@ -89,8 +99,7 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
   const int64_t N = s.batch, H = s.in_h, W = s.in_w, Ho = s.out_h(), Wo = s.out_w();
   const int64_t C = s.cin, Hd = s.hidden;
   const int st = s.stride;
-  auto i1 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * H + i) * W + j; };
-  auto i2 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * Ho + i) * Wo + j; };
+  const HiddenIndex ix(s);
   r.gwd.assign(Hd * kDwTaps, 0);
   r.gbd.assign(Hd, 0);
   std::vector<double> ga1(N * Hd * H * W, 0);
@@ -98,14 +107,14 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
     for (int64_t h = 0; h < Hd; ++h)
       for (int64_t i = 0; i < Ho; ++i)
         for (int64_t j = 0; j < Wo; ++j) {
-          const double g = gz2[i2(n, h, i, j)];
+          const double g = gz2[ix.z2(n, h, i, j)];
           r.gbd[h] += g;
           for (int ky = 0; ky < kDwKernel; ++ky)
             for (int kx = 0; kx < kDwKernel; ++kx) {
               const int64_t ii = first_input_row(i, st) + ky, jj = first_input_row(j, st) + kx;
               if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
-              r.gwd[h * kDwTaps + ky * kDwKernel + kx] += g * r.a1[i1(n, h, ii, jj)];
-              ga1[i1(n, h, ii, jj)] += g * wt.wd[h * kDwTaps + ky * kDwKernel + kx];
+              r.gwd[h * kDwTaps + ky * kDwKernel + kx] += g * r.a1[ix.a1(n, h, ii, jj)];
+              ga1[ix.a1(n, h, ii, jj)] += g * wt.wd[h * kDwTaps + ky * kDwKernel + kx];
             }
         }
   r.gx.assign(N * C * H * W, 0);
@@ -116,7 +125,7 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
       for (int64_t h = 0; h < Hd; ++h)
         for (int64_t i = 0; i < H; ++i)
           for (int64_t j = 0; j < W; ++j) {
-            const double g = ga1[i1(n, h, i, j)] * dmask(r.z1[i1(n, h, i, j)]);
+            const double g = ga1[ix.a1(n, h, i, j)] * dmask(r.z1[ix.a1(n, h, i, j)]);
             r.gbe[h] += g;
             for (int64_t c = 0; c < C; ++c) {
               r.gwe[h * C + c] += g * x.at(n, c, i, j);
@@ -128,7 +137,7 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
       for (int64_t c = 0; c < C; ++c)
         for (int64_t i = 0; i < H; ++i)
           for (int64_t j = 0; j < W; ++j)
-            r.gx[((n * C + c) * H + i) * W + j] = ga1[i1(n, c, i, j)];
+            r.gx[((n * C + c) * H + i) * W + j] = ga1[ix.a1(n, c, i, j)];
   }
 }
 
@@ -139,8 +148,7 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
   const int64_t C = s.cin, Hd = s.hidden, O = s.cout;
   const int st = s.stride;
   Reference r;
-  auto i1 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * H + i) * W + j; };
-  auto i2 = [&](int64_t n, int64_t h, int64_t i, int64_t j) { return ((n * Hd + h) * Ho + i) * Wo + j; };
+  const HiddenIndex ix(s);
   r.a1.assign(N * Hd * H * W, 0);
   r.z1.assign(N * Hd * H * W, 0);
   for (int64_t n = 0; n < N; ++n)
@@ -151,12 +159,12 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
           if (s.has_expand) {
             z = wt.be[h];
             for (int64_t c = 0; c < C; ++c) z += double(wt.we[h * C + c]) * x.at(n, c, i, j);
-            r.a1[i1(n, h, i, j)] = relu6d(z);
+            r.a1[ix.a1(n, h, i, j)] = relu6d(z);
           } else {
             z = x.at(n, h, i, j);
-            r.a1[i1(n, h, i, j)] = z;
+            r.a1[ix.a1(n, h, i, j)] = z;
           }
-          r.z1[i1(n, h, i, j)] = z;
+          r.z1[ix.a1(n, h, i, j)] = z;
         }
   r.z2.assign(N * Hd * Ho * Wo, 0);
   r.a2.assign(N * Hd * Ho * Wo, 0);
@@ -169,10 +177,10 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
             for (int kx = 0; kx < kDwKernel; ++kx) {
               const int64_t ii = first_input_row(i, st) + ky, jj = first_input_row(j, st) + kx;
               if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
-              z += double(wt.wd[h * kDwTaps + ky * kDwKernel + kx]) * r.a1[i1(n, h, ii, jj)];
+              z += double(wt.wd[h * kDwTaps + ky * kDwKernel + kx]) * r.a1[ix.a1(n, h, ii, jj)];
             }
-          r.z2[i2(n, h, i, j)] = z;
-          r.a2[i2(n, h, i, j)] = relu6d(z);
+          r.z2[ix.z2(n, h, i, j)] = z;
+          r.a2[ix.z2(n, h, i, j)] = relu6d(z);
         }
   r.y.assign(N * O * Ho * Wo, 0);
   for (int64_t n = 0; n < N; ++n)
@@ -180,7 +188,7 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
       for (int64_t i = 0; i < Ho; ++i)
         for (int64_t j = 0; j < Wo; ++j) {
           double v = wt.bp[o];
-          for (int64_t h = 0; h < Hd; ++h) v += double(wt.wp[o * Hd + h]) * r.a2[i2(n, h, i, j)];
+          for (int64_t h = 0; h < Hd; ++h) v += double(wt.wp[o * Hd + h]) * r.a2[ix.z2(n, h, i, j)];
           if (s.residual) v += x.at(n, o, i, j);
           r.y[((n * O + o) * Ho + i) * Wo + j] = v;
         }
@@ -196,8 +204,8 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
           const double g = gy->at(n, o, i, j);
           r.gbp[o] += g;
           for (int64_t h = 0; h < Hd; ++h) {
-            r.gwp[o * Hd + h] += g * r.a2[i2(n, h, i, j)];
-            gz2[i2(n, h, i, j)] += g * wt.wp[o * Hd + h];
+            r.gwp[o * Hd + h] += g * r.a2[ix.z2(n, h, i, j)];
+            gz2[ix.z2(n, h, i, j)] += g * wt.wp[o * Hd + h];
           }
         }
   for (size_t e = 0; e < gz2.size(); ++e) gz2[e] *= dmask(r.z2[e]);
