@@ -13,8 +13,8 @@ Kernels
 -------
 * ``_fwd_kernel``: one program per (output tile TH x TW, image, Cout block of
   BLOCK_CO <= 64). Loops over hidden chunks of BLOCK_H channels; for each of
-  the 9 depthwise taps (a runtime loop: unrolled, the pipeliner kept all 9
-  shifted input tiles in shared memory and wide layers ran out of it) it
+  the DW_TAPS depthwise taps (a runtime loop: unrolled, the pipeliner kept all
+  DW_TAPS shifted input tiles in shared memory and wide layers ran out of it) it
   recomputes the expand of the shifted input pixels, tiled over Cin in
   BLOCK_CI slices (``_expand``; no scratch at all), then projects the chunk's
   a2 into the [P, BLOCK_CO] accumulator. Zero padding applies to a1.
@@ -29,7 +29,7 @@ Kernels
 * ``_bwd_input_kernel``: pixel-stationary input gradient (gather form). A
   persistent grid of about 4 programs per SM; a program owns an input tile Q
   per item, and for each hidden chunk computes g_z2 on the output halo O of Q
-  (9 expand recomputes on O) into its own scratch slot
+  (DW_TAPS expand recomputes on O) into its own scratch slot
   (nprog x |O| x BLOCK_H float32, far below the hidden tensor's size;
   tl.debug_barrier() around it), then gathers g_a1 on Q from the scratch,
   masks with relu6'(z1(Q)) and accumulates g_a1 @ w_expand[chunk] into the
@@ -37,6 +37,10 @@ Kernels
 
 Nothing hidden-sized is ever allocated. grad_b_project is grad_y summed over
 (N, H, W) in float32 by torch.
+
+The depthwise convolution has DW_KERNEL x DW_KERNEL taps (DW_TAPS in all) and
+zero padding DW_PAD; only 3x3 is built today. The kernels take the size as the
+constexprs DW_KERNEL and DW_PAD, and the host code is written in terms of it.
 
 Autotuning: a few configs per kernel keyed on the block shape; one config
 under the interpreter or with MNV2_TRITON_AUTOTUNE=0 (read at import).
@@ -55,6 +59,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TORCH_TO_TL_OK = (torch.float32, torch.float16, torch.bfloat16)
 
+# The depthwise kernel size (see the module docstring).
+DW_KERNEL = 3
+DW_TAPS = DW_KERNEL * DW_KERNEL
+DW_PAD = DW_KERNEL // 2
+# The tap axis of the weight-gradient kernel's depthwise tiles: DW_TAPS padded
+# to a power of two (tl.arange's length).
+DW_TAPS_PAD = triton.next_power_of_2(DW_TAPS)
+
 
 def _upcast(x):
     # The interpreter's tl.dot multiplies bfloat16 bit patterns (stored as uint16) as integers.
@@ -70,6 +82,11 @@ def _block_ci(cin, dtype):
 
 def _pad(c):
     return max(16, triton.next_power_of_2(int(c)))
+
+
+def output_size(h, w, stride):
+    """Output height and width of the depthwise convolution (padding DW_PAD)."""
+    return (h + 2 * DW_PAD - DW_KERNEL) // stride + 1, (w + 2 * DW_PAD - DW_KERNEL) // stride + 1
 
 
 def _sm_count(device):
@@ -153,9 +170,9 @@ def _dot(a, b, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+def _expand(x_base, pix, inb, w_expand_ptr, hh, h_mask, CIN, sxc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CI: tl.constexpr):
-    """z1 (no bias) [BLOCK_M, BLOCK_H] = x[pixels pix, masked by inb] @ w1[hh]^T, tiled
+    """z1 (no bias) [BLOCK_M, BLOCK_H] = x[pixels pix, masked by inb] @ w_expand[hh]^T, tiled
     over Cin in BLOCK_CI slices (bounded shared memory for any Cin)."""
     z1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     for k0 in range(0, CIN, BLOCK_CI):
@@ -163,9 +180,9 @@ def _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32: tl.constexp
         ck_mask = ck < CIN
         xt = tl.load(x_base + pix[:, None] + ck[None, :] * sxc,
                      mask=inb[:, None] & ck_mask[None, :], other=0.0)
-        w1k = tl.load(w1_ptr + hh[None, :] * CIN + ck[:, None],
-                      mask=ck_mask[:, None] & h_mask[None, :], other=0.0)
-        z1 += _dot(xt, w1k, IS_FP32, UPCAST)
+        w_expand_k = tl.load(w_expand_ptr + hh[None, :] * CIN + ck[:, None],
+                             mask=ck_mask[:, None] & h_mask[None, :], other=0.0)
+        z1 += _dot(xt, w_expand_k, IS_FP32, UPCAST)
     return z1
 
 
@@ -175,21 +192,22 @@ def _relu6(z):
                       propagate_nan=tl.PropagateNan.ALL)
 
 @triton.jit
-def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask, CIN,
-            STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, hh, h_mask, CIN,
+            STRIDE: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, HAS_EXPAND: tl.constexpr,
+            IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CI: tl.constexpr):
     """a1 [BLOCK_M, BLOCK_H] at depthwise tap `tap` of the output pixels (oh, ow): relu6 of
     the expand (t > 1) or x itself (t == 1), exactly zero outside the image (the zero
     padding applies to a1, not to x)."""
-    ih = oh * STRIDE + (tap // 3 - 1)
-    iw = ow * STRIDE + (tap % 3 - 1)
+    ih = oh * STRIDE + (tap // DW_KERNEL - DW_PAD)
+    iw = ow * STRIDE + (tap % DW_KERNEL - DW_PAD)
     inb = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
     if HAS_EXPAND:
-        b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-        z1 = _expand(x_base, pix, inb, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
+        b_expand = tl.load(b_expand_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        z1 = _expand(x_base, pix, inb, w_expand_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
                      BLOCK_M, BLOCK_H, BLOCK_CI)
-        a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1 + b1[None, :]), 0.0)
+        a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1 + b_expand[None, :]), 0.0)
     else:
         a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
                      mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
@@ -197,18 +215,21 @@ def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh,
 
 
 @triton.jit
-def _depthwise(x_base, oh, ow, valid, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask, CIN,
-               STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+def _depthwise(x_base, oh, ow, valid, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, w_dw_ptr, hh, h_mask,
+               CIN, STRIDE: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr,
+               HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CI: tl.constexpr):
-    """The depthwise 3x3 of a1, without bias, [BLOCK_M, BLOCK_H] at the output pixels (oh, ow),
-    a1 recomputed tap by tap (_tap_a1). A runtime tap loop (not unrolled): an unrolled one
-    lets the pipeliner keep all 9 shifted input tiles in shared memory at once."""
+    """The depthwise DW_KERNEL x DW_KERNEL convolution of a1, without bias, [BLOCK_M, BLOCK_H]
+    at the output pixels (oh, ow), a1 recomputed tap by tap (_tap_a1). A runtime tap loop (not
+    unrolled): an unrolled one lets the pipeliner keep all DW_TAPS shifted input tiles in
+    shared memory at once."""
+    DW_TAPS: tl.constexpr = DW_KERNEL * DW_KERNEL
     acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    for tap in range(9):
-        a1 = _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, hh, h_mask,
-                     CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_M, BLOCK_H, BLOCK_CI)
-        wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
-        acc += a1 * wd[None, :]
+    for tap in range(DW_TAPS):
+        a1 = _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, hh, h_mask,
+                     CIN, STRIDE, DW_KERNEL, DW_PAD, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_M, BLOCK_H, BLOCK_CI)
+        w_dw_tap = tl.load(w_dw_ptr + hh * DW_TAPS + tap, mask=h_mask, other=0.0).to(tl.float32)
+        acc += a1 * w_dw_tap[None, :]
     return acc
 
 
@@ -241,11 +262,11 @@ def _item_tile(item, n_tw, n_tiles, p, HO, WO, TH: tl.constexpr, TW: tl.constexp
 @triton.autotune(configs=_fwd_configs(), key=_KEY)
 @triton.jit
 def _fwd_kernel(
-    x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, b3_ptr, y_ptr,
+    x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, b_dw_ptr, w_project_ptr, b_project_ptr, y_ptr,
     H, W, HO, WO, CIN, HID, COUT,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     BLOCK_P: tl.constexpr = TH * TW
@@ -268,17 +289,18 @@ def _fwd_kernel(
     for h0 in range(0, HID, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         h_mask = hh < HID
-        acc_dw = _depthwise(x_base, oh, ow, p_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask,
-                            CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
-        bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-        a2 = _relu6(acc_dw + bdw[None, :])
-        # w3^T chunk [BLOCK_H, BLOCK_CO]
-        w3t = tl.load(w3_ptr + co[None, :] * HID + hh[:, None],
-                      mask=h_mask[:, None] & co_mask[None, :], other=0.0)
-        acc_y += _dot(a2.to(dt), w3t, IS_FP32, UPCAST)
+        acc_dw = _depthwise(x_base, oh, ow, p_mask, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, w_dw_ptr, hh,
+                            h_mask, CIN, STRIDE, DW_KERNEL, DW_PAD, HAS_EXPAND, IS_FP32, UPCAST,
+                            BLOCK_P, BLOCK_H, BLOCK_CI)
+        b_dw = tl.load(b_dw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        a2 = _relu6(acc_dw + b_dw[None, :])
+        # w_project^T chunk [BLOCK_H, BLOCK_CO]
+        w_project_t = tl.load(w_project_ptr + co[None, :] * HID + hh[:, None],
+                              mask=h_mask[:, None] & co_mask[None, :], other=0.0)
+        acc_y += _dot(a2.to(dt), w_project_t, IS_FP32, UPCAST)
 
-    b3 = tl.load(b3_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
-    acc_y += b3[None, :]
+    b_project = tl.load(b_project_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+    acc_y += b_project[None, :]
     out_mask = p_mask[:, None] & co_mask[None, :]
     if RESIDUAL:
         r = tl.load(x_base + (oh.to(tl.int64) * sxh + ow.to(tl.int64) * sxw)[:, None] + co[None, :] * sxc,
@@ -294,21 +316,23 @@ def _fwd_kernel(
 @triton.autotune(configs=_bwdw_configs(), key=_KEY_BWD)
 @triton.jit
 def _bwd_weight_kernel(
-    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, al_ptr, be_ptr,
-    gw1_ptr, gb1_ptr, gwdw_ptr, gbdw_ptr, gw3_ptr,
+    gy_ptr, x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, b_dw_ptr, w_project_ptr, alpha_ptr, beta_ptr,
+    g_w_expand_ptr, g_b_expand_ptr, g_w_dw_ptr, g_b_dw_ptr, g_w_project_ptr,
     N, H, W, HO, WO, CIN, HID, COUT, N_SPLITS,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    MOMENTS: tl.constexpr,
+    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DW_TAPS_PAD: tl.constexpr,
     CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # Partial buffers (float32): gw1 [S, HID, CIN], gb1 [S, HID], gwdw [S, HID, 9],
-    # gbdw [S, HID], gw3 [S, COUT, HID]. This program owns [split, chunk] of each.
+    # Partial buffers (float32): g_w_expand [S, HID, CIN], g_b_expand [S, HID],
+    # g_w_dw [S, HID, DW_TAPS], g_b_dw [S, HID], g_w_project [S, COUT, HID]. This
+    # program owns [split, chunk] of each.
     # MOMENTS: the backward of the depthwise moments (train-mode bn2 statistics):
-    # g_z2 = alpha + beta * z2 per channel (al_ptr, be_ptr), no project step;
-    # gy_ptr, w3_ptr and gw3_ptr are not read.
+    # g_z2 = alpha + beta * z2 per channel (alpha_ptr, beta_ptr), no project step;
+    # gy_ptr, w_project_ptr and g_w_project_ptr are not read.
     BLOCK_P: tl.constexpr = TH * TW
+    DW_TAPS: tl.constexpr = DW_KERNEL * DW_KERNEL
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
     dt = x_ptr.dtype.element_ty
@@ -319,36 +343,36 @@ def _bwd_weight_kernel(
     ci = tl.arange(0, CIN_PAD)
     ci_mask = ci < CIN
     p = tl.arange(0, BLOCK_P)
-    taps = tl.arange(0, 16)
+    taps = tl.arange(0, DW_TAPS_PAD)
     split64 = split.to(tl.int64)
 
     if HAS_EXPAND:
-        w1t = tl.load(w1_ptr + hh[None, :] * CIN + ci[:, None],
-                      mask=ci_mask[:, None] & h_mask[None, :], other=0.0)
-        b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-    bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-    # w_dw chunk as [16 (taps, padded), BLOCK_H]
-    wdw_all = tl.load(wdw_ptr + hh[None, :] * 9 + taps[:, None],
-                      mask=(taps[:, None] < 9) & h_mask[None, :], other=0.0).to(tl.float32)
+        w_expand_t = tl.load(w_expand_ptr + hh[None, :] * CIN + ci[:, None],
+                             mask=ci_mask[:, None] & h_mask[None, :], other=0.0)
+        b_expand = tl.load(b_expand_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+    b_dw = tl.load(b_dw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+    # w_dw chunk as [DW_TAPS_PAD (taps, padded), BLOCK_H]
+    w_dw_chunk = tl.load(w_dw_ptr + hh[None, :] * DW_TAPS + taps[:, None],
+                         mask=(taps[:, None] < DW_TAPS) & h_mask[None, :], other=0.0).to(tl.float32)
 
     if MOMENTS:
-        al = tl.load(al_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-        be = tl.load(be_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        alpha = tl.load(alpha_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
     else:
         # Zero this program's slice of the project-weight partials (accumulated in
         # place below, one Cout block at a time), so that a rerun (autotuning) is exact.
         for co0 in range(0, COUT, BLOCK_CO):
             co = co0 + tl.arange(0, BLOCK_CO)
             co_mask = co < COUT
-            tl.store(gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :],
+            tl.store(g_w_project_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :],
                      tl.zeros([BLOCK_CO, BLOCK_H], dtype=tl.float32),
                      mask=co_mask[:, None] & h_mask[None, :])
         tl.debug_barrier()
 
-    acc_gw1 = tl.zeros([BLOCK_H, CIN_PAD], dtype=tl.float32)
-    acc_gb1 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc_gwdw = tl.zeros([16, BLOCK_H], dtype=tl.float32)
-    acc_gbdw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_g_w_expand = tl.zeros([BLOCK_H, CIN_PAD], dtype=tl.float32)
+    acc_g_b_expand = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_g_w_dw = tl.zeros([DW_TAPS_PAD, BLOCK_H], dtype=tl.float32)
+    acc_g_b_dw = tl.zeros([BLOCK_H], dtype=tl.float32)
 
     for item in range(start, end):
         n, oh, ow, p_mask = _item_tile(item, n_tw, n_tiles, p, HO, WO, TH, TW)
@@ -356,61 +380,62 @@ def _bwd_weight_kernel(
         gy_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
 
         # z2 of the chunk on the tile
-        z2 = _depthwise(x_base, oh, ow, p_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask,
-                        CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI) + bdw[None, :]
+        z2 = _depthwise(x_base, oh, ow, p_mask, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, w_dw_ptr, hh,
+                        h_mask, CIN, STRIDE, DW_KERNEL, DW_PAD, HAS_EXPAND, IS_FP32, UPCAST,
+                        BLOCK_P, BLOCK_H, BLOCK_CI) + b_dw[None, :]
         if MOMENTS:
-            g_z2 = tl.where(p_mask[:, None], al[None, :] + be[None, :] * z2, 0.0)
+            g_z2 = tl.where(p_mask[:, None], alpha[None, :] + beta[None, :] * z2, 0.0)
         else:
             a2 = _relu6(z2)
             a2 = tl.where(p_mask[:, None], a2, 0.0)
 
-            # g_a2 = g_y @ w3[:, chunk]; g_w3[:, chunk] += g_y^T @ a2
+            # g_a2 = g_y @ w_project[:, chunk]; g_w_project[:, chunk] += g_y^T @ a2
             g_a2 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
             for co0 in range(0, COUT, BLOCK_CO):
                 co = co0 + tl.arange(0, BLOCK_CO)
                 co_mask = co < COUT
                 gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
                              mask=p_mask[:, None] & co_mask[None, :], other=0.0)
-                w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
-                              mask=co_mask[:, None] & h_mask[None, :], other=0.0)
-                g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
+                w_project_c = tl.load(w_project_ptr + co[:, None] * HID + hh[None, :],
+                                      mask=co_mask[:, None] & h_mask[None, :], other=0.0)
+                g_a2 += _dot(gy, w_project_c, IS_FP32, UPCAST)
                 part = _dot(tl.trans(gy), a2.to(dt), IS_FP32, UPCAST)
-                gw3_off = gw3_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :]
-                gw3_m = co_mask[:, None] & h_mask[None, :]
-                old = tl.load(gw3_off, mask=gw3_m, other=0.0)
-                tl.store(gw3_off, old + part, mask=gw3_m)
+                g_w_project_off = g_w_project_ptr + split64 * COUT * HID + co[:, None] * HID + hh[None, :]
+                g_w_project_mask = co_mask[:, None] & h_mask[None, :]
+                old = tl.load(g_w_project_off, mask=g_w_project_mask, other=0.0)
+                tl.store(g_w_project_off, old + part, mask=g_w_project_mask)
                 tl.debug_barrier()
             g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & p_mask[:, None], g_a2, 0.0)
-        acc_gbdw += tl.sum(g_z2, axis=0)
+        acc_g_b_dw += tl.sum(g_z2, axis=0)
 
-        for tap in range(9):
-            ih = oh * STRIDE + (tap // 3 - 1)
-            iw = ow * STRIDE + (tap % 3 - 1)
+        for tap in range(DW_TAPS):
+            ih = oh * STRIDE + (tap // DW_KERNEL - DW_PAD)
+            iw = ow * STRIDE + (tap % DW_KERNEL - DW_PAD)
             inb = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            wd = tl.sum(tl.where(taps[:, None] == tap, wdw_all, 0.0), axis=0)
+            w_dw_tap = tl.sum(tl.where(taps[:, None] == tap, w_dw_chunk, 0.0), axis=0)
             if HAS_EXPAND:
                 xt = tl.load(x_base + pix[:, None] + ci[None, :] * sxc,
                              mask=inb[:, None] & ci_mask[None, :], other=0.0)
-                z1 = _dot(xt, w1t, IS_FP32, UPCAST) + b1[None, :]
+                z1 = _dot(xt, w_expand_t, IS_FP32, UPCAST) + b_expand[None, :]
                 a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1), 0.0)
-                gwd = tl.sum(g_z2 * a1, axis=0)
-                c = tl.where(inb[:, None] & (z1 > 0.0) & (z1 < 6.0), g_z2 * wd[None, :], 0.0)
-                acc_gb1 += tl.sum(c, axis=0)
-                acc_gw1 += _dot(tl.trans(c.to(dt)), xt, IS_FP32, UPCAST)
+                g_w_dw_tap = tl.sum(g_z2 * a1, axis=0)
+                c = tl.where(inb[:, None] & (z1 > 0.0) & (z1 < 6.0), g_z2 * w_dw_tap[None, :], 0.0)
+                acc_g_b_expand += tl.sum(c, axis=0)
+                acc_g_w_expand += _dot(tl.trans(c.to(dt)), xt, IS_FP32, UPCAST)
             else:
                 a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
                              mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
-                gwd = tl.sum(g_z2 * a1, axis=0)
-            acc_gwdw += tl.where(taps[:, None] == tap, gwd[None, :], 0.0)
+                g_w_dw_tap = tl.sum(g_z2 * a1, axis=0)
+            acc_g_w_dw += tl.where(taps[:, None] == tap, g_w_dw_tap[None, :], 0.0)
 
     if HAS_EXPAND:
-        tl.store(gw1_ptr + split64 * HID * CIN + hh[:, None] * CIN + ci[None, :], acc_gw1,
+        tl.store(g_w_expand_ptr + split64 * HID * CIN + hh[:, None] * CIN + ci[None, :], acc_g_w_expand,
                  mask=h_mask[:, None] & ci_mask[None, :])
-        tl.store(gb1_ptr + split64 * HID + hh, acc_gb1, mask=h_mask)
-    tl.store(gwdw_ptr + split64 * HID * 9 + hh[None, :] * 9 + taps[:, None], acc_gwdw,
-             mask=(taps[:, None] < 9) & h_mask[None, :])
-    tl.store(gbdw_ptr + split64 * HID + hh, acc_gbdw, mask=h_mask)
+        tl.store(g_b_expand_ptr + split64 * HID + hh, acc_g_b_expand, mask=h_mask)
+    tl.store(g_w_dw_ptr + split64 * HID * DW_TAPS + hh[None, :] * DW_TAPS + taps[:, None], acc_g_w_dw,
+             mask=(taps[:, None] < DW_TAPS) & h_mask[None, :])
+    tl.store(g_b_dw_ptr + split64 * HID + hh, acc_g_b_dw, mask=h_mask)
 
 
 # ---------------------------------------------------------------------------
@@ -419,20 +444,23 @@ def _bwd_weight_kernel(
 @triton.autotune(configs=_bwdx_configs(), key=_KEY_BWD)
 @triton.jit
 def _bwd_input_kernel(
-    gy_ptr, x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, w3_ptr, al_ptr, be_ptr, gx_ptr, scratch_ptr,
+    gy_ptr, x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, b_dw_ptr, w_project_ptr, alpha_ptr, beta_ptr, gx_ptr,
+    scratch_ptr,
     N, H, W, HO, WO, CIN, HID, COUT, NPROG,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    MOMENTS: tl.constexpr,
+    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr,
     CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     TQH: tl.constexpr, TQW: tl.constexpr, OTH: tl.constexpr, OTW: tl.constexpr,
     BLOCK_O: tl.constexpr, SCRATCH_BH: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     # Input tile Q = [qh0, qh0+TQH) x [qw0, qw0+TQW); output halo O = OTH x OTW
-    # pixels starting at (oh0, ow0) = (qh0-1, qw0-1) for stride 1 and
-    # (qh0/2, qw0/2) for stride 2 (TQH, TQW even).
+    # pixels starting at (oh0, ow0) = (qh0-DW_PAD, qw0-DW_PAD) for stride 1 and
+    # (ceil((qh0-DW_PAD)/2), ceil((qw0-DW_PAD)/2)) = (qh0/2 - DW_PAD//2, qw0/2 - DW_PAD//2)
+    # for stride 2 (TQH, TQW even, so qh0 and qw0 are).
     BLOCK_Q: tl.constexpr = TQH * TQW
+    DW_TAPS: tl.constexpr = DW_KERNEL * DW_KERNEL
     pid = tl.program_id(0)
     dt = x_ptr.dtype.element_ty
     n_tw = tl.cdiv(W, TQW)
@@ -457,11 +485,11 @@ def _bwd_input_kernel(
         qw = qw0 + q % TQW
         q_mask = (qh < H) & (qw < W)
         if STRIDE == 1:
-            oh = qh0 - 1 + ol_h
-            ow = qw0 - 1 + ol_w
+            oh = qh0 - DW_PAD + ol_h
+            ow = qw0 - DW_PAD + ol_w
         else:
-            oh = qh0 // 2 + ol_h
-            ow = qw0 // 2 + ol_w
+            oh = qh0 // 2 - DW_PAD // 2 + ol_h
+            ow = qw0 // 2 - DW_PAD // 2 + ol_w
         o_mask = o_local & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
         x_base = x_ptr + n * sxn
         q_pix = qh.to(tl.int64) * sxh + qw.to(tl.int64) * sxw
@@ -473,15 +501,16 @@ def _bwd_input_kernel(
             hh = h0 + hl
             h_mask = hh < HID
             if HAS_EXPAND:
-                b1 = tl.load(b1_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+                b_expand = tl.load(b_expand_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
             # z2 on O
-            bdw = tl.load(bdw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-            z2 = _depthwise(x_base, oh, ow, o_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh, h_mask,
-                            CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_O, BLOCK_H, BLOCK_CI) + bdw[None, :]
+            b_dw = tl.load(b_dw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+            z2 = _depthwise(x_base, oh, ow, o_mask, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, w_dw_ptr, hh,
+                            h_mask, CIN, STRIDE, DW_KERNEL, DW_PAD, HAS_EXPAND, IS_FP32, UPCAST,
+                            BLOCK_O, BLOCK_H, BLOCK_CI) + b_dw[None, :]
             if MOMENTS:
-                al = tl.load(al_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-                be = tl.load(be_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-                g_z2 = tl.where(o_mask[:, None], al[None, :] + be[None, :] * z2, 0.0)
+                alpha = tl.load(alpha_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+                beta = tl.load(beta_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
+                g_z2 = tl.where(o_mask[:, None], alpha[None, :] + beta[None, :] * z2, 0.0)
             else:
                 # g_a2 on O
                 g_a2 = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
@@ -490,47 +519,47 @@ def _bwd_input_kernel(
                     co_mask = co < COUT
                     gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
                                  mask=o_mask[:, None] & co_mask[None, :], other=0.0)
-                    w3c = tl.load(w3_ptr + co[:, None] * HID + hh[None, :],
-                                  mask=co_mask[:, None] & h_mask[None, :], other=0.0)
-                    g_a2 += _dot(gy, w3c, IS_FP32, UPCAST)
+                    w_project_c = tl.load(w_project_ptr + co[:, None] * HID + hh[None, :],
+                                          mask=co_mask[:, None] & h_mask[None, :], other=0.0)
+                    g_a2 += _dot(gy, w_project_c, IS_FP32, UPCAST)
                 g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & o_mask[:, None], g_a2, 0.0)
             tl.debug_barrier()  # the previous chunk's gather is done with the scratch
             tl.store(scr + o[:, None] * SCRATCH_BH + hl[None, :], g_z2)
             tl.debug_barrier()
             # gather g_a1 on Q
             g_a1 = tl.zeros([BLOCK_Q, BLOCK_H], dtype=tl.float32)
-            for tap in range(9):
-                dy = tap // 3
-                dx = tap % 3
+            for tap in range(DW_TAPS):
+                dy = tap // DW_KERNEL
+                dx = tap % DW_KERNEL
                 if STRIDE == 1:
-                    ph = qh + 1 - dy
-                    pw = qw + 1 - dx
+                    ph = qh + DW_PAD - dy
+                    pw = qw + DW_PAD - dx
                     ok = q_mask & (ph >= 0) & (ph < HO) & (pw >= 0) & (pw < WO)
-                    lh = ph - (qh0 - 1)
-                    lw = pw - (qw0 - 1)
+                    lh = ph - (qh0 - DW_PAD)
+                    lw = pw - (qw0 - DW_PAD)
                 else:
-                    th2 = qh + 1 - dy
-                    tw2 = qw + 1 - dx
+                    th2 = qh + DW_PAD - dy
+                    tw2 = qw + DW_PAD - dx
                     ok = q_mask & (th2 >= 0) & (tw2 >= 0) & (th2 % 2 == 0) & (tw2 % 2 == 0)
                     ph = th2 // 2
                     pw = tw2 // 2
                     ok = ok & (ph < HO) & (pw < WO)
-                    lh = ph - qh0 // 2
-                    lw = pw - qw0 // 2
+                    lh = ph - (qh0 // 2 - DW_PAD // 2)
+                    lw = pw - (qw0 // 2 - DW_PAD // 2)
                 ok = ok & (lh >= 0) & (lh < OTH) & (lw >= 0) & (lw < OTW)
                 lidx = tl.where(ok, lh * OTW + lw, 0)
                 gz = tl.load(scr + lidx[:, None] * SCRATCH_BH + hl[None, :],
                              mask=ok[:, None] & h_mask[None, :], other=0.0)
-                wd = tl.load(wdw_ptr + hh * 9 + tap, mask=h_mask, other=0.0).to(tl.float32)
-                g_a1 += gz * wd[None, :]
+                w_dw_tap = tl.load(w_dw_ptr + hh * DW_TAPS + tap, mask=h_mask, other=0.0).to(tl.float32)
+                g_a1 += gz * w_dw_tap[None, :]
             if HAS_EXPAND:
-                z1q = _expand(x_base, q_pix, q_mask, w1_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
-                              BLOCK_Q, BLOCK_H, BLOCK_CI) + b1[None, :]
+                z1q = _expand(x_base, q_pix, q_mask, w_expand_ptr, hh, h_mask, CIN, sxc, IS_FP32, UPCAST,
+                              BLOCK_Q, BLOCK_H, BLOCK_CI) + b_expand[None, :]
                 g_z1 = tl.where((z1q > 0.0) & (z1q < 6.0), g_a1, 0.0)
-                # w1 chunk [BLOCK_H, CIN_PAD]
-                w1c = tl.load(w1_ptr + hh[:, None] * CIN + ci[None, :],
-                              mask=h_mask[:, None] & ci_mask[None, :], other=0.0)
-                acc_gx += _dot(g_z1.to(dt), w1c, IS_FP32, UPCAST)
+                # w_expand chunk [BLOCK_H, CIN_PAD]
+                w_expand_c = tl.load(w_expand_ptr + hh[:, None] * CIN + ci[None, :],
+                                     mask=h_mask[:, None] & ci_mask[None, :], other=0.0)
+                acc_gx += _dot(g_z1.to(dt), w_expand_c, IS_FP32, UPCAST)
             else:
                 m = q_mask[:, None] & h_mask[None, :]
                 if RESIDUAL:
@@ -563,10 +592,11 @@ def _moments_configs():
 @triton.autotune(configs=_moments_configs(), key=["CIN", "HID", "H", "W", "STRIDE", "HAS_EXPAND", "IS_FP32"])
 @triton.jit
 def _moments_kernel(
-    x_ptr, w1_ptr, b1_ptr, wdw_ptr, part_ptr,
+    x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, part_ptr,
     N, H, W, HO, WO, CIN, HID, N_SPLITS,
     sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr,
     BLOCK_CI: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # Grid (hidden chunks, splits). A program walks its contiguous range of (image, tile)
@@ -586,8 +616,9 @@ def _moments_kernel(
     run_m2 = tl.zeros([BLOCK_H], dtype=tl.float32)
     for item in range(start, end):
         n, oh, ow, p_mask = _item_tile(item, n_tw, n_tiles, p, HO, WO, TH, TW)
-        z2 = _depthwise(x_ptr + n * sxn, oh, ow, p_mask, H, W, sxh, sxw, sxc, w1_ptr, b1_ptr, wdw_ptr, hh,
-                        h_mask, CIN, STRIDE, HAS_EXPAND, IS_FP32, UPCAST, BLOCK_P, BLOCK_H, BLOCK_CI)
+        z2 = _depthwise(x_ptr + n * sxn, oh, ow, p_mask, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, w_dw_ptr,
+                        hh, h_mask, CIN, STRIDE, DW_KERNEL, DW_PAD, HAS_EXPAND, IS_FP32, UPCAST,
+                        BLOCK_P, BLOCK_H, BLOCK_CI)
         cnt = tl.sum(p_mask.to(tl.float32), axis=0)  # >= 1: every tile holds an output pixel
         tile_mean = tl.sum(tl.where(p_mask[:, None], z2, 0.0), axis=0) / cnt
         d = tl.where(p_mask[:, None], z2 - tile_mean[None, :], 0.0)
@@ -631,8 +662,8 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
     if x.device.type != "cuda" and INTERPRET and x.device.type != "cpu":
         raise RuntimeError(f"mnv2 triton: unsupported device {x.device}")
     n, cin, h, w = x.shape
-    if w_dw.dim() != 3 or tuple(w_dw.shape[1:]) != (3, 3):
-        raise ValueError(f"mnv2 triton: w_dw must be (hidden, 3, 3), got {tuple(w_dw.shape)}")
+    if w_dw.dim() != 3 or tuple(w_dw.shape[1:]) != (DW_KERNEL, DW_KERNEL):
+        raise ValueError(f"mnv2 triton: w_dw must be (hidden, {DW_KERNEL}, {DW_KERNEL}), got {tuple(w_dw.shape)}")
     hidden = w_dw.shape[0]
     if tuple(b_dw.shape) != (hidden,):
         raise ValueError(f"mnv2 triton: b_dw must be ({hidden},), got {tuple(b_dw.shape)}")
@@ -653,7 +684,7 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
     if min(cin, hidden, cout) < 1:
         raise ValueError(f"mnv2 triton: empty channel dimension: Cin {cin}, hidden {hidden}, Cout {cout}")
     if grad_y is not None:
-        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        ho, wo = output_size(h, w, stride)
         if tuple(grad_y.shape) != (n, cout, ho, wo):
             raise ValueError(f"mnv2 triton: grad_y must be {(n, cout, ho, wo)}, got {tuple(grad_y.shape)}")
     return hidden, cout
@@ -679,18 +710,18 @@ def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_p
     hidden, cout = w_dw.shape[0], w_project.shape[0]
     ho, wo = y.shape[2], y.shape[3]
     has_expand = w_expand is not None
-    w1 = w_expand if has_expand else w_dw  # dummy pointer when t == 1 (never read)
-    b1 = b_expand if has_expand else b_dw
+    w_expand_arg = w_expand if has_expand else w_dw  # dummy pointer when t == 1 (never read)
+    b_expand_arg = b_expand if has_expand else b_dw
     block_co = min(_pad(cout), 64)
     grid = lambda META: (triton.cdiv(ho, META["TH"]) * triton.cdiv(wo, META["TW"]), n,  # noqa: E731
                          triton.cdiv(cout, block_co))
     (wrap_triton(_fwd_kernel) if traceable else _fwd_kernel)[grid](
-        x, w1, b1, w_dw, b_dw, w_project, b_project, y,
+        x, w_expand_arg, b_expand_arg, w_dw, b_dw, w_project, b_project, y,
         h, w, ho, wo, cin, hidden, cout,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
-        BLOCK_CI=_block_ci(cin, x.dtype), BLOCK_CO=block_co,
+        DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, BLOCK_CI=_block_ci(cin, x.dtype), BLOCK_CO=block_co,
     )
     return y
 
@@ -700,7 +731,7 @@ def forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, res
     check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
     w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
         _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
-    ho, wo = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+    ho, wo = output_size(x.shape[2], x.shape[3], stride)
     y = output_like(x, w_project.shape[0], ho, wo)
     if y.numel() == 0:
         return y
@@ -716,9 +747,9 @@ def _bwd_input_tile(stride, cin_pad, elsize):
     else:
         tqh = tqw = 8
     if stride == 1:
-        oth, otw = tqh + 2, tqw + 2
+        oth, otw = tqh + 2 * DW_PAD, tqw + 2 * DW_PAD
     else:
-        oth, otw = tqh // 2 + 1, tqw // 2 + 1
+        oth, otw = tqh // 2 + DW_PAD, tqw // 2 + DW_PAD
     block_o = max(16, triton.next_power_of_2(oth * otw))
     return tqh, tqw, oth, otw, block_o
 
@@ -740,35 +771,36 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
             return torch.zeros(shape, dtype=x.dtype, device=dev)
         return (torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x)).zero_(),
                 z(hidden, cin) if has_expand else z(0, 0), z(hidden) if has_expand else z(0),
-                z(hidden, 3, 3), z(hidden), z(cout, hidden), z(cout))
-    grad_x, gw1, gb1, gwdw, gbdw, gw3 = _launch_backward(
+                z(hidden, DW_KERNEL, DW_KERNEL), z(hidden), z(cout, hidden), z(cout))
+    grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, g_b_dw_parts, g_w_project_parts = _launch_backward(
         traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual, None)
     dt = x.dtype
     if has_expand:
-        g_w1 = gw1.sum(0).to(dt)
-        g_b1 = gb1.sum(0).to(dt)
+        g_w_expand = g_w_expand_parts.sum(0).to(dt)
+        g_b_expand = g_b_expand_parts.sum(0).to(dt)
     else:
-        g_w1 = x.new_empty((0, 0))
-        g_b1 = x.new_empty((0,))
-    g_wdw = gwdw.sum(0).view(hidden, 3, 3).to(dt)
-    g_bdw = gbdw.sum(0).to(dt)
-    g_w3 = gw3.sum(0).to(dt)
-    g_b3 = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(dt)
-    return grad_x, g_w1, g_b1, g_wdw, g_bdw, g_w3, g_b3
+        g_w_expand = x.new_empty((0, 0))
+        g_b_expand = x.new_empty((0,))
+    g_w_dw = g_w_dw_parts.sum(0).view(hidden, DW_KERNEL, DW_KERNEL).to(dt)
+    g_b_dw = g_b_dw_parts.sum(0).to(dt)
+    g_w_project = g_w_project_parts.sum(0).to(dt)
+    g_b_project = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(dt)
+    return grad_x, g_w_expand, g_b_expand, g_w_dw, g_b_dw, g_w_project, g_b_project
 
 
 def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual,
                      moments):
     """Launches the weight-gradient and input-gradient kernels; returns grad_x and the float32
-    per-split partials (gw1, gb1, gwdw, gbdw, gw3). ``moments`` = (alpha, beta): the backward of
-    the depthwise moments instead (grad_y and w_project are then not read)."""
+    per-split partials of (g_w_expand, g_b_expand, g_w_dw, g_b_dw, g_w_project). ``moments`` =
+    (alpha, beta): the backward of the depthwise moments instead (grad_y and w_project are then
+    not read)."""
     n, cin, h, w = x.shape
     hidden, cout = w_dw.shape[0], w_project.shape[0]
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ho, wo = output_size(h, w, stride)
     has_expand = w_expand is not None
-    w1 = w_expand if has_expand else w_dw
-    b1 = b_expand if has_expand else b_dw
-    al, be = moments if moments is not None else (b_dw, b_dw)  # dummy pointers when not read
+    w_expand_arg = w_expand if has_expand else w_dw
+    b_expand_arg = b_expand if has_expand else b_dw
+    alpha, beta = moments if moments is not None else (b_dw, b_dw)  # dummy pointers when not read
     dev = x.device
     f32 = torch.float32
     block_co = min(_pad(cout), 64)
@@ -783,20 +815,21 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
     items_min = n * triton.cdiv(ho, 8) * triton.cdiv(wo, 8) if not INTERPRET else n * triton.cdiv(ho, 4) * triton.cdiv(wo, 4)
     n_splits = max(1, min(items_min, triton.cdiv(4 * sms, n_chunks_min), 64 if not INTERPRET else 2))
     he = hidden if has_expand else 1
-    gw1 = torch.empty((n_splits, he, cin if has_expand else 1), dtype=f32, device=dev)
-    gb1 = torch.empty((n_splits, he), dtype=f32, device=dev)
-    gwdw = torch.empty((n_splits, hidden, 9), dtype=f32, device=dev)
-    gbdw = torch.empty((n_splits, hidden), dtype=f32, device=dev)
-    gw3 = torch.empty((n_splits, cout, hidden), dtype=f32, device=dev)
+    g_w_expand_parts = torch.empty((n_splits, he, cin if has_expand else 1), dtype=f32, device=dev)
+    g_b_expand_parts = torch.empty((n_splits, he), dtype=f32, device=dev)
+    g_w_dw_parts = torch.empty((n_splits, hidden, DW_TAPS), dtype=f32, device=dev)
+    g_b_dw_parts = torch.empty((n_splits, hidden), dtype=f32, device=dev)
+    g_w_project_parts = torch.empty((n_splits, cout, hidden), dtype=f32, device=dev)
     grid_w = lambda META: (triton.cdiv(hidden, META["BLOCK_H"]), n_splits)  # noqa: E731
     (wrap_triton(_bwd_weight_kernel) if traceable else _bwd_weight_kernel)[grid_w](
-        grad_y, x, w1, b1, w_dw, b_dw, w_project, al, be,
-        gw1, gb1, gwdw, gbdw, gw3,
+        grad_y, x, w_expand_arg, b_expand_arg, w_dw, b_dw, w_project, alpha, beta,
+        g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, g_b_dw_parts, g_w_project_parts,
         n, h, w, ho, wo, cin, hidden, cout, n_splits,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        MOMENTS=moments is not None, CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DW_TAPS_PAD=DW_TAPS_PAD,
+        CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
     )
 
     # (b) input gradient
@@ -806,17 +839,18 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
     nprog = max(1, min(n_items, 4 * sms if not INTERPRET else 2))
     scratch = torch.empty((nprog, block_o, _BWDX_MAX_BH), dtype=f32, device=dev)
     (wrap_triton(_bwd_input_kernel) if traceable else _bwd_input_kernel)[(nprog,)](
-        grad_y, x, w1, b1, w_dw, b_dw, w_project, al, be, grad_x, scratch,
+        grad_y, x, w_expand_arg, b_expand_arg, w_dw, b_dw, w_project, alpha, beta, grad_x, scratch,
         n, h, w, ho, wo, cin, hidden, cout, nprog,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
         STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        MOMENTS=moments is not None, CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD,
+        CIN_PAD=cin_pad, BLOCK_CI=block_ci, BLOCK_CO=block_co,
         TQH=tqh, TQW=tqw, OTH=oth, OTW=otw, BLOCK_O=block_o, SCRATCH_BH=_BWDX_MAX_BH,
     )
 
-    return grad_x, gw1, gb1, gwdw, gbdw, gw3
+    return grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, g_b_dw_parts, g_w_project_parts
 
 
 def moments(x, w_expand, b_expand, w_dw, stride):
@@ -827,7 +861,7 @@ def moments(x, w_expand, b_expand, w_dw, stride):
     _check_moments_inputs(x, w_expand, b_expand, w_dw, stride)
     n, cin, h, w = x.shape
     hidden = w_dw.shape[0]
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ho, wo = output_size(h, w, stride)
     w_expand, b_expand, w_dw = map(_contig_w, (w_expand, b_expand, w_dw))
     has_expand = w_expand is not None
     dev = x.device
@@ -845,7 +879,7 @@ def moments(x, w_expand, b_expand, w_dw, stride):
         n, h, w, ho, wo, cin, hidden, n_splits,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         STRIDE=stride, HAS_EXPAND=has_expand, IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
-        BLOCK_CI=_block_ci(cin, x.dtype), TH=th, TW=tw,
+        DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, BLOCK_CI=_block_ci(cin, x.dtype), TH=th, TW=tw,
     )
     cnt, mean_s, m2_s = part.double().unbind(0)
     total = cnt.sum(0)
@@ -875,12 +909,12 @@ def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta):
                 torch.zeros_like(b_expand) if has_expand else None, torch.zeros_like(w_dw))
     zero_bias = torch.zeros(hidden, dtype=dt, device=x.device)
     stand_in_project = w_dw.new_zeros((1, hidden))  # never read in the moments mode
-    grad_x, gw1, gb1, gwdw, _, _ = _launch_backward(
+    grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, _, _ = _launch_backward(
         False, x, x, w_expand, b_expand, w_dw, zero_bias, stand_in_project, stride, False, (alpha, beta))
-    g_wdw = gwdw.sum(0).view(hidden, 3, 3).to(dt)
+    g_w_dw = g_w_dw_parts.sum(0).view(hidden, DW_KERNEL, DW_KERNEL).to(dt)
     if not has_expand:
-        return grad_x, None, None, g_wdw
-    return grad_x, gw1.sum(0).to(dt), gb1.sum(0).to(dt), g_wdw
+        return grad_x, None, None, g_w_dw
+    return grad_x, g_w_expand_parts.sum(0).to(dt), g_b_expand_parts.sum(0).to(dt), g_w_dw
 
 
 def _check_moments_inputs(x, w_expand, b_expand, w_dw, stride):

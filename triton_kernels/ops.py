@@ -61,7 +61,7 @@ def _op_exists(name):
 
 def _fake_forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
     _, cout = fused_ir.check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
-    ho, wo = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+    ho, wo = fused_ir.output_size(x.shape[2], x.shape[3], stride)
     return fused_ir.output_like(x, cout, ho, wo)
 
 
@@ -75,7 +75,7 @@ def _fake_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_proje
         torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x)),
         x.new_empty((hidden, cin) if has else (0, 0)),
         x.new_empty((hidden,) if has else (0,)),
-        x.new_empty((hidden, 3, 3)),
+        x.new_empty((hidden, fused_ir.DW_KERNEL, fused_ir.DW_KERNEL)),
         x.new_empty((hidden,)),
         x.new_empty((cout, hidden)),
         x.new_empty((cout,)),

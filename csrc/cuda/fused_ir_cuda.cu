@@ -1,8 +1,11 @@
 // CUDA implementation of mnv2::fused_inverted_residual and its backward.
 //
-//   a1 = relu6(We x + be)   (a1 = x when t == 1)      hidden channels, never in HBM
-//   a2 = relu6(dw3x3(a1, stride, pad 1) + bd)          hidden channels, never in HBM
-//   y  = Wp a2 + bp (+ x)
+//   a1 = relu6(w_expand x + b_expand)   (a1 = x when t == 1)   hidden channels, never in HBM
+//   a2 = relu6(dw(a1, w_dw) + b_dw)                             hidden channels, never in HBM
+//   y  = w_project a2 + b_project (+ x)
+//
+// dw is the depthwise convolution of core/shape.h: kDwKernel x kDwKernel taps
+// (kDwTaps in all, 3x3 today), stride 1 or 2, zero padding kDwPad.
 //
 // Conventions shared by every kernel
 // ----------------------------------
@@ -37,24 +40,26 @@
 // * The K dimension of every small GEMM (Cin for the expand, Cout for grad_a2)
 //   is walked in sub-chunks of KI = 32: the activation sub-tile [pixels x 32]
 //   goes to As, the weight sub-tile [32 x 32] (padded to 33) to Bs.
-// * a1 is exactly 0 at padded positions (outside the image), never relu6(be).
+// * a1 is exactly 0 at padded positions (outside the image), never relu6(b_expand).
 //   ReLU6 gradient masks are recovered from the activations: 0 < z < 6 iff
 //   0 < relu6(z) < 6, so only a1 / a2 are kept.
 //
 // Forward (fused_ir_fwd_kernel): one block per (image, TH x TW output tile).
-//   Region of a1 needed: RH x RW = ((TH-1)s+3) x ((TW-1)s+3) input pixels (tile
-//   plus halo). Per hidden chunk: a1 (expand over Cin sub-chunks, bias, ReLU6,
-//   zero outside the image) -> a1s; depthwise + bias + ReLU6 -> a2s; project
-//   ys[P x Cout] += a2s Wp[:, chunk]^T (fp32 in shared memory). Epilogue:
-//   + bp (+ x), cast, store. Shared memory (elements of A, see fwd_layout):
+//   Region of a1 needed: RH x RW = ((TH-1)s+kDwKernel) x ((TW-1)s+kDwKernel)
+//   input pixels (tile plus halo). Per hidden chunk: a1 (expand over Cin
+//   sub-chunks, bias, ReLU6, zero outside the image) -> a1s; depthwise + bias +
+//   ReLU6 -> a2s; project ys[P x Cout] += a2s w_project[:, chunk]^T (fp32 in
+//   shared memory). Epilogue: + b_project (+ x), cast, store. Shared memory
+//   (elements of A, see fwd_layout):
 //     FFMA (fp32, fp64):
-//       P*Cout + M*KC + P*KC + M*KI + KC*33 + Cout*33 + KC*10,  P = TH*TW, M = RH*RW
+//       P*Cout + M*KC + P*KC + M*KI + KC*33 + Cout*33 + KC*(kDwTaps+1),  P = TH*TW, M = RH*RW
 //     tensor cores (fp16, bf16), with P', M', C' = P, M, Cout rounded up to 16:
-//       P'*C' + M'*KC + P'*36 + M'*36 + KC*36 + KC*(C'+8) + KC*10
+//       P'*C' + M'*KC + P'*36 + M'*36 + KC*36 + KC*(C'+8) + KC*(kDwTaps+1)
 //       (ys [P'][C'], a1s [M'][KC], a2s [P'][36], As [M'][36], Bs [KC][36],
 //       project weights transposed [KC][C'+8])
 //   (each array rounded up to 8 elements). Output tile 8x8, or 7x7 on 7x7
-//   images; fp32 (A = fp32) / fp16 and bf16 (A = fp32, tensor-core layout):
+//   images, 3x3 depthwise; fp32 (A = fp32) / fp16 and bf16 (A = fp32,
+//   tensor-core layout):
 //     Cin  32 hidden  32 Cout  16 s1 112x112:  44 /  52 KB
 //     Cin  24 hidden 144 Cout  24 s1  56x56:   48 /  58 KB
 //     Cin  64 hidden 384 Cout  64 s1  14x14:   63 /  70 KB
@@ -72,31 +77,34 @@
 // Backward, weight gradients (fused_ir_bwd_weights_kernel): grid (n_parts,
 //   n_chunks). A block owns one hidden chunk and a contiguous range of the
 //   (image, output tile) items; per item it recomputes a1 (tile + halo) and a2,
-//   forms g_a2 = grad_y Wp[:, chunk] (GEMM over Cout sub-chunks, grad_y loaded
-//   per sub-chunk), accumulates g_wp += grad_y^T a2, masks g_z2, accumulates
-//   g_bd and g_wd (per-warp partial sums combined in fixed warp order), gathers
-//   g_a1 on the halo from the block's own g_z2 (no cross-block traffic), masks
-//   g_z1 = g_a1 (0 < a1 < 6) (zero outside the image) and accumulates g_be and
-//   g_we += g_z1^T x. Each block adds into its own slot of a zero-initialised
-//   partial buffer [n_parts, Cout*hidden + 11*hidden + hidden*Cin] (every
-//   element is owned by one thread, so the order of additions is fixed); the
-//   host reduces the slots with at::sum over dim 0 (deterministic). n_parts is
-//   about 2*SMs / n_chunks, capped so that the buffer stays below 1/16 of
-//   the hidden tensor. grad_b_project = grad_y summed over (N, H, W) by at::sum.
-//   Shared memory (elements of A): 2*M*KC + 2*P*KC + M*KI + KC*33 + KC*10 + 8*KC*10,
-//   independent of the channel counts: 69 KB (s1, 8x8 tile), 140 KB (s2, 8x8),
-//   58 KB (7x7 image, s1).
+//   forms g_a2 = grad_y w_project[:, chunk] (GEMM over Cout sub-chunks, grad_y
+//   loaded per sub-chunk), accumulates g_w_project += grad_y^T a2, masks g_z2,
+//   accumulates g_b_dw and g_w_dw (per-warp partial sums combined in fixed warp
+//   order), gathers g_a1 on the halo from the block's own g_z2 (no cross-block
+//   traffic), masks g_z1 = g_a1 (0 < a1 < 6) (zero outside the image) and
+//   accumulates g_b_expand and g_w_expand += g_z1^T x. Each block adds into its
+//   own slot of a zero-initialised partial buffer [n_parts, Cout*hidden +
+//   (kDwTaps+2)*hidden + hidden*Cin] (see GradOffsets; every element is owned
+//   by one thread, so the order of additions is fixed); the host reduces the
+//   slots with at::sum over dim 0 (deterministic). n_parts is about 2*SMs /
+//   n_chunks, capped so that the buffer stays below 1/16 of the hidden tensor.
+//   grad_b_project = grad_y summed over (N, H, W) by at::sum. Shared memory
+//   (elements of A):
+//     2*M*KC + 2*P*KC + M*KI + KC*33 + KC*(kDwTaps+1) + 8*KC*(kDwTaps+1),
+//   independent of the channel counts; 3x3: 69 KB (s1, 8x8 tile), 140 KB (s2,
+//   8x8), 58 KB (7x7 image, s1).
 //
 // Backward, grad_x (fused_ir_bwd_input_kernel): one block per (image, TQH x TQW
 //   input tile Q). The output pixels whose windows touch Q form an OH x OW box
-//   (OH <= (TQH+1)/s + 1); their a1 region is ((OH-1)s+3) x ((OW-1)s+3) (Q plus
-//   a 2-pixel halo). Per chunk: recompute a1 (region), a2 (box), g_z2 (box,
-//   via the same Cout sub-chunk GEMM), gather g_a1 on Q (stride 2: only taps
-//   with an integral output position), mask with 0 < a1 < 6, and accumulate
-//   gxs[Q x Cin] += g_z1 We[chunk] (t == 1: gxs[:, chunk] += g_a1). Epilogue:
-//   + grad_y when residual, cast, store. Shared memory (elements of A):
-//     QP*Cin + QP*KC + R*KC + 2*O*KC + R*KI + KC*33 + KC*10
-//   e.g. 8x8 input tile: 54-93 KB over the MobileNetV2 blocks (93 KB for Cin 160).
+//   (OH <= (TQH+2*kDwPad-1)/s + 1); their a1 region is ((OH-1)s+kDwKernel) x
+//   ((OW-1)s+kDwKernel) (Q plus a 2*kDwPad-pixel halo). Per chunk: recompute
+//   a1 (region), a2 (box), g_z2 (box, via the same Cout sub-chunk GEMM), gather
+//   g_a1 on Q (stride 2: only taps with an integral output position), mask with
+//   0 < a1 < 6, and accumulate gxs[Q x Cin] += g_z1 w_expand[chunk] (t == 1:
+//   gxs[:, chunk] += g_a1). Epilogue: + grad_y when residual, cast, store.
+//   Shared memory (elements of A):
+//     QP*Cin + QP*KC + R*KC + 2*O*KC + R*KI + KC*33 + KC*(kDwTaps+1)
+//   e.g. 8x8 input tile, 3x3: 54-93 KB over the MobileNetV2 blocks (93 KB for Cin 160).
 //
 // Streams and errors: every launch goes to the current stream
 // (c10::cuda::getCurrentCUDAStream(), the same object at::cuda:: returns; the
@@ -136,6 +144,9 @@ constexpr int KC = 32;      // hidden channels per chunk (one per lane)
 constexpr int KI = 32;      // K sub-chunk of the small GEMMs
 constexpr int KB = KI + 1;  // padded row of the weight sub-tile Bs
 constexpr int KP = KC + 1;  // padded row of the staged project weights
+// Per-channel sums of the weight-gradient kernel's depthwise reduction: the
+// kDwTaps taps of g_w_dw, then g_b_dw.
+constexpr int kDwSums = kDwTaps + 1;
 // Tensor-core forward (fp16 / bf16): row length of the WMMA operand arrays As,
 // a2s and Bs (a multiple of 4 floats as WMMA needs; 36 rather than 32 makes the
 // fragment loads conflict-free; the transposed project weights use
@@ -318,15 +329,16 @@ __device__ void mma_expand(float* __restrict__ acc, const float* __restrict__ As
   }
 }
 
-// ys[p * ldy + co] += sum_{j < kc} a2s[p * KT + j] wps[j * ldw + co] for every
-// p < round16(P), co < ldy = round16(Cout): A = a2s row-major (ldm KT), B(j, co) =
-// wps[j * ldw + co] row-major (the project weights staged transposed, ldm ldw =
-// ldy + 8: conflict-free fragment loads and fewer floats than [ldy][KT]), C = ys
-// row-major (ldm ldy). Warp w owns the 16 x 16 tiles w, w + 8, ... (column tiles
-// fastest). Columns [kc, KC) of a2s, rows [kc, KC) of wps and its columns
-// [Cout, ldy) must be zero; rows [P, round16(P)) of a2s finite (zero).
+// ys[p * ldy + co] += sum_{j < kc} a2s[p * KT + j] w_project_s[j * ldw + co] for
+// every p < round16(P), co < ldy = round16(Cout): A = a2s row-major (ldm KT),
+// B(j, co) = w_project_s[j * ldw + co] row-major (the project weights staged
+// transposed, ldm ldw = ldy + 8: conflict-free fragment loads and fewer floats
+// than [ldy][KT]), C = ys row-major (ldm ldy). Warp w owns the 16 x 16 tiles w,
+// w + 8, ... (column tiles fastest). Columns [kc, KC) of a2s, rows [kc, KC) of
+// w_project_s and its columns [Cout, ldy) must be zero; rows [P, round16(P)) of
+// a2s finite (zero).
 __device__ void mma_project(float* __restrict__ ys, int ldy, const float* __restrict__ a2s,
-                            const float* __restrict__ wps, int ldw, int P, int kc) {
+                            const float* __restrict__ w_project_s, int ldw, int P, int kc) {
   const int warp = threadIdx.x / 32;
   const int CT = ldy / kTile;
   const int tiles = (P + kTile - 1) / kTile * CT;
@@ -339,7 +351,7 @@ __device__ void mma_project(float* __restrict__ ys, int ldy, const float* __rest
       FragA a;
       FragBr b;
       wmma::load_matrix_sync(a, a2s + pt * kTile * KT + k, KT);
-      wmma::load_matrix_sync(b, wps + k * ldw + ct * kTile, ldw);
+      wmma::load_matrix_sync(b, w_project_s + k * ldw + ct * kTile, ldw);
       to_tf32(a);
       to_tf32(b);
       wmma::mma_sync(c, a, b, c);
@@ -356,8 +368,8 @@ __device__ void mma_project(float* __restrict__ ys, int ldy, const float* __rest
 // once) and rows [M, round16(M)) of a1s are written with values nothing reads.
 template <typename T, typename A, bool kTC = false>
 __device__ void compute_a1(A* __restrict__ a1s, A* __restrict__ As, A* __restrict__ Bs,
-                           const Img<T>& x, int n, const T* __restrict__ we,
-                           const T* __restrict__ be, bool has_expand, int cc, int kc, int r0,
+                           const Img<T>& x, int n, const T* __restrict__ w_expand,
+                           const T* __restrict__ b_expand, bool has_expand, int cc, int kc, int r0,
                            int c0, int RH, int RW) {
   const int M = RH * RW;
   const int Cin = x.C;
@@ -372,12 +384,12 @@ __device__ void compute_a1(A* __restrict__ a1s, A* __restrict__ As, A* __restric
       __syncthreads();  // earlier readers of As / Bs are done
       if constexpr (kTC) {
         load_region<T, A, KT>(As, x, n, k0, nk, r0, c0, RH, RW);
-        load_wtile<T, A, KT>(Bs, we, cc, kc, Cin, 1, k0, nk);
+        load_wtile<T, A, KT>(Bs, w_expand, cc, kc, Cin, 1, k0, nk);
         __syncthreads();
         mma_expand(a1s, As, Bs, M, nk, k0 == 0);
       } else {
         load_region<T, A>(As, x, n, k0, nk, r0, c0, RH, RW);
-        load_wtile<T, A>(Bs, we, cc, kc, Cin, 1, k0, nk);
+        load_wtile<T, A>(Bs, w_expand, cc, kc, Cin, 1, k0, nk);
         __syncthreads();
         gemm_acc<A>(a1s, As, Bs, M, nk);
       }
@@ -387,7 +399,7 @@ __device__ void compute_a1(A* __restrict__ a1s, A* __restrict__ As, A* __restric
       const int m = e / KC, j = e - m * KC;
       const int r = r0 + m / RW, c = c0 + m % RW;
       const bool in = j < kc && r >= 0 && r < x.H && c >= 0 && c < x.W;
-      a1s[e] = in ? relu6(a1s[e] + ld<T, A>(be + cc + j)) : A(0);
+      a1s[e] = in ? relu6(a1s[e] + ld<T, A>(b_expand + cc + j)) : A(0);
     }
   } else {
     for (int e = threadIdx.x; e < M * KC; e += kThreads) {
@@ -406,24 +418,25 @@ __device__ void compute_a1(A* __restrict__ a1s, A* __restrict__ As, A* __restric
 
 // a2 on the OH x OW box of output pixels starting at (or0, oc0): a2s[p * LD + j]
 // (columns [KC, LD) are not written); a1s holds the region starting at input
-// (or0 * s - 1, oc0 * s - 1) with row length RW.
+// (or0 * s - kDwPad, oc0 * s - kDwPad) with row length RW.
 // 0 outside the output image and for j >= kc. Does not sync.
 template <typename A, int LD = KC>
 __device__ void compute_a2(A* __restrict__ a2s, const A* __restrict__ a1s,
-                           const A* __restrict__ wd_s, const A* __restrict__ bd_s, int s, int OH,
-                           int OW, int RW, int or0, int oc0, int Ho, int Wo, int kc) {
+                           const A* __restrict__ w_dw_s, const A* __restrict__ b_dw_s, int s,
+                           int OH, int OW, int RW, int or0, int oc0, int Ho, int Wo, int kc) {
   for (int e = threadIdx.x; e < OH * OW * KC; e += kThreads) {
     const int p = e / KC, j = e - p * KC;
     const int py = p / OW, px = p - py * OW;
     const int oh = or0 + py, ow = oc0 + px;
     A v = A(0);
     if (j < kc && oh >= 0 && oh < Ho && ow >= 0 && ow < Wo) {
-      A acc = bd_s[j];
+      A acc = b_dw_s[j];
 #pragma unroll
-      for (int ky = 0; ky < 3; ++ky) {
+      for (int ky = 0; ky < kDwKernel; ++ky) {
 #pragma unroll
-        for (int kx = 0; kx < 3; ++kx) {
-          acc += wd_s[j * 9 + ky * 3 + kx] * a1s[((py * s + ky) * RW + px * s + kx) * KC + j];
+        for (int kx = 0; kx < kDwKernel; ++kx) {
+          acc += w_dw_s[j * kDwTaps + ky * kDwKernel + kx] *
+                 a1s[((py * s + ky) * RW + px * s + kx) * KC + j];
         }
       }
       v = relu6(acc);
@@ -438,13 +451,15 @@ __device__ void compute_a2(A* __restrict__ a2s, const A* __restrict__ a1s,
 
 // Stages the depthwise weights and biases of chunk [cc, cc + kc) (0 beyond kc).
 template <typename T, typename A>
-__device__ void stage_dw(A* __restrict__ wd_s, A* __restrict__ bd_s, const T* __restrict__ wd,
-                         const T* __restrict__ bd, int cc, int kc) {
-  for (int e = threadIdx.x; e < KC * 9; e += kThreads) {
-    const int j = e / 9;
-    wd_s[e] = j < kc ? ld<T, A>(wd + static_cast<int64_t>(cc) * 9 + e) : A(0);
+__device__ void stage_dw(A* __restrict__ w_dw_s, A* __restrict__ b_dw_s,
+                         const T* __restrict__ w_dw, const T* __restrict__ b_dw, int cc, int kc) {
+  for (int e = threadIdx.x; e < KC * kDwTaps; e += kThreads) {
+    const int j = e / kDwTaps;
+    w_dw_s[e] = j < kc ? ld<T, A>(w_dw + static_cast<int64_t>(cc) * kDwTaps + e) : A(0);
   }
-  for (int j = threadIdx.x; j < KC; j += kThreads) bd_s[j] = j < kc ? ld<T, A>(bd + cc + j) : A(0);
+  for (int j = threadIdx.x; j < KC; j += kThreads) {
+    b_dw_s[j] = j < kc ? ld<T, A>(b_dw + cc + j) : A(0);
+  }
 }
 
 // Shared-memory layouts (element offsets, each array 32-byte aligned), shared by
@@ -453,7 +468,7 @@ __host__ __device__ constexpr int64_t round16(int64_t n) { return (n + kTile - 1
 
 // Row stride of the forward's ys: Cout (FFMA), Cout rounded up to 16 (tensor cores).
 // fwd_ldw_tc: row stride of the tensor-core path's transposed project weights
-// wps[j][co], round16(Cout) + 8 (8 or 24 mod 32: conflict-free row-major B fragments).
+// w_project_s[j][co], round16(Cout) + 8 (8 or 24 mod 32: conflict-free row-major B fragments).
 template <bool kTC>
 __host__ __device__ inline int fwd_ldy(int Cout) {
   return kTC ? static_cast<int>(round16(Cout)) : Cout;
@@ -461,7 +476,7 @@ __host__ __device__ inline int fwd_ldy(int Cout) {
 __host__ __device__ inline int fwd_ldw_tc(int Cout) { return fwd_ldy<true>(Cout) + 8; }
 
 struct FwdLayout {
-  int64_t ys, a1s, a2s, As, Bs, wps, wd, bd, total;
+  int64_t ys, a1s, a2s, As, Bs, w_project, w_dw, b_dw, total;
 };
 template <bool kTC>
 __host__ __device__ inline FwdLayout fwd_layout(int P, int M, int Cout) {
@@ -475,42 +490,42 @@ __host__ __device__ inline FwdLayout fwd_layout(int P, int M, int Cout) {
     l.a2s = o; o = align8(o + Pp * KT);    // [Pp][KT] a2 of the chunk (A of the project)
     l.As = o;  o = align8(o + Mp * KT);    // [Mp][KT] x sub-tile (A of the expand)
     l.Bs = o;  o = align8(o + KC * KT);    // [KC][KT] w_expand sub-tile (B, col-major)
-    l.wps = o; o = align8(o + KC * ldw);   // [KC][Cp + 8] w_project[:, chunk]^T (B, row-major)
+    l.w_project = o; o = align8(o + KC * ldw);  // [KC][Cp + 8] w_project[:, chunk]^T (B, row-major)
   } else {
     l.ys = o;  o = align8(o + int64_t(P) * Cout);            // [P][Cout] fp32 output accumulators
     l.a1s = o; o = align8(o + int64_t(M) * KC);              // [M][KC] a1 (tile + halo)
     l.a2s = o; o = align8(o + int64_t((P + 3) / 4 * 4) * KC); // [P rounded to 4][KC] a2
     l.As = o;  o = align8(o + int64_t(M) * KI);              // [M][KI] x sub-tile
     l.Bs = o;  o = align8(o + KC * KB);                      // [KC][KB] w_expand sub-tile
-    l.wps = o; o = align8(o + int64_t(Cout) * KP);           // [Cout][KP] w_project[:, chunk]
+    l.w_project = o; o = align8(o + int64_t(Cout) * KP);  // [Cout][KP] w_project[:, chunk]
   }
-  l.wd = o;  o = align8(o + KC * 9);
-  l.bd = o;  o = align8(o + KC);
+  l.w_dw = o; o = align8(o + KC * kDwTaps);
+  l.b_dw = o; o = align8(o + KC);
   l.total = o;
   return l;
 }
 
 struct BwdWLayout {
-  int64_t a1s, ga1s, a2s, gz2s, As, Bs, wd, bd, red, total;
+  int64_t a1s, ga1s, a2s, gz2s, As, Bs, w_dw, b_dw, red, total;
 };
 __host__ __device__ inline BwdWLayout bwdw_layout(int P, int M) {
   BwdWLayout l{};
   int64_t o = 0;
-  l.a1s = o;  o = align8(o + int64_t(M) * KC);  // [M][KC] a1 (tile + halo)
-  l.ga1s = o; o = align8(o + int64_t(M) * KC);  // [M][KC] g_z1 (tile + halo)
-  l.a2s = o;  o = align8(o + int64_t(P) * KC);  // [P][KC] a2
-  l.gz2s = o; o = align8(o + int64_t(P) * KC);  // [P][KC] g_z2
-  l.As = o;   o = align8(o + int64_t(M) * KI);  // [M][KI] x or grad_y sub-tile
-  l.Bs = o;   o = align8(o + KC * KB);          // [KC][KB] weight sub-tile
-  l.wd = o;   o = align8(o + KC * 9);
-  l.bd = o;   o = align8(o + KC);
-  l.red = o;  o = align8(o + kWarps * 10 * KC); // per-warp partial sums
+  l.a1s = o;  o = align8(o + int64_t(M) * KC);         // [M][KC] a1 (tile + halo)
+  l.ga1s = o; o = align8(o + int64_t(M) * KC);         // [M][KC] g_z1 (tile + halo)
+  l.a2s = o;  o = align8(o + int64_t(P) * KC);         // [P][KC] a2
+  l.gz2s = o; o = align8(o + int64_t(P) * KC);         // [P][KC] g_z2
+  l.As = o;   o = align8(o + int64_t(M) * KI);         // [M][KI] x or grad_y sub-tile
+  l.Bs = o;   o = align8(o + KC * KB);                 // [KC][KB] weight sub-tile
+  l.w_dw = o; o = align8(o + KC * kDwTaps);
+  l.b_dw = o; o = align8(o + KC);
+  l.red = o;  o = align8(o + kWarps * kDwSums * KC);  // per-warp partial sums
   l.total = o;
   return l;
 }
 
 struct BwdXLayout {
-  int64_t gxs, ga1s, a1s, a2s, gz2s, As, Bs, wd, bd, total;
+  int64_t gxs, ga1s, a1s, a2s, gz2s, As, Bs, w_dw, b_dw, total;
 };
 __host__ __device__ inline BwdXLayout bwdx_layout(int QP, int RP, int OP, int Cin) {
   BwdXLayout l{};
@@ -522,8 +537,8 @@ __host__ __device__ inline BwdXLayout bwdx_layout(int QP, int RP, int OP, int Ci
   l.gz2s = o; o = align8(o + int64_t(OP) * KC);   // [OP][KC] g_z2 on the output box
   l.As = o;   o = align8(o + int64_t(RP) * KI);   // [RP][KI] (RP >= OP)
   l.Bs = o;   o = align8(o + KC * KB);
-  l.wd = o;   o = align8(o + KC * 9);
-  l.bd = o;   o = align8(o + KC);
+  l.w_dw = o; o = align8(o + KC * kDwTaps);
+  l.b_dw = o; o = align8(o + KC);
   l.total = o;
   return l;
 }
@@ -540,17 +555,17 @@ struct Geo {
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads, 1)
-    fused_ir_fwd_kernel(Img<T> x, const T* __restrict__ we, const T* __restrict__ be,
-                        const T* __restrict__ wd, const T* __restrict__ bd,
-                        const T* __restrict__ wp, const T* __restrict__ bp, T* __restrict__ y,
-                        Strides4 ys_, Geo g) {
+    fused_ir_fwd_kernel(Img<T> x, const T* __restrict__ w_expand, const T* __restrict__ b_expand,
+                        const T* __restrict__ w_dw, const T* __restrict__ b_dw,
+                        const T* __restrict__ w_project, const T* __restrict__ b_project,
+                        T* __restrict__ y, Strides4 ys_, Geo g) {
   // fp16 / bf16: expand and project on tensor cores (TF32 WMMA), see mma_expand
   constexpr bool kTC = kTensorCores<T>;
   extern __shared__ __align__(32) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int s = g.s;
   const int P = g.TH * g.TW;
-  const int RH = (g.TH - 1) * s + 3, RW = (g.TW - 1) * s + 3, M = RH * RW;
+  const int RH = (g.TH - 1) * s + kDwKernel, RW = (g.TW - 1) * s + kDwKernel, M = RH * RW;
   const FwdLayout L = fwd_layout<kTC>(P, M, g.Cout);
   const int ldy = fwd_ldy<kTC>(g.Cout);  // row stride of ys
   A* ys = sm + L.ys;
@@ -558,16 +573,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   A* a2s = sm + L.a2s;
   A* As = sm + L.As;
   A* Bs = sm + L.Bs;
-  A* wps = sm + L.wps;
-  A* wd_s = sm + L.wd;
-  A* bd_s = sm + L.bd;
+  A* w_project_s = sm + L.w_project;
+  A* w_dw_s = sm + L.w_dw;
+  A* b_dw_s = sm + L.b_dw;
   const int PG = (P + 3) / 4;  // pixel groups of the project
 
   const int tiles = g.tiles_h * g.tiles_w;
   const int n = blockIdx.x / tiles;
   const int t = blockIdx.x - n * tiles;
   const int oh0 = (t / g.tiles_w) * g.TH, ow0 = (t % g.tiles_w) * g.TW;
-  const int r0 = oh0 * s - 1, c0 = ow0 * s - 1;
+  const int r0 = oh0 * s - kDwPad, c0 = ow0 * s - kDwPad;
 
   if constexpr (kTC) {
     // Every element a WMMA tile reads must be finite: ys is zeroed whole (its
@@ -589,10 +604,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int cc = 0; cc < g.hidden; cc += KC) {
     const int kc = min(KC, g.hidden - cc);
-    __syncthreads();  // the previous chunk's readers of wd_s, bd_s, wps, a1s, a2s are done
-    stage_dw<T, A>(wd_s, bd_s, wd, bd, cc, kc);
+    // the previous chunk's readers of w_dw_s, b_dw_s, w_project_s, a1s, a2s are done
+    __syncthreads();
+    stage_dw<T, A>(w_dw_s, b_dw_s, w_dw, b_dw, cc, kc);
     if constexpr (kTC) {
-      // wps[j * ldw + co] for j < KC, co < ldy = round16(Cout): zero for co >= Cout and
+      // w_project_s[j * ldw + co] for j < KC, co < ldy = round16(Cout): zero for co >= Cout and
       // j >= kc. e = ((j / 8) * ldy + co) * 8 + j % 8: a warp reads 8 consecutive j of 4
       // weight rows (16-byte runs of fp16 / bf16) and its shared stores are at most
       // 2-way conflicted (ldw = 8 or 24 mod 32); one j per lane would be 8-way.
@@ -600,34 +616,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = threadIdx.x; e < ldy * KC; e += kThreads) {
         const int r = e / 8, jb = r / ldy, co = r - jb * ldy;
         const int j = jb * 8 + (e - r * 8);
-        wps[j * ldw + co] = co < g.Cout && j < kc
-                                ? ld<T, A>(wp + static_cast<int64_t>(co) * g.hidden + cc + j)
-                                : A(0);
+        w_project_s[j * ldw + co] =
+            co < g.Cout && j < kc
+                ? ld<T, A>(w_project + static_cast<int64_t>(co) * g.hidden + cc + j)
+                : A(0);
       }
-      compute_a1<T, A, true>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH,
-                             RW);  // syncs
-      compute_a2<A, KT>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
+      compute_a1<T, A, true>(a1s, As, Bs, x, n, w_expand, b_expand, g.has_expand, cc, kc, r0, c0,
+                             RH, RW);  // syncs
+      compute_a2<A, KT>(a2s, a1s, w_dw_s, b_dw_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
       __syncthreads();
-      // ys[p][co] += sum_j a2s[p][j] wps[co][j] on tensor cores: a2 (fp32) is rounded
+      // ys[p][co] += sum_j a2s[p][j] w_project_s[co][j] on tensor cores: a2 (fp32) is rounded
       // to TF32 here, the weights are exact (fp16 / bf16 values)
-      mma_project(ys, ldy, a2s, wps, ldw, P, kc);
+      mma_project(ys, ldy, a2s, w_project_s, ldw, P, kc);
     } else {
       for (int e = threadIdx.x; e < g.Cout * KC; e += kThreads) {
         const int co = e / KC, j = e - co * KC;
-        wps[co * KP + j] =
-            j < kc ? ld<T, A>(wp + static_cast<int64_t>(co) * g.hidden + cc + j) : A(0);
+        w_project_s[co * KP + j] =
+            j < kc ? ld<T, A>(w_project + static_cast<int64_t>(co) * g.hidden + cc + j) : A(0);
       }
-      compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH, RW);  // syncs
-      compute_a2<A>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
+      compute_a1<T, A>(a1s, As, Bs, x, n, w_expand, b_expand, g.has_expand, cc, kc, r0, c0, RH,
+                       RW);  // syncs
+      compute_a2<A>(a2s, a1s, w_dw_s, b_dw_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
       __syncthreads();
-      // ys[p][co] += sum_j a2s[p][j] wps[co][j]; a thread owns pixels 4 pg .. 4 pg + 3
-      // of one output channel (a2s rows are broadcast across the warp, wps rows
-      // are conflict-free with their padding). a2s and wps are zero for j >= kc.
+      // ys[p][co] += sum_j a2s[p][j] w_project_s[co][j]; a thread owns pixels 4 pg ..
+      // 4 pg + 3 of one output channel (a2s rows are broadcast across the warp,
+      // w_project_s rows are conflict-free with their padding). a2s and w_project_s
+      // are zero for j >= kc.
       for (int e = threadIdx.x; e < PG * g.Cout; e += kThreads) {
         const int pg = e / g.Cout, co = e - pg * g.Cout;
         const int p0 = pg * 4, np = min(4, P - p0);
         const A* a = a2s + p0 * KC;
-        const A* w = wps + co * KP;
+        const A* w = w_project_s + co * KP;
         A acc[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[i] = i < np ? ys[(p0 + i) * g.Cout + co] : A(0);
@@ -652,7 +671,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int p = e / g.Cout, co = e - p * g.Cout;
     const int oh = oh0 + p / g.TW, ow = ow0 + p % g.TW;
     if (oh < g.Ho && ow < g.Wo) {
-      A v = (kTC ? ys[p * ldy + co] : ys[e]) + ld<T, A>(bp + co);
+      A v = (kTC ? ys[p * ldy + co] : ys[e]) + ld<T, A>(b_project + co);
       if (g.residual) {  // stride 1 and Cin == Cout: (oh, ow) is an input pixel
         v += ld<T, A>(x.p + n * x.sn + static_cast<int64_t>(co) * x.sc +
                       static_cast<int64_t>(oh) * x.sh + static_cast<int64_t>(ow) * x.sw);
@@ -666,7 +685,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <bool kTC>
 int64_t fwd_smem_floats(const Geo& g, int TH, int TW) {
   const int P = TH * TW;
-  const int M = ((TH - 1) * g.s + 3) * ((TW - 1) * g.s + 3);
+  const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
   return fwd_layout<kTC>(P, M, g.Cout).total;
 }
 
@@ -676,31 +695,31 @@ int64_t fwd_smem_floats(const Geo& g, int TH, int TW) {
 
 // Offsets inside one partial slot (elements of A).
 struct GradOffsets {
-  int64_t wp, wd, bd, we, be, total;
+  int64_t w_project, w_dw, b_dw, w_expand, b_expand, total;
 };
 
 GradOffsets grad_offsets(int64_t cin, int64_t hidden, int64_t cout, bool has_expand) {
   GradOffsets o;
-  o.wp = 0;
-  o.wd = o.wp + cout * hidden;
-  o.bd = o.wd + hidden * 9;
-  o.we = o.bd + hidden;
-  o.be = o.we + (has_expand ? hidden * cin : 0);
-  o.total = o.be + (has_expand ? hidden : 0);
+  o.w_project = 0;
+  o.w_dw = o.w_project + cout * hidden;
+  o.b_dw = o.w_dw + hidden * kDwTaps;
+  o.w_expand = o.b_dw + hidden;
+  o.b_expand = o.w_expand + (has_expand ? hidden * cin : 0);
+  o.total = o.b_expand + (has_expand ? hidden : 0);
   return o;
 }
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads, 1)
-    fused_ir_bwd_weights_kernel(Img<T> x, Img<T> gy, const T* __restrict__ we,
-                                const T* __restrict__ be, const T* __restrict__ wd,
-                                const T* __restrict__ bd, const T* __restrict__ wp,
+    fused_ir_bwd_weights_kernel(Img<T> x, Img<T> gy, const T* __restrict__ w_expand,
+                                const T* __restrict__ b_expand, const T* __restrict__ w_dw,
+                                const T* __restrict__ b_dw, const T* __restrict__ w_project,
                                 A* __restrict__ parts, GradOffsets go, int n_parts, Geo g) {
   extern __shared__ __align__(32) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int s = g.s;
   const int P = g.TH * g.TW;
-  const int RH = (g.TH - 1) * s + 3, RW = (g.TW - 1) * s + 3, M = RH * RW;
+  const int RH = (g.TH - 1) * s + kDwKernel, RW = (g.TW - 1) * s + kDwKernel, M = RH * RW;
   const BwdWLayout L = bwdw_layout(P, M);
   A* a1s = sm + L.a1s;
   A* ga1s = sm + L.ga1s;
@@ -708,9 +727,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   A* gz2s = sm + L.gz2s;
   A* As = sm + L.As;
   A* Bs = sm + L.Bs;
-  A* wd_s = sm + L.wd;
-  A* bd_s = sm + L.bd;
-  A* red = sm + L.red;  // [kWarps][10][KC]
+  A* w_dw_s = sm + L.w_dw;
+  A* b_dw_s = sm + L.b_dw;
+  A* red = sm + L.red;  // [kWarps][kDwSums][KC]
 
   const int part = blockIdx.x;
   const int cc = blockIdx.y * KC;
@@ -721,25 +740,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t items = static_cast<int64_t>(g.N) * tiles;
   const int64_t i_begin = items * part / n_parts, i_end = items * (part + 1) / n_parts;
 
-  stage_dw<T, A>(wd_s, bd_s, wd, bd, cc, kc);  // visible after compute_a1's syncs
+  stage_dw<T, A>(w_dw_s, b_dw_s, w_dw, b_dw, cc, kc);  // visible after compute_a1's syncs
 
   for (int64_t item = i_begin; item < i_end; ++item) {
     const int n = static_cast<int>(item / tiles);
     const int t = static_cast<int>(item - static_cast<int64_t>(n) * tiles);
     const int oh0 = (t / g.tiles_w) * g.TH, ow0 = (t % g.tiles_w) * g.TW;
-    const int r0 = oh0 * s - 1, c0 = ow0 * s - 1;
+    const int r0 = oh0 * s - kDwPad, c0 = ow0 * s - kDwPad;
     __syncthreads();  // the previous item's readers of every buffer are done
 
-    compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, r0, c0, RH, RW);  // syncs
-    compute_a2<A>(a2s, a1s, wd_s, bd_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
+    compute_a1<T, A>(a1s, As, Bs, x, n, w_expand, b_expand, g.has_expand, cc, kc, r0, c0, RH,
+                     RW);  // syncs
+    compute_a2<A>(a2s, a1s, w_dw_s, b_dw_s, s, g.TH, g.TW, RW, oh0, ow0, g.Ho, g.Wo, kc);
     for (int e = threadIdx.x; e < P * KC; e += kThreads) gz2s[e] = A(0);
 
-    // g_a2 = grad_y Wp[:, chunk] and g_wp[:, chunk] += grad_y^T a2, over Cout sub-chunks
+    // g_a2 = grad_y w_project[:, chunk] and g_w_project[:, chunk] += grad_y^T a2, over
+    // Cout sub-chunks
     for (int co0 = 0; co0 < g.Cout; co0 += KI) {
       const int nco = min(KI, g.Cout - co0);
       __syncthreads();  // a2s complete; earlier readers of As / Bs done
       load_region<T, A>(As, gy, n, co0, nco, oh0, ow0, g.TH, g.TW);  // [P][KI], 0 outside
-      load_wtile<T, A>(Bs, wp, cc, kc, 1, g.hidden, co0, nco);       // Bs[j][kk] = wp[co0+kk][cc+j]
+      // Bs[j][kk] = w_project[co0 + kk][cc + j]
+      load_wtile<T, A>(Bs, w_project, cc, kc, 1, g.hidden, co0, nco);
       __syncthreads();
       gemm_acc<A>(gz2s, As, Bs, P, nco);
       for (int e = threadIdx.x; e < nco * KC; e += kThreads) {
@@ -747,7 +769,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (j < kc) {
           A acc = A(0);
           for (int p = 0; p < P; ++p) acc += As[p * KI + kk] * a2s[p * KC + j];
-          slot[go.wp + static_cast<int64_t>(co0 + kk) * g.hidden + cc + j] += acc;
+          slot[go.w_project + static_cast<int64_t>(co0 + kk) * g.hidden + cc + j] += acc;
         }
       }
     }
@@ -757,37 +779,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 
-    // g_bd and g_wd: warp w sums pixels w, w + 8, ...; then fixed-order combine
+    // g_b_dw and g_w_dw: warp w sums pixels w, w + 8, ...; then fixed-order combine
     {
       const int j = lane;
-      A acc[10];
+      A acc[kDwSums];
 #pragma unroll
-      for (int q = 0; q < 10; ++q) acc[q] = A(0);
+      for (int q = 0; q < kDwSums; ++q) acc[q] = A(0);
       for (int p = warp; p < P; p += kWarps) {
         const A gz = gz2s[p * KC + j];
         const int py = p / g.TW, px = p - py * g.TW;
 #pragma unroll
-        for (int ky = 0; ky < 3; ++ky) {
+        for (int ky = 0; ky < kDwKernel; ++ky) {
 #pragma unroll
-          for (int kx = 0; kx < 3; ++kx) {
-            acc[ky * 3 + kx] += gz * a1s[((py * s + ky) * RW + px * s + kx) * KC + j];
+          for (int kx = 0; kx < kDwKernel; ++kx) {
+            acc[ky * kDwKernel + kx] += gz * a1s[((py * s + ky) * RW + px * s + kx) * KC + j];
           }
         }
-        acc[9] += gz;
+        acc[kDwTaps] += gz;
       }
 #pragma unroll
-      for (int q = 0; q < 10; ++q) red[(warp * 10 + q) * KC + j] = acc[q];
+      for (int q = 0; q < kDwSums; ++q) red[(warp * kDwSums + q) * KC + j] = acc[q];
     }
     __syncthreads();
     if (threadIdx.x < kc) {
       const int j = threadIdx.x;
-      for (int q = 0; q < 10; ++q) {
+      for (int q = 0; q < kDwSums; ++q) {
         A acc = A(0);
-        for (int w = 0; w < kWarps; ++w) acc += red[(w * 10 + q) * KC + j];
-        if (q < 9) {
-          slot[go.wd + static_cast<int64_t>(cc + j) * 9 + q] += acc;
+        for (int w = 0; w < kWarps; ++w) acc += red[(w * kDwSums + q) * KC + j];
+        if (q < kDwTaps) {
+          slot[go.w_dw + static_cast<int64_t>(cc + j) * kDwTaps + q] += acc;
         } else {
-          slot[go.bd + cc + j] += acc;
+          slot[go.b_dw + cc + j] += acc;
         }
       }
     }
@@ -799,19 +821,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int hy = m / RW, hx = m - hy * RW;
         A acc = A(0);
 #pragma unroll
-        for (int ky = 0; ky < 3; ++ky) {
+        for (int ky = 0; ky < kDwKernel; ++ky) {
           const int ty = hy - ky;
           if (ty < 0 || ty % s != 0 || ty / s >= g.TH) continue;
 #pragma unroll
-          for (int kx = 0; kx < 3; ++kx) {
+          for (int kx = 0; kx < kDwKernel; ++kx) {
             const int tx = hx - kx;
             if (tx < 0 || tx % s != 0 || tx / s >= g.TW) continue;
-            acc += wd_s[j * 9 + ky * 3 + kx] * gz2s[((ty / s) * g.TW + tx / s) * KC + j];
+            acc += w_dw_s[j * kDwTaps + ky * kDwKernel + kx] *
+                   gz2s[((ty / s) * g.TW + tx / s) * KC + j];
           }
         }
         ga1s[e] = active(a1s[e]) ? acc : A(0);  // a1 == 0 off the image
       }
-      __syncthreads();  // ga1s complete; red readers (g_bd/g_wd combine) done
+      __syncthreads();  // ga1s complete; red readers (g_b_dw/g_w_dw combine) done
       {
         A acc = A(0);
         for (int m = warp; m < M; m += kWarps) acc += ga1s[m * KC + lane];
@@ -821,9 +844,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (threadIdx.x < kc) {
         A acc = A(0);
         for (int w = 0; w < kWarps; ++w) acc += red[w * KC + threadIdx.x];
-        slot[go.be + cc + threadIdx.x] += acc;
+        slot[go.b_expand + cc + threadIdx.x] += acc;
       }
-      // g_we[chunk] += g_z1^T x over Cin sub-chunks
+      // g_w_expand[chunk] += g_z1^T x over Cin sub-chunks
       for (int k0 = 0; k0 < g.Cin; k0 += KI) {
         const int nk = min(KI, g.Cin - k0);
         __syncthreads();  // earlier readers of As done
@@ -834,7 +857,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (j < kc && i < nk) {
             A acc = A(0);
             for (int m = 0; m < M; ++m) acc += ga1s[m * KC + j] * As[m * KI + i];
-            slot[go.we + static_cast<int64_t>(cc + j) * g.Cin + k0 + i] += acc;
+            slot[go.w_expand + static_cast<int64_t>(cc + j) * g.Cin + k0 + i] += acc;
           }
         }
       }
@@ -844,7 +867,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 int64_t bwdw_smem_floats(const Geo& g, int TH, int TW) {
   const int P = TH * TW;
-  const int M = ((TH - 1) * g.s + 3) * ((TW - 1) * g.s + 3);
+  const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
   return bwdw_layout(P, M).total;
 }
 
@@ -857,14 +880,16 @@ __host__ __device__ inline int ceil_div_signed(int a, int b) {  // b > 0
 }
 
 // Largest output box touching a TQ-pixel input span, and its a1 region.
-__host__ __device__ inline int box_max(int TQ, int s) { return (TQ + 1) / s + 1; }
-__host__ __device__ inline int region_max(int TQ, int s) { return (box_max(TQ, s) - 1) * s + 3; }
+__host__ __device__ inline int box_max(int TQ, int s) { return (TQ + 2 * kDwPad - 1) / s + 1; }
+__host__ __device__ inline int region_max(int TQ, int s) {
+  return (box_max(TQ, s) - 1) * s + kDwKernel;
+}
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads, 1)
-    fused_ir_bwd_input_kernel(Img<T> x, Img<T> gy, const T* __restrict__ we,
-                              const T* __restrict__ be, const T* __restrict__ wd,
-                              const T* __restrict__ bd, const T* __restrict__ wp,
+    fused_ir_bwd_input_kernel(Img<T> x, Img<T> gy, const T* __restrict__ w_expand,
+                              const T* __restrict__ b_expand, const T* __restrict__ w_dw,
+                              const T* __restrict__ b_dw, const T* __restrict__ w_project,
                               T* __restrict__ gx, Strides4 gxs_, Geo g) {
   extern __shared__ __align__(32) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
@@ -880,34 +905,35 @@ __global__ void __launch_bounds__(kThreads, 1)
   A* gz2s = sm + L.gz2s;
   A* As = sm + L.As;
   A* Bs = sm + L.Bs;
-  A* wd_s = sm + L.wd;
-  A* bd_s = sm + L.bd;
+  A* w_dw_s = sm + L.w_dw;
+  A* b_dw_s = sm + L.b_dw;
 
   const int tiles = g.tiles_h * g.tiles_w;
   const int n = blockIdx.x / tiles;
   const int t = blockIdx.x - n * tiles;
   const int q0r = (t / g.tiles_w) * TQH, q0c = (t % g.tiles_w) * TQW;
-  // output pixels o with o * s in [q - 1, q + 1] for some q of the tile
-  const int or0 = ceil_div_signed(q0r - 1, s), or1 = (q0r + TQH) / s;
-  const int oc0 = ceil_div_signed(q0c - 1, s), oc1 = (q0c + TQW) / s;
+  // output pixels o with o * s in [q - kDwPad, q + kDwPad] for some q of the tile
+  const int or0 = ceil_div_signed(q0r - kDwPad, s), or1 = (q0r + TQH - 1 + kDwPad) / s;
+  const int oc0 = ceil_div_signed(q0c - kDwPad, s), oc1 = (q0c + TQW - 1 + kDwPad) / s;
   const int OH = or1 - or0 + 1, OW = oc1 - oc0 + 1;  // <= box_max
-  const int RH = (OH - 1) * s + 3, RW = (OW - 1) * s + 3;
-  const int rr0 = or0 * s - 1, rc0 = oc0 * s - 1;  // region origin (input coordinates)
+  const int RH = (OH - 1) * s + kDwKernel, RW = (OW - 1) * s + kDwKernel;
+  const int rr0 = or0 * s - kDwPad, rc0 = oc0 * s - kDwPad;  // region origin (input coordinates)
 
   for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) gxs[e] = A(0);
 
   for (int cc = 0; cc < g.hidden; cc += KC) {
     const int kc = min(KC, g.hidden - cc);
     __syncthreads();  // the previous chunk's readers are done
-    stage_dw<T, A>(wd_s, bd_s, wd, bd, cc, kc);
-    compute_a1<T, A>(a1s, As, Bs, x, n, we, be, g.has_expand, cc, kc, rr0, rc0, RH, RW);  // syncs
-    compute_a2<A>(a2s, a1s, wd_s, bd_s, s, OH, OW, RW, or0, oc0, g.Ho, g.Wo, kc);
+    stage_dw<T, A>(w_dw_s, b_dw_s, w_dw, b_dw, cc, kc);
+    compute_a1<T, A>(a1s, As, Bs, x, n, w_expand, b_expand, g.has_expand, cc, kc, rr0, rc0, RH,
+                     RW);  // syncs
+    compute_a2<A>(a2s, a1s, w_dw_s, b_dw_s, s, OH, OW, RW, or0, oc0, g.Ho, g.Wo, kc);
     for (int e = threadIdx.x; e < OH * OW * KC; e += kThreads) gz2s[e] = A(0);
     for (int co0 = 0; co0 < g.Cout; co0 += KI) {
       const int nco = min(KI, g.Cout - co0);
       __syncthreads();
       load_region<T, A>(As, gy, n, co0, nco, or0, oc0, OH, OW);
-      load_wtile<T, A>(Bs, wp, cc, kc, 1, g.hidden, co0, nco);
+      load_wtile<T, A>(Bs, w_project, cc, kc, 1, g.hidden, co0, nco);
       __syncthreads();
       gemm_acc<A>(gz2s, As, Bs, OH * OW, nco);
     }
@@ -924,16 +950,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       A acc = A(0);
       if (j < kc && ir < g.H && ic < g.W) {
 #pragma unroll
-        for (int ky = 0; ky < 3; ++ky) {
-          const int ty = ir + 1 - ky;  // = oh * s
+        for (int ky = 0; ky < kDwKernel; ++ky) {
+          const int ty = ir + kDwPad - ky;  // = oh * s
           if (ty < 0 || ty % s != 0 || ty / s >= g.Ho) continue;
           const int py = ty / s - or0;
 #pragma unroll
-          for (int kx = 0; kx < 3; ++kx) {
-            const int tx = ic + 1 - kx;
+          for (int kx = 0; kx < kDwKernel; ++kx) {
+            const int tx = ic + kDwPad - kx;
             if (tx < 0 || tx % s != 0 || tx / s >= g.Wo) continue;
             const int px = tx / s - oc0;
-            acc += wd_s[j * 9 + ky * 3 + kx] * gz2s[(py * OW + px) * KC + j];
+            acc += w_dw_s[j * kDwTaps + ky * kDwKernel + kx] * gz2s[(py * OW + px) * KC + j];
           }
         }
         if (g.has_expand) {
@@ -948,7 +974,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) {
         const int q = e / g.Cin, i = e - q * g.Cin;
         const A* gz = ga1s + q * KC;
-        const T* w = we + static_cast<int64_t>(cc) * g.Cin + i;
+        const T* w = w_expand + static_cast<int64_t>(cc) * g.Cin + i;
         A acc = gxs[e];
         for (int j = 0; j < kc; ++j) acc += gz[j] * ld<T, A>(w + static_cast<int64_t>(j) * g.Cin);
         gxs[e] = acc;
@@ -1120,10 +1146,11 @@ at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_
   at::Tensor y = at::empty({s.batch, s.cout, s.out_h(), s.out_w()},
                            x.options().memory_format(x.suggest_memory_format()));
   if (s.batch == 0) return y;
-  const at::Tensor we = s.has_expand ? w_expand->contiguous() : at::Tensor();
-  const at::Tensor be = s.has_expand ? b_expand->contiguous() : at::Tensor();
-  const at::Tensor wd = w_dw.contiguous(), bd = b_dw.contiguous();
-  const at::Tensor wp = w_project.contiguous(), bp = b_project.contiguous();
+  const at::Tensor w_expand_contig = s.has_expand ? w_expand->contiguous() : at::Tensor();
+  const at::Tensor b_expand_contig = s.has_expand ? b_expand->contiguous() : at::Tensor();
+  const at::Tensor w_dw_contig = w_dw.contiguous(), b_dw_contig = b_dw.contiguous();
+  const at::Tensor w_project_contig = w_project.contiguous();
+  const at::Tensor b_project_contig = b_project.contiguous();
   Geo g = geo_of(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mnv2_fwd_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
@@ -1133,10 +1160,11 @@ at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_
     set_smem(kernel, bytes);
     const int blocks = g.N * g.tiles_h * g.tiles_w;
     kernel<<<blocks, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
-        img_of<scalar_t>(x), ptr_or_null<scalar_t>(we), ptr_or_null<scalar_t>(be),
-        wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(),
-        wp.const_data_ptr<scalar_t>(), bp.const_data_ptr<scalar_t>(),
-        y.mutable_data_ptr<scalar_t>(), strides_of(y), g);
+        img_of<scalar_t>(x), ptr_or_null<scalar_t>(w_expand_contig),
+        ptr_or_null<scalar_t>(b_expand_contig), w_dw_contig.const_data_ptr<scalar_t>(),
+        b_dw_contig.const_data_ptr<scalar_t>(), w_project_contig.const_data_ptr<scalar_t>(),
+        b_project_contig.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), strides_of(y),
+        g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -1161,13 +1189,13 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
   at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
   if (s.batch == 0) {
     return Grads{gx, at::zeros({he, s.has_expand ? s.cin : 0}, opts), at::zeros({he}, opts),
-                 at::zeros({s.hidden, 3, 3}, opts), at::zeros({s.hidden}, opts),
+                 at::zeros({s.hidden, kDwKernel, kDwKernel}, opts), at::zeros({s.hidden}, opts),
                  at::zeros({s.cout, s.hidden}, opts), at::zeros({s.cout}, opts)};
   }
-  const at::Tensor we = s.has_expand ? w_expand->contiguous() : at::Tensor();
-  const at::Tensor be = s.has_expand ? b_expand->contiguous() : at::Tensor();
-  const at::Tensor wd = w_dw.contiguous(), bd = b_dw.contiguous();
-  const at::Tensor wp = w_project.contiguous();
+  const at::Tensor w_expand_contig = s.has_expand ? w_expand->contiguous() : at::Tensor();
+  const at::Tensor b_expand_contig = s.has_expand ? b_expand->contiguous() : at::Tensor();
+  const at::Tensor w_dw_contig = w_dw.contiguous(), b_dw_contig = b_dw.contiguous();
+  const at::Tensor w_project_contig = w_project.contiguous();
   const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const GradOffsets go = grad_offsets(s.cin, s.hidden, s.cout, s.has_expand);
   at::Tensor reduced;
@@ -1191,10 +1219,10 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
       set_smem(kernel, bytes);
       const dim3 grid(static_cast<unsigned>(n_parts), static_cast<unsigned>(n_chunks));
       kernel<<<grid, kThreads, bytes, stream>>>(
-          img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(we),
-          ptr_or_null<scalar_t>(be), wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(),
-          wp.const_data_ptr<scalar_t>(), parts.mutable_data_ptr<A>(), go,
-          static_cast<int>(n_parts), g);
+          img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(w_expand_contig),
+          ptr_or_null<scalar_t>(b_expand_contig), w_dw_contig.const_data_ptr<scalar_t>(),
+          b_dw_contig.const_data_ptr<scalar_t>(), w_project_contig.const_data_ptr<scalar_t>(),
+          parts.mutable_data_ptr<A>(), go, static_cast<int>(n_parts), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       reduced = n_parts == 1 ? parts[0] : parts.sum(0);
     }
@@ -1207,9 +1235,10 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
       set_smem(kernel, bytes);
       const int blocks = g.N * g.tiles_h * g.tiles_w;
       kernel<<<blocks, kThreads, bytes, stream>>>(
-          img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(we),
-          ptr_or_null<scalar_t>(be), wd.const_data_ptr<scalar_t>(), bd.const_data_ptr<scalar_t>(),
-          wp.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), strides_of(gx), g);
+          img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(w_expand_contig),
+          ptr_or_null<scalar_t>(b_expand_contig), w_dw_contig.const_data_ptr<scalar_t>(),
+          b_dw_contig.const_data_ptr<scalar_t>(), w_project_contig.const_data_ptr<scalar_t>(),
+          gx.mutable_data_ptr<scalar_t>(), strides_of(gx), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1218,14 +1247,16 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
     // a fresh tensor per gradient: op outputs must not alias each other
     return reduced.narrow(0, off, numel).view(shape).to(dt, false, true, at::MemoryFormat::Contiguous);
   };
-  at::Tensor g_wp = piece(go.wp, s.cout * s.hidden, {s.cout, s.hidden});
-  at::Tensor g_wd = piece(go.wd, s.hidden * 9, {s.hidden, 3, 3});
-  at::Tensor g_bd = piece(go.bd, s.hidden, {s.hidden});
-  at::Tensor g_we = s.has_expand ? piece(go.we, s.hidden * s.cin, {s.hidden, s.cin})
-                                 : at::zeros({0, 0}, opts);
-  at::Tensor g_be = s.has_expand ? piece(go.be, s.hidden, {s.hidden}) : at::zeros({0}, opts);
-  at::Tensor g_bp = at::sum(grad_y, {0, 2, 3}, false, acc_type).to(dt).contiguous();
-  return Grads{gx, g_we, g_be, g_wd, g_bd, g_wp, g_bp};
+  at::Tensor g_w_project = piece(go.w_project, s.cout * s.hidden, {s.cout, s.hidden});
+  at::Tensor g_w_dw = piece(go.w_dw, s.hidden * kDwTaps, {s.hidden, kDwKernel, kDwKernel});
+  at::Tensor g_b_dw = piece(go.b_dw, s.hidden, {s.hidden});
+  at::Tensor g_w_expand = s.has_expand
+                              ? piece(go.w_expand, s.hidden * s.cin, {s.hidden, s.cin})
+                              : at::zeros({0, 0}, opts);
+  at::Tensor g_b_expand =
+      s.has_expand ? piece(go.b_expand, s.hidden, {s.hidden}) : at::zeros({0}, opts);
+  at::Tensor g_b_project = at::sum(grad_y, {0, 2, 3}, false, acc_type).to(dt).contiguous();
+  return Grads{gx, g_w_expand, g_b_expand, g_w_dw, g_b_dw, g_w_project, g_b_project};
 }
 
 }  // namespace
