@@ -287,15 +287,10 @@ class ModelPlan:
                 [head_cout, ops.ACTIVATIONS[activation]], *classifier_args)
         self.entry = PlanEntry(x.dtype, x.shape[1], backend, epoch, stamp, idle, args)
 
-    def __deepcopy__(self, memo):
-        return ModelPlan()  # a copy has its own tensors
-
-    def __reduce__(self):
-        return ModelPlan, ()  # (a stamp does not pickle; the copy builds its own plan)
-
 
 class ModelCache(_Cache):
-    """Of a MobileNetV2: the classifier's packed weights and the whole-model plan."""
+    """Of a MobileNetV2: the classifier's packed weights and the whole-model plan (a copy
+    starts with an empty plan: a stamp does not pickle, and the copy has its own tensors)."""
 
     __slots__ = ("classifier", "plan")
 

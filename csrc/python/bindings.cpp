@@ -31,7 +31,6 @@ pybind11::dict build_info() {
   }
   info["cpu_isas_compiled"] = compiled;
   info["cpu_isas_runnable"] = supported;
-  info["depthwise_kernel"] = kDwKernel;
 #ifdef MNV2_WITH_CUDA
   info["cuda"] = true;
 #else
