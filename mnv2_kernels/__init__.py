@@ -6,7 +6,7 @@ See README.md for backends and environment switches.
 """
 
 from . import _extension  # noqa: F401  (loads the compiled operators, or warns once)
-from . import autograd, fake, flops, moments, ops, reference  # noqa: F401  (registrations at import)
+from . import autocast, autograd, decompositions, fake, flops, moments, ops, reference  # noqa: F401  (registrations at import)
 from ._extension import build_info, cpu_isa
 from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .batch_norm import SyncBatchNorm, convert_sync_batchnorm, fold_bn

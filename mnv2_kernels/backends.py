@@ -2,7 +2,8 @@
 
     "auto"       the fastest one that can run the given tensors (default): on the
                  CPU the C++ kernel; on CUDA tensors Triton, else the CUDA kernel
-    "cpu"        the C++ CPU kernel (float32/float64 CPU tensors)
+    "cpu"        the C++ CPU kernel (float32/float64 CPU tensors; float16/bfloat16
+                 ones are computed in float32, converted at the operator's edges)
     "cuda"       the CUDA kernel (CUDA tensors; needs a build with nvcc)
     "triton"     the Triton kernel (CUDA tensors; CPU tensors too under
                  TRITON_INTERPRET=1, Triton's interpreter, for testing)
@@ -25,7 +26,9 @@ from .triton_kernels import interpreting as _triton_interpreting
 from .triton_kernels import is_available as _triton_available
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
-CPU_DTYPES = (torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64)  # the CPU kernels' own (the packed inference paths)
+# computed by the CPU kernels in float32, converted at the operators' edges
+CPU_HALF_DTYPES = (torch.float16, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -84,9 +87,8 @@ def resolve(x: torch.Tensor) -> str:
         if device == "cpu":
             if not _extension.has_cpu_kernels():
                 return "reference"  # the import already said so
-            if x.dtype not in CPU_DTYPES:
-                _cannot("auto", x, "the CPU kernel supports float32 and float64; "
-                        "use backend 'reference' for other dtypes")
+            if x.dtype not in CPU_DTYPES + CPU_HALF_DTYPES:
+                _cannot("auto", x, "the CPU kernel supports float32, float64, float16 and bfloat16")
             return "cpu"
         if device == "cuda":
             # Triton first: every one of its kernels runs its dots on the tensor cores,
@@ -107,8 +109,8 @@ def resolve(x: torch.Tensor) -> str:
             _cannot(name, x, f"the compiled extension is not available ({_extension.LOAD_ERROR})")
         if device != "cpu":
             _cannot(name, x, "it runs CPU tensors only")
-        if x.dtype not in CPU_DTYPES:
-            _cannot(name, x, "it supports float32 and float64")
+        if x.dtype not in CPU_DTYPES + CPU_HALF_DTYPES:
+            _cannot(name, x, "it supports float32, float64, float16 and bfloat16")
     elif name == "cuda":
         if device != "cuda":
             _cannot(name, x, "it runs CUDA tensors only")

@@ -48,20 +48,30 @@ def fold_bn(
         (folded weight with weight's shape, folded bias (Cout,)).
     """
     dtype = weight.dtype
-    if dtype in (torch.float16, torch.bfloat16):
+    # (written for TorchScript too: the scripted block folds with it)
+    low_precision = dtype == torch.float16 or dtype == torch.bfloat16
+    if low_precision:
         # fold in float32 and round once: the folded weights then carry one
         # rounding, as the unfused module's weights do
-        up = lambda t: None if t is None else t.float()  # noqa: E731
-        w, b = fold_bn(weight.float(), up(bias), up(bn_weight), up(bn_bias), mean.float(), var.float(), eps)
-        return w.to(dtype), b.to(dtype)
-    scale = torch.rsqrt(var + eps)
+        weight = weight.float()
+        if bias is not None:
+            bias = bias.float()
+        if bn_weight is not None:
+            bn_weight = bn_weight.float()
+        if bn_bias is not None:
+            bn_bias = bn_bias.float()
+    scale = torch.rsqrt(var.to(weight.dtype) + eps)
     if bn_weight is not None:
         scale = bn_weight * scale
+    mean = mean.to(weight.dtype)
     shift = -mean if bias is None else bias - mean
     folded_bias = shift * scale
     if bn_bias is not None:
         folded_bias = folded_bias + bn_bias
-    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), folded_bias
+    folded = weight * scale.reshape([-1] + [1] * (weight.dim() - 1))
+    if low_precision:
+        return folded.to(dtype), folded_bias.to(dtype)
+    return folded, folded_bias
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import backends, inference, ops
 from .batch_norm import uses_batch_stats
+from .capture import is_fx_proxy, packed_paths_allowed, unfused_for_export
 from .inference import ModelCache, global_hooks
 from .modules import Conv2dNormActivation, FusedInvertedResidual
 
@@ -93,7 +94,22 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        if torch.jit.is_scripting():
+            return self._forward_modules(x)
+        return self._forward_eager(x)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's forward: the layers as modules (TorchScript, fx and ONNX export)."""
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        if is_fx_proxy(x) or unfused_for_export():
+            return self._forward_modules(x)
+        if not torch.is_grad_enabled() and packed_paths_allowed():
             plan = inference.cache_for(self, ModelCache).plan
             y = plan.run(x)
             if y is not None:
@@ -182,8 +198,7 @@ class MobileNetV2(nn.Module):
         """The arguments of ops.stem_block after x when _stem_and_first_block applies, else None."""
         feats = self.features
         if (type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or type(feats) is not nn.Sequential
-                or len(feats) < 2 or x.dtype not in (torch.float32, torch.float64)
-                or torch.compiler.is_compiling()):
+                or len(feats) < 2 or x.dtype not in backends.CPU_DTYPES or not packed_paths_allowed()):
             return None  # (a Sequential subclass may run its layers its own way)
         stem, block = feats[0], feats[1]
         if type(stem) is not Conv2dNormActivation or type(block) is not FusedInvertedResidual:
@@ -224,8 +239,8 @@ class MobileNetV2(nn.Module):
         classifier module would (torchvision's Dropout + Linear, dropout inactive, no
         hooks, no gradient needed), else None."""
         seq = self.classifier
-        if (type(seq) is not nn.Sequential or len(seq) != 2 or x.device.type != "cpu" or x.dim() != 2
-                or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()):
+        if (type(seq) is not nn.Sequential or len(seq) != 2 or type(x) is not Tensor or x.device.type != "cpu"
+                or x.dim() != 2 or x.dtype not in backends.CPU_DTYPES or not packed_paths_allowed()):
             return None
         dropout, linear = seq[0], seq[1]
         if (type(dropout) is not nn.Dropout or (dropout.training and dropout.p > 0)

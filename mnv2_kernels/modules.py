@@ -1,11 +1,12 @@
 """FusedInvertedResidual: torchvision's InvertedResidual with a fused forward."""
 
-from typing import Callable, List, Optional
+from typing import Callable, Final, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import backends, inference, ops
+from .capture import fx_leaf, is_fx_proxy, packed_paths_allowed, recording, unfused_for_export
 from .batch_norm import (BatchNormStep, fold_bn, running_stats, sync_batch_norm, sync_process_group,
                          uses_batch_stats)
 from .inference import BlockCache, BlockRecord, ConvCache, PackedBlockArgs
@@ -53,8 +54,18 @@ class Conv2dNormActivation(nn.Sequential):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            for module in self:  # torchvision's computation, module by module
+                x = module(x)
+            return x
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
         m = self._modules
         conv, norm, act = m.get("0"), m.get("1"), m.get("2")
+        if is_fx_proxy(x) or unfused_for_export():
+            return super().forward(x)
         group = sync_process_group(norm)
         if group is not None and len(m) <= 3 and isinstance(conv, nn.Conv2d):
             # SyncBatchNorm across processes: statistics all-reduced here, on any device
@@ -96,7 +107,7 @@ class Conv2dNormActivation(nn.Sequential):
         return not (len(m) > 3 or not isinstance(conv, nn.Conv2d) or norm is None
                     or not _is_foldable_norm(norm) or uses_batch_stats(norm)
                     or (act is not None and type(act) not in (nn.ReLU, nn.ReLU6))
-                    or torch.compiler.is_compiling())
+                    or recording())
 
     def _state(self) -> List[Tensor]:
         return [t for mod in (self._modules["0"], self._modules["1"])
@@ -113,7 +124,8 @@ class Conv2dNormActivation(nn.Sequential):
         epilogue), the weights cached until a source changes. None when the CPU kernel does
         not run x or the weights cannot be cached (inference-mode tensors)."""
         conv, norm, act = self._modules["0"], self._modules["1"], self._modules.get("2")
-        if not (self._is_pointwise(conv) and x.device.type == "cpu" and backends.resolve(x) == "cpu"):
+        if not (self._is_pointwise(conv) and x.device.type == "cpu" and x.dtype in backends.CPU_DTYPES
+                and packed_paths_allowed() and backends.resolve(x) == "cpu"):
             return None
         packed = inference.cache_for(self, ConvCache).packed.get(
             x.dtype, state, lambda: self._pack_pointwise(conv, norm))
@@ -145,6 +157,13 @@ class Conv2dNormActivation(nn.Sequential):
 _ACTIVATION_NAMES = {type(None): None, nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
+def _fold_running(weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                  mean: Optional[Tensor], var: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """fold_bn with a batch norm's running statistics (TorchScript: they are Optional)."""
+    assert mean is not None and var is not None
+    return fold_bn(weight, bias, bn_weight, bn_bias, mean, var, eps)
+
+
 def _is_foldable_norm(m: nn.Module) -> bool:
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return True
@@ -164,6 +183,10 @@ class FusedInvertedResidual(nn.Module):
     """
 
     _mnv2_cache = None  # a BlockCache, made on the first inference call (inference.cache_for)
+    # TorchScript: a constant per block, so that the scripted forward indexes only the
+    # submodules this block has; the properties are Python-only
+    _has_expand: Final[bool]
+    __jit_unused_properties__ = ["has_expand", "in_channels"]
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int,
                  norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
@@ -204,6 +227,20 @@ class FusedInvertedResidual(nn.Module):
         fused._check_structure()
         return fused
 
+    @classmethod
+    def around(cls, conv: nn.Sequential, stride: int, residual: bool, out_channels: int) -> "FusedInvertedResidual":
+        """A fused block whose ``conv`` submodule is ``conv`` (shared, not copied)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.conv = conv
+        fused.stride = stride
+        fused.use_res_connect = residual
+        fused.out_channels = out_channels
+        fused._is_cn = stride > 1
+        fused.training = conv.training
+        fused._check_structure()
+        return fused
+
     # -- structure ---------------------------------------------------------
     @property
     def has_expand(self) -> bool:
@@ -238,6 +275,7 @@ class FusedInvertedResidual(nn.Module):
         c = self.conv
         if len(c) not in (3, 4):
             raise TypeError(f"FusedInvertedResidual: unexpected block layout {c}")
+        self._has_expand = len(c) == 4
         stages = [c[0], c[1]] if len(c) == 4 else [c[0]]
         for stage in stages:
             if len(stage) != 3 or not isinstance(stage[2], nn.ReLU6):
@@ -276,31 +314,43 @@ class FusedInvertedResidual(nn.Module):
         if x.device != weight.device:
             raise RuntimeError(f"FusedInvertedResidual: the input is on {x.device} but the block's "
                                f"parameters are on {weight.device}")
-        if x.dtype != weight.dtype:
+        # (under autocast the operators cast the input and the weights, as convolutions do)
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise RuntimeError(f"FusedInvertedResidual: the input dtype {x.dtype} does not match the "
                                f"parameters' dtype {weight.dtype}")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and packed_paths_allowed():
             y = inference.run_block(self._mnv2_cache, x)  # the last inference call's decisions, re-checked
             if y is not None:
                 return y
+        if is_fx_proxy(x):
+            return fx_leaf(self, x)
         parts = self._parts()
-        self._check_input(x, parts)
+        if not torch.jit.is_tracing():  # (jit.trace: the operators check, shapes are traced values)
+            self._check_input(x, parts)
+        if unfused_for_export():
+            return self._forward_unfused(x, parts)
         backend = backends.resolve(x)
         if backend == "reference":
-            # torchvision's unfused computation, module by module
+            # torchvision's computation, module by module
             return self._forward_unfused(x, parts)
         if any(n is not None and uses_batch_stats(n) for n in parts[1::2]):
             return self._forward_batch_stats(x, backend)
         weights = None
-        if not torch.compiler.is_compiling():
+        if not recording():
             state = self._state(parts)
             if not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in state))):
                 # inference: fold (and pack, for the CPU kernel) once, reuse until a
                 # parameter or buffer changes
                 cache = inference.cache_for(self, BlockCache)
-                if backend == "cpu":
+                if backend == "cpu" and x.dtype in backends.CPU_DTYPES and packed_paths_allowed():
                     packed = self._packed_weights(x, state)
                     if packed is not None:
                         args = PackedBlockArgs(parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
@@ -317,6 +367,45 @@ class FusedInvertedResidual(nn.Module):
         if weights is None:
             weights = self.folded_weights()
         return ops.fused_inverted_residual(x, *weights, self.stride, self.use_res_connect, backend)
+
+    def _forward_scripted(self, x: Tensor) -> Tensor:
+        """forward under TorchScript: with running statistics, the fused operator (the C++
+        kernel of x's device) on the folded weights; with batch statistics (train mode, or
+        no running statistics), torchvision's computation, module by module."""
+        c = self.conv
+        w_expand: Optional[Tensor] = None
+        b_expand: Optional[Tensor] = None
+        if self._has_expand:
+            expand = c[0]
+            dw = c[1]
+            proj = c[2]
+            bn3 = c[3]
+            bn1 = expand[1]
+            if self.training or bn1.running_mean is None:
+                return self._forward_modules(x)
+            w_expand, b_expand = _fold_running(expand[0].weight, expand[0].bias, bn1.weight, bn1.bias,
+                                               bn1.running_mean, bn1.running_var, bn1.eps)
+            w_expand = w_expand.flatten(1)
+        else:
+            dw = c[0]
+            proj = c[1]
+            bn3 = c[2]
+        bn2 = dw[1]
+        if self.training or bn2.running_mean is None or bn3.running_mean is None:
+            return self._forward_modules(x)
+        w_dw, b_dw = _fold_running(dw[0].weight, dw[0].bias, bn2.weight, bn2.bias, bn2.running_mean,
+                                   bn2.running_var, bn2.eps)
+        w_project, b_project = _fold_running(proj.weight, proj.bias, bn3.weight, bn3.bias, bn3.running_mean,
+                                             bn3.running_var, bn3.eps)
+        return torch.ops.mnv2.fused_inverted_residual(x, w_expand, b_expand, w_dw.flatten(0, 1),
+                                                      b_dw, w_project.flatten(1), b_project, self.stride,
+                                                      self.use_res_connect)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's computation, module by module."""
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
 
     def folded_weights(self):
         """The operator's weights with every batch norm folded in with its running statistics:

@@ -119,7 +119,7 @@ def _save_depthwise(ctx, inputs, output):
 
 def _depthwise_moments_backward(ctx, g_mean, g_var):
     x, w_expand, b_expand, w_dw, mean = ctx.saved_tensors
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)) or _triton_usable(x):
+    if x.device.type == "cpu" or _triton_usable(x):  # (CPU float16/bfloat16: computed in float32)
         grads = depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, ctx.stride, mean, g_mean, g_var)
     else:
         grads = depthwise_moments_backward_torch(x, w_expand, b_expand, w_dw, ctx.stride, g_mean, g_var)
@@ -179,7 +179,7 @@ def depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, stride, mean, 
     alpha = (g_mean / count if g_mean is not None else zeros) - beta * mean
     if x.device.type == "cpu":
         g_x, g_w, g_b, g_wd = torch.ops.mnv2.depthwise_moments_backward.default(
-            x, w_expand, b_expand, w_dw, stride, alpha.to(x.dtype), beta.to(x.dtype))
+            x, w_expand, b_expand, w_dw, stride, alpha.to(acc_dtype(x)), beta.to(acc_dtype(x)))
     else:
         from .triton_kernels import fused_ir
 

@@ -48,8 +48,8 @@ def test_a_backend_that_cannot_run_the_tensors_raises():
         block(x)
     with mnv2_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="neither a CUDA GPU nor TRITON_INTERPRET=1"):
         block(x)
-    with pytest.raises(RuntimeError, match="bfloat16 .* use backend 'reference'"):
-        block.bfloat16()(x.bfloat16())
+    with pytest.raises(RuntimeError, match="int64 .* supports float32, float64, float16 and bfloat16"):
+        mnv2_kernels.backends.resolve(x.long())
 
 
 def test_reference_backend_runs_other_dtypes():

@@ -15,7 +15,7 @@ namespace {
 BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
                        const at::Tensor& w_dw, const at::Tensor& b_dw, const at::Tensor& w_project,
                        const at::Tensor& b_project, int64_t stride, bool residual) {
-  check_x(x);
+  check_x(x, "x", Dtypes::kKernelOrHalf);
   BlockShape s = glue::check_weights(x, x.size(1), w_expand, b_expand, w_dw, b_dw, w_project, b_project);
   glue::finish_shape(s, x, stride, residual);
   return s;
@@ -26,6 +26,12 @@ at::Tensor fused_inverted_residual_cpu(const at::Tensor& x, const OptTensor& w_e
                                        const at::Tensor& b_dw, const at::Tensor& w_project,
                                        const at::Tensor& b_project, int64_t stride, bool residual) {
   const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+  if (is_half(x)) {  // (the weights have x's dtype: checked)
+    return fused_inverted_residual_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
+                                       w_dw.to(at::kFloat), b_dw.to(at::kFloat), w_project.to(at::kFloat),
+                                       b_project.to(at::kFloat), stride, residual)
+        .to(x.scalar_type());
+  }
   at::Tensor y = empty_output(s, x);
   if (s.batch == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_forward", [&] {
@@ -101,6 +107,15 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
                                            int64_t stride, bool residual) {
   const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
   glue::check_grad_y(grad_y, x, s);
+  if (is_half(x)) {
+    Grads g = fused_inverted_residual_backward_cpu(
+        grad_y.to(at::kFloat), x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
+        w_dw.to(at::kFloat), b_dw.to(at::kFloat), w_project.to(at::kFloat), b_project.to(at::kFloat), stride,
+        residual);
+    const at::ScalarType t = x.scalar_type();
+    return {std::get<0>(g).to(t), std::get<1>(g).to(t), std::get<2>(g).to(t), std::get<3>(g).to(t),
+            std::get<4>(g).to(t), std::get<5>(g).to(t), std::get<6>(g).to(t)};
+  }
   Grads out = alloc_grads(s, x);
   if (s.batch == 0) {
     std::get<0>(out).zero_();

@@ -7,11 +7,18 @@ namespace cpu {
 
 std::atomic<int64_t> g_max_scratch_bytes{0};
 
-void check_x(const at::Tensor& x, const char* name) {
+void check_x(const at::Tensor& x, const char* name, Dtypes dtypes) {
   TORCH_CHECK(x.dim() == 4, "mnv2: ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.layout() == at::kStrided, "mnv2: ", name, " must be a dense (strided) tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "mnv2: the CPU kernel supports float32 and float64, got ", x.scalar_type());
+  if (dtypes == Dtypes::kKernelOrHalf) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || is_half(x),
+                "mnv2: the CPU operator supports float32, float64, float16 and bfloat16 (the last two "
+                "computed in float32), got ",
+                x.scalar_type());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "mnv2: the CPU kernel on packed weights supports float32 and float64, got ", x.scalar_type());
+  }
   TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "mnv2: ", name, " must have height and width >= 1, got ",
               x.sizes());
 }

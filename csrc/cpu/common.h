@@ -18,8 +18,23 @@ namespace cpu {
 
 using glue::OptTensor;
 
-// A dense (strided) 4-D float32 or float64 tensor with height and width >= 1.
-void check_x(const at::Tensor& x, const char* name = "x");
+// Which dtypes an operator takes: the kernels' own (float32, float64), or those and
+// float16/bfloat16, which the block and statistics operators compute in float32,
+// converting at their edges (there is no half-precision CPU kernel yet).
+enum class Dtypes { kKernel, kKernelOrHalf };
+
+// A dense (strided) 4-D tensor of the given dtypes with height and width >= 1.
+void check_x(const at::Tensor& x, const char* name = "x", Dtypes dtypes = Dtypes::kKernel);
+
+// Whether x is float16 or bfloat16: the operator then runs on float32 copies of its
+// arguments (float32_copy) and converts its results back.
+inline bool is_half(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+
+inline OptTensor float32_copy(const OptTensor& t) {
+  return t.has_value() ? OptTensor(t->to(at::kFloat)) : OptTensor();
+}
 
 // The kernels of the ISA in use (an MNV2_CPU_ISA that cannot be used is a TORCH_CHECK error).
 const KernelTable& kernels();

@@ -16,7 +16,7 @@ namespace {
 // The shape of x's expand and depthwise steps (no project).
 BlockShape check_front(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
                        const at::Tensor& w_dw, int64_t stride) {
-  check_x(x);
+  check_x(x, "x", Dtypes::kKernelOrHalf);
   BlockShape s = glue::check_front_weights(x, x.size(1), w_expand, b_expand, w_dw);
   glue::finish_front_shape(s, x, stride);
   return s;
@@ -30,6 +30,10 @@ std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x, co
                                                          const OptTensor& b_expand, const at::Tensor& w_dw,
                                                          int64_t stride) {
   const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride);
+  if (is_half(x)) {  // statistics in float32 (the accumulation dtype), as for float32
+    return depthwise_moments_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
+                                 w_dw.to(at::kFloat), stride);
+  }
   const at::TensorOptions opts = dense_options(x);
   const int64_t count = s.batch * s.out_h() * s.out_w();
   if (count == 0) {  // as torch.var_mean over an empty set
@@ -72,6 +76,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_bac
     const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
     int64_t stride, const at::Tensor& alpha, const at::Tensor& beta) {
   const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride);
+  if (is_half(x)) {  // alpha and beta in float32 (the statistics' dtype) or x's
+    auto g = depthwise_moments_backward_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
+                                            w_dw.to(at::kFloat), stride, alpha.to(at::kFloat),
+                                            beta.to(at::kFloat));
+    const at::ScalarType t = x.scalar_type();
+    return {std::get<0>(g).to(t), std::get<1>(g).to(t), std::get<2>(g).to(t), std::get<3>(g).to(t)};
+  }
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == s.hidden && beta.dim() == 1 && beta.size(0) == s.hidden,
               "mnv2: alpha and beta must be (hidden,) = (", s.hidden, ",) vectors, got ", alpha.sizes(), " and ",
               beta.sizes());
