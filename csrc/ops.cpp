@@ -70,6 +70,11 @@ TORCH_LIBRARY(mnv2, m) {
   // Per-channel mean and biased covariance of x over (N, H, W): bn1's statistics
   // follow as W mean and diag(W cov W^T).
   m.def("channel_moments(Tensor x) -> (Tensor mean, Tensor cov)", {at::Tag::pt2_compliant_tag});
+  // bn1's statistics from x's: mean = w mean_x (+ b) and var = diag(w cov_x w^T), in
+  // cov_x's dtype (w: (hidden, C), b: (hidden,)). An operator of its own so that, like
+  // torch's batch norm, the statistics count no FLOPs in FlopCounterMode.
+  m.def("project_moments(Tensor mean, Tensor cov, Tensor w, Tensor? b) -> (Tensor mean, Tensor var)",
+        {at::Tag::pt2_compliant_tag});
   // Per-channel mean and biased variance over (N, Ho, Wo) of the depthwise output
   // (before its bias) of relu6(w_expand x + b_expand): bn2's statistics.
   m.def(

@@ -16,7 +16,7 @@ import torch
 
 from . import _extension
 
-_LIB = torch.library.Library("mnv2", "IMPL")  # the registrations live as long as the process
+_LIBS = {}  # namespace -> Library: the registrations live as long as the process
 
 
 def _cast(value, device_type: str, dtype: torch.dtype):
@@ -31,7 +31,10 @@ def register(qualname: str, device_types: Iterable[str] = ("cpu", "cuda")) -> No
     """Registers autocast kernels for the operator ``qualname`` ("mnv2::name") on each
     device type."""
     op = torch._library.utils.lookup_op(qualname)
-    name = qualname.split("::")[1]
+    namespace, name = qualname.split("::")
+    lib = _LIBS.get(namespace)
+    if lib is None:
+        lib = _LIBS[namespace] = torch.library.Library(namespace, "IMPL")
     for device_type in device_types:
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         key = getattr(torch._C.DispatchKey, key_name)
@@ -44,7 +47,7 @@ def register(qualname: str, device_types: Iterable[str] = ("cpu", "cuda")) -> No
                 return op(*(_cast(a, _device, dtype) for a in args))
 
         op.py_impl(key)(run)
-        _LIB.impl(name, lambda _keyset, *args, _run=run: _run(*args), key_name, with_keyset=True)
+        lib.impl(name, lambda _keyset, *args, _run=run: _run(*args), key_name, with_keyset=True)
 
 
 if _extension.LOADED:

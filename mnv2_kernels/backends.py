@@ -80,8 +80,15 @@ def _cannot(name, x, why):
 
 
 def resolve(x: torch.Tensor) -> str:
-    """The concrete backend that will run a block on input ``x``."""
-    name = _current
+    """The concrete backend that will run a block on input ``x`` under the selected
+    backend; raises when the selected backend cannot run x."""
+    return check(_current, x)
+
+
+def check(name: str, x: torch.Tensor) -> str:
+    """The concrete backend that ``name`` means for input ``x`` ("auto" picks one); raises
+    when that backend cannot run x (a backend never runs another device's kernel)."""
+    name = _validate(name)
     device = x.device.type
     if name == "auto":
         if device == "cpu":

@@ -109,6 +109,12 @@ def channel_moments(x):
     return x.new_empty((c,), dtype=acc), x.new_empty((c, c), dtype=acc)
 
 
+def project_moments(mean, cov, w, b):
+    torch._check(mean.dim() == 1 and cov.dim() == 2 and w.dim() == 2,
+                 lambda: "mnv2: project_moments needs a (C,) mean, a (C, C) cov and a (hidden, C) w")
+    return cov.new_empty((w.shape[0],)), cov.new_empty((w.shape[0],))
+
+
 def depthwise_moments(x, w_expand, b_expand, w_dw, stride):
     torch._check(x.dim() == 4, lambda: "mnv2: depthwise_moments needs a 4-D input")
     acc = acc_dtype(x)
@@ -132,6 +138,7 @@ if _extension.LOADED:
                          ("pointwise_conv_mean_packed", pointwise_conv_mean_packed),
                          ("mobilenet_v2_packed", mobilenet_v2_packed),
                          ("channel_moments", channel_moments),
+                         ("project_moments", project_moments),
                          ("depthwise_moments", depthwise_moments),
                          ("depthwise_moments_backward", depthwise_moments_backward)):
         torch.library.register_fake(f"mnv2::{_name}")(_fake)

@@ -1,6 +1,10 @@
 """FLOP formulas of the ``mnv2::`` operators for torch.utils.flop_counter.FlopCounterMode:
 twice the multiply-adds of the convolutions each computes (batch norm, activations and
-the residual add are not counted, as torch does not count them for convolutions)."""
+the residual add are not counted, as torch does not count them for convolutions). The
+batch-norm statistics operators have no formula: torch counts no FLOPs for batch norm.
+
+``register(op)`` adds the block formulas to another operator with the same signature
+(the Triton backend's)."""
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -47,7 +51,8 @@ def _stem_block(image_shape, stem_shape, packed_shape, channels, cout, stride, *
     return 2 * stem_block_macs(image_shape, channels, cout, stride)
 
 
-def _pointwise_mean(x_shape, packed_shape, cout, activation, *args, out_shape=None, **kwargs) -> int:
+def _pointwise(x_shape, packed_shape, cout, activation, *args, out_shape=None, **kwargs) -> int:
+    # (the mean of pointwise_conv_mean_packed is not counted, as torch counts no pooling)
     n, c, h, w = x_shape
     return 2 * n * h * w * c * cout
 
@@ -67,11 +72,18 @@ def _model(image_shape, stem_shape, first_shape, first_args, block_shapes, block
     return 2 * macs
 
 
+def register(forward_op, backward_op) -> None:
+    """The block's formulas for a forward and a backward operator with the signatures of
+    mnv2::fused_inverted_residual and mnv2::fused_inverted_residual_backward."""
+    register_flop_formula(forward_op)(_block)
+    register_flop_formula(backward_op)(_block_backward)
+
+
 if _extension.LOADED:
-    for _op, _formula in ((torch.ops.mnv2.fused_inverted_residual, _block),
-                          (torch.ops.mnv2.fused_inverted_residual_backward, _block_backward),
-                          (torch.ops.mnv2.fused_inverted_residual_packed, _block_packed),
+    register(torch.ops.mnv2.fused_inverted_residual, torch.ops.mnv2.fused_inverted_residual_backward)
+    for _op, _formula in ((torch.ops.mnv2.fused_inverted_residual_packed, _block_packed),
                           (torch.ops.mnv2.stem_block_packed, _stem_block),
-                          (torch.ops.mnv2.pointwise_conv_mean_packed, _pointwise_mean),
+                          (torch.ops.mnv2.pointwise_conv_packed, _pointwise),
+                          (torch.ops.mnv2.pointwise_conv_mean_packed, _pointwise),
                           (torch.ops.mnv2.mobilenet_v2_packed, _model)):
         register_flop_formula(_op)(_formula)

@@ -5,7 +5,8 @@ are torchvision's (torchvision.models.mobilenetv2), so a torchvision state_dict
 loads unchanged and the same seed gives the same initial weights.
 """
 
-from typing import Any, Callable, List, Optional
+import warnings
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -291,28 +292,80 @@ def mobilenet_v2(
     return model
 
 
-def _is_torchvision_block(m: nn.Module) -> bool:
+def _torchvision_block_class():
     try:
         from torchvision.models.mobilenetv2 import InvertedResidual
     except ImportError:
-        return False
-    return isinstance(m, InvertedResidual) and not isinstance(m, FusedInvertedResidual)
+        return None
+    return InvertedResidual
 
 
-def convert_model(model: nn.Module) -> nn.Module:
+def _convertible(m: nn.Module, block_class) -> Optional[str]:
+    """Why torchvision block ``m`` cannot be fused, or None when it can."""
+    if type(m) is not block_class:
+        # e.g. torchvision.models.quantization's QuantizableInvertedResidual, whose forward
+        # adds through a FloatFunctional for quantization
+        return (f"a {type(m).__name__} (a subclass of InvertedResidual: its forward may differ from "
+                "the block's, so it is left as it is)")
+    try:
+        FusedInvertedResidual.from_torchvision(m)
+    except (TypeError, ValueError, AttributeError) as exc:
+        return str(exc)
+    return None
+
+
+def _find_blocks(module: nn.Module, block_class, prefix: str, found: List[Tuple[str, nn.Module, nn.Module]]):
+    """(name, parent, block) of every torchvision block inside ``module`` (not inside a block)."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, block_class):
+            found.append((path, module, child))
+        elif not isinstance(child, FusedInvertedResidual):
+            _find_blocks(child, block_class, path, found)
+
+
+def convert_model(model: nn.Module, strict: bool = False) -> nn.Module:
     """Replaces every torchvision InvertedResidual inside ``model`` (in place) by a
-    FusedInvertedResidual sharing its parameters and buffers; returns ``model``.
+    FusedInvertedResidual sharing its parameters and buffers; returns ``model`` (a new
+    block when ``model`` is itself a torchvision block).
+
+    Every block is checked before any is replaced. A block that cannot be fused (a
+    depthwise convolution other than 3x3, an activation other than ReLU6, a norm layer
+    that does not fold, a subclass such as torchvision's quantizable block) is left as
+    it is, and one warning names each block left and why; so does a model with no
+    torchvision block at all. With ``strict=True`` either case raises a ValueError
+    instead, before anything is changed.
 
     Hooks registered on the replaced blocks themselves are not carried over; hooks
     on their submodules are (those modules are shared).
     """
-    if _is_torchvision_block(model):
-        return FusedInvertedResidual.from_torchvision(model)
-    for name, child in list(model.named_children()):
-        if _is_torchvision_block(child):
-            setattr(model, name, FusedInvertedResidual.from_torchvision(child))
-        else:
-            convert_model(child)
+    block_class = _torchvision_block_class()
+    found: List[Tuple[str, nn.Module, nn.Module]] = []
+    if block_class is not None and isinstance(model, block_class):
+        found.append((type(model).__name__, None, model))
+    elif block_class is not None:
+        _find_blocks(model, block_class, "", found)
+    checked = [(path, parent, block, _convertible(block, block_class)) for path, parent, block in found]
+    left = "".join(f"\n  {path}: {why}" for path, _, _, why in checked if why is not None)
+    fit = [(path, parent, block) for path, parent, block, why in checked if why is None]
+    if not fit:
+        message = (f"convert_model: nothing to convert in {type(model).__name__}: "
+                   + ("no block can be fused:" + left if found else
+                      "it has no torchvision InvertedResidual block"))
+    elif left:
+        message = (f"convert_model: {len(found) - len(fit)} of {len(found)} blocks left unfused in "
+                   f"{type(model).__name__}:" + left)
+    else:
+        message = None
+    if message is not None:
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    for path, parent, block in fit:
+        fused = FusedInvertedResidual.from_torchvision(block)
+        if parent is None:
+            return fused  # model is itself a block
+        setattr(parent, path.rsplit(".", 1)[-1], fused)
     return model
 
 

@@ -474,13 +474,9 @@ class FusedInvertedResidual(nn.Module):
             if step1.uses_batch:
                 step1.check_count(n * h * w, (n, hidden, h, w))
                 mean_x, cov_x = step1.local_moments(*ops.channel_moments(x), n)
-                we = expand.weight.view(hidden, -1).to(cov_x.dtype)
-                mean1 = we @ mean_x
-                if expand.bias is not None:
-                    mean1 = mean1 + expand.bias
-                var1 = ((we @ cov_x) * we).sum(1).clamp_min(0)
+                # (in the statistics' dtype, at least float32, which fold_bn takes)
+                mean1, var1 = ops.project_moments(mean_x, cov_x, expand.weight.view(hidden, -1), expand.bias)
                 mean1, var1 = step1.batch_moments(mean1, var1, n * h * w, (n, hidden, h, w))
-                mean1, var1 = mean1.to(x.dtype), var1.to(x.dtype)
             else:
                 mean1, var1 = running_stats(bn1)
             w_expand, b_expand = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, mean1, var1, bn1.eps)
@@ -494,7 +490,6 @@ class FusedInvertedResidual(nn.Module):
             if dw.bias is not None:
                 mean2 = mean2 + dw.bias
             mean2, var2 = step2.batch_moments(mean2, var2, n * ho * wo, (n, hidden, ho, wo))
-            mean2, var2 = mean2.to(x.dtype), var2.to(x.dtype)
         else:
             mean2, var2 = running_stats(bn2)
         w_dw, b_dw = fold_bn(dw.weight, dw.bias, bn2.weight, bn2.bias, mean2, var2, bn2.eps)

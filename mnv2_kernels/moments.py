@@ -52,6 +52,29 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def project_moments_torch(mean: Tensor, cov: Tensor, w: Tensor, b: Optional[Tensor]):
+    """(w mean + b, diag(w cov w^T)) in cov's dtype: the statistics of w x + b from x's."""
+    wa = w.to(cov.dtype)
+    m = wa @ mean
+    if b is not None:
+        m = m + b.to(cov.dtype)
+    return m, ((wa @ cov) * wa).sum(1).clamp_min(0)
+
+
+def _project_moments_backward(ctx, g_m, g_v):
+    mean, cov, w, b = ctx.saved_tensors
+    wa = w.to(cov.dtype)
+    gm = g_m if g_m is not None else mean.new_zeros(w.shape[0])
+    gv = g_v if g_v is not None else mean.new_zeros(w.shape[0])
+    # clamp_min(0) passes the gradient where its input is >= 0, as torch's
+    gv = gv * ((wa @ cov) * wa).sum(1).ge(0)
+    g_mean = wa.T @ gm
+    g_cov = (wa * gv[:, None]).T @ wa
+    # d (w_h^T C w_h) / d w_h = (C + C^T) w_h
+    g_w = gm[:, None] * mean[None, :] + gv[:, None] * (wa @ (cov + cov.T))
+    return g_mean, g_cov, g_w.to(w.dtype), None if b is None else gm.to(b.dtype)
+
+
 # ----------------------------------------------------------------------------
 # depthwise_moments: bn2's statistics, of z2 = dw(relu6(w_expand x + b_expand)) before
 # the depthwise bias.
@@ -191,6 +214,9 @@ def depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, stride, mean, 
 
 if _extension.LOADED:
     torch.library.register_kernel("mnv2::channel_moments", ("cpu", "cuda"), channel_moments_torch)
+    torch.library.register_kernel("mnv2::project_moments", ("cpu", "cuda"), project_moments_torch)
+    torch.library.register_autograd("mnv2::project_moments", _project_moments_backward,
+                                    setup_context=_save_inputs)
     torch.library.register_autograd("mnv2::channel_moments", _channel_moments_backward,
                                     setup_context=_save_inputs)
     # (the CPU kernel of depthwise_moments is C++: csrc/cpu/stats_ops.cpp)

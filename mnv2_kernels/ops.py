@@ -61,19 +61,20 @@ def fused_inverted_residual(
         stride: 1 or 2.
         residual: add x to the output (needs stride 1 and Cin == Cout).
         backend: "triton" runs ``mnv2::triton_fused_inverted_residual``; "reference" the
-            plain PyTorch ops; anything else the dispatcher's kernel for x's device (C++
-            CPU or CUDA), which checks every argument. None: the selected backend
-            (``use_backend``).
+            plain PyTorch ops; "cpu" and "cuda" the C++ operator's kernel for that device,
+            which checks every argument; "auto" the fastest for x. None: the selected
+            backend (``use_backend``). A backend that cannot run x (another device's,
+            or without the dtype) raises.
 
     Returns:
         (N, Cout, Ho, Wo) in x's memory format.
     """
-    if backend is None:
-        from . import backends
+    from . import backends
 
+    if backend is None:
         backend = backends.get_backend()
-        if backend == "auto" and x.device.type == "cuda":
-            backend = backends.resolve(x)  # CUDA kernel or Triton
+    if backend != "auto" or x.device.type == "cuda":  # (auto elsewhere: the dispatcher's kernel)
+        backend = backends.check(backend, x)
     if backend == "triton":
         return triton_op()(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
     if backend == "reference":
@@ -182,6 +183,12 @@ def mobilenet_v2_packed(image: Tensor, stem_packed: Tensor, first_packed: Tensor
 def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean (C,) and biased covariance (C, C) of x over (N, H, W)."""
     return torch.ops.mnv2.channel_moments.default(x)
+
+
+def project_moments(mean: Tensor, cov: Tensor, w: Tensor, b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The per-channel mean and biased variance of w x + b from x's mean (C,) and covariance
+    (C, C): (w mean + b, diag(w cov w^T)), in cov's dtype; w (hidden, C), b (hidden,)."""
+    return torch.ops.mnv2.project_moments.default(mean, cov, w, b)
 
 
 def depthwise_moments(

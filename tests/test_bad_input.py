@@ -50,9 +50,11 @@ def test_mixed_devices(block, cpu_backend):
     with pytest.raises(RuntimeError, match="the input is on meta but the block's parameters are on cpu"):
         block(torch.randn(2, 16, 8, 8, device="meta"))
     x, we, be, wd, bd, wp, bp, stride, res = sample_inputs(SAMPLES[0])
+    meta = [t.to("meta") for t in (x, we, be, wd, bd)]
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run a torch.float32 tensor on meta"):
+        ops.fused_inverted_residual(*meta, wp, bp.to("meta"), stride, res)
     with pytest.raises(RuntimeError, match="w_project"):
-        ops.fused_inverted_residual(x.to("meta"), we.to("meta"), be.to("meta"), wd.to("meta"),
-                                    bd.to("meta"), wp, bp.to("meta"), stride, res)
+        torch.ops.mnv2.fused_inverted_residual(*meta, wp, bp.to("meta"), stride, res)
 
 
 def test_half_precision_weights_must_match_the_input(cpu_backend):
@@ -213,6 +215,9 @@ def test_non_float_dtypes(dtype, cpu_backend):
     args = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in sample_inputs(SAMPLES[0])]
     with pytest.raises(RuntimeError, match="the CPU operator supports float32, float64, float16 and bfloat16 "
                                            r"\(the last two computed in float32\), got"):
+        torch.ops.mnv2.fused_inverted_residual(*args)
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run .* it supports float32, float64, float16 "
+                                           "and bfloat16"):
         ops.fused_inverted_residual(*args)
 
 

@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import autocast, decompositions, flops
 from ..autograd import register_block_autograd
 from . import fused_ir
 
@@ -126,6 +127,11 @@ def _define(fwd_name: str, bwd_name: str, use_triton_op: bool) -> None:
 
     ns, bwd_short = bwd_name.split("::")
     register_block_autograd(fwd_name, lambda: getattr(getattr(torch.ops, ns), bwd_short).default)
+    # as the C++ operator's: FLOP formulas, autocast, the decomposition the ONNX exporter uses
+    fwd_overload = torch._library.utils.lookup_op(fwd_name)
+    flops.register(fwd_overload, torch._library.utils.lookup_op(bwd_name))
+    autocast.register(fwd_name)
+    decompositions.register(fwd_overload)
 
 
 def register() -> None:
