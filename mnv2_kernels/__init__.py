@@ -10,6 +10,7 @@ from . import autocast, autograd, decompositions, fake, flops, moments, ops, ref
 from ._extension import build_info, cpu_isa
 from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .batch_norm import SyncBatchNorm, convert_sync_batchnorm, fold_bn
+from .capture import trace_unfused
 from .model import MobileNetV2, convert_model, mobilenet_v2
 from .modules import Conv2dNormActivation, FusedInvertedResidual
 
@@ -29,6 +30,7 @@ __all__ = [
     "get_backend",
     "mobilenet_v2",
     "set_backend",
+    "trace_unfused",
     "use_backend",
 ]
 

@@ -27,9 +27,11 @@ def _cast(value, device_type: str, dtype: torch.dtype):
     return value
 
 
-def register(qualname: str, device_types: Iterable[str] = ("cpu", "cuda")) -> None:
+def register(qualname: str, device_types: Iterable[str] = ("cpu", "cuda"), cast: bool = True) -> None:
     """Registers autocast kernels for the operator ``qualname`` ("mnv2::name") on each
-    device type."""
+    device type. ``cast=False``: the operator runs in its inputs' dtypes with autocast
+    off inside, as torch's batch norm does (its PyTorch kernel's matrix products would
+    otherwise run in autocast's dtype)."""
     op = torch._library.utils.lookup_op(qualname)
     namespace, name = qualname.split("::")
     lib = _LIBS.get(namespace)
@@ -42,9 +44,12 @@ def register(qualname: str, device_types: Iterable[str] = ("cpu", "cuda")) -> No
             continue  # registered already
 
         def run(*args, _device=device_type, _key=key):
-            dtype = torch.get_autocast_dtype(_device)
-            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op(*(_cast(a, _device, dtype) for a in args))
+            if cast:
+                dtype = torch.get_autocast_dtype(_device)
+                args = tuple(_cast(a, _device, dtype) for a in args)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)), \
+                    torch.autocast(_device, enabled=False):
+                return op(*args)
 
         op.py_impl(key)(run)
         lib.impl(name, lambda _keyset, *args, _run=run: _run(*args), key_name, with_keyset=True)
@@ -53,3 +58,6 @@ def register(qualname: str, device_types: Iterable[str] = ("cpu", "cuda")) -> No
 if _extension.LOADED:
     register("mnv2::fused_inverted_residual")
     register("mnv2::depthwise_moments")
+    # batch-norm statistics: in the input's dtype, accumulated in at least float32
+    register("mnv2::channel_moments", cast=False)
+    register("mnv2::project_moments", cast=False)

@@ -4,7 +4,9 @@
   block is a leaf. Its call is recorded as ``call_module``, so the traced module runs
   the block's own forward, the fused operator, and never the unfused computation. A block
   that is the traced root itself is recorded as a call of ``fused_block`` on its
-  ``conv`` submodule (the graph has no node for the root module).
+  ``conv`` submodule (the graph has no node for the root module). Inside
+  ``trace_unfused()`` blocks are traced module by module instead, as torchvision's,
+  so that nodes inside a block (its hidden tensors) can be graph outputs.
 * ``torch.jit.trace`` (and the TorchScript ONNX exporter, which traces): the cached
   and packed inference paths are skipped, so that every trace of a call records the
   same operators on the parameters. The ONNX exporters get standard operators only:
@@ -16,8 +18,27 @@
   derived from the parameters enters the graph.
 """
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
+
+_UNFUSED = [False]  # inside trace_unfused()
+
+
+@contextlib.contextmanager
+def trace_unfused():
+    """Inside this context torch.fx traces each fused block module by module, with
+    torchvision's node names (``features.14.conv.0.2`` and so on), so that a feature
+    extractor can return a tensor from inside a block (the expanded hidden tensor, as
+    SSDLite takes). The traced module then computes those blocks unfused; outside the
+    context each block is one fused node."""
+    previous = _UNFUSED[0]
+    _UNFUSED[0] = True
+    try:
+        yield
+    finally:
+        _UNFUSED[0] = previous
 
 
 def is_fx_proxy(x) -> bool:
@@ -47,6 +68,8 @@ def fx_leaf(module: nn.Module, x) -> "torch.fx.Proxy":
     """Records ``module(x)`` as one node of the fx graph that ``x`` (a Proxy) belongs to:
     ``call_module`` of the module's path, or, for the traced root (a fused block), a call
     of ``fused_block`` on its ``conv`` submodule."""
+    if _UNFUSED[0]:
+        return module._forward_modules(x)
     tracer = x.tracer
     path = tracer.path_of_module(module)
     if path:
@@ -54,6 +77,16 @@ def fx_leaf(module: nn.Module, x) -> "torch.fx.Proxy":
     conv = tracer.create_proxy("get_attr", "conv", (), {})
     return tracer.create_proxy("call_function", fused_block,
                                (x, conv, module.stride, module.use_res_connect, module.out_channels), {})
+
+
+def keeps_torchvision_layers_whole(x) -> bool:
+    """Whether the fx tracer of ``x`` (a Proxy) records torchvision's
+    Conv2dNormActivation as one node: torchvision's feature-extraction tracer does (its
+    ``leaf_modules`` lists torchvision.ops' modules); torch.fx's own traces into it. Ours
+    then does the same, so that the node names are torchvision's."""
+    return any(getattr(c, "__name__", None) == "Conv2dNormActivation"
+               and getattr(c, "__module__", "").startswith("torchvision.")
+               for c in getattr(x.tracer, "leaf_modules", ()))
 
 
 def fused_block(x: Tensor, conv: nn.Sequential, stride: int, residual: bool, out_channels: int) -> Tensor:

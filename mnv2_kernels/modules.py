@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, inference, ops
-from .capture import fx_leaf, is_fx_proxy, packed_paths_allowed, recording, unfused_for_export
+from .capture import (fx_leaf, is_fx_proxy, keeps_torchvision_layers_whole, packed_paths_allowed, recording,
+                      unfused_for_export)
 from .batch_norm import (BatchNormStep, fold_bn, running_stats, sync_batch_norm, sync_process_group,
                          uses_batch_stats)
 from .inference import BlockCache, BlockRecord, ConvCache, PackedBlockArgs
@@ -64,6 +65,8 @@ class Conv2dNormActivation(nn.Sequential):
     def _forward_eager(self, x: Tensor) -> Tensor:
         m = self._modules
         conv, norm, act = m.get("0"), m.get("1"), m.get("2")
+        if is_fx_proxy(x) and keeps_torchvision_layers_whole(x) and x.tracer.path_of_module(self):
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         if is_fx_proxy(x) or unfused_for_export():
             return super().forward(x)
         group = sync_process_group(norm)
@@ -366,6 +369,15 @@ class FusedInvertedResidual(nn.Module):
                     weights = cache.folded.get(x.dtype, state, self.folded_weights)
         if weights is None:
             weights = self.folded_weights()
+        return self._fused(x, weights, backend)
+
+    def _fused(self, x: Tensor, weights, backend: str) -> Tensor:
+        """The fused operator on folded ``weights``. Under autocast with an input of another
+        dtype than autocast's (float32 into a bfloat16 region), the residual is added
+        outside the operator, in the wider dtype, as torchvision's ``x + conv(x)`` does."""
+        if (self.use_res_connect and torch.is_autocast_enabled(x.device.type)
+                and x.dtype != torch.get_autocast_dtype(x.device.type)):
+            return ops.fused_inverted_residual(x, *weights, self.stride, False, backend) + x
         return ops.fused_inverted_residual(x, *weights, self.stride, self.use_res_connect, backend)
 
     def _forward_scripted(self, x: Tensor) -> Tensor:
@@ -501,5 +513,4 @@ class FusedInvertedResidual(nn.Module):
             y = step3.normalize(u)
             return y + x if self.use_res_connect else y
         w_project, b_project = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
-        return ops.fused_inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project.view(cout, hidden),
-                                           b_project, self.stride, self.use_res_connect, backend)
+        return self._fused(x, (w_expand, b_expand, w_dw, b_dw, w_project.view(cout, hidden), b_project), backend)

@@ -107,3 +107,20 @@ settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
 collect_ignore = []
 if __import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     collect_ignore.append("triton")
+
+
+def autocast_errors(tv, ours, x, device_type, dtype, train):
+    """Under ``torch.autocast(device_type, dtype)``: (our output dtype, torchvision's, our
+    error, torchvision's error), the errors normwise against torchvision's float64 run
+    without autocast. Each run starts from a copy of the modules (train mode updates the
+    running statistics)."""
+    ref_model = copy.deepcopy(tv).double().train(train)
+    with torch.no_grad():
+        ref = ref_model(x.double())
+    outs = []
+    for model in (ours, tv):
+        model = copy.deepcopy(model).train(train)
+        with torch.autocast(device_type, dtype=dtype):
+            y = model(x)
+        outs.append(y)
+    return outs[0].dtype, outs[1].dtype, rel_err(outs[0].float(), ref), rel_err(outs[1].float(), ref)

@@ -19,7 +19,7 @@ import mnv2_kernels
 from mnv2_kernels import _extension
 from mnv2_kernels.triton_kernels import is_available as triton_available
 
-from conftest import BLOCK_SHAPES, block_id, make_pair, rel_err
+from conftest import BLOCK_SHAPES, autocast_errors, block_id, make_pair, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
@@ -351,6 +351,65 @@ def test_whole_model_fp16(backend):
         theirs = tv.half()(x.half())
         got = ours.half()(x.half())
     assert rel_err(got, ref) <= 2 * rel_err(theirs, ref)
+
+
+# ---------------------------------------------------------------------------- autocast, FLOPs
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("cfg", [(16, 24, 2, 6), (24, 24, 1, 6), (32, 16, 1, 1)], ids=str)
+def test_autocast_block(cfg, dtype, channels_last, train, backend):
+    """Under torch.autocast("cuda", dtype) the block gives torchvision's output dtype, at
+    most twice as far from the float64 result as torchvision's own under the same autocast."""
+    tv, ours = make_pair(*cfg)
+    tv, ours = tv.cuda(), ours.cuda()
+    x = torch.randn(4, cfg[0], 14, 14, device="cuda")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got_dtype, tv_dtype, err, tv_err = autocast_errors(tv, ours, x, "cuda", dtype, train)
+    assert got_dtype == tv_dtype
+    assert err <= 2 * tv_err, (err, tv_err)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_autocast_model(dtype, train, backend):
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2(num_classes=50, dropout=0.0)
+    mnv2_kernels.testing.randomize_batch_norm(tv)
+    tv = tv.cuda()
+    ours = mnv2_kernels.convert_model(copy.deepcopy(tv))
+    x = torch.rand(8, 3, 128, 128, device="cuda").contiguous(memory_format=torch.channels_last)
+    got_dtype, tv_dtype, err, tv_err = autocast_errors(tv, ours, x, "cuda", dtype, train)
+    assert got_dtype == tv_dtype == dtype
+    assert err <= 2 * tv_err, (err, tv_err)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_flop_count_is_torchvisions(train, backend):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2().cuda().train(train)
+    ours = mnv2_kernels.mobilenet_v2().cuda().train(train)
+    x = torch.rand(2, 3, 96, 96, device="cuda")
+    totals = []
+    for model in (tv, ours, ours):
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        totals.append(counter.get_total_flops())
+    assert totals[1] == totals[2] == totals[0]
+
+
+def test_explicit_cpu_backend_refuses_cuda_tensors():
+    tv, block = make_pair(16, 16, 1, 6)
+    block = block.cuda().eval()
+    x = torch.randn(2, 16, 5, 5, device="cuda")
+    args = (x, *block.folded_weights(), 1, True)
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run a torch.float32 tensor on cuda"):
+        mnv2_kernels.ops.fused_inverted_residual(*args, backend="cpu")
+    with mnv2_kernels.use_backend("cpu"), pytest.raises(RuntimeError, match="backend 'cpu' cannot run"):
+        block(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

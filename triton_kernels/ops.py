@@ -128,10 +128,10 @@ def _define(fwd_name: str, bwd_name: str, use_triton_op: bool) -> None:
     ns, bwd_short = bwd_name.split("::")
     register_block_autograd(fwd_name, lambda: getattr(getattr(torch.ops, ns), bwd_short).default)
     # as the C++ operator's: FLOP formulas, autocast, the decomposition the ONNX exporter uses
-    fwd_overload = torch._library.utils.lookup_op(fwd_name)
-    flops.register(fwd_overload, torch._library.utils.lookup_op(bwd_name))
+    fwd_packet = getattr(getattr(torch.ops, ns), fwd_name.split("::")[1])
+    flops.register(fwd_packet, getattr(getattr(torch.ops, ns), bwd_short))
     autocast.register(fwd_name)
-    decompositions.register(fwd_overload)
+    decompositions.register(fwd_packet.default)
 
 
 def register() -> None:
