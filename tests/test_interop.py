@@ -297,7 +297,9 @@ def test_torchscript_trace_of_the_model():
     ours.eval()
     tv.eval()
     x = torch.rand(2, 3, 64, 64)
-    traced = _save_load(torch.jit.trace(ours, x))
+    traced = torch.jit.trace(ours, x)
+    assert str(traced.inlined_graph).count("mnv2::fused_inverted_residual") == 17
+    traced = _save_load(traced)
     with torch.no_grad():
         assert rel_err(traced(x), tv(x)) < 1e-5
         x2 = torch.rand(2, 3, 64, 64)

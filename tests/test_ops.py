@@ -67,6 +67,14 @@ def test_gradcheck_moment_ops_float64(t):
         else:
             args = (x, we, be, wd, stride)
         assert torch.autograd.gradcheck(ops.depthwise_moments, args)
+    if t > 1:
+        # bn1's statistics from x's: through channel_moments, and on their own with a
+        # covariance that is not symmetric (every input's gradient, the clamp's mask included)
+        assert torch.autograd.gradcheck(lambda x, w, b: ops.project_moments(*ops.channel_moments(x), w, b),
+                                        (x, we, be))
+        mean = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()
+        cov = torch.randn(3, 3, dtype=torch.float64, generator=g).requires_grad_()
+        assert torch.autograd.gradcheck(ops.project_moments, (mean, cov, we, None))
 
 
 MOMENT_CFGS = [(3, 6, 1, (5, 4)), (4, 6, 2, (7, 5)), (5, 1, 1, (3, 6)), (6, 1, 2, (4, 4)),
@@ -185,6 +193,9 @@ def test_opcheck_moment_ops(requires_grad):
     for sample in OPCHECK_SAMPLES[:3]:
         x, we, be, wd, _, _, _, stride, _ = sample_inputs(sample, requires_grad=requires_grad)
         torch.library.opcheck(torch.ops.mnv2.channel_moments.default, (x,))
+        if we is not None:
+            mean, cov = ops.channel_moments(x)
+            torch.library.opcheck(torch.ops.mnv2.project_moments.default, (mean, cov, we, be))
         torch.library.opcheck(torch.ops.mnv2.depthwise_moments.default, (x, we, be, wd, stride))
 
 
@@ -485,3 +496,26 @@ def test_flop_counter_backward_counts_input_and_weight_gradients(cpu_backend):
         tv(x).sum().backward()
     dw_forward_flops = 2 * 2 * 28 * 28 * depthwise.out_channels * 9
     assert fc.get_total_flops() == 3 * (counts["mnv2.fused_inverted_residual"] - dw_forward_flops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_precision_is_float32_at_the_edges(dtype, cpu_backend):
+    """float16/bfloat16 CPU tensors: the float32 kernels on the upcast arguments, the
+    results rounded once to the input's dtype (the statistics stay float32)."""
+    for sample in SAMPLES[:4]:
+        args = sample_inputs(sample, dtype=dtype)
+        up = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        y = ops.fused_inverted_residual(*args)
+        assert y.dtype == dtype
+        assert torch.equal(y, ops.fused_inverted_residual(*up).to(dtype))
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        grads = torch.ops.mnv2.fused_inverted_residual_backward(gy, *args)
+        grads32 = torch.ops.mnv2.fused_inverted_residual_backward(gy.float(), *up)
+        for g, g32 in zip(grads, grads32):
+            assert g.dtype == dtype and torch.equal(g, g32.to(dtype))
+        x, we, be, wd, _, _, _, stride, _ = args
+        mean, var = ops.depthwise_moments(x, we, be, wd, stride)
+        mean32, var32 = ops.depthwise_moments(x.float(), *(a.float() if a is not None else None
+                                                          for a in (we, be, wd)), stride)
+        assert mean.dtype == var.dtype == torch.float32
+        assert torch.equal(mean, mean32) and torch.equal(var, var32)
