@@ -102,7 +102,7 @@ def _apply_model_layout(x, channels_last):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("width", [0.35, 1.0, 1.4])
+@pytest.mark.parametrize("width", [0.25, 0.35, 0.75, 1.0, 1.4])
 def test_feature_extractor_matches_torchvision(width, train):
     ours, tv = ours_and_torchvision(mnv2_kernels.mobilenet_v2, width=width)
     # torchvision accepts module names (the last node inside), nodes of its layers and the

@@ -311,3 +311,26 @@ def test_depthwise_moments_kernels(case):
         assert got.shape == ref.shape, name
         assert rel_err(got, ref) < GRAD_RTOL, name
     assert grads[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_flops_autocast_and_onnx_decomposition_are_registered():
+    """The Triton operator counts the C++ operator's FLOPs, follows autocast and decomposes
+    for the ONNX exporter as the C++ one does."""
+    from torch._decomp import decomposition_table
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import mnv2_kernels
+
+    args = make_args(2, 8, 6, 5, 6, 8, 1, True)
+    op = torch.ops.mnv2.triton_fused_inverted_residual
+    with FlopCounterMode(display=False) as counter:
+        op(*args)
+    with FlopCounterMode(display=False) as cpp_counter:
+        with mnv2_kernels.use_backend("reference"):
+            reference.inverted_residual(*args)
+    assert counter.get_total_flops() == cpp_counter.get_total_flops() > 0
+    assert op.default in decomposition_table
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = op(*args)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), reference.inverted_residual(*args)) < 2e-2
