@@ -48,14 +48,19 @@ def is_fx_proxy(x) -> bool:
 def recording() -> bool:
     """Whether torch.compile, torch.export or torch.jit.trace is recording this call: the
     layers then record operators on their parameters and read no cache."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    # (torch.compile reads is_compiling() as True, so it never reaches _is_tracing, which it
+    # cannot trace)
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
 
 
 def packed_paths_allowed() -> bool:
     """Whether the packed CPU inference operators may run: not while a graph is recorded,
     nor under CPU autocast (they compute in the weights' dtype, autocast asks for its own)."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch.is_autocast_enabled("cpu"))
+    if torch.compiler.is_compiling():
+        return False
+    # (on every inference call of every layer: the cheapest checks first)
+    return not (torch._C._is_tracing()
+                or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled("cpu")))
 
 
 def unfused_for_export() -> bool:

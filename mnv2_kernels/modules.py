@@ -325,14 +325,15 @@ class FusedInvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._forward_scripted(x)
-        return self._forward_eager(x)
+        else:  # (TorchScript compiles only the branch above)
+            if not torch.is_grad_enabled() and packed_paths_allowed():
+                y = inference.run_block(self._mnv2_cache, x)  # the last inference call's decisions, re-checked
+                if y is not None:
+                    return y
+            return self._forward_eager(x)
 
     @torch.jit.unused
     def _forward_eager(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and packed_paths_allowed():
-            y = inference.run_block(self._mnv2_cache, x)  # the last inference call's decisions, re-checked
-            if y is not None:
-                return y
         if is_fx_proxy(x):
             return fx_leaf(self, x)
         parts = self._parts()
