@@ -161,6 +161,11 @@ if [ $BENCH = 1 ]; then
     echo "memory report rc $?" | tee -a "$LOG"
     grep -A8 "^## Goals" "$OUT/memory/memory.md" 2>/dev/null | tee -a "$LOG"
   fi
+  if [ $DRY = 0 ]; then
+    step "interoperability: python -m bench.interop --device cuda (fx, TorchScript, FLOPs, autocast)"
+    timeout $(cap 90) $PY -m bench.interop --device cuda --out "$OUT/interop" >"$OUT/interop.log" 2>&1
+    echo "interop rc $?" | tee -a "$LOG"
+  fi
 fi
 
 # ---------------------------------------------------------------- ncu: DRAM bytes per block
