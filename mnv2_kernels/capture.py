@@ -29,7 +29,7 @@ _UNFUSED = [False]  # inside trace_unfused()
 @contextlib.contextmanager
 def trace_unfused():
     """Inside this context torch.fx traces each fused block module by module, with
-    torchvision's node names (``features.14.conv.0.2`` and so on), so that a feature
+    torchvision's node names (``features.14.conv.0`` and so on), so that a feature
     extractor can return a tensor from inside a block (the expanded hidden tensor, as
     SSDLite takes). The traced module then computes those blocks unfused; outside the
     context each block is one fused node."""
