@@ -56,6 +56,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Set by the ahead-of-time compile checks (tests/triton_aot.py): the host launchers take CPU
+# tensors and decide everything as for a GPU, while the checks record each launch instead
+# of running it.
+RECORDING = False
 
 _TORCH_TO_TL_OK = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -629,7 +633,8 @@ def _moments_kernel(
         run_m2 += tile_m2 + delta * delta * (run_n * cnt / both)
         run_n = both
     off = split.to(tl.int64) * HID + hh
-    plane = N_SPLITS.to(tl.int64) * HID
+    # (tl.cast, not .to: an argument equal to 1 arrives as a constexpr, which has no .to)
+    plane = tl.cast(N_SPLITS, tl.int64) * HID
     tl.store(part_ptr + off, run_n, mask=h_mask)
     tl.store(part_ptr + plane + off, run_mean, mask=h_mask)
     tl.store(part_ptr + 2 * plane + off, run_m2, mask=h_mask)
@@ -656,7 +661,7 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
         if t.device != x.device or t.dtype != x.dtype:
             raise ValueError(f"mnv2 triton: {name} ({t.dtype} on {t.device}) must match x "
                              f"({x.dtype} on {x.device})")
-    if x.device.type != "cuda" and not INTERPRET:
+    if x.device.type != "cuda" and not (INTERPRET or RECORDING):
         raise RuntimeError(f"mnv2 triton: tensors must be on a CUDA device (got {x.device}); "
                            "CPU tensors need TRITON_INTERPRET=1")
     if x.device.type != "cuda" and INTERPRET and x.device.type != "cpu":

@@ -94,3 +94,22 @@ def test_nan_and_inf_propagate_as_in_the_reference():
         assert torch.equal(torch.isneginf(got), torch.isneginf(ref)), t
         finite = torch.isfinite(ref)
         assert finite.any() and rel_err(got[finite], ref[finite]) <= OUT_RTOL, t
+
+
+@settings(max_examples=EXAMPLES)
+@given(block=blocks())
+def test_train_mode_statistics_at_batch_1(block):
+    """bn2's batch statistics by the Triton kernel at batch 1 with outputs of at most 8x8:
+    one (image, tile) item, so one split on a GPU (the case that once failed to compile
+    there, tests/test_triton_compile.py), against the float64 statistics of PyTorch ops."""
+    from mnv2_kernels.moments import depthwise_moments_torch
+
+    block = dict(block, n=1)
+    x, we, be, wd = _args(**block)[:4]
+    mean, var = fused_ir.moments(x, we, be, wd, block["stride"])
+    ref_mean, ref_var = depthwise_moments_torch(*(None if a is None else a.double().cpu() for a in (x, we, be, wd)),
+                                                block["stride"])
+    # (means near 0 are judged against the standard deviation, not their own size)
+    scale = ref_var.sqrt().clamp_min(1e-3)
+    assert ((mean.double().cpu() - ref_mean) / scale).abs().max() <= 1e-5, block
+    assert rel_err(var, ref_var) <= OUT_RTOL, block
