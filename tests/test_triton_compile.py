@@ -32,7 +32,7 @@ def test_statistics_kernel_with_one_split_compiles(capability, dtype):
         fused_ir.moments(args[0], args[1], args[2], args[3], 1)
     (launch,) = launches
     assert launch.kernel == "_moments_kernel" and launch.args[N_SPLITS_ARG] == 1
-    report = compile_launch(launch, launch.autotuner.configs[0], capability)
+    report = compile_launch(launch, launch.configs()[0], capability)
     assert report.registers is not None
 
 
@@ -88,7 +88,7 @@ def test_awkward_specialisations_compile_for_sm90(dtype):
     launches = _edge_launches(dtype)
     for launch in launches:
         try:
-            compile_launch(launch, launch.autotuner.configs[0], 90, ptxas_report=False)
+            compile_launch(launch, launch.configs()[0], 90, ptxas_report=False)
         except Exception as exc:  # noqa: BLE001 - every failure is reported below
             failures.append((launch.kernel, type(exc).__name__, str(exc).strip().splitlines()[-1][:200]))
     assert not failures, f"{len(failures)} of {len(launches)} specialisations do not compile: {failures[:5]}"

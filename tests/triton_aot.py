@@ -34,6 +34,12 @@ class Launch:
     args: tuple
     kwargs: dict
 
+    def configs(self):
+        """The configs the autotuner would consider for this launch, the default first."""
+        from mnv2_kernels.triton_kernels import fused_ir
+
+        return fused_ir.configs_for(self.autotuner.configs, self.kwargs)
+
 
 @dataclass
 class Report:

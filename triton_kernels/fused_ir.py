@@ -107,8 +107,24 @@ def _sm_count(device):
 AUTOTUNE = os.environ.get("MNV2_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 
 
-def _cfg(num_warps=4, num_stages=2, **meta):
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+def _cfg(num_warps=4, num_stages=2, fp32=None, **meta):
+    """A config; ``fp32`` True or False keeps it to float32 or to 16-bit inputs only (see
+    configs_for), None to both."""
+    cfg = triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+    cfg.mnv2_fp32 = fp32
+    return cfg
+
+
+def configs_for(configs, kwargs):
+    """The configs of ``configs`` meant for a launch with these keyword arguments (its
+    IS_FP32): float32 operands take twice the registers of 16-bit ones, so some kernels
+    have a default of their own for each. The autotuners prune with it before tuning."""
+    fp32 = bool(kwargs.get("IS_FP32", False))
+    kept = [c for c in configs if getattr(c, "mnv2_fp32", None) in (None, fp32)]
+    return kept or list(configs)
+
+
+_PRUNE = {"early_config_prune": lambda configs, named_args, **kwargs: configs_for(configs, kwargs)}
 
 
 def _fwd_configs():
@@ -130,11 +146,15 @@ def _fwd_configs():
 def _bwdw_configs():
     if INTERPRET:
         return [_cfg(TH=4, TW=4, BLOCK_H=16, num_stages=1)]
-    default = _cfg(TH=4, TW=8, BLOCK_H=32, num_warps=4, num_stages=2)
+    # a default per operand width (configs_for): 16-bit operands on eight warps, float32
+    # ones in half-height hidden chunks; the others spilled at some MobileNetV2 shapes
+    defaults = [_cfg(TH=4, TW=8, BLOCK_H=32, num_warps=8, num_stages=2, fp32=False),
+                _cfg(TH=4, TW=8, BLOCK_H=16, num_warps=4, num_stages=2, fp32=True)]
     if not AUTOTUNE:
-        return [default]
-    return [default,
+        return defaults
+    return defaults + [
             _cfg(TH=8, TW=8, BLOCK_H=32, num_warps=8, num_stages=2),
+            _cfg(TH=4, TW=8, BLOCK_H=32, num_warps=4, num_stages=2),
             _cfg(TH=4, TW=8, BLOCK_H=16, num_warps=4, num_stages=2),
             _cfg(TH=8, TW=8, BLOCK_H=16, num_warps=4, num_stages=2)]
 
@@ -142,12 +162,13 @@ def _bwdw_configs():
 def _bwdx_configs():
     if INTERPRET:
         return [_cfg(BLOCK_H=16, num_stages=1)]
-    default = _cfg(BLOCK_H=32, num_warps=4, num_stages=2)
+    # eight warps: the register file of four spilled at most MobileNetV2 shapes
+    default = _cfg(BLOCK_H=32, num_warps=8, num_stages=2)
     if not AUTOTUNE:
         return [default]
     return [default,
             _cfg(BLOCK_H=16, num_warps=4, num_stages=2),
-            _cfg(BLOCK_H=32, num_warps=8, num_stages=2),
+            _cfg(BLOCK_H=32, num_warps=4, num_stages=2),
             _cfg(BLOCK_H=16, num_warps=8, num_stages=3)]
 
 
@@ -317,7 +338,7 @@ def _fwd_kernel(
 # ---------------------------------------------------------------------------
 # Backward: weight gradients (chunk-stationary).
 
-@triton.autotune(configs=_bwdw_configs(), key=_KEY_BWD)
+@triton.autotune(configs=_bwdw_configs(), key=_KEY_BWD, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_weight_kernel(
     gy_ptr, x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, b_dw_ptr, w_project_ptr, alpha_ptr, beta_ptr,
@@ -744,10 +765,11 @@ def forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, res
                            stride, residual, y)
 
 
-def _bwd_input_tile(stride, cin_pad, elsize):
+def _bwd_input_tile(stride, cin_pad):
     """(TQH, TQW, OTH, OTW, BLOCK_O) of the input-gradient kernel. The kernel
-    keeps a [TQH*TQW, CIN_PAD] float32 accumulator in registers: smaller tiles for wide inputs."""
-    if INTERPRET or cin_pad * elsize > 512:
+    keeps a [TQH*TQW, CIN_PAD] float32 accumulator in registers (whatever the input's
+    dtype): smaller tiles for wide inputs."""
+    if INTERPRET or cin_pad * 4 > 512:
         tqh, tqw = 4, 4
     else:
         tqh = tqw = 8
@@ -839,7 +861,7 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
 
     # (b) input gradient
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x))
-    tqh, tqw, oth, otw, block_o = _bwd_input_tile(stride, cin_pad, x.element_size())
+    tqh, tqw, oth, otw, block_o = _bwd_input_tile(stride, cin_pad)
     n_items = n * triton.cdiv(h, tqh) * triton.cdiv(w, tqw)
     nprog = max(1, min(n_items, 4 * sms if not INTERPRET else 2))
     scratch = torch.empty((nprog, block_o, _BWDX_MAX_BH), dtype=f32, device=dev)
