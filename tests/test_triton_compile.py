@@ -92,3 +92,35 @@ def test_awkward_specialisations_compile_for_sm90(dtype):
         except Exception as exc:  # noqa: BLE001 - every failure is reported below
             failures.append((launch.kernel, type(exc).__name__, str(exc).strip().splitlines()[-1][:200]))
     assert not failures, f"{len(failures)} of {len(launches)} specialisations do not compile: {failures[:5]}"
+
+
+# Representative MobileNetV2 blocks (Cin, hidden, Cout, stride, side, batch): the first
+# two, a wide early one, a middle one, the last stride-2 and the last.
+BLOCKS = {"32-32-16 s1 112": (32, 32, 16, 1, 112, 32), "16-96-24 s2 112": (16, 96, 24, 2, 112, 32),
+          "24-144-24 s1 56": (24, 144, 24, 1, 56, 64), "64-384-64 s1 14": (64, 384, 64, 1, 14, 64),
+          "96-576-160 s2 14": (96, 576, 160, 2, 14, 64), "160-960-320 s1 7": (160, 960, 320, 1, 7, 64)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_default_configs_do_not_spill_16bit(dtype):
+    """Every kernel's default config, as launched for each block (forward, backward,
+    statistics), for sm_90: no register spills, shared memory within the H100's limit."""
+    from triton_aot import SHARED_LIMIT
+
+    rows, bad = [], []
+    for name, (cin, hidden, cout, stride, side, n) in BLOCKS.items():
+        args = block_args(n, cin, hidden, cout, stride, side, side, dtype, channels_last=True)
+        out = fused_ir.output_size(side, side, stride)
+        gy = torch.randn(n, cout, *out).to(dtype).contiguous(memory_format=torch.channels_last)
+        with recorded_launches() as launches:
+            fused_ir.forward(*args)
+            fused_ir.backward(gy, *args)
+            fused_ir.moments(args[0], args[1], args[2], args[3], stride)
+        for launch in launches:
+            r = compile_launch(launch, launch.configs()[0], 90)
+            rows.append(f"{name:18} {launch.kernel:19} regs {r.registers} spills {r.spill_bytes} B "
+                        f"stack {r.stack_bytes} B shared {r.shared_bytes} B")
+            if r.spill_bytes or r.shared_bytes > SHARED_LIMIT[90]:
+                bad.append(rows[-1])
+    print("\n".join(rows))
+    assert not bad, "\n".join(bad)
