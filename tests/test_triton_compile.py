@@ -124,3 +124,13 @@ def test_default_configs_do_not_spill_16bit(dtype):
                 bad.append(rows[-1])
     print("\n".join(rows))
     assert not bad, "\n".join(bad)
+
+
+def test_forward_grid_launches_any_batch():
+    """CUDA grids stop at 65535 programs on axes 1 and 2: the batch must not sit there."""
+    args = block_args(70000, 8, 48, 8, 1, 1, 1, torch.float16, channels_last=True)
+    with recorded_launches() as launches:
+        fused_ir.forward(*args)
+    (launch,) = launches
+    grid = launch.grid(launch.configs()[0].all_kwargs())
+    assert grid[0] >= 70000 and grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid

@@ -295,10 +295,14 @@ def _fwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     BLOCK_P: tl.constexpr = TH * TW
-    pid_t = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    pid_co = tl.program_id(2)
+    # Grid (images x tiles, Cout blocks): the batch shares axis 0 (up to 2^31 - 1
+    # programs) with the tiles, so that any batch launches (axes 1 and 2 stop at 65535).
     n_tw = tl.cdiv(WO, TW)
+    n_tiles = tl.cdiv(HO, TH) * n_tw
+    pid = tl.program_id(0)
+    n = (pid // n_tiles).to(tl.int64)
+    pid_t = pid % n_tiles
+    pid_co = tl.program_id(1)
     th_i = pid_t // n_tw
     tw_i = pid_t % n_tw
     p = tl.arange(0, BLOCK_P)
@@ -739,7 +743,7 @@ def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_p
     w_expand_arg = w_expand if has_expand else w_dw  # dummy pointer when t == 1 (never read)
     b_expand_arg = b_expand if has_expand else b_dw
     block_co = min(_pad(cout), 64)
-    grid = lambda META: (triton.cdiv(ho, META["TH"]) * triton.cdiv(wo, META["TW"]), n,  # noqa: E731
+    grid = lambda META: (n * triton.cdiv(ho, META["TH"]) * triton.cdiv(wo, META["TW"]),  # noqa: E731
                          triton.cdiv(cout, block_co))
     (wrap_triton(_fwd_kernel) if traceable else _fwd_kernel)[grid](
         x, w_expand_arg, b_expand_arg, w_dw, b_dw, w_project, b_project, y,
