@@ -203,7 +203,9 @@ def _expand(x_base, pix, inb, w_expand_ptr, hh, h_mask, CIN, sxc, IS_FP32: tl.co
     for k0 in range(0, CIN, BLOCK_CI):
         ck = k0 + tl.arange(0, BLOCK_CI)
         ck_mask = ck < CIN
-        xt = tl.load(x_base + pix[:, None] + ck[None, :] * sxc,
+        # (every channel offset in int64, as the pixel offsets: an NCHW image of more than
+        # 2^31 elements would wrap in int32)
+        xt = tl.load(x_base + pix[:, None] + ck.to(tl.int64)[None, :] * sxc,
                      mask=inb[:, None] & ck_mask[None, :], other=0.0)
         w_expand_k = tl.load(w_expand_ptr + hh[None, :] * CIN + ck[:, None],
                              mask=ck_mask[:, None] & h_mask[None, :], other=0.0)
@@ -234,7 +236,7 @@ def _tap_a1(x_base, oh, ow, valid, tap, H, W, sxh, sxw, sxc, w_expand_ptr, b_exp
                      BLOCK_M, BLOCK_H, BLOCK_CI)
         a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1 + b_expand[None, :]), 0.0)
     else:
-        a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
+        a1 = tl.load(x_base + pix[:, None] + hh.to(tl.int64)[None, :] * sxc,
                      mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
     return a1
 
@@ -332,10 +334,10 @@ def _fwd_kernel(
     acc_y += b_project[None, :]
     out_mask = p_mask[:, None] & co_mask[None, :]
     if RESIDUAL:
-        r = tl.load(x_base + (oh.to(tl.int64) * sxh + ow.to(tl.int64) * sxw)[:, None] + co[None, :] * sxc,
+        r = tl.load(x_base + (oh.to(tl.int64) * sxh + ow.to(tl.int64) * sxw)[:, None] + co.to(tl.int64)[None, :] * sxc,
                     mask=out_mask, other=0.0)
         acc_y += r.to(tl.float32)
-    y_off = n * syn + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + co[None, :] * syc
+    y_off = n * syn + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + co.to(tl.int64)[None, :] * syc
     tl.store(y_ptr + y_off, acc_y.to(dt), mask=out_mask)
 
 
@@ -423,7 +425,7 @@ def _bwd_weight_kernel(
             for co0 in range(0, COUT, BLOCK_CO):
                 co = co0 + tl.arange(0, BLOCK_CO)
                 co_mask = co < COUT
-                gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
+                gy = tl.load(gy_ptr + gy_pix[:, None] + co.to(tl.int64)[None, :] * sgc,
                              mask=p_mask[:, None] & co_mask[None, :], other=0.0)
                 w_project_c = tl.load(w_project_ptr + co[:, None] * HID + hh[None, :],
                                       mask=co_mask[:, None] & h_mask[None, :], other=0.0)
@@ -444,7 +446,7 @@ def _bwd_weight_kernel(
             pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
             w_dw_tap = tl.sum(tl.where(taps[:, None] == tap, w_dw_chunk, 0.0), axis=0)
             if HAS_EXPAND:
-                xt = tl.load(x_base + pix[:, None] + ci[None, :] * sxc,
+                xt = tl.load(x_base + pix[:, None] + ci.to(tl.int64)[None, :] * sxc,
                              mask=inb[:, None] & ci_mask[None, :], other=0.0)
                 z1 = _dot(xt, w_expand_t, IS_FP32, UPCAST) + b_expand[None, :]
                 a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1), 0.0)
@@ -453,7 +455,7 @@ def _bwd_weight_kernel(
                 acc_g_b_expand += tl.sum(c, axis=0)
                 acc_g_w_expand += _dot(tl.trans(c.to(dt)), xt, IS_FP32, UPCAST)
             else:
-                a1 = tl.load(x_base + pix[:, None] + hh[None, :] * sxc,
+                a1 = tl.load(x_base + pix[:, None] + hh.to(tl.int64)[None, :] * sxc,
                              mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
                 g_w_dw_tap = tl.sum(g_z2 * a1, axis=0)
             acc_g_w_dw += tl.where(taps[:, None] == tap, g_w_dw_tap[None, :], 0.0)
@@ -546,7 +548,7 @@ def _bwd_input_kernel(
                 for co0 in range(0, COUT, BLOCK_CO):
                     co = co0 + tl.arange(0, BLOCK_CO)
                     co_mask = co < COUT
-                    gy = tl.load(gy_ptr + gy_pix[:, None] + co[None, :] * sgc,
+                    gy = tl.load(gy_ptr + gy_pix[:, None] + co.to(tl.int64)[None, :] * sgc,
                                  mask=o_mask[:, None] & co_mask[None, :], other=0.0)
                     w_project_c = tl.load(w_project_ptr + co[:, None] * HID + hh[None, :],
                                           mask=co_mask[:, None] & h_mask[None, :], other=0.0)
@@ -593,16 +595,16 @@ def _bwd_input_kernel(
                 m = q_mask[:, None] & h_mask[None, :]
                 if RESIDUAL:
                     g_a1 += tl.load(gy_ptr + n * sgn + (qh.to(tl.int64) * sgh + qw.to(tl.int64) * sgw)[:, None]
-                                    + hh[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+                                    + hh.to(tl.int64)[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
                 tl.store(gx_ptr + n * sdn + (qh.to(tl.int64) * sdh + qw.to(tl.int64) * sdw)[:, None]
-                         + hh[None, :] * sdc, g_a1.to(dt), mask=m)
+                         + hh.to(tl.int64)[None, :] * sdc, g_a1.to(dt), mask=m)
         if HAS_EXPAND:
             m = q_mask[:, None] & ci_mask[None, :]
             if RESIDUAL:
                 acc_gx += tl.load(gy_ptr + n * sgn + (qh.to(tl.int64) * sgh + qw.to(tl.int64) * sgw)[:, None]
-                                  + ci[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+                                  + ci.to(tl.int64)[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
             tl.store(gx_ptr + n * sdn + (qh.to(tl.int64) * sdh + qw.to(tl.int64) * sdw)[:, None]
-                     + ci[None, :] * sdc, acc_gx.to(dt), mask=m)
+                     + ci.to(tl.int64)[None, :] * sdc, acc_gx.to(dt), mask=m)
         tl.debug_barrier()
 
 
