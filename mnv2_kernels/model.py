@@ -300,18 +300,18 @@ def _torchvision_block_class():
     return InvertedResidual
 
 
-def _convertible(m: nn.Module, block_class) -> Optional[str]:
-    """Why torchvision block ``m`` cannot be fused, or None when it can."""
+def _fuse(m: nn.Module, block_class) -> Tuple[Optional[FusedInvertedResidual], Optional[str]]:
+    """(the fused block sharing torchvision block ``m``'s submodules, None), or (None, why
+    ``m`` cannot be fused)."""
     if type(m) is not block_class:
         # e.g. torchvision.models.quantization's QuantizableInvertedResidual, whose forward
         # adds through a FloatFunctional for quantization
-        return (f"a {type(m).__name__} (a subclass of InvertedResidual: its forward may differ from "
-                "the block's, so it is left as it is)")
+        return None, (f"a {type(m).__name__} (a subclass of InvertedResidual: its forward may differ from "
+                      "the block's, so it is left as it is)")
     try:
-        FusedInvertedResidual.from_torchvision(m)
+        return FusedInvertedResidual.from_torchvision(m), None
     except (TypeError, ValueError, AttributeError) as exc:
-        return str(exc)
-    return None
+        return None, str(exc)
 
 
 def _find_blocks(module: nn.Module, block_class, prefix: str, found: List[Tuple[str, nn.Module, nn.Module]]):
@@ -345,9 +345,9 @@ def convert_model(model: nn.Module, strict: bool = False) -> nn.Module:
         found.append((type(model).__name__, None, model))
     elif block_class is not None:
         _find_blocks(model, block_class, "", found)
-    checked = [(path, parent, block, _convertible(block, block_class)) for path, parent, block in found]
+    checked = [(path, parent, *_fuse(block, block_class)) for path, parent, block in found]
     left = "".join(f"\n  {path}: {why}" for path, _, _, why in checked if why is not None)
-    fit = [(path, parent, block) for path, parent, block, why in checked if why is None]
+    fit = [(path, parent, fused) for path, parent, fused, why in checked if why is None]
     if not fit:
         message = (f"convert_model: nothing to convert in {type(model).__name__}: "
                    + ("no block can be fused:" + left if found else
@@ -361,8 +361,7 @@ def convert_model(model: nn.Module, strict: bool = False) -> nn.Module:
         if strict:
             raise ValueError(message)
         warnings.warn(message, UserWarning, stacklevel=2)
-    for path, parent, block in fit:
-        fused = FusedInvertedResidual.from_torchvision(block)
+    for path, parent, fused in fit:
         if parent is None:
             return fused  # model is itself a block
         setattr(parent, path.rsplit(".", 1)[-1], fused)

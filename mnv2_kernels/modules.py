@@ -65,9 +65,12 @@ class Conv2dNormActivation(nn.Sequential):
     def _forward_eager(self, x: Tensor) -> Tensor:
         m = self._modules
         conv, norm, act = m.get("0"), m.get("1"), m.get("2")
-        if is_fx_proxy(x) and keeps_torchvision_layers_whole(x) and x.tracer.path_of_module(self):
-            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
-        if is_fx_proxy(x) or unfused_for_export():
+        if is_fx_proxy(x):
+            path = x.tracer.path_of_module(self) if keeps_torchvision_layers_whole(x) else ""
+            if path:  # one node, as torchvision's tracer records its own layer
+                return x.tracer.create_proxy("call_module", path, (x,), {})
+            return super().forward(x)
+        if unfused_for_export():
             return super().forward(x)
         group = sync_process_group(norm)
         if group is not None and len(m) <= 3 and isinstance(conv, nn.Conv2d):
@@ -219,15 +222,8 @@ class FusedInvertedResidual(nn.Module):
     @classmethod
     def from_torchvision(cls, block: nn.Module) -> "FusedInvertedResidual":
         """A fused block sharing ``block``'s submodules (parameters and buffers)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.conv = block.conv
-        fused.stride = block.stride
-        fused.use_res_connect = block.use_res_connect
-        fused.out_channels = block.out_channels
-        fused._is_cn = block._is_cn
+        fused = cls.around(block.conv, block.stride, block.use_res_connect, block.out_channels)
         fused.train(block.training)
-        fused._check_structure()
         return fused
 
     @classmethod
@@ -378,8 +374,8 @@ class FusedInvertedResidual(nn.Module):
         outside the operator, in the wider dtype, as torchvision's ``x + conv(x)`` does."""
         if (self.use_res_connect and torch.is_autocast_enabled(x.device.type)
                 and x.dtype != torch.get_autocast_dtype(x.device.type)):
-            return ops.fused_inverted_residual(x, *weights, self.stride, False, backend) + x
-        return ops.fused_inverted_residual(x, *weights, self.stride, self.use_res_connect, backend)
+            return ops.run_block(backend, x, *weights, self.stride, False) + x
+        return ops.run_block(backend, x, *weights, self.stride, self.use_res_connect)
 
     def _forward_scripted(self, x: Tensor) -> Tensor:
         """forward under TorchScript: with running statistics, the fused operator (the C++
@@ -509,8 +505,8 @@ class FusedInvertedResidual(nn.Module):
         w_dw = w_dw.view(hidden, *dw.kernel_size)
         if step3.uses_batch:
             b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
-            u = ops.fused_inverted_residual(x, w_expand, b_expand, w_dw, b_dw, proj.weight.view(cout, hidden),
-                                            b_proj, self.stride, False, backend)
+            u = ops.run_block(backend, x, w_expand, b_expand, w_dw, b_dw, proj.weight.view(cout, hidden), b_proj,
+                              self.stride, False)
             y = step3.normalize(u)
             return y + x if self.use_res_connect else y
         w_project, b_project = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)

@@ -75,6 +75,13 @@ def fused_inverted_residual(
         backend = backends.get_backend()
     if backend != "auto" or x.device.type == "cuda":  # (auto elsewhere: the dispatcher's kernel)
         backend = backends.check(backend, x)
+    return run_block(backend, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+
+
+def run_block(backend: str, x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor,
+              b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int, residual: bool) -> Tensor:
+    """fused_inverted_residual on a backend already checked against x (backends.check or
+    resolve): "triton", "reference", or the dispatcher's kernel for x's device."""
     if backend == "triton":
         return triton_op()(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
     if backend == "reference":
