@@ -25,7 +25,7 @@ endif
 
 .PHONY: test bench build ctest neon-test pytest triton-test cuda-resources gpu-check-dry clean
 
-test: ctest neon-test pytest triton-test sanitize
+test: ctest neon-test pytest triton-test gpu-check-dry sanitize
 
 bench: $(STAMPS)/ext $(STAMPS)/core $(STAMPS)/bench-deps
 	$(PY) -m bench.run
@@ -153,9 +153,13 @@ cuda-resources: $(STAMPS)/deps
 	    | c++filt | sed -E 's/\(anonymous namespace\):://g; s/mnv2::cuda:://g'; \
 	done
 
-# bench/gpu_check.sh rehearsed on the CPU: tiny sizes, Triton interpreted.
+# bench/gpu_check.sh rehearsed on the CPU (about 1 minute; part of make test): the same
+# steps, tiny sizes, Triton interpreted, tests/triton in 2 concurrent pytest processes
+# (bench/shard_pytest.py), the benchmark's warm-up and its 3 first blocks. Fails when a
+# step does not end ok or the summary is missing.
 gpu-check-dry: $(STAMPS)/ext
 	OUT=build/gpu-check-dry PYTHON=$(PY) bench/gpu_check.sh --dry-run --no-build
+	@test -s build/gpu-check-dry/summary.md && test -s build/gpu-check-dry/summary.json
 
 clean:
 	rm -rf build $(STAMPS) mnv2_kernels/_C*.so

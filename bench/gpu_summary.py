@@ -3,9 +3,11 @@
     python -m bench.gpu_summary DIR
 
 Reads DIR/gpu_bench.json (bench.gpu_bench), DIR/tests.xml (pytest's junit
-report), DIR/env.json (written by gpu_check.sh) and, when present,
-DIR/ncu.csv (DRAM bytes per kernel) and DIR/sanitize.log. Prints the goal table
-last.
+report; from bench.shard_pytest, one testsuite per shard, with
+DIR/tests_shards.json saying which shards did not finish and what they did not run),
+DIR/env.json and DIR/steps.tsv (written by gpu_check.sh: each step's status and
+seconds) and, when present, DIR/ncu.csv (DRAM bytes per kernel) and
+DIR/sanitize.log. Prints the goal table last.
 """
 
 import csv
@@ -34,7 +36,10 @@ def load(path, default=None):
 def parse_tests(path):
     if not os.path.exists(path):
         return {"ran": False}
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:  # a report cut short: the summary is still written
+        return {"ran": False, "error": f"{path}: {exc}"}
     suites = [root] if root.tag == "testsuite" else list(root)
     out = {"ran": True, "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": []}
     for s in suites:
@@ -47,7 +52,42 @@ def parse_tests(path):
                     msg = (node.get("message") or "").splitlines()[0][:200] if node.get("message") else ""
                     out["failed"].append(f"{case.get('name')}: {msg}")
     out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+    shards = load(os.path.join(os.path.dirname(path), "tests_shards.json"))
+    if shards:
+        out["shards"] = len(shards["shards"])
+        out["wall_s"] = shards.get("wall_s")
+        out["not_run"] = shards["totals"]["not_run"]
+        out["unfinished_shards"] = [
+            {"shard": r["shard"], "status": r["status"], "not_run": len(r["not_run"]), "running": r["running"],
+             "log": r["log"]} for r in shards["shards"] if not r["finished"]]
     return out
+
+
+def parse_steps(path):
+    """[{step, status, seconds}] of gpu_check.sh's steps.tsv (name TAB status TAB seconds)."""
+    steps = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) == 3:
+                    steps.append({"step": parts[0], "status": parts[1],
+                                  "seconds": int(parts[2]) if parts[2].isdigit() else None})
+    return steps
+
+
+def tests_headline(tests):
+    if not tests.get("ran"):
+        return "## Tests: not run" + (f" ({tests['error']})" if tests.get("error") else "")
+    line = (f"## Tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+            f"{tests['skipped']} skipped")
+    if tests.get("not_run"):
+        line += f", {tests['not_run']} NOT RUN"
+    if "shards" in tests:
+        line += f" ({tests['shards']} shards, {tests['wall_s']:.0f} s"
+        unfinished = tests.get("unfinished_shards")
+        line += f"; shards not finished: {', '.join(str(u['shard']) for u in unfinished)})" if unfinished else ")"
+    return line
 
 
 def parse_ncu(path):
@@ -74,18 +114,23 @@ def summarize(d):
     bench = load(os.path.join(d, "gpu_bench.json"), {})
     env = load(os.path.join(d, "env.json"), {})
     tests = parse_tests(os.path.join(d, "tests.xml"))
+    steps = parse_steps(os.path.join(d, "steps.tsv"))
     backends = bench.get("backends", [])
     lines = ["# GPU check", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += [f"- compile baseline: torch.compile(mode={bench.get('compile_mode')!r})", ""]
+    if steps:
+        lines += ["## Steps", "", "| step | status | seconds |", "|---|---|---|"]
+        lines += [f"| {r['step']} | {r['status']} | {fmt(r['seconds'], 'd')} |" for r in steps]
+        lines += [f"| total | | {sum(r['seconds'] or 0 for r in steps)} |", ""]
+    lines.append(tests_headline(tests))
     if tests.get("ran"):
-        lines.append(f"## Tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
-                     f"{tests['skipped']} skipped")
+        for u in tests.get("unfinished_shards", []):
+            lines.append(f"- shard {u['shard']} did not finish ({u['status']}): {u['not_run']} tests not run"
+                         + (f", stopped in {u['running']}" if u["running"] else "") + f"; see {u['log']}")
         lines += [f"- FAILED {f}" for f in tests["failed"][:40]]
         if len(tests["failed"]) > 40:
             lines.append(f"- ... {len(tests['failed']) - 40} more")
-    else:
-        lines.append("## Tests: not run")
     lines.append("")
     verdict = []
 
@@ -190,7 +235,7 @@ def summarize(d):
         lines += ["## Memory report (CUDA, fp32; full table in memory/memory.md)", ""] + goals + [""]
         verdict += [g[2:] for g in goals if g.startswith("- ")]
     lines += ["## Goals", ""] + [f"- {v}" for v in verdict]
-    summary = {"env": env, "tests": tests, "bench": bench, "verdict": verdict}
+    summary = {"env": env, "steps": steps, "tests": tests, "bench": bench, "verdict": verdict}
     with open(os.path.join(d, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(d, "summary.md"), "w") as f:
