@@ -86,32 +86,63 @@
 //   own slot of a zero-initialised partial buffer [n_parts, Cout*hidden +
 //   (kDwTaps+2)*hidden + hidden*Cin] (see GradOffsets; every element is owned
 //   by one thread, so the order of additions is fixed); the host reduces the
-//   slots with at::sum over dim 0 (deterministic). n_parts is about 2*SMs /
-//   n_chunks, capped so that the buffer stays below 1/16 of the hidden tensor.
+//   slots with at::sum over dim 0 (deterministic). n_parts: plan_bwd_weights_grid
+//   (host-pure, see plan_split): the fewest parts that give at least two full
+//   waves of CTAs (SMs x CTAs resident per SM, from the occupancy API) and come
+//   within 10% of the ideal modelled time, with the buffer at most a quarter of
+//   the hidden tensor's element count N*hidden*Ho*Wo (nothing hidden-sized is
+//   allocated); when two waves are out of reach under that bound, the buffer
+//   stays within an eighth of the hidden tensor (or one slot). A slot holds
+//   32*(Cin+Cout+11) elements per CTA against 32*N*Ho*Wo hidden elements per
+//   chunk, so the blocks with small outputs stay short of two waves: on a
+//   132-SM H100 at batch 64, 264-396 CTAs for blocks 1-6 and 8-13, 84-108 for
+//   blocks 7 and 11, 18-30 for blocks 14-17 (before: 18-265).
 //   grad_b_project = grad_y summed over (N, H, W) by at::sum. Shared memory
 //   (elements of A):
 //     2*M*KC + 2*P*KC + M*KI + KC*33 + KC*(kDwTaps+1) + 8*KC*(kDwTaps+1),
 //   independent of the channel counts; 3x3: 69 KB (s1, 8x8 tile), 140 KB (s2,
-//   8x8), 58 KB (7x7 image, s1).
+//   8x8), 58 KB (s1, 7x7), 112 KB (s2, 7x7).
 //
-// Backward, grad_x (fused_ir_bwd_input_kernel): one block per (image, TQH x TQW
-//   input tile Q). The output pixels whose windows touch Q form an OH x OW box
+// Backward, grad_x (fused_ir_bwd_input_kernel): grid (N * tiles, n_splits), a
+//   block per (image, TQH x TQW input tile Q, range of hidden chunks). The output
+//   pixels whose windows touch Q form an OH x OW box
 //   (OH <= (TQH+2*kDwPad-1)/s + 1); their a1 region is ((OH-1)s+kDwKernel) x
-//   ((OW-1)s+kDwKernel) (Q plus a 2*kDwPad-pixel halo). Per chunk: recompute
-//   a1 (region), a2 (box), g_z2 (box, via the same Cout sub-chunk GEMM), gather
+//   ((OW-1)s+kDwKernel) (Q plus a 2*kDwPad-pixel halo). Per chunk: stage
+//   w_expand[chunk] ([KC][Cin], coalesced) in shared memory, recompute a1
+//   (region), a2 (box), g_z2 (box, via the same Cout sub-chunk GEMM), gather
 //   g_a1 on Q (stride 2: only taps with an integral output position), mask with
-//   0 < a1 < 6, and accumulate gxs[Q x Cin] += g_z1 w_expand[chunk] (t == 1:
-//   gxs[:, chunk] += g_a1). Epilogue: + grad_y when residual, cast, store.
+//   0 < a1 < 6, and accumulate gxs[Q x Cin] += g_z1 w_expand[chunk] (register-
+//   blocked like gemm_acc, 4 rows of a column per thread, the terms added in
+//   chunk-channel order; t == 1: gxs[:, chunk] += g_a1). Epilogue: + grad_y when
+//   residual (split 0 only), then with one split (n_splits == 1) cast and store;
+//   with more, store A-typed partials [n_splits][N][H][W][Cin] that the host sums
+//   with at::sum over dim 0 (deterministic) and casts into grad_x. n_splits:
+//   plan_bwd_input_grid, the same rule as n_parts with the chunks as the units
+//   split and the partials bounded by a quarter of the hidden tensor: it splits
+//   where the (image, tile) items alone make fewer than two waves and the bound
+//   allows (at batch 8: the 28x28 inputs, 3 splits).
 //   Shared memory (elements of A):
-//     QP*Cin + QP*KC + R*KC + 2*O*KC + R*KI + KC*33 + KC*(kDwTaps+1)
-//   e.g. 8x8 input tile, 3x3: 54-93 KB over the MobileNetV2 blocks (93 KB for Cin 160).
+//     QP*Cin + KC*Cin (expand only) + QP*KC + R*KC + 2*O*KC + R*KI + KC*33 + KC*(kDwTaps+1)
+//   e.g. 8x8 or 7x7 input tile, 3x3: 56-113 KB over the MobileNetV2 blocks (113 KB for Cin 160).
+//
+// Backward tiles are balanced: after the halving above, a tile shrinks to the
+//   smallest one with the same tile counts (a 14- or 28-pixel side: 7-pixel tiles
+//   rather than 8 + 6 or 8 + 8 + 8 + 4), so that no CTA's item is cut short and
+//   the largest does less work (plan_tile; the forward keeps its tiles).
 //
 // Streams and errors: every launch goes to the current stream
 // (c10::cuda::getCurrentCUDAStream(), the same object at::cuda:: returns; the
 // ATen/cuda/CUDAContext.h header is avoided because it includes cusparse.h,
 // which the build machine's toolkit lacks) under a CUDAGuard for x's device,
 // followed by C10_CUDA_KERNEL_LAUNCH_CHECK(); cudaFuncSetAttribute and the
-// device-attribute queries go through C10_CUDA_CHECK.
+// device-attribute and occupancy queries go through C10_CUDA_CHECK.
+//
+// Layout of this file: the launch planning (shared-memory layouts and sizes,
+// tiles, backward grids) comes first and is host-pure C++; compiled with
+// -DMNV2_CUDA_PLAN_ONLY the file keeps only that part, which
+// tests/test_cuda_compile.py builds into a host program to check the plans
+// without a GPU. Then the device code, the launchers and the registration.
+#ifndef MNV2_CUDA_PLAN_ONLY
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -123,6 +154,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -132,7 +164,9 @@
 #include <type_traits>
 
 #include "core/fused_ir.h"
+#ifndef MNV2_CUDA_PLAN_ONLY
 #include "glue_checks.h"
+#endif
 
 namespace mnv2 {
 namespace cuda {
@@ -155,6 +189,288 @@ constexpr int kDwSums = kDwTaps + 1;
 constexpr int KT = KC + 4;
 constexpr int kTile = 16;
 static_assert(KI == KC && KC % 16 == 0 && KT % 4 == 0, "WMMA tiling assumes KI == KC == 32");
+
+// ---------------------------------------------------------------------------
+// Launch planning: shared-memory layouts and sizes, tiles, grids. Host-pure (no
+// CUDA or ATen calls), so that tests/test_cuda_compile.py can compile this part
+// alone (-DMNV2_CUDA_PLAN_ONLY, everything after it is left out) and check it
+// without a GPU.
+// ---------------------------------------------------------------------------
+
+// Shared-memory layouts (element offsets, each array 32-byte aligned), shared by
+// the kernels and the host-side size computation.
+__host__ __device__ constexpr int64_t align8(int64_t n) { return (n + 7) / 8 * 8; }
+__host__ __device__ constexpr int64_t round16(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+
+// Row stride of the forward's ys: Cout (FFMA), Cout rounded up to 16 (tensor cores).
+// fwd_ldw_tc: row stride of the tensor-core path's transposed project weights
+// w_project_s[j][co], round16(Cout) + 8 (8 or 24 mod 32: conflict-free row-major B fragments).
+template <bool kTC>
+__host__ __device__ inline int fwd_ldy(int Cout) {
+  return kTC ? static_cast<int>(round16(Cout)) : Cout;
+}
+__host__ __device__ inline int fwd_ldw_tc(int Cout) { return fwd_ldy<true>(Cout) + 8; }
+
+struct FwdLayout {
+  int64_t ys, a1s, a2s, As, Bs, w_project, w_dw, b_dw, total;
+};
+template <bool kTC>
+__host__ __device__ inline FwdLayout fwd_layout(int P, int M, int Cout) {
+  FwdLayout l{};
+  int64_t o = 0;
+  if constexpr (kTC) {  // rows padded to 16 (WMMA tiles), operand rows of KT floats
+    const int64_t Pp = round16(P), Mp = round16(M), Cp = fwd_ldy<true>(Cout);
+    const int64_t ldw = fwd_ldw_tc(Cout);
+    l.ys = o;  o = align8(o + Pp * Cp);    // [Pp][Cp] fp32 output accumulators (C of the project)
+    l.a1s = o; o = align8(o + Mp * KC);    // [Mp][KC] a1 of the chunk (C of the expand)
+    l.a2s = o; o = align8(o + Pp * KT);    // [Pp][KT] a2 of the chunk (A of the project)
+    l.As = o;  o = align8(o + Mp * KT);    // [Mp][KT] x sub-tile (A of the expand)
+    l.Bs = o;  o = align8(o + KC * KT);    // [KC][KT] w_expand sub-tile (B, col-major)
+    l.w_project = o; o = align8(o + KC * ldw);  // [KC][Cp + 8] w_project[:, chunk]^T (B, row-major)
+  } else {
+    l.ys = o;  o = align8(o + int64_t(P) * Cout);            // [P][Cout] fp32 output accumulators
+    l.a1s = o; o = align8(o + int64_t(M) * KC);              // [M][KC] a1 (tile + halo)
+    l.a2s = o; o = align8(o + int64_t((P + 3) / 4 * 4) * KC); // [P rounded to 4][KC] a2
+    l.As = o;  o = align8(o + int64_t(M) * KI);              // [M][KI] x sub-tile
+    l.Bs = o;  o = align8(o + KC * KB);                      // [KC][KB] w_expand sub-tile
+    l.w_project = o; o = align8(o + int64_t(Cout) * KP);  // [Cout][KP] w_project[:, chunk]
+  }
+  l.w_dw = o; o = align8(o + KC * kDwTaps);
+  l.b_dw = o; o = align8(o + KC);
+  l.total = o;
+  return l;
+}
+
+struct BwdWLayout {
+  int64_t a1s, ga1s, a2s, gz2s, As, Bs, w_dw, b_dw, red, total;
+};
+__host__ __device__ inline BwdWLayout bwdw_layout(int P, int M) {
+  BwdWLayout l{};
+  int64_t o = 0;
+  l.a1s = o;  o = align8(o + int64_t(M) * KC);         // [M][KC] a1 (tile + halo)
+  l.ga1s = o; o = align8(o + int64_t(M) * KC);         // [M][KC] g_z1 (tile + halo)
+  l.a2s = o;  o = align8(o + int64_t(P) * KC);         // [P][KC] a2
+  l.gz2s = o; o = align8(o + int64_t(P) * KC);         // [P][KC] g_z2
+  l.As = o;   o = align8(o + int64_t(M) * KI);         // [M][KI] x or grad_y sub-tile
+  l.Bs = o;   o = align8(o + KC * KB);                 // [KC][KB] weight sub-tile
+  l.w_dw = o; o = align8(o + KC * kDwTaps);
+  l.b_dw = o; o = align8(o + KC);
+  l.red = o;  o = align8(o + kWarps * kDwSums * KC);  // per-warp partial sums
+  l.total = o;
+  return l;
+}
+
+struct BwdXLayout {
+  int64_t gxs, w_expand, ga1s, a1s, a2s, gz2s, As, Bs, w_dw, b_dw, total;
+};
+__host__ __device__ inline BwdXLayout bwdx_layout(int QP, int RP, int OP, int Cin,
+                                                  bool has_expand) {
+  BwdXLayout l{};
+  int64_t o = 0;
+  l.gxs = o;  o = align8(o + int64_t(QP) * Cin);  // [QP][Cin] grad_x accumulators
+  l.w_expand = o;                                 // [KC][Cin] w_expand[chunk] (expand only)
+  o = align8(o + (has_expand ? int64_t(KC) * Cin : 0));
+  l.ga1s = o; o = align8(o + int64_t(QP) * KC);   // [QP][KC] g_z1 on Q
+  l.a1s = o;  o = align8(o + int64_t(RP) * KC);   // [RP][KC] a1 on the region
+  l.a2s = o;  o = align8(o + int64_t(OP) * KC);   // [OP][KC] a2 on the output box
+  l.gz2s = o; o = align8(o + int64_t(OP) * KC);   // [OP][KC] g_z2 on the output box
+  l.As = o;   o = align8(o + int64_t(RP) * KI);   // [RP][KI] (RP >= OP)
+  l.Bs = o;   o = align8(o + KC * KB);
+  l.w_dw = o; o = align8(o + KC * kDwTaps);
+  l.b_dw = o; o = align8(o + KC);
+  l.total = o;
+  return l;
+}
+
+__host__ __device__ inline int ceil_div_signed(int a, int b) {  // b > 0
+  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
+}
+
+// Largest output box touching a TQ-pixel input span, and its a1 region.
+__host__ __device__ inline int box_max(int TQ, int s) { return (TQ + 2 * kDwPad - 1) / s + 1; }
+__host__ __device__ inline int region_max(int TQ, int s) {
+  return (box_max(TQ, s) - 1) * s + kDwKernel;
+}
+
+struct Geo {
+  int N, Cin, H, W, hidden, Cout, Ho, Wo, s;
+  bool has_expand, residual;
+  int TH, TW, tiles_h, tiles_w;  // tile of the kernel (output tile, or input tile for grad_x)
+};
+
+Geo geo_of(const BlockShape& s) {
+  Geo g{};
+  g.N = static_cast<int>(s.batch);
+  g.Cin = static_cast<int>(s.cin);
+  g.H = static_cast<int>(s.in_h);
+  g.W = static_cast<int>(s.in_w);
+  g.hidden = static_cast<int>(s.hidden);
+  g.Cout = static_cast<int>(s.cout);
+  g.Ho = static_cast<int>(s.out_h());
+  g.Wo = static_cast<int>(s.out_w());
+  g.s = s.stride;
+  g.has_expand = s.has_expand;
+  g.residual = s.residual;
+  return g;
+}
+
+template <bool kTC>
+int64_t fwd_smem_floats(const Geo& g, int TH, int TW) {
+  const int P = TH * TW;
+  const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
+  return fwd_layout<kTC>(P, M, g.Cout).total;
+}
+
+// Offsets inside one partial slot (elements of A).
+struct GradOffsets {
+  int64_t w_project, w_dw, b_dw, w_expand, b_expand, total;
+};
+
+GradOffsets grad_offsets(int64_t cin, int64_t hidden, int64_t cout, bool has_expand) {
+  GradOffsets o;
+  o.w_project = 0;
+  o.w_dw = o.w_project + cout * hidden;
+  o.b_dw = o.w_dw + hidden * kDwTaps;
+  o.w_expand = o.b_dw + hidden;
+  o.b_expand = o.w_expand + (has_expand ? hidden * cin : 0);
+  o.total = o.b_expand + (has_expand ? hidden : 0);
+  return o;
+}
+
+int64_t bwdw_smem_floats(const Geo& g, int TH, int TW) {
+  const int P = TH * TW;
+  const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
+  return bwdw_layout(P, M).total;
+}
+
+int64_t bwdx_smem_floats(const Geo& g, int TQH, int TQW) {
+  const int QP = TQH * TQW;
+  const int OP = box_max(TQH, g.s) * box_max(TQW, g.s);
+  const int RP = region_max(TQH, g.s) * region_max(TQW, g.s);
+  return bwdx_layout(QP, RP, OP, g.Cin, g.has_expand).total;
+}
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }  // a >= 0, b > 0
+
+// The tile of a kernel: the largest of at most 8 x 8 pixels (TW <= width, TH <= height;
+// taller, up to 64 pixels, when width < 8) whose shared memory fits `limit` bytes,
+// halved until it does. balance: then shrunk to the smallest tile with the same tile
+// counts (a 14-pixel side: 7 + 7 rather than 8 + 6), so that no tile is cut short and
+// the largest does less work; the sizes only shrink, so it still fits.
+// bytes > limit: not even a 1 x 1 tile fits.
+struct TilePlan {
+  int TH, TW, tiles_h, tiles_w;
+  int64_t bytes;
+};
+
+template <typename F>
+TilePlan plan_tile(const Geo& g, int height, int width, int64_t elem, int64_t limit, F floats,
+                   bool balance) {
+  int TW = std::min(width, 8);
+  int TH = std::min(height, 64 / TW);
+  int64_t bytes = floats(g, TH, TW) * elem;
+  while (bytes > limit && (TH > 1 || TW > 1)) {
+    if (TH >= TW) {
+      TH = (TH + 1) / 2;
+    } else {
+      TW = (TW + 1) / 2;
+    }
+    bytes = floats(g, TH, TW) * elem;
+  }
+  if (balance) {
+    TH = static_cast<int>(ceil_div(height, ceil_div(height, TH)));
+    TW = static_cast<int>(ceil_div(width, ceil_div(width, TW)));
+    bytes = floats(g, TH, TW) * elem;
+  }
+  return TilePlan{TH, TW, static_cast<int>(ceil_div(height, TH)),
+                  static_cast<int>(ceil_div(width, TW)), bytes};
+}
+
+// How a backward launch divides its work: `outer` independent pieces of `inner` equal
+// units each; the units of a piece are split into `splits` contiguous ranges (at most
+// ceil(inner / splits) units each), one CTA per (piece, range), outer * splits CTAs.
+// Several ranges per piece give partial results, one slot of `slot` elements per range
+// (one_free: a single range needs none), summed afterwards in a fixed order. The CTAs
+// run in ceil(ctas / resident) rounds, resident = SMs x CTAs resident per SM, so the
+// modelled time is rounds * ceil(inner / splits) units, against the ideal
+// outer * inner / resident.
+//
+// The choice: the fewest splits that give at least two full waves (ctas >= 2 * resident)
+// and come within 10% of the ideal time, searched up to four waves with the partial
+// buffer at most big_cap elements; when none comes within 10%, the fastest of those
+// (the fewest splits on ties). When two waves cannot be had under big_cap, the same
+// search from one split with the buffer at most small_cap (one slot always allowed).
+// Pure integer arithmetic, at most ~4 * resident / outer steps.
+struct SplitPlan {
+  int64_t splits, ctas, buffer;
+};
+
+inline SplitPlan plan_split(int64_t resident, int64_t outer, int64_t inner, int64_t slot,
+                            bool one_free, int64_t big_cap, int64_t small_cap) {
+  resident = std::max<int64_t>(resident, 1);
+  outer = std::max<int64_t>(outer, 1);
+  inner = std::max<int64_t>(inner, 1);
+  auto buffer = [&](int64_t s) { return one_free && s == 1 ? int64_t(0) : s * slot; };
+  auto cost = [&](int64_t s) { return ceil_div(outer * s, resident) * ceil_div(inner, s); };
+  auto search = [&](int64_t lo, int64_t hi, int64_t cap) {
+    int64_t best = 0;  // 0: not even lo fits cap
+    for (int64_t s = lo; s <= hi && buffer(s) <= cap; ++s) {
+      if (10 * outer * inner >= 9 * resident * cost(s)) return s;  // within 10% of the ideal
+      if (best == 0 || cost(s) < cost(best)) best = s;
+    }
+    return best;
+  };
+  const int64_t hi = std::min(inner, std::max<int64_t>(1, ceil_div(4 * resident, outer)));
+  const int64_t two_waves = ceil_div(2 * resident, outer);
+  int64_t s = two_waves <= hi ? search(two_waves, hi, big_cap) : 0;
+  if (s == 0) s = search(1, hi, std::max(small_cap, buffer(1)));
+  return SplitPlan{s, outer * s, buffer(s)};
+}
+
+// Bounds of the backward's partial buffers, in fractions of the hidden tensor's element
+// count N * hidden * Ho * Wo (the memory contract: nothing hidden-sized is allocated):
+// where two full waves need them, a quarter (float32 partials: half the bytes of a
+// 16-bit hidden tensor); elsewhere an eighth (the weight partials: or one slot). Where
+// two waves need more (the 7x7 blocks at batch 64), the grid stays short of them.
+constexpr int64_t kBigPartsDivisor = 4;
+constexpr int64_t kSmallPartsDivisor = 8;
+
+inline int64_t hidden_elems(const Geo& g) { return int64_t(g.N) * g.hidden * g.Ho * g.Wo; }
+
+// Grid of the weight-gradient kernel (tile chosen): (n_parts, n_chunks). A CTA owns one
+// hidden chunk and a contiguous range of the N * tiles (image, tile) items, and adds into
+// its part's slot of the partial buffer [n_parts][go.total]: plan_split with the chunks
+// as pieces and the items as units.
+struct WeightsGrid {
+  int64_t n_parts, n_chunks, buffer;  // buffer: partial elements, n_parts * go.total
+};
+inline WeightsGrid plan_bwd_weights_grid(int sms, int ctas_per_sm, const Geo& g,
+                                         const GradOffsets& go) {
+  const int64_t n_chunks = ceil_div(g.hidden, KC);
+  const int64_t items = int64_t(g.N) * g.tiles_h * g.tiles_w;
+  const SplitPlan p = plan_split(int64_t(sms) * ctas_per_sm, n_chunks, items, go.total, false,
+                                 hidden_elems(g) / kBigPartsDivisor,
+                                 hidden_elems(g) / kSmallPartsDivisor);
+  return WeightsGrid{p.splits, n_chunks, p.buffer};
+}
+
+// Grid of the grad_x kernel (tile chosen): (items, n_splits), items = N * tiles. A CTA owns
+// one (image, input tile) and a contiguous range of the hidden chunks: plan_split with the
+// items as pieces and the chunks as units. One split writes grad_x itself; more write
+// partials [n_splits][N][H][W][Cin] (A elements), summed by the host.
+struct InputGrid {
+  int64_t items, n_splits, buffer;  // buffer: partial elements, 0 for one split
+};
+inline InputGrid plan_bwd_input_grid(int sms, int ctas_per_sm, const Geo& g) {
+  const int64_t items = int64_t(g.N) * g.tiles_h * g.tiles_w;
+  const int64_t x_elems = int64_t(g.N) * g.H * g.W * g.Cin;
+  const SplitPlan p = plan_split(int64_t(sms) * ctas_per_sm, items, ceil_div(g.hidden, KC),
+                                 x_elems, true, hidden_elems(g) / kBigPartsDivisor,
+                                 hidden_elems(g) / kSmallPartsDivisor);
+  return InputGrid{items, p.splits, p.buffer};
+}
+
+#ifndef MNV2_CUDA_PLAN_ONLY
 
 // Whether the forward kernel of element type T uses tensor cores (TF32 WMMA).
 template <typename T>
@@ -227,8 +543,6 @@ template <typename A>
 struct alignas(4 * sizeof(A)) V4 {
   A x, y, z, w;
 };
-
-__host__ __device__ constexpr int64_t align8(int64_t n) { return (n + 7) / 8 * 8; }
 
 // acc[m * KC + j] += sum_{kk < nk} As[m * KI + kk] * Bs[j * KB + kk], m < M, j < KC.
 // A thread owns rows 4 mg .. 4 mg + 3 of column j (a warp: one row group, 32
@@ -462,93 +776,6 @@ __device__ void stage_dw(A* __restrict__ w_dw_s, A* __restrict__ b_dw_s,
   }
 }
 
-// Shared-memory layouts (element offsets, each array 32-byte aligned), shared by
-// the kernels and the host-side size computation.
-__host__ __device__ constexpr int64_t round16(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
-
-// Row stride of the forward's ys: Cout (FFMA), Cout rounded up to 16 (tensor cores).
-// fwd_ldw_tc: row stride of the tensor-core path's transposed project weights
-// w_project_s[j][co], round16(Cout) + 8 (8 or 24 mod 32: conflict-free row-major B fragments).
-template <bool kTC>
-__host__ __device__ inline int fwd_ldy(int Cout) {
-  return kTC ? static_cast<int>(round16(Cout)) : Cout;
-}
-__host__ __device__ inline int fwd_ldw_tc(int Cout) { return fwd_ldy<true>(Cout) + 8; }
-
-struct FwdLayout {
-  int64_t ys, a1s, a2s, As, Bs, w_project, w_dw, b_dw, total;
-};
-template <bool kTC>
-__host__ __device__ inline FwdLayout fwd_layout(int P, int M, int Cout) {
-  FwdLayout l{};
-  int64_t o = 0;
-  if constexpr (kTC) {  // rows padded to 16 (WMMA tiles), operand rows of KT floats
-    const int64_t Pp = round16(P), Mp = round16(M), Cp = fwd_ldy<true>(Cout);
-    const int64_t ldw = fwd_ldw_tc(Cout);
-    l.ys = o;  o = align8(o + Pp * Cp);    // [Pp][Cp] fp32 output accumulators (C of the project)
-    l.a1s = o; o = align8(o + Mp * KC);    // [Mp][KC] a1 of the chunk (C of the expand)
-    l.a2s = o; o = align8(o + Pp * KT);    // [Pp][KT] a2 of the chunk (A of the project)
-    l.As = o;  o = align8(o + Mp * KT);    // [Mp][KT] x sub-tile (A of the expand)
-    l.Bs = o;  o = align8(o + KC * KT);    // [KC][KT] w_expand sub-tile (B, col-major)
-    l.w_project = o; o = align8(o + KC * ldw);  // [KC][Cp + 8] w_project[:, chunk]^T (B, row-major)
-  } else {
-    l.ys = o;  o = align8(o + int64_t(P) * Cout);            // [P][Cout] fp32 output accumulators
-    l.a1s = o; o = align8(o + int64_t(M) * KC);              // [M][KC] a1 (tile + halo)
-    l.a2s = o; o = align8(o + int64_t((P + 3) / 4 * 4) * KC); // [P rounded to 4][KC] a2
-    l.As = o;  o = align8(o + int64_t(M) * KI);              // [M][KI] x sub-tile
-    l.Bs = o;  o = align8(o + KC * KB);                      // [KC][KB] w_expand sub-tile
-    l.w_project = o; o = align8(o + int64_t(Cout) * KP);  // [Cout][KP] w_project[:, chunk]
-  }
-  l.w_dw = o; o = align8(o + KC * kDwTaps);
-  l.b_dw = o; o = align8(o + KC);
-  l.total = o;
-  return l;
-}
-
-struct BwdWLayout {
-  int64_t a1s, ga1s, a2s, gz2s, As, Bs, w_dw, b_dw, red, total;
-};
-__host__ __device__ inline BwdWLayout bwdw_layout(int P, int M) {
-  BwdWLayout l{};
-  int64_t o = 0;
-  l.a1s = o;  o = align8(o + int64_t(M) * KC);         // [M][KC] a1 (tile + halo)
-  l.ga1s = o; o = align8(o + int64_t(M) * KC);         // [M][KC] g_z1 (tile + halo)
-  l.a2s = o;  o = align8(o + int64_t(P) * KC);         // [P][KC] a2
-  l.gz2s = o; o = align8(o + int64_t(P) * KC);         // [P][KC] g_z2
-  l.As = o;   o = align8(o + int64_t(M) * KI);         // [M][KI] x or grad_y sub-tile
-  l.Bs = o;   o = align8(o + KC * KB);                 // [KC][KB] weight sub-tile
-  l.w_dw = o; o = align8(o + KC * kDwTaps);
-  l.b_dw = o; o = align8(o + KC);
-  l.red = o;  o = align8(o + kWarps * kDwSums * KC);  // per-warp partial sums
-  l.total = o;
-  return l;
-}
-
-struct BwdXLayout {
-  int64_t gxs, ga1s, a1s, a2s, gz2s, As, Bs, w_dw, b_dw, total;
-};
-__host__ __device__ inline BwdXLayout bwdx_layout(int QP, int RP, int OP, int Cin) {
-  BwdXLayout l{};
-  int64_t o = 0;
-  l.gxs = o;  o = align8(o + int64_t(QP) * Cin);  // [QP][Cin] grad_x accumulators
-  l.ga1s = o; o = align8(o + int64_t(QP) * KC);   // [QP][KC] g_z1 on Q
-  l.a1s = o;  o = align8(o + int64_t(RP) * KC);   // [RP][KC] a1 on the region
-  l.a2s = o;  o = align8(o + int64_t(OP) * KC);   // [OP][KC] a2 on the output box
-  l.gz2s = o; o = align8(o + int64_t(OP) * KC);   // [OP][KC] g_z2 on the output box
-  l.As = o;   o = align8(o + int64_t(RP) * KI);   // [RP][KI] (RP >= OP)
-  l.Bs = o;   o = align8(o + KC * KB);
-  l.w_dw = o; o = align8(o + KC * kDwTaps);
-  l.b_dw = o; o = align8(o + KC);
-  l.total = o;
-  return l;
-}
-
-struct Geo {
-  int N, Cin, H, W, hidden, Cout, Ho, Wo, s;
-  bool has_expand, residual;
-  int TH, TW, tiles_h, tiles_w;  // tile of the kernel (output tile, or input tile for grad_x)
-};
-
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -682,32 +909,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <bool kTC>
-int64_t fwd_smem_floats(const Geo& g, int TH, int TW) {
-  const int P = TH * TW;
-  const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
-  return fwd_layout<kTC>(P, M, g.Cout).total;
-}
-
 // ---------------------------------------------------------------------------
 // Backward: weight gradients
 // ---------------------------------------------------------------------------
-
-// Offsets inside one partial slot (elements of A).
-struct GradOffsets {
-  int64_t w_project, w_dw, b_dw, w_expand, b_expand, total;
-};
-
-GradOffsets grad_offsets(int64_t cin, int64_t hidden, int64_t cout, bool has_expand) {
-  GradOffsets o;
-  o.w_project = 0;
-  o.w_dw = o.w_project + cout * hidden;
-  o.b_dw = o.w_dw + hidden * kDwTaps;
-  o.w_expand = o.b_dw + hidden;
-  o.b_expand = o.w_expand + (has_expand ? hidden * cin : 0);
-  o.total = o.b_expand + (has_expand ? hidden : 0);
-  return o;
-}
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -865,40 +1069,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-int64_t bwdw_smem_floats(const Geo& g, int TH, int TW) {
-  const int P = TH * TW;
-  const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
-  return bwdw_layout(P, M).total;
-}
-
 // ---------------------------------------------------------------------------
 // Backward: grad_x
 // ---------------------------------------------------------------------------
-
-__host__ __device__ inline int ceil_div_signed(int a, int b) {  // b > 0
-  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
-}
-
-// Largest output box touching a TQ-pixel input span, and its a1 region.
-__host__ __device__ inline int box_max(int TQ, int s) { return (TQ + 2 * kDwPad - 1) / s + 1; }
-__host__ __device__ inline int region_max(int TQ, int s) {
-  return (box_max(TQ, s) - 1) * s + kDwKernel;
-}
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_ir_bwd_input_kernel(Img<T> x, Img<T> gy, const T* __restrict__ w_expand,
                               const T* __restrict__ b_expand, const T* __restrict__ w_dw,
                               const T* __restrict__ b_dw, const T* __restrict__ w_project,
-                              T* __restrict__ gx, Strides4 gxs_, Geo g) {
+                              T* __restrict__ gx, Strides4 gxs_, A* __restrict__ gx_parts,
+                              int n_splits, Geo g) {
   extern __shared__ __align__(32) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int s = g.s;
   const int TQH = g.TH, TQW = g.TW, QP = TQH * TQW;
   const int OPmax = box_max(TQH, s) * box_max(TQW, s);
   const int RPmax = region_max(TQH, s) * region_max(TQW, s);
-  const BwdXLayout L = bwdx_layout(QP, RPmax, OPmax, g.Cin);
+  const BwdXLayout L = bwdx_layout(QP, RPmax, OPmax, g.Cin, g.has_expand);
   A* gxs = sm + L.gxs;
+  A* w_expand_s = sm + L.w_expand;  // [KC][Cin], has_expand only
   A* ga1s = sm + L.ga1s;
   A* a1s = sm + L.a1s;
   A* a2s = sm + L.a2s;
@@ -912,6 +1102,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n = blockIdx.x / tiles;
   const int t = blockIdx.x - n * tiles;
   const int q0r = (t / g.tiles_w) * TQH, q0c = (t % g.tiles_w) * TQW;
+  // this CTA's hidden chunks: [c_begin, c_end) of n_chunks (all of them when n_splits == 1)
+  const int split = blockIdx.y;
+  const int64_t n_chunks = (g.hidden + KC - 1) / KC;
+  const int c_begin = static_cast<int>(n_chunks * split / n_splits);
+  const int c_end = static_cast<int>(n_chunks * (split + 1) / n_splits);
   // output pixels o with o * s in [q - kDwPad, q + kDwPad] for some q of the tile
   const int or0 = ceil_div_signed(q0r - kDwPad, s), or1 = (q0r + TQH - 1 + kDwPad) / s;
   const int oc0 = ceil_div_signed(q0c - kDwPad, s), oc1 = (q0c + TQW - 1 + kDwPad) / s;
@@ -921,10 +1116,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) gxs[e] = A(0);
 
-  for (int cc = 0; cc < g.hidden; cc += KC) {
+  for (int cc = c_begin * KC; cc < c_end * KC; cc += KC) {
     const int kc = min(KC, g.hidden - cc);
     __syncthreads();  // the previous chunk's readers are done
     stage_dw<T, A>(w_dw_s, b_dw_s, w_dw, b_dw, cc, kc);
+    if (g.has_expand) {
+      // w_expand_s[j * Cin + i] = w_expand[cc + j][i] (coalesced), 0 for j >= kc; read after
+      // compute_a1's syncs
+      const T* w = w_expand + static_cast<int64_t>(cc) * g.Cin;
+      for (int e = threadIdx.x; e < KC * g.Cin; e += kThreads) {
+        w_expand_s[e] = e < kc * g.Cin ? ld<T, A>(w + e) : A(0);
+      }
+    }
     compute_a1<T, A>(a1s, As, Bs, x, n, w_expand, b_expand, g.has_expand, cc, kc, rr0, rc0, RH,
                      RW);  // syncs
     compute_a2<A>(a2s, a1s, w_dw_s, b_dw_s, s, OH, OW, RW, or0, oc0, g.Ho, g.Wo, kc);
@@ -971,13 +1174,41 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     if (g.has_expand) {
-      for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) {
-        const int q = e / g.Cin, i = e - q * g.Cin;
-        const A* gz = ga1s + q * KC;
-        const T* w = w_expand + static_cast<int64_t>(cc) * g.Cin + i;
-        A acc = gxs[e];
-        for (int j = 0; j < kc; ++j) acc += gz[j] * ld<T, A>(w + static_cast<int64_t>(j) * g.Cin);
-        gxs[e] = acc;
+      // gxs[q][i] += sum_{j < kc} ga1s[q][j] w_expand_s[j][i]. A thread owns rows 4 qg ..
+      // 4 qg + 3 of column i (ga1s rows: 16-byte loads, broadcast across the warp;
+      // w_expand_s: consecutive across the warp) and adds the terms in order of j, as one
+      // row at a time would. j runs on to kc4: ga1s columns and w_expand_s rows [kc, kc4)
+      // are zero, and acc + 0 * 0 == acc.
+      const int QG = (QP + 3) / 4;
+      const int kc4 = (kc + 3) / 4 * 4;
+      for (int e = threadIdx.x; e < QG * g.Cin; e += kThreads) {
+        const int qg = e / g.Cin, i = e - qg * g.Cin;
+        const int q0 = qg * 4, nq = min(4, QP - q0);
+        const A* gz[4];
+        A acc[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          gz[r] = ga1s + min(q0 + r, QP - 1) * KC;  // rows past QP are read but not stored
+          acc[r] = r < nq ? gxs[(q0 + r) * g.Cin + i] : A(0);
+        }
+        const A* w = w_expand_s + i;
+#pragma unroll 2
+        for (int j = 0; j < kc4; j += 4) {
+          const A w0 = w[j * g.Cin], w1 = w[(j + 1) * g.Cin], w2 = w[(j + 2) * g.Cin],
+                  w3 = w[(j + 3) * g.Cin];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const V4<A> v = *reinterpret_cast<const V4<A>*>(gz[r] + j);
+            acc[r] += v.x * w0;
+            acc[r] += v.y * w1;
+            acc[r] += v.z * w2;
+            acc[r] += v.w * w3;
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          if (r < nq) gxs[(q0 + r) * g.Cin + i] = acc[r];
+        }
       }
     } else {
       for (int e = threadIdx.x; e < QP * KC; e += kThreads) {
@@ -992,21 +1223,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int ir = q0r + q / TQW, ic = q0c + q % TQW;
     if (ir < g.H && ic < g.W) {
       A v = gxs[e];
-      if (g.residual) {  // stride 1, Cout == Cin: grad_y has x's geometry
+      if (g.residual && split == 0) {  // stride 1, Cout == Cin: grad_y has x's geometry
         v += ld<T, A>(gy.p + n * gy.sn + static_cast<int64_t>(i) * gy.sc +
                       static_cast<int64_t>(ir) * gy.sh + static_cast<int64_t>(ic) * gy.sw);
       }
-      gx[n * gxs_.n + static_cast<int64_t>(i) * gxs_.c + static_cast<int64_t>(ir) * gxs_.h +
-         static_cast<int64_t>(ic) * gxs_.w] = static_cast<T>(v);
+      if (n_splits == 1) {
+        gx[n * gxs_.n + static_cast<int64_t>(i) * gxs_.c + static_cast<int64_t>(ir) * gxs_.h +
+           static_cast<int64_t>(ic) * gxs_.w] = static_cast<T>(v);
+      } else {  // gx_parts[split][n][ir][ic][i]
+        gx_parts[(((static_cast<int64_t>(split) * g.N + n) * g.H + ir) * g.W + ic) * g.Cin + i] = v;
+      }
     }
   }
-}
-
-int64_t bwdx_smem_floats(const Geo& g, int TQH, int TQW) {
-  const int QP = TQH * TQW;
-  const int OP = box_max(TQH, g.s) * box_max(TQW, g.s);
-  const int RP = region_max(TQH, g.s) * region_max(TQW, g.s);
-  return bwdx_layout(QP, RP, OP, g.Cin).total;
 }
 
 // ---------------------------------------------------------------------------
@@ -1069,55 +1297,38 @@ DeviceInfo device_info(const at::Tensor& x) {
   return d;
 }
 
-Geo geo_of(const BlockShape& s) {
-  Geo g{};
-  g.N = static_cast<int>(s.batch);
-  g.Cin = static_cast<int>(s.cin);
-  g.H = static_cast<int>(s.in_h);
-  g.W = static_cast<int>(s.in_w);
-  g.hidden = static_cast<int>(s.hidden);
-  g.Cout = static_cast<int>(s.cout);
-  g.Ho = static_cast<int>(s.out_h());
-  g.Wo = static_cast<int>(s.out_w());
-  g.s = s.stride;
-  g.has_expand = s.has_expand;
-  g.residual = s.residual;
-  return g;
-}
-
-// Picks the largest tile (at most 8 x 8 pixels, TW <= width, TH <= height)
-// whose shared memory fits `limit`, halving it otherwise; sets g.TH/TW/tiles_*
-// and returns the shared-memory bytes.
+// plan_tile for the device's opt-in shared memory per block: sets g.TH/TW/tiles_* and
+// returns the shared-memory bytes.
 template <typename F>
 size_t choose_tile(Geo& g, int height, int width, size_t elem, size_t limit, F floats,
-                   const char* what) {
-  int TW = std::min(width, 8);
-  int TH = std::min(height, 64 / TW);
-  size_t bytes = static_cast<size_t>(floats(g, TH, TW)) * elem;
-  while (bytes > limit && (TH > 1 || TW > 1)) {
-    if (TH >= TW) {
-      TH = (TH + 1) / 2;
-    } else {
-      TW = (TW + 1) / 2;
-    }
-    bytes = static_cast<size_t>(floats(g, TH, TW)) * elem;
-  }
-  TORCH_CHECK(bytes <= limit, "mnv2: the CUDA ", what, " kernel needs ", bytes,
-              " bytes of shared memory even with a 1x1 tile, more than the device's ", limit,
-              " (channels too large: Cin ", g.Cin, ", Cout ", g.Cout, ")");
-  g.TH = TH;
-  g.TW = TW;
-  g.tiles_h = (height + TH - 1) / TH;
-  g.tiles_w = (width + TW - 1) / TW;
+                   bool balance, const char* what) {
+  const TilePlan t = plan_tile(g, height, width, static_cast<int64_t>(elem),
+                               static_cast<int64_t>(limit), floats, balance);
+  TORCH_CHECK(t.bytes <= static_cast<int64_t>(limit), "mnv2: the CUDA ", what, " kernel needs ",
+              t.bytes, " bytes of shared memory even with a 1x1 tile, more than the device's ",
+              limit, " (channels too large: Cin ", g.Cin, ", Cout ", g.Cout, ")");
+  g.TH = t.TH;
+  g.TW = t.TW;
+  g.tiles_h = t.tiles_h;
+  g.tiles_w = t.tiles_w;
   const int64_t blocks = int64_t(g.N) * g.tiles_h * g.tiles_w;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "mnv2: too many tiles (", blocks, ")");
-  return bytes;
+  return static_cast<size_t>(t.bytes);
 }
 
 template <typename K>
 void set_smem(K kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
+}
+
+// CTAs of `kernel` resident per SM with `bytes` of dynamic shared memory (after set_smem),
+// at least 1: the backward grids are planned in waves of SMs x this.
+template <typename K>
+int resident_ctas(K kernel, size_t bytes) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, bytes));
+  return std::max(n, 1);
 }
 
 template <typename T>
@@ -1155,7 +1366,7 @@ at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mnv2_fwd_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
     const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
-                                     fwd_smem_floats<kTensorCores<scalar_t>>, "forward");
+                                     fwd_smem_floats<kTensorCores<scalar_t>>, false, "forward");
     auto kernel = fused_ir_fwd_kernel<scalar_t, A>;
     set_smem(kernel, bytes);
     const int blocks = g.N * g.tiles_h * g.tiles_w;
@@ -1206,18 +1417,15 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
     {
       Geo g = geo_of(s);
       const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
-                                       bwdw_smem_floats, "backward (weights)");
-      const int64_t items = int64_t(g.N) * g.tiles_h * g.tiles_w;
-      const int64_t n_chunks = (s.hidden + KC - 1) / KC;
-      TORCH_CHECK(n_chunks <= 65535, "mnv2: hidden too large for the CUDA backward (", s.hidden, ")");
-      const int64_t hidden_elems = s.batch * s.hidden * s.out_h() * s.out_w();
-      int64_t n_parts = (2 * int64_t(prop.sms) + n_chunks - 1) / n_chunks;
-      n_parts = std::min<int64_t>(n_parts, hidden_elems / (16 * go.total));
-      n_parts = std::max<int64_t>(1, std::min<int64_t>({n_parts, items, 1024}));
-      at::Tensor parts = at::zeros({n_parts, go.total}, opts.dtype(acc_type));
+                                       bwdw_smem_floats, true, "backward (weights)");
       auto kernel = fused_ir_bwd_weights_kernel<scalar_t, A>;
       set_smem(kernel, bytes);
-      const dim3 grid(static_cast<unsigned>(n_parts), static_cast<unsigned>(n_chunks));
+      const WeightsGrid wg = plan_bwd_weights_grid(prop.sms, resident_ctas(kernel, bytes), g, go);
+      TORCH_CHECK(wg.n_chunks <= 65535, "mnv2: hidden too large for the CUDA backward (", s.hidden,
+                  ")");
+      const int64_t n_parts = wg.n_parts;
+      at::Tensor parts = at::zeros({n_parts, go.total}, opts.dtype(acc_type));
+      const dim3 grid(static_cast<unsigned>(n_parts), static_cast<unsigned>(wg.n_chunks));
       kernel<<<grid, kThreads, bytes, stream>>>(
           img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(w_expand_contig),
           ptr_or_null<scalar_t>(b_expand_contig), w_dw_contig.const_data_ptr<scalar_t>(),
@@ -1230,16 +1438,30 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
     {
       Geo g = geo_of(s);
       const size_t bytes = choose_tile(g, g.H, g.W, sizeof(A), prop.smem_optin,
-                                       bwdx_smem_floats, "backward (input)");
+                                       bwdx_smem_floats, true, "backward (input)");
       auto kernel = fused_ir_bwd_input_kernel<scalar_t, A>;
       set_smem(kernel, bytes);
-      const int blocks = g.N * g.tiles_h * g.tiles_w;
-      kernel<<<blocks, kThreads, bytes, stream>>>(
+      const InputGrid xg = plan_bwd_input_grid(prop.sms, resident_ctas(kernel, bytes), g);
+      TORCH_CHECK(xg.n_splits <= 65535, "mnv2: hidden too large for the CUDA backward (",
+                  s.hidden, ")");
+      // n_splits > 1: partials [n_splits][N][H][W][Cin], every element written by its CTA
+      at::Tensor gx_parts;
+      if (xg.n_splits > 1) {
+        gx_parts = at::empty({xg.n_splits, s.batch, s.in_h, s.in_w, s.cin}, opts.dtype(acc_type));
+      }
+      const dim3 grid(static_cast<unsigned>(xg.items), static_cast<unsigned>(xg.n_splits));
+      kernel<<<grid, kThreads, bytes, stream>>>(
           img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(w_expand_contig),
           ptr_or_null<scalar_t>(b_expand_contig), w_dw_contig.const_data_ptr<scalar_t>(),
           b_dw_contig.const_data_ptr<scalar_t>(), w_project_contig.const_data_ptr<scalar_t>(),
-          gx.mutable_data_ptr<scalar_t>(), strides_of(gx), g);
+          gx.mutable_data_ptr<scalar_t>(), strides_of(gx),
+          xg.n_splits > 1 ? gx_parts.mutable_data_ptr<A>() : nullptr,
+          static_cast<int>(xg.n_splits), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (xg.n_splits > 1) {
+        // fixed-order sum over the splits (deterministic), then cast into gx's layout
+        gx.copy_(gx_parts.sum(0).permute({0, 3, 1, 2}));
+      }
     }
   });
   const at::ScalarType dt = x.scalar_type();
@@ -1259,12 +1481,16 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
   return Grads{gx, g_w_expand, g_b_expand, g_w_dw, g_b_dw, g_w_project, g_b_project};
 }
 
+#endif  // MNV2_CUDA_PLAN_ONLY
+
 }  // namespace
 
+#ifndef MNV2_CUDA_PLAN_ONLY
 TORCH_LIBRARY_IMPL(mnv2, CUDA, m) {
   m.impl("fused_inverted_residual", &fused_inverted_residual_cuda);
   m.impl("fused_inverted_residual_backward", &fused_inverted_residual_backward_cuda);
 }
+#endif
 
 }  // namespace cuda
 }  // namespace mnv2
