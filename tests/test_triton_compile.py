@@ -1,9 +1,14 @@
 """Ahead-of-time compiles of the Triton kernels for the A100 (sm_80) and H100 (sm_90), here
 without a GPU (tests/triton_aot.py): the kernels as the real host launchers specialise
-them must compile for both targets. The interpreter (tests/triton) checks their results
-but cannot see a compile error: there every scalar argument is a tensor, where on a GPU
-an integer equal to 1 arrives as a constant."""
+them must compile for both targets, without register spills and within the target's
+shared memory. The interpreter (tests/triton) checks their results but cannot see a compile
+error (there every scalar argument is a tensor, where on a GPU an integer equal to 1
+arrives as a constant) nor a spill.
 
+Each test prints its table (kernel, shape, config, registers, spills, stack, shared
+memory) with ``pytest -s``, and on failure in the assertion message."""
+
+import multiprocessing
 import os
 
 import pytest
@@ -13,7 +18,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles for a GPU target: run without TRITON_INTERPRET", allow_module_level=True)
 pytest.importorskip("triton")
 
-from triton_aot import block_args, compile_launch, recorded_launches  # noqa: E402
+from conftest import BLOCK_SHAPES  # noqa: E402
+from triton_aot import SHARED_LIMIT, block_args, compile_launch, recorded_launches  # noqa: E402
 
 from mnv2_kernels.triton_kernels import fused_ir  # noqa: E402
 
@@ -21,56 +27,25 @@ CAPABILITIES = (80, 90)
 N_SPLITS_ARG = 12  # _moments_kernel(x, w_expand, b_expand, w_dw, part, N, H, W, HO, WO, CIN, HID, N_SPLITS, ...)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("capability", CAPABILITIES)
-def test_statistics_kernel_with_one_split_compiles(capability, dtype):
-    """Train-mode statistics over a single (image, tile) item (batch 1, an output of one
-    tile, as blocks 14-17 at batch 1): the launcher uses one split, which Triton turns into
-    a constant."""
-    args = block_args(1, 16, 96, 24, 1, 5, 5, dtype, channels_last=True)
+def _block_launches(n, cin, hidden, cout, stride, h, w, dtype, channels_last):
+    """Every launch of the forward, the backward, the statistics and their backward for one block."""
+    args = block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last)
+    ho, wo = fused_ir.output_size(h, w, stride)
+    gy = torch.randn(n, cout, ho, wo).to(dtype)
+    if channels_last:
+        gy = gy.contiguous(memory_format=torch.channels_last)
     with recorded_launches() as launches:
-        fused_ir.moments(args[0], args[1], args[2], args[3], 1)
-    (launch,) = launches
-    assert launch.kernel == "_moments_kernel" and launch.args[N_SPLITS_ARG] == 1
-    report = compile_launch(launch, launch.configs()[0], capability)
-    assert report.registers is not None
-
-
-# Awkward blocks: sides and channel counts of 1, no expand, batch 1 and 2, both layouts.
-EDGE_BLOCKS = [(16, 96, 16, 1), (24, 144, 40, 2), (8, 8, 8, 1), (1, 6, 1, 1)]
-EDGE_SIZES = [(1, 1), (5, 3)]
-
-
-def _edge_launches(dtype):
-    """Every distinct specialisation the launchers make for the awkward blocks (forward,
-    backward, statistics and their backward), with the default config."""
-    seen, unique = set(), []
-    for cin, hidden, cout, stride in EDGE_BLOCKS:
-        for h, w in EDGE_SIZES:
-            for n in (1, 2):
-                for channels_last in (True, False):
-                    args = block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last)
-                    ho, wo = fused_ir.output_size(h, w, stride)
-                    gy = torch.randn(n, cout, ho, wo).to(dtype)
-                    if channels_last:
-                        gy = gy.contiguous(memory_format=torch.channels_last)
-                    with recorded_launches() as launches:
-                        fused_ir.forward(*args)
-                        fused_ir.backward(gy, *args)
-                        fused_ir.moments(args[0], args[1], args[2], args[3], stride)
-                        fused_ir.moments_backward(args[0], args[1], args[2], args[3], stride,
-                                                  torch.randn(hidden), torch.randn(hidden))
-                    for launch in launches:
-                        key = (launch.kernel, _signature_key(launch))
-                        if key not in seen:
-                            seen.add(key)
-                            unique.append(launch)
-    return unique
+        fused_ir.forward(*args)
+        fused_ir.backward(gy, *args)
+        fused_ir.moments(args[0], args[1], args[2], args[3], stride)
+        fused_ir.moments_backward(args[0], args[1], args[2], args[3], stride, torch.randn(hidden),
+                                  torch.randn(hidden))
+    return launches
 
 
 def _signature_key(launch):
-    """What the specialisation depends on: each argument's value class (1, multiple of 16,
-    other) or dtype, and the constexprs."""
+    """What a compile depends on: each argument's value class (1, multiple of 16, other) or
+    dtype, and the constexprs."""
     parts = []
     for a in launch.args:
         if isinstance(a, torch.Tensor):
@@ -79,51 +54,135 @@ def _signature_key(launch):
             parts.append(repr(a))
         else:
             parts.append("1" if a == 1 else "16n" if a % 16 == 0 else "int")
-    return tuple(parts) + tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items()))
+    return (launch.kernel,) + tuple(parts) + tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items()))
+
+
+# (block..., channels_last): MobileNetV2's 17 blocks at 224x224 (batch 64), channels_last
+# (a layout changes strides, not the kernel's code); the awkward ones: sides and channel
+# counts of 1, no expand, a Cin over several expand slices, batch 1 and 2, both layouts.
+def _mobilenet_blocks():
+    for cin, cout, stride, t, side in dict.fromkeys(BLOCK_SHAPES):
+        yield 64, cin, cin * t, cout, stride, side, side, True
+
+
+AWKWARD = [(n, cin, hidden, cout, stride, h, w, channels_last)
+           for cin, hidden, cout, stride in [(16, 96, 16, 1), (24, 144, 40, 2), (8, 8, 8, 1), (1, 6, 1, 1),
+                                             (40, 80, 3, 2)]
+           for n, (h, w), channels_last in [(1, (1, 1), True), (2, (1, 1), True), (1, (5, 3), True),
+                                            (2, (5, 3), False)]]
+
+
+def _jobs(dtype):
+    """(launch, config, capability, label) of every distinct compile: the default configs on
+    MobileNetV2's blocks and on the awkward ones, every config on the wide ones."""
+    seen, jobs = set(), []
+
+    def add(blocks, all_configs=False):
+        for *block, channels_last in blocks:
+            for launch in _block_launches(*block, dtype, channels_last):
+                for config in launch.configs() if all_configs else launch.configs()[:1]:
+                    key = _signature_key(launch) + (str(config),)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    kw = launch.kwargs
+                    tile = f"{kw.get('TH', kw.get('TQH'))}x{kw.get('TW', kw.get('TQW'))}/{kw['BLOCK_H']}h"
+                    label = (f"{launch.kernel:19} {'x'.join(map(str, block[1:4]))} s{block[4]} "
+                             f"{block[5]}x{block[6]} n{block[0]}{'' if channels_last else ' nchw'} {tile} "
+                             f"w{config.num_warps}s{config.num_stages}")
+                    for cap in CAPABILITIES:
+                        jobs.append((launch, config, cap, label))
+
+    add(_mobilenet_blocks())
+    add(AWKWARD)
+    add(WIDE, all_configs=True)
+    return jobs
+
+
+_JOBS = []
+
+
+def _compile(i):
+    launch, config, cap, label = _JOBS[i]
+    try:
+        r = compile_launch(launch, config, cap)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported in the table
+        return (f"sm{cap} {label} DOES NOT COMPILE: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1][:160]}"), "error"
+    if r.registers is None or r.shared_bytes > SHARED_LIMIT[cap]:
+        verdict = "error"
+    elif r.spill_bytes or r.stack_bytes:
+        verdict = "spill"
+    else:
+        verdict = "ok"
+    return (f"sm{cap} {label} regs {r.registers} spills {r.spill_bytes} B stack {r.stack_bytes} B "
+            f"shared {r.shared_bytes} B"), verdict
+
+
+def _compile_all(jobs):
+    """Compiles the jobs in processes forked from this one (they inherit the recorded
+    launches), one per core."""
+    global _JOBS
+    _JOBS = jobs
+    workers = max(1, min(len(os.sched_getaffinity(0)), 16))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_compile, range(len(jobs)), chunksize=1)
+
+
+def _worst(rows):
+    """Per kernel: the largest registers, spills, stack and shared memory."""
+    import re
+
+    worst = {}
+    for row, _ in rows:
+        m = re.search(r"(_\w+_kernel).* regs (\d+) spills (\d+) B stack (\d+) B shared (\d+) B", row)
+        if m:
+            w = worst.setdefault(m.group(1), [0, 0, 0, 0])
+            worst[m.group(1)] = [max(a, int(b)) for a, b in zip(w, m.groups()[1:])]
+    return "\n".join(f"worst {k:19} regs {v[0]} spills {v[1]} B stack {v[2]} B shared {v[3]} B"
+                     for k, v in sorted(worst.items()))
+
+
+# Two wide blocks on which every autotune config (the pipeline stages; the host picks tiles and
+# warps) must compile cleanly too.
+WIDE = [(64, 96, 576, 160, 2, 14, 14, True), (64, 160, 960, 320, 1, 7, 7, True)]
+
+# The targets compiled per dtype: bfloat16 takes the float16 code paths (same tiles and
+# configs), so sm_90 suffices for it.
+TARGETS = {torch.float16: (80, 90), torch.bfloat16: (90,), torch.float32: (80, 90)}
+_ROWS = {}
+
+
+def _rows(dtype):
+    """The gate's table for ``dtype``, compiled once per session."""
+    if dtype not in _ROWS:
+        rows = _compile_all([job for job in _jobs(dtype) if job[2] in TARGETS[dtype]])
+        print(f"\n{str(dtype)}:\n" + "\n".join(row for row, _ in rows) + "\n" + _worst(rows))
+        _ROWS[dtype] = rows
+    return _ROWS[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(TARGETS), ids=str)
+def test_kernels_compile_without_spills(dtype):
+    """Every kernel, as launched for MobileNetV2's 17 blocks and the awkward blocks, with its
+    default config, and with every autotune config on two wide blocks, for sm_80 and sm_90
+    (bfloat16: sm_90): it compiles, spills no register, has no stack frame and fits the
+    target's shared memory."""
+    rows = _rows(dtype)
+    bad = [row for row, verdict in rows if verdict != "ok"]
+    assert not bad, f"{len(bad)} of {len(rows)} compiles fail the gate:\n" + "\n".join(bad) + "\n" + _worst(rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_awkward_specialisations_compile_for_sm90(dtype):
-    failures = []
-    launches = _edge_launches(dtype)
-    for launch in launches:
-        try:
-            compile_launch(launch, launch.configs()[0], 90, ptxas_report=False)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported below
-            failures.append((launch.kernel, type(exc).__name__, str(exc).strip().splitlines()[-1][:200]))
-    assert not failures, f"{len(failures)} of {len(launches)} specialisations do not compile: {failures[:5]}"
-
-
-# Representative MobileNetV2 blocks (Cin, hidden, Cout, stride, side, batch): the first
-# two, a wide early one, a middle one, the last stride-2 and the last.
-BLOCKS = {"32-32-16 s1 112": (32, 32, 16, 1, 112, 32), "16-96-24 s2 112": (16, 96, 24, 2, 112, 32),
-          "24-144-24 s1 56": (24, 144, 24, 1, 56, 64), "64-384-64 s1 14": (64, 384, 64, 1, 14, 64),
-          "96-576-160 s2 14": (96, 576, 160, 2, 14, 64), "160-960-320 s1 7": (160, 960, 320, 1, 7, 64)}
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_default_configs_do_not_spill_16bit(dtype):
-    """Every kernel's default config, as launched for each block (forward, backward,
-    statistics), for sm_90: no register spills, shared memory within the H100's limit."""
-    from triton_aot import SHARED_LIMIT
-
-    rows, bad = [], []
-    for name, (cin, hidden, cout, stride, side, n) in BLOCKS.items():
-        args = block_args(n, cin, hidden, cout, stride, side, side, dtype, channels_last=True)
-        out = fused_ir.output_size(side, side, stride)
-        gy = torch.randn(n, cout, *out).to(dtype).contiguous(memory_format=torch.channels_last)
-        with recorded_launches() as launches:
-            fused_ir.forward(*args)
-            fused_ir.backward(gy, *args)
-            fused_ir.moments(args[0], args[1], args[2], args[3], stride)
-        for launch in launches:
-            r = compile_launch(launch, launch.configs()[0], 90)
-            rows.append(f"{name:18} {launch.kernel:19} regs {r.registers} spills {r.spill_bytes} B "
-                        f"stack {r.stack_bytes} B shared {r.shared_bytes} B")
-            if r.spill_bytes or r.shared_bytes > SHARED_LIMIT[90]:
-                bad.append(rows[-1])
-    print("\n".join(rows))
-    assert not bad, "\n".join(bad)
+def test_statistics_kernel_with_one_split(dtype):
+    """Train-mode statistics over a single (image, tile) item (batch 1, an output of one
+    tile, as blocks 14-17 at batch 1): the launcher uses one split, which Triton turns into
+    a constant. The gate above compiles it; this checks that the case is among its launches."""
+    launches = _block_launches(1, 16, 96, 24, 1, 5, 5, dtype, channels_last=True)
+    (moments,) = [launch for launch in launches if launch.kernel == "_moments_kernel"]
+    assert moments.args[N_SPLITS_ARG] == 1
+    report = compile_launch(moments, moments.configs()[0], 90)
+    assert report.registers is not None and not report.spill_bytes
 
 
 def test_forward_grid_launches_any_batch():
@@ -132,5 +191,5 @@ def test_forward_grid_launches_any_batch():
     with recorded_launches() as launches:
         fused_ir.forward(*args)
     (launch,) = launches
-    grid = launch.grid(launch.configs()[0].all_kwargs())
+    grid = launch.grid(launch.configs()[0].all_kwargs()) if callable(launch.grid) else launch.grid
     assert grid[0] >= 70000 and grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid

@@ -71,6 +71,9 @@ CASES = [
     (1, 8, 1, 1, 6, 8, 1, True, True),
     (2, 3, 1, 3, 6, 8, 2, False, False),
     (1, 40, 3, 4, 2, 8, 2, False, True),  # Cin over 3 slices of the tiled expand
+    (1, 4, 3, 2, 2, 136, 1, False, False),  # Cout over two blocks of the weight-gradient kernel
+    (2, 4, 11, 9, 2, 4, 1, True, True),  # several tiles and halos per image
+    (1, 4, 10, 9, 2, 8, 2, False, False),
 ]
 
 
