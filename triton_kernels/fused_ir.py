@@ -823,8 +823,11 @@ def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_p
     b_expand_arg = b_expand if has_expand else b_dw
     cin_pad, cout_pad = _pad(cin), _pad(cout)
     is_fp32 = x.dtype == torch.float32
-    th, tw = _out_tile(ho, wo, stride, cin_pad if has_expand else 0, cout_pad, _ACC // 2 if is_fp32 else _ACC, 0,
-                       64 if is_fp32 else 256)
+    # float32 with a wide Cout: eight warps, for the [tile, Cout] accumulator and the FMA
+    # dot's [BLOCK_H, Cout] operand
+    warps = 8 if is_fp32 and cout_pad >= 256 else 4
+    th, tw = _out_tile(ho, wo, stride, cin_pad if has_expand else 0, cout_pad,
+                       _ACC // 2 * (warps // 4) if is_fp32 else _ACC, 0, 64 if is_fp32 else 256)
     halo_h, halo_w = _halo_side(th, stride), _halo_side(tw, stride)
     block_halo = _pow2(halo_h * halo_w)
     grid = (n * triton.cdiv(ho, th) * triton.cdiv(wo, tw),)
@@ -836,7 +839,7 @@ def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_p
         STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
         DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, BLOCK_CI=_block_ci(cin, x.dtype), COUT_PAD=cout_pad,
         TH=th, TW=tw, BLOCK_P=_pow2(th * tw), HALO_H=halo_h, HALO_W=halo_w, BLOCK_HALO=block_halo,
-        BLOCK_H=_hidden_chunk(block_halo, is_fp32), WARPS=4,
+        BLOCK_H=_hidden_chunk(block_halo, is_fp32), WARPS=warps,
     )
     return y
 
