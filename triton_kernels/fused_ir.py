@@ -339,6 +339,23 @@ def _transpose_taps(g_z2, hr, hc, ok, tap, TH: tl.constexpr, TW: tl.constexpr, S
 
 
 @triton.jit
+def _grad_a2(gy_ptr, gy_pix, valid, sgc, w_project_ptr, hh, h_mask, COUT, HID, IS_FP32: tl.constexpr,
+             UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """g_a2 [BLOCK_M, BLOCK_H] = g_y[pixels gy_pix, masked by valid] @ w_project[:, hh], over Cout
+    in BLOCK_CO slices."""
+    g_a2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for co0 in range(0, COUT, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        co_mask = co < COUT
+        gy = tl.load(gy_ptr + gy_pix[:, None] + co.to(tl.int64)[None, :] * sgc,
+                     mask=valid[:, None] & co_mask[None, :], other=0.0)
+        w_project_c = tl.load(w_project_ptr + co[:, None] * HID + hh[None, :],
+                              mask=co_mask[:, None] & h_mask[None, :], other=0.0)
+        g_a2 += _dot(gy, w_project_c, IS_FP32, UPCAST)
+    return g_a2
+
+
+@triton.jit
 def _split_items(N, HO, WO, N_SPLITS, split, TH: tl.constexpr, TW: tl.constexpr):
     """(n_tw, n_tiles, start, end): split `split`'s contiguous range [start, end) of the
     N x (output tiles of TH x TW) items."""
@@ -519,17 +536,9 @@ def _bwd_weight_kernel(
         else:
             a2 = tl.where(p_mask[:, None], _relu6(z2), 0.0)
             gy_pix = n * sgn + (oh0 + r).to(tl.int64) * sgh + (ow0 + c).to(tl.int64) * sgw
-            # g_a2 = g_y @ w_project[:, chunk], over Cout in BLOCK_CO slices (the weight chunks
-            # are loaded per item, from cache, rather than held in registers)
-            g_a2 = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-            for co0 in range(0, COUT, BLOCK_CO):
-                cs = co0 + tl.arange(0, BLOCK_CO)
-                cs_mask = cs < COUT
-                gy_s = tl.load(gy_ptr + gy_pix[:, None] + cs.to(tl.int64)[None, :] * sgc,
-                               mask=p_mask[:, None] & cs_mask[None, :], other=0.0)
-                w_project_s = tl.load(w_project_ptr + cs[:, None] * HID + hh[None, :],
-                                      mask=cs_mask[:, None] & h_mask[None, :], other=0.0)
-                g_a2 += _dot(gy_s, w_project_s, IS_FP32, UPCAST)
+            # (the weight chunks are loaded per item, from cache, rather than held in registers)
+            g_a2 = _grad_a2(gy_ptr, gy_pix, p_mask, sgc, w_project_ptr, hh, h_mask, COUT, HID, IS_FP32, UPCAST,
+                            BLOCK_P, BLOCK_H, BLOCK_CO)
             # g_w_project[block, chunk] += g_y[:, block]^T @ a2
             gy = tl.load(gy_ptr + gy_pix[:, None] + co.to(tl.int64)[None, :] * sgc,
                          mask=p_mask[:, None] & co_mask[None, :], other=0.0)
@@ -651,15 +660,8 @@ def _bwd_input_kernel(
                 g_z2 = tl.where(o_mask[:, None], alpha[None, :] + beta[None, :] * z2, 0.0)
             else:
                 # g_a2 on O
-                g_a2 = tl.zeros([BLOCK_O, BLOCK_H], dtype=tl.float32)
-                for co0 in range(0, COUT, BLOCK_CO):
-                    co = co0 + tl.arange(0, BLOCK_CO)
-                    co_mask = co < COUT
-                    gy = tl.load(gy_ptr + gy_pix[:, None] + co.to(tl.int64)[None, :] * sgc,
-                                 mask=o_mask[:, None] & co_mask[None, :], other=0.0)
-                    w_project_c = tl.load(w_project_ptr + co[:, None] * HID + hh[None, :],
-                                          mask=co_mask[:, None] & h_mask[None, :], other=0.0)
-                    g_a2 += _dot(gy, w_project_c, IS_FP32, UPCAST)
+                g_a2 = _grad_a2(gy_ptr, gy_pix, o_mask, sgc, w_project_ptr, hh, h_mask, COUT, HID, IS_FP32,
+                                UPCAST, BLOCK_O, BLOCK_H, BLOCK_CO)
                 g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & o_mask[:, None], g_a2, 0.0)
             # g_a1 on Q: the transposed taps, gathered from g_z2 on O (Q's pixels sit at
             # O-local (qh - oh0) * STRIDE + DW_PAD - dy, ...)
