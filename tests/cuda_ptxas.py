@@ -196,8 +196,8 @@ PLAN_DRIVER = r"""
 // resident per SM (the backward grids). Prints, as the launchers compute them:
 //   TH TW tiles_h tiles_w bytes full_TH full_TW full_bytes [grid...]
 // full_*: the tile before any halving (no shared-memory limit). The backward kernels add
-//   bwd_weights: n_parts n_chunks buffer slot hidden_elems
-//   bwd_input:   items n_splits buffer x_elems hidden_elems
+//   bwd_weights: n_parts n_chunks buffer slot hidden_elems ordered
+//   bwd_input:   items n_splits buffer x_elems hidden_elems n_chunks
 #define MNV2_CUDA_PLAN_ONLY
 #include "cuda/fused_ir_cuda.cu"
 
@@ -241,7 +241,11 @@ int main() {
     } else if (kind == "fwd_tc") {
       tile(g, g.Ho, g.Wo, elem, limit, fwd_smem_floats<true>, false, t, full);
     } else if (kind == "bwd_weights") {
-      tile(g, g.Ho, g.Wo, elem, limit, bwdw_smem_floats, true, t, full);
+      if (bwdw_ordered(g, elem, limit)) {
+        tile(g, g.Ho, g.Wo, elem, limit, bwdw_ordered_smem_floats, true, t, full);
+      } else {
+        tile(g, g.Ho, g.Wo, elem, limit, bwdw_smem_floats, true, t, full);
+      }
     } else if (kind == "bwd_input") {
       tile(g, g.H, g.W, elem, limit, bwdx_smem_floats, true, t, full);
     } else {
@@ -256,13 +260,15 @@ int main() {
     g.tiles_w = t.tiles_w;
     if (kind == "bwd_weights") {
       const GradOffsets go = grad_offsets(s.cin, s.hidden, s.cout, s.has_expand);
-      const WeightsGrid w = plan_bwd_weights_grid(sms, cps, g, go);
+      const bool ordered = bwdw_ordered(g, elem, limit);
+      const WeightsGrid w = plan_bwd_weights_grid(sms, cps, g, go, ordered);
       std::cout << ' ' << w.n_parts << ' ' << w.n_chunks << ' ' << w.buffer << ' ' << go.total
-                << ' ' << hidden_elems(g);
+                << ' ' << hidden_elems(g) << ' ' << int(ordered);
     } else if (kind == "bwd_input") {
       const InputGrid x = plan_bwd_input_grid(sms, cps, g);
       std::cout << ' ' << x.items << ' ' << x.n_splits << ' ' << x.buffer << ' '
-                << int64_t(g.N) * g.H * g.W * g.Cin << ' ' << hidden_elems(g);
+                << int64_t(g.N) * g.H * g.W * g.Cin << ' ' << hidden_elems(g) << ' '
+                << ceil_div(g.hidden, KC);
     }
     std::cout << '\n';
   }
@@ -332,10 +338,10 @@ def run_plan_driver(exe, queries):
         v = list(map(int, a.split()))
         d = dict(zip(("TH", "TW", "tiles_h", "tiles_w", "bytes", "full_TH", "full_TW", "full_bytes"), v[:8]))
         if q.kind == "bwd_weights":
-            d.update(zip(("n_parts", "n_chunks", "buffer", "slot", "hidden_elems"), v[8:]))
+            d.update(zip(("n_parts", "n_chunks", "buffer", "slot", "hidden_elems", "ordered"), v[8:]))
             d["ctas"] = d["n_parts"] * d["n_chunks"]
         elif q.kind == "bwd_input":
-            d.update(zip(("items", "n_splits", "buffer", "x_elems", "hidden_elems"), v[8:]))
+            d.update(zip(("items", "n_splits", "buffer", "x_elems", "hidden_elems", "n_chunks"), v[8:]))
             d["ctas"] = d["items"] * d["n_splits"]
         out[q] = d
     return out

@@ -195,6 +195,28 @@ def test_backward_17_blocks(shape, dtype, backend):
         assert err <= bound, f"{backend} {block_id(shape)} grad {name}: {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[6], BLOCK_SHAPES[12], BLOCK_SHAPES[16]], ids=block_id)
+def test_backward_batch_64(shape, backend):
+    """Batch 64, float32, on the blocks with small outputs: the CUDA backward splits their
+    items and hidden chunks over many CTAs that hand their sums on in order (the weight
+    gradients through one slot, grad_x through one buffer); every gradient against
+    float64."""
+    tv, fused = gpu_pair(shape, torch.float32)
+    x = make_input(shape, 64, torch.float32, True).requires_grad_()
+    torch.manual_seed(5)
+    _, ours = _grads(fused, x)
+    torch.manual_seed(5)
+    _, theirs = _grads(tv, x)
+    x64 = x.detach().double().requires_grad_()
+    torch.manual_seed(5)
+    _, ref = _grads(copy.deepcopy(tv).double(), x64)
+    names = ["x"] + [n for n, _ in tv.named_parameters()]
+    for name, a, b, r in zip(names, ours, theirs, ref):
+        bound = max(2 * rel_err(b, r), 1e-4)  # torch's float32 convolutions use TF32
+        err = rel_err(a, r)
+        assert err <= bound, f"{backend} {block_id(shape)} grad {name}: {err:.3g} > {bound:.3g}"
+
+
 @pytest.mark.parametrize("shape", BLOCK_SHAPES[::3], ids=block_id)
 def test_train_mode_block(shape, backend):
     """Train mode (batch statistics): output, gradients and running statistics, float32,
@@ -282,7 +304,7 @@ def _forward_backward(block, x):
 
 @pytest.mark.parametrize("train,dtype", [(False, torch.float32), (False, torch.bfloat16), (True, torch.float32)],
                          ids=["eval-float32", "eval-bfloat16", "train-float32"])
-@pytest.mark.parametrize("shape", [BLOCK_SHAPES[1], BLOCK_SHAPES[8]], ids=block_id)
+@pytest.mark.parametrize("shape", [BLOCK_SHAPES[1], BLOCK_SHAPES[8], BLOCK_SHAPES[16]], ids=block_id)
 def test_backward_deterministic(shape, train, dtype, backend, monkeypatch):
     """Two forward + backward runs are bitwise equal under
     torch.use_deterministic_algorithms(True): the weight gradients are per-program

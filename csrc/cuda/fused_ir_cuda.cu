@@ -82,26 +82,29 @@
 //   accumulates g_b_dw and g_w_dw (per-warp partial sums combined in fixed warp
 //   order), gathers g_a1 on the halo from the block's own g_z2 (no cross-block
 //   traffic), masks g_z1 = g_a1 (0 < a1 < 6) (zero outside the image) and
-//   accumulates g_b_expand and g_w_expand += g_z1^T x. Each block adds into its
-//   own slot of a zero-initialised partial buffer [n_parts, Cout*hidden +
-//   (kDwTaps+2)*hidden + hidden*Cin] (see GradOffsets; every element is owned
-//   by one thread, so the order of additions is fixed); the host reduces the
-//   slots with at::sum over dim 0 (deterministic). n_parts: plan_bwd_weights_grid
-//   (host-pure, see plan_split): the fewest parts that give at least two full
-//   waves of CTAs (SMs x CTAs resident per SM, from the occupancy API) and come
-//   within 10% of the ideal modelled time, with the buffer at most a quarter of
-//   the hidden tensor's element count N*hidden*Ho*Wo (nothing hidden-sized is
-//   allocated); when two waves are out of reach under that bound, the buffer
-//   stays within an eighth of the hidden tensor (or one slot). A slot holds
-//   32*(Cin+Cout+11) elements per CTA against 32*N*Ho*Wo hidden elements per
-//   chunk, so the blocks with small outputs stay short of two waves: on a
-//   132-SM H100 at batch 64, 264-396 CTAs for blocks 1-6 and 8-13, 84-108 for
-//   blocks 7 and 11, 18-30 for blocks 14-17 (before: 18-265).
+//   accumulates g_b_expand and g_w_expand += g_z1^T x. The partial sums of the
+//   CTAs that share a chunk are combined deterministically (every element owned by one
+//   thread, parts added in a fixed order), in one of two modes (bwdw_ordered):
+//   - ordered (whenever the accumulators fit beside the full tile, which they do for
+//     every MobileNetV2 block): a CTA accumulates its chunk's gradients in shared
+//     memory (chunk_grad_floats: 32*(Cout+Cin+11) elements, e.g. 63 KB for 160->960->320
+//     in fp32), then waits for its turn (a ticket from an atomic counter gives each CTA
+//     its (chunk, part); the part before it has started, so the wait cannot deadlock)
+//     and adds them into a single slot [Cout*hidden + (kDwTaps+2)*hidden + hidden*Cin]
+//     (see GradOffsets) in part order; that slot is the result. One slot at any number
+//     of parts, so the grid is free to fill the GPU.
+//   - private slots: each CTA adds into its own part's slot of a zero-initialised buffer
+//     [n_parts][slot], which the host reduces with at::sum over dim 0.
+//   n_parts: plan_bwd_weights_grid (host-pure, see plan_split): the fewest parts that
+//   give at least two full waves of CTAs (SMs x CTAs resident per SM, from the occupancy
+//   API) and come within 10% of the ideal modelled time, with the buffer at most a
+//   quarter of the hidden tensor's element count N*hidden*Ho*Wo (nothing hidden-sized is
+//   allocated; private slots only: an eighth when two waves are out of reach).
 //   grad_b_project = grad_y summed over (N, H, W) by at::sum. Shared memory
 //   (elements of A):
 //     2*M*KC + 2*P*KC + M*KI + KC*33 + KC*(kDwTaps+1) + 8*KC*(kDwTaps+1),
-//   independent of the channel counts; 3x3: 69 KB (s1, 8x8 tile), 140 KB (s2,
-//   8x8), 58 KB (s1, 7x7), 112 KB (s2, 7x7).
+//   independent of the channel counts (3x3: 69 KB (s1, 8x8 tile), 140 KB (s2,
+//   8x8), 58 KB (s1, 7x7), 112 KB (s2, 7x7)), plus the ordered mode's accumulators.
 //
 // Backward, grad_x (fused_ir_bwd_input_kernel): grid (N * tiles, n_splits), a
 //   block per (image, TQH x TQW input tile Q, range of hidden chunks). The output
@@ -114,13 +117,14 @@
 //   0 < a1 < 6, and accumulate gxs[Q x Cin] += g_z1 w_expand[chunk] (register-
 //   blocked like gemm_acc, 4 rows of a column per thread, the terms added in
 //   chunk-channel order; t == 1: gxs[:, chunk] += g_a1). Epilogue: + grad_y when
-//   residual (split 0 only), then with one split (n_splits == 1) cast and store;
-//   with more, store A-typed partials [n_splits][N][H][W][Cin] that the host sums
-//   with at::sum over dim 0 (deterministic) and casts into grad_x. n_splits:
-//   plan_bwd_input_grid, the same rule as n_parts with the chunks as the units
-//   split and the partials bounded by a quarter of the hidden tensor: it splits
-//   where the (image, tile) items alone make fewer than two waves and the bound
-//   allows (at batch 8: the 28x28 inputs, 3 splits).
+//   residual (split 0 only), then with one split (n_splits == 1) cast and store; with
+//   more, the splits of an item take turns as the weight kernel's ordered mode does:
+//   split 0 stores its sums into an A-typed buffer [N][H][W][Cin], the middle ones add
+//   theirs, the last adds its own, casts and stores into grad_x (deterministic).
+//   n_splits: plan_bwd_input_grid, the same rule as n_parts with the chunks as the units
+//   split and the one buffer bounded by a quarter of the hidden tensor (every stride-1
+//   block with an expand of 6: a sixth), so the 14x14 and 7x7 blocks split their chunks
+//   to fill two waves.
 //   Shared memory (elements of A):
 //     QP*Cin + KC*Cin (expand only) + QP*KC + R*KC + 2*O*KC + R*KI + KC*33 + KC*(kDwTaps+1)
 //   e.g. 8x8 or 7x7 input tile, 3x3: 56-113 KB over the MobileNetV2 blocks (113 KB for Cin 160).
@@ -151,6 +155,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda/atomic>
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <torch/library.h>
@@ -242,9 +247,11 @@ __host__ __device__ inline FwdLayout fwd_layout(int P, int M, int Cout) {
 }
 
 struct BwdWLayout {
-  int64_t a1s, ga1s, a2s, gz2s, As, Bs, w_dw, b_dw, red, total;
+  int64_t a1s, ga1s, a2s, gz2s, As, Bs, w_dw, b_dw, red, acc, total;
 };
-__host__ __device__ inline BwdWLayout bwdw_layout(int P, int M) {
+// acc_floats: the chunk's weight-gradient accumulators of the ordered mode
+// (chunk_grad_floats), 0 in the private-slot mode.
+__host__ __device__ inline BwdWLayout bwdw_layout(int P, int M, int64_t acc_floats) {
   BwdWLayout l{};
   int64_t o = 0;
   l.a1s = o;  o = align8(o + int64_t(M) * KC);         // [M][KC] a1 (tile + halo)
@@ -256,6 +263,7 @@ __host__ __device__ inline BwdWLayout bwdw_layout(int P, int M) {
   l.w_dw = o; o = align8(o + KC * kDwTaps);
   l.b_dw = o; o = align8(o + KC);
   l.red = o;  o = align8(o + kWarps * kDwSums * KC);  // per-warp partial sums
+  l.acc = o;  o = align8(o + acc_floats);              // see ChunkGrads
   l.total = o;
   return l;
 }
@@ -337,10 +345,24 @@ GradOffsets grad_offsets(int64_t cin, int64_t hidden, int64_t cout, bool has_exp
   return o;
 }
 
+// The weight gradients of one hidden chunk, compact: g_w_project[:, chunk] as [Cout][KC],
+// g_w_dw [KC][kDwTaps], g_b_dw [KC], then with an expand g_b_expand [KC] and
+// g_w_expand [KC][Cin].
+__host__ __device__ inline int64_t chunk_grad_floats(const Geo& g) {
+  return int64_t(KC) * (g.Cout + kDwSums + (g.has_expand ? 1 + g.Cin : 0));
+}
+
+// Shared memory of the weight-gradient kernel in the private-slot mode, and in the
+// ordered mode (plus the chunk's accumulators).
 int64_t bwdw_smem_floats(const Geo& g, int TH, int TW) {
   const int P = TH * TW;
   const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
-  return bwdw_layout(P, M).total;
+  return bwdw_layout(P, M, 0).total;
+}
+int64_t bwdw_ordered_smem_floats(const Geo& g, int TH, int TW) {
+  const int P = TH * TW;
+  const int M = ((TH - 1) * g.s + kDwKernel) * ((TW - 1) * g.s + kDwKernel);
+  return bwdw_layout(P, M, chunk_grad_floats(g)).total;
 }
 
 int64_t bwdx_smem_floats(const Geo& g, int TQH, int TQW) {
@@ -389,28 +411,29 @@ TilePlan plan_tile(const Geo& g, int height, int width, int64_t elem, int64_t li
 // How a backward launch divides its work: `outer` independent pieces of `inner` equal
 // units each; the units of a piece are split into `splits` contiguous ranges (at most
 // ceil(inner / splits) units each), one CTA per (piece, range), outer * splits CTAs.
-// Several ranges per piece give partial results, one slot of `slot` elements per range
-// (one_free: a single range needs none), summed afterwards in a fixed order. The CTAs
-// run in ceil(ctas / resident) rounds, resident = SMs x CTAs resident per SM, so the
-// modelled time is rounds * ceil(inner / splits) units, against the ideal
-// outer * inner / resident.
+// Several ranges per piece give partial results, combined in a fixed order through a
+// buffer of buffer(splits) = fixed + splits * per_split elements (one_free: a single
+// range needs none). The CTAs run in ceil(ctas / resident) rounds, resident = SMs x CTAs
+// resident per SM, so the modelled time is rounds * ceil(inner / splits) units, against
+// the ideal outer * inner / resident.
 //
 // The choice: the fewest splits that give at least two full waves (ctas >= 2 * resident)
-// and come within 10% of the ideal time, searched up to four waves with the partial
-// buffer at most big_cap elements; when none comes within 10%, the fastest of those
-// (the fewest splits on ties). When two waves cannot be had under big_cap, the same
-// search from one split with the buffer at most small_cap (one slot always allowed).
+// and come within 10% of the ideal time, searched up to four waves with the buffer at
+// most big_cap elements; when none comes within 10%, the fastest of those (the fewest
+// splits on ties). When two waves cannot be had under big_cap, the same search from one
+// split with the buffer at most small_cap (buffer(1) always allowed).
 // Pure integer arithmetic, at most ~4 * resident / outer steps.
 struct SplitPlan {
   int64_t splits, ctas, buffer;
 };
 
-inline SplitPlan plan_split(int64_t resident, int64_t outer, int64_t inner, int64_t slot,
-                            bool one_free, int64_t big_cap, int64_t small_cap) {
+inline SplitPlan plan_split(int64_t resident, int64_t outer, int64_t inner, int64_t fixed,
+                            int64_t per_split, bool one_free, int64_t big_cap,
+                            int64_t small_cap) {
   resident = std::max<int64_t>(resident, 1);
   outer = std::max<int64_t>(outer, 1);
   inner = std::max<int64_t>(inner, 1);
-  auto buffer = [&](int64_t s) { return one_free && s == 1 ? int64_t(0) : s * slot; };
+  auto buffer = [&](int64_t s) { return one_free && s == 1 ? int64_t(0) : fixed + s * per_split; };
   auto cost = [&](int64_t s) { return ceil_div(outer * s, resident) * ceil_div(inner, s); };
   auto search = [&](int64_t lo, int64_t hi, int64_t cap) {
     int64_t best = 0;  // 0: not even lo fits cap
@@ -427,28 +450,42 @@ inline SplitPlan plan_split(int64_t resident, int64_t outer, int64_t inner, int6
   return SplitPlan{s, outer * s, buffer(s)};
 }
 
-// Bounds of the backward's partial buffers, in fractions of the hidden tensor's element
-// count N * hidden * Ho * Wo (the memory contract: nothing hidden-sized is allocated):
-// where two full waves need them, a quarter (float32 partials: half the bytes of a
-// 16-bit hidden tensor); elsewhere an eighth (the weight partials: or one slot). Where
-// two waves need more (the 7x7 blocks at batch 64), the grid stays short of them.
+// Bounds of the backward's buffers, in fractions of the hidden tensor's element count
+// N * hidden * Ho * Wo (the memory contract: nothing hidden-sized is allocated): where
+// two full waves need them, a quarter (float32: half the bytes of a 16-bit hidden
+// tensor); elsewhere an eighth (the weight gradients: or one slot).
 constexpr int64_t kBigPartsDivisor = 4;
 constexpr int64_t kSmallPartsDivisor = 8;
 
 inline int64_t hidden_elems(const Geo& g) { return int64_t(g.N) * g.hidden * g.Ho * g.Wo; }
 
+// The weight-gradient kernel's two ways of combining its CTAs' partial sums.
+// - Ordered (preferred): a CTA accumulates its chunk's gradients in shared memory
+//   (chunk_grad_floats) and, in part order, adds them into one [go.total] slot, which is
+//   then the result: the buffer is a single slot at any split count.
+// - Private slots (when the accumulators would shrink the tile): a CTA adds into its
+//   part's slot of [n_parts][go.total] in global memory, and the host sums the slots.
+// Both are deterministic: every element is owned by one thread of a CTA, and the parts
+// are added in a fixed order.
+inline bool bwdw_ordered(const Geo& g, int64_t elem, int64_t limit) {
+  const TilePlan priv = plan_tile(g, g.Ho, g.Wo, elem, limit, bwdw_smem_floats, true);
+  const TilePlan ord = plan_tile(g, g.Ho, g.Wo, elem, limit, bwdw_ordered_smem_floats, true);
+  return ord.bytes <= limit && ord.TH == priv.TH && ord.TW == priv.TW;
+}
+
 // Grid of the weight-gradient kernel (tile chosen): (n_parts, n_chunks). A CTA owns one
-// hidden chunk and a contiguous range of the N * tiles (image, tile) items, and adds into
-// its part's slot of the partial buffer [n_parts][go.total]: plan_split with the chunks
-// as pieces and the items as units.
+// hidden chunk and a contiguous range of the N * tiles (image, tile) items: plan_split
+// with the chunks as pieces and the items as units; the buffer is one slot when ordered,
+// a slot per part otherwise.
 struct WeightsGrid {
-  int64_t n_parts, n_chunks, buffer;  // buffer: partial elements, n_parts * go.total
+  int64_t n_parts, n_chunks, buffer;  // buffer: elements of A
 };
 inline WeightsGrid plan_bwd_weights_grid(int sms, int ctas_per_sm, const Geo& g,
-                                         const GradOffsets& go) {
+                                         const GradOffsets& go, bool ordered) {
   const int64_t n_chunks = ceil_div(g.hidden, KC);
   const int64_t items = int64_t(g.N) * g.tiles_h * g.tiles_w;
-  const SplitPlan p = plan_split(int64_t(sms) * ctas_per_sm, n_chunks, items, go.total, false,
+  const SplitPlan p = plan_split(int64_t(sms) * ctas_per_sm, n_chunks, items,
+                                 ordered ? go.total : 0, ordered ? 0 : go.total, false,
                                  hidden_elems(g) / kBigPartsDivisor,
                                  hidden_elems(g) / kSmallPartsDivisor);
   return WeightsGrid{p.splits, n_chunks, p.buffer};
@@ -456,16 +493,17 @@ inline WeightsGrid plan_bwd_weights_grid(int sms, int ctas_per_sm, const Geo& g,
 
 // Grid of the grad_x kernel (tile chosen): (items, n_splits), items = N * tiles. A CTA owns
 // one (image, input tile) and a contiguous range of the hidden chunks: plan_split with the
-// items as pieces and the chunks as units. One split writes grad_x itself; more write
-// partials [n_splits][N][H][W][Cin] (A elements), summed by the host.
+// items as pieces and the chunks as units. One split writes grad_x itself; with more, the
+// splits of an item add, in split order, into one float [N][H][W][Cin] buffer, and the
+// last one writes grad_x.
 struct InputGrid {
-  int64_t items, n_splits, buffer;  // buffer: partial elements, 0 for one split
+  int64_t items, n_splits, buffer;  // buffer: elements of A, 0 for one split
 };
 inline InputGrid plan_bwd_input_grid(int sms, int ctas_per_sm, const Geo& g) {
   const int64_t items = int64_t(g.N) * g.tiles_h * g.tiles_w;
   const int64_t x_elems = int64_t(g.N) * g.H * g.W * g.Cin;
   const SplitPlan p = plan_split(int64_t(sms) * ctas_per_sm, items, ceil_div(g.hidden, KC),
-                                 x_elems, true, hidden_elems(g) / kBigPartsDivisor,
+                                 x_elems, 0, true, hidden_elems(g) / kBigPartsDivisor,
                                  hidden_elems(g) / kSmallPartsDivisor);
   return InputGrid{items, p.splits, p.buffer};
 }
@@ -542,6 +580,58 @@ __device__ void load_wtile(A* __restrict__ Bs, const T* __restrict__ w, int n0, 
 template <typename A>
 struct alignas(4 * sizeof(A)) V4 {
   A x, y, z, w;
+};
+
+// Ordered hand-off between the CTAs that add into one buffer. A CTA's place in the
+// order is a ticket, taken from an atomic counter when it starts: every lower ticket
+// belongs to a CTA that has already started, so waiting for it cannot deadlock,
+// whatever order the hardware dispatches CTAs in. CTA `rank` of a group waits until the
+// group's flag equals rank, adds (reading and writing through L2: __ldcg / __stcg), and
+// sets the flag to rank + 1 (release, after every thread's stores are fenced).
+__device__ __forceinline__ int take_ticket(int* counter) {
+  __shared__ int ticket;
+  if (threadIdx.x == 0) ticket = atomicAdd(counter, 1);
+  __syncthreads();
+  return ticket;
+}
+
+__device__ __forceinline__ void wait_turn(int* flag, int rank) {
+  if (threadIdx.x == 0) {
+    ::cuda::atomic_ref<int, ::cuda::thread_scope_device> f(*flag);
+    while (f.load(::cuda::memory_order_acquire) != rank) __nanosleep(64);
+  }
+  __syncthreads();  // also: this CTA's own shared-memory results are complete
+}
+
+__device__ __forceinline__ void pass_turn(int* flag, int rank) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ::cuda::atomic_ref<int, ::cuda::thread_scope_device> f(*flag);
+    f.store(rank + 1, ::cuda::memory_order_release);
+  }
+}
+
+// dst[r * dst_ld + c] += src[r * src_ld + c] for r < rows, c < cols, in L2.
+template <typename A>
+__device__ void add_through_l2(A* dst, int64_t dst_ld, const A* src, int src_ld, int rows,
+                               int cols) {
+  for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
+    const int r = e / cols, c = e - r * cols;
+    A* d = dst + r * dst_ld + c;
+    __stcg(d, __ldcg(d) + src[r * src_ld + c]);
+  }
+}
+
+// Where the weight-gradient kernel adds one hidden chunk's gradients: in its part's
+// global slot (private mode) or in shared memory (ordered mode, compact; see
+// chunk_grad_floats). Element (co, j) of g_w_project[:, chunk] is wp[co * wp_ld + j];
+// g_w_dw[j][tap] is wdw[j * kDwTaps + tap]; g_w_expand[j][i] is we[j * Cin + i].
+template <typename A>
+struct ChunkGrads {
+  A* wp;
+  int64_t wp_ld;
+  A *wdw, *bdw, *be, *we;
 };
 
 // acc[m * KC + j] += sum_{kk < nk} As[m * KI + kk] * Bs[j * KB + kk], m < M, j < KC.
@@ -918,13 +1008,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     fused_ir_bwd_weights_kernel(Img<T> x, Img<T> gy, const T* __restrict__ w_expand,
                                 const T* __restrict__ b_expand, const T* __restrict__ w_dw,
                                 const T* __restrict__ b_dw, const T* __restrict__ w_project,
-                                A* __restrict__ parts, GradOffsets go, int n_parts, Geo g) {
+                                A* __restrict__ out, int* __restrict__ sync, GradOffsets go,
+                                int n_parts, Geo g) {
   extern __shared__ __align__(32) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int s = g.s;
   const int P = g.TH * g.TW;
   const int RH = (g.TH - 1) * s + kDwKernel, RW = (g.TW - 1) * s + kDwKernel, M = RH * RW;
-  const BwdWLayout L = bwdw_layout(P, M);
+  const bool ordered = sync != nullptr;
+  const BwdWLayout L = bwdw_layout(P, M, ordered ? chunk_grad_floats(g) : 0);
   A* a1s = sm + L.a1s;
   A* ga1s = sm + L.ga1s;
   A* a2s = sm + L.a2s;
@@ -935,11 +1027,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   A* b_dw_s = sm + L.b_dw;
   A* red = sm + L.red;  // [kWarps][kDwSums][KC]
 
-  const int part = blockIdx.x;
-  const int cc = blockIdx.y * KC;
+  // ordered: (chunk, part) from the ticket, sync = [counter, flag per chunk]
+  int part = blockIdx.x, chunk = blockIdx.y;
+  if (ordered) {
+    const int ticket = take_ticket(sync);
+    chunk = ticket / n_parts;
+    part = ticket - chunk * n_parts;
+  }
+  const int cc = chunk * KC;
   const int kc = min(KC, g.hidden - cc);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  A* slot = parts + static_cast<int64_t>(part) * go.total;
+  ChunkGrads<A> cg;
+  if (ordered) {
+    A* acc = sm + L.acc;
+    cg = ChunkGrads<A>{acc, KC, acc + int64_t(g.Cout) * KC, nullptr, nullptr, nullptr};
+    cg.bdw = cg.wdw + KC * kDwTaps;
+    cg.be = cg.bdw + KC;
+    cg.we = cg.be + KC;
+    // visible after the first item's syncs
+    for (int64_t e = threadIdx.x; e < chunk_grad_floats(g); e += kThreads) acc[e] = A(0);
+  } else {
+    A* slot = out + static_cast<int64_t>(part) * go.total;
+    cg = ChunkGrads<A>{slot + go.w_project + cc, g.hidden, slot + go.w_dw + int64_t(cc) * kDwTaps,
+                       slot + go.b_dw + cc, slot + go.b_expand + cc,
+                       slot + go.w_expand + int64_t(cc) * g.Cin};
+  }
   const int tiles = g.tiles_h * g.tiles_w;
   const int64_t items = static_cast<int64_t>(g.N) * tiles;
   const int64_t i_begin = items * part / n_parts, i_end = items * (part + 1) / n_parts;
@@ -973,7 +1085,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (j < kc) {
           A acc = A(0);
           for (int p = 0; p < P; ++p) acc += As[p * KI + kk] * a2s[p * KC + j];
-          slot[go.w_project + static_cast<int64_t>(co0 + kk) * g.hidden + cc + j] += acc;
+          cg.wp[(co0 + kk) * cg.wp_ld + j] += acc;
         }
       }
     }
@@ -1011,9 +1123,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         A acc = A(0);
         for (int w = 0; w < kWarps; ++w) acc += red[(w * kDwSums + q) * KC + j];
         if (q < kDwTaps) {
-          slot[go.w_dw + static_cast<int64_t>(cc + j) * kDwTaps + q] += acc;
+          cg.wdw[j * kDwTaps + q] += acc;
         } else {
-          slot[go.b_dw + cc + j] += acc;
+          cg.bdw[j] += acc;
         }
       }
     }
@@ -1048,7 +1160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (threadIdx.x < kc) {
         A acc = A(0);
         for (int w = 0; w < kWarps; ++w) acc += red[w * KC + threadIdx.x];
-        slot[go.b_expand + cc + threadIdx.x] += acc;
+        cg.be[threadIdx.x] += acc;
       }
       // g_w_expand[chunk] += g_z1^T x over Cin sub-chunks
       for (int k0 = 0; k0 < g.Cin; k0 += KI) {
@@ -1061,11 +1173,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (j < kc && i < nk) {
             A acc = A(0);
             for (int m = 0; m < M; ++m) acc += ga1s[m * KC + j] * As[m * KI + i];
-            slot[go.w_expand + static_cast<int64_t>(cc + j) * g.Cin + k0 + i] += acc;
+            cg.we[j * g.Cin + k0 + i] += acc;
           }
         }
       }
     }
+  }
+  if (ordered) {  // add this part's sums into the single slot, in part order
+    int* flag = sync + 1 + chunk;
+    wait_turn(flag, part);
+    add_through_l2(out + go.w_project + cc, g.hidden, cg.wp, KC, g.Cout, kc);
+    add_through_l2(out + go.w_dw + int64_t(cc) * kDwTaps, 0, cg.wdw, 0, 1, kc * kDwTaps);
+    add_through_l2(out + go.b_dw + cc, 0, cg.bdw, 0, 1, kc);
+    if (g.has_expand) {
+      add_through_l2(out + go.b_expand + cc, 0, cg.be, 0, 1, kc);
+      add_through_l2(out + go.w_expand + int64_t(cc) * g.Cin, 0, cg.we, 0, 1, kc * g.Cin);
+    }
+    pass_turn(flag, part);
   }
 }
 
@@ -1078,8 +1202,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     fused_ir_bwd_input_kernel(Img<T> x, Img<T> gy, const T* __restrict__ w_expand,
                               const T* __restrict__ b_expand, const T* __restrict__ w_dw,
                               const T* __restrict__ b_dw, const T* __restrict__ w_project,
-                              T* __restrict__ gx, Strides4 gxs_, A* __restrict__ gx_parts,
-                              int n_splits, Geo g) {
+                              T* __restrict__ gx, Strides4 gxs_, A* __restrict__ gx_acc,
+                              int* __restrict__ sync, int n_splits, Geo g) {
   extern __shared__ __align__(32) unsigned char smem_raw[];
   A* sm = reinterpret_cast<A*>(smem_raw);
   const int s = g.s;
@@ -1099,11 +1223,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   A* b_dw_s = sm + L.b_dw;
 
   const int tiles = g.tiles_h * g.tiles_w;
-  const int n = blockIdx.x / tiles;
-  const int t = blockIdx.x - n * tiles;
+  // (item, split); with several splits from the ticket, sync = [counter, flag per item]
+  int item = blockIdx.x, split = blockIdx.y;
+  if (n_splits > 1) {
+    const int ticket = take_ticket(sync);
+    split = ticket / gridDim.x;
+    item = ticket - split * gridDim.x;
+  }
+  const int n = item / tiles;
+  const int t = item - n * tiles;
   const int q0r = (t / g.tiles_w) * TQH, q0c = (t % g.tiles_w) * TQW;
   // this CTA's hidden chunks: [c_begin, c_end) of n_chunks (all of them when n_splits == 1)
-  const int split = blockIdx.y;
   const int64_t n_chunks = (g.hidden + KC - 1) / KC;
   const int c_begin = static_cast<int>(n_chunks * split / n_splits);
   const int c_end = static_cast<int>(n_chunks * (split + 1) / n_splits);
@@ -1217,7 +1347,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  __syncthreads();
+  // Epilogue. Several splits: in split order, split 0 stores its sums into gx_acc
+  // [N][H][W][Cin], the next ones add theirs, the last one writes gx.
+  int* flag = n_splits > 1 ? sync + 1 + item : nullptr;
+  if (flag != nullptr) {
+    wait_turn(flag, split);
+  } else {
+    __syncthreads();
+  }
+  const bool last = split == n_splits - 1;
   for (int e = threadIdx.x; e < QP * g.Cin; e += kThreads) {
     const int q = e / g.Cin, i = e - q * g.Cin;
     const int ir = q0r + q / TQW, ic = q0c + q % TQW;
@@ -1227,14 +1365,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         v += ld<T, A>(gy.p + n * gy.sn + static_cast<int64_t>(i) * gy.sc +
                       static_cast<int64_t>(ir) * gy.sh + static_cast<int64_t>(ic) * gy.sw);
       }
-      if (n_splits == 1) {
+      A* acc = flag != nullptr
+                   ? gx_acc + ((static_cast<int64_t>(n) * g.H + ir) * g.W + ic) * g.Cin + i
+                   : nullptr;
+      if (split > 0) v = __ldcg(acc) + v;
+      if (last) {
         gx[n * gxs_.n + static_cast<int64_t>(i) * gxs_.c + static_cast<int64_t>(ir) * gxs_.h +
            static_cast<int64_t>(ic) * gxs_.w] = static_cast<T>(v);
-      } else {  // gx_parts[split][n][ir][ic][i]
-        gx_parts[(((static_cast<int64_t>(split) * g.N + n) * g.H + ir) * g.W + ic) * g.Cin + i] = v;
+      } else {
+        __stcg(acc, v);
       }
     }
   }
+  if (flag != nullptr && !last) pass_turn(flag, split);
 }
 
 // ---------------------------------------------------------------------------
@@ -1413,26 +1556,34 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mnv2_bwd_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    // (a) weight gradients into per-block partial slots
+    // (a) weight gradients, ordered into one slot, or into per-part slots summed here
     {
       Geo g = geo_of(s);
-      const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
-                                       bwdw_smem_floats, true, "backward (weights)");
+      const bool ordered = bwdw_ordered(g, sizeof(A), static_cast<int64_t>(prop.smem_optin));
+      const size_t bytes =
+          ordered ? choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
+                                bwdw_ordered_smem_floats, true, "backward (weights)")
+                  : choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin, bwdw_smem_floats,
+                                true, "backward (weights)");
       auto kernel = fused_ir_bwd_weights_kernel<scalar_t, A>;
       set_smem(kernel, bytes);
-      const WeightsGrid wg = plan_bwd_weights_grid(prop.sms, resident_ctas(kernel, bytes), g, go);
+      const WeightsGrid wg =
+          plan_bwd_weights_grid(prop.sms, resident_ctas(kernel, bytes), g, go, ordered);
       TORCH_CHECK(wg.n_chunks <= 65535, "mnv2: hidden too large for the CUDA backward (", s.hidden,
                   ")");
       const int64_t n_parts = wg.n_parts;
-      at::Tensor parts = at::zeros({n_parts, go.total}, opts.dtype(acc_type));
+      at::Tensor out = at::zeros({ordered ? 1 : n_parts, go.total}, opts.dtype(acc_type));
+      at::Tensor sync;
+      if (ordered) sync = at::zeros({1 + wg.n_chunks}, opts.dtype(at::kInt));
       const dim3 grid(static_cast<unsigned>(n_parts), static_cast<unsigned>(wg.n_chunks));
       kernel<<<grid, kThreads, bytes, stream>>>(
           img_of<scalar_t>(x), img_of<scalar_t>(grad_y), ptr_or_null<scalar_t>(w_expand_contig),
           ptr_or_null<scalar_t>(b_expand_contig), w_dw_contig.const_data_ptr<scalar_t>(),
           b_dw_contig.const_data_ptr<scalar_t>(), w_project_contig.const_data_ptr<scalar_t>(),
-          parts.mutable_data_ptr<A>(), go, static_cast<int>(n_parts), g);
+          out.mutable_data_ptr<A>(), ordered ? sync.mutable_data_ptr<int>() : nullptr, go,
+          static_cast<int>(n_parts), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      reduced = n_parts == 1 ? parts[0] : parts.sum(0);
+      reduced = out.size(0) == 1 ? out[0] : out.sum(0);
     }
     // (b) grad_x
     {
@@ -1444,10 +1595,11 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
       const InputGrid xg = plan_bwd_input_grid(prop.sms, resident_ctas(kernel, bytes), g);
       TORCH_CHECK(xg.n_splits <= 65535, "mnv2: hidden too large for the CUDA backward (",
                   s.hidden, ")");
-      // n_splits > 1: partials [n_splits][N][H][W][Cin], every element written by its CTA
-      at::Tensor gx_parts;
+      // n_splits > 1: the splits of an item hand their sums on through gx_acc, in order
+      at::Tensor gx_acc, sync;
       if (xg.n_splits > 1) {
-        gx_parts = at::empty({xg.n_splits, s.batch, s.in_h, s.in_w, s.cin}, opts.dtype(acc_type));
+        gx_acc = at::empty({s.batch, s.in_h, s.in_w, s.cin}, opts.dtype(acc_type));
+        sync = at::zeros({1 + xg.items}, opts.dtype(at::kInt));
       }
       const dim3 grid(static_cast<unsigned>(xg.items), static_cast<unsigned>(xg.n_splits));
       kernel<<<grid, kThreads, bytes, stream>>>(
@@ -1455,13 +1607,10 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
           ptr_or_null<scalar_t>(b_expand_contig), w_dw_contig.const_data_ptr<scalar_t>(),
           b_dw_contig.const_data_ptr<scalar_t>(), w_project_contig.const_data_ptr<scalar_t>(),
           gx.mutable_data_ptr<scalar_t>(), strides_of(gx),
-          xg.n_splits > 1 ? gx_parts.mutable_data_ptr<A>() : nullptr,
+          xg.n_splits > 1 ? gx_acc.mutable_data_ptr<A>() : nullptr,
+          xg.n_splits > 1 ? sync.mutable_data_ptr<int>() : nullptr,
           static_cast<int>(xg.n_splits), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (xg.n_splits > 1) {
-        // fixed-order sum over the splits (deterministic), then cast into gx's layout
-        gx.copy_(gx_parts.sum(0).permute({0, 3, 1, 2}));
-      }
     }
   });
   const at::ScalarType dt = x.scalar_type();
