@@ -234,6 +234,17 @@ def _in_halos(tqh, tqw, stride):
 
 _KEY = ["CIN", "HID", "COUT", "H", "W", "STRIDE", "HAS_EXPAND", "RESIDUAL", "IS_FP32", "BLOCK_H"]
 _KEY_BWD = _KEY + ["MOMENTS"]
+# Integer arguments the kernels only compare and divide (batch, sides, item counts), never
+# use as strides: not specialised, so that Triton compiles one kernel for all their values
+# (an argument equal to 1 would otherwise become a constant, and a multiple of 16 gets a
+# divisibility hint that changes nothing here, each a separate compile).
+_SIZES = ["N", "H", "W", "HO", "WO", "N_SPLITS", "NPROG"]
+
+
+def _jit(fn):
+    """triton.jit without specialisation on the size arguments of _SIZES that ``fn`` has."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in _SIZES if n in names])
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +398,7 @@ def _tile(item, n_tw, n_tiles, p, HO, WO, TH: tl.constexpr, TW: tl.constexpr):
 # Forward.
 
 @triton.autotune(configs=_configs(), key=_KEY + ["TH", "TW"], prune_configs_by=_PRUNE)
-@triton.jit
+@_jit
 def _fwd_kernel(
     x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, b_dw_ptr, w_project_ptr, b_project_ptr, y_ptr,
     H, W, HO, WO, CIN, HID, COUT,
@@ -447,7 +458,7 @@ def _fwd_kernel(
 # Backward: weight gradients (chunk-stationary).
 
 @triton.autotune(configs=_configs(tuned=False), key=_KEY_BWD + ["TH", "TW"], prune_configs_by=_PRUNE)
-@triton.jit
+@_jit
 def _bwd_weight_kernel(
     gy_ptr, x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, b_dw_ptr, w_project_ptr, alpha_ptr, beta_ptr,
     g_w_expand_ptr, g_b_expand_ptr, g_w_dw_ptr, g_b_dw_ptr, g_w_project_ptr,
@@ -579,7 +590,7 @@ def _bwd_weight_kernel(
 # Backward: input gradient (pixel-stationary, gather form).
 
 @triton.autotune(configs=_configs(tuned=False), key=_KEY_BWD + ["TQH", "TQW"], prune_configs_by=_PRUNE)
-@triton.jit
+@_jit
 def _bwd_input_kernel(
     gy_ptr, x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, b_dw_ptr, w_project_ptr, alpha_ptr, beta_ptr, gx_ptr,
     N, H, W, HO, WO, CIN, HID, COUT, NPROG,
@@ -698,7 +709,7 @@ def _bwd_input_kernel(
 
 @triton.autotune(configs=_configs(), key=["CIN", "HID", "H", "W", "STRIDE", "HAS_EXPAND", "IS_FP32", "BLOCK_H",
                                            "TH", "TW"], prune_configs_by=_PRUNE)
-@triton.jit
+@_jit
 def _moments_kernel(
     x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, part_ptr,
     N, H, W, HO, WO, CIN, HID, N_SPLITS,
