@@ -484,9 +484,11 @@ inline WeightsGrid plan_bwd_weights_grid(int sms, int ctas_per_sm, const Geo& g,
                                          const GradOffsets& go, bool ordered) {
   const int64_t n_chunks = ceil_div(g.hidden, KC);
   const int64_t items = int64_t(g.N) * g.tiles_h * g.tiles_w;
+  // (ordered: the one slot is the result itself, whatever the split count)
+  const int64_t big = hidden_elems(g) / kBigPartsDivisor;
   const SplitPlan p = plan_split(int64_t(sms) * ctas_per_sm, n_chunks, items,
                                  ordered ? go.total : 0, ordered ? 0 : go.total, false,
-                                 hidden_elems(g) / kBigPartsDivisor,
+                                 ordered ? std::max(big, go.total) : big,
                                  hidden_elems(g) / kSmallPartsDivisor);
   return WeightsGrid{p.splits, n_chunks, p.buffer};
 }
@@ -587,7 +589,9 @@ struct alignas(4 * sizeof(A)) V4 {
 // belongs to a CTA that has already started, so waiting for it cannot deadlock,
 // whatever order the hardware dispatches CTAs in. CTA `rank` of a group waits until the
 // group's flag equals rank, adds (reading and writing through L2: __ldcg / __stcg), and
-// sets the flag to rank + 1 (release, after every thread's stores are fenced).
+// sets the flag to rank + 1 (release, after every thread's stores are fenced). Two rules
+// keep the waits finite: no CTA returns before its pass_turn, and the counter and flags
+// are zeroed afresh for every launch (at::zeros on the launch's stream).
 __device__ __forceinline__ int take_ticket(int* counter) {
   __shared__ int ticket;
   if (threadIdx.x == 0) ticket = atomicAdd(counter, 1);
@@ -612,14 +616,26 @@ __device__ __forceinline__ void pass_turn(int* flag, int rank) {
   }
 }
 
-// dst[r * dst_ld + c] += src[r * src_ld + c] for r < rows, c < cols, in L2.
+// dst[r * dst_ld + c] += src[r * src_ld + c] for r < rows, c < cols, in L2. A thread
+// loads kFlushDepth elements before it stores any (the loads and stores are ordered
+// memory operations: one at a time, each would wait for its own L2 round trip).
+constexpr int kFlushDepth = 8;
 template <typename A>
 __device__ void add_through_l2(A* dst, int64_t dst_ld, const A* src, int src_ld, int rows,
                                int cols) {
-  for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
-    const int r = e / cols, c = e - r * cols;
-    A* d = dst + r * dst_ld + c;
-    __stcg(d, __ldcg(d) + src[r * src_ld + c]);
+  const int total = rows * cols;
+  for (int e0 = threadIdx.x; e0 < total; e0 += kThreads * kFlushDepth) {
+    A v[kFlushDepth];
+#pragma unroll
+    for (int u = 0; u < kFlushDepth; ++u) {
+      const int e = e0 + u * kThreads, r = e / cols, c = e - r * cols;
+      if (e < total) v[u] = __ldcg(dst + r * dst_ld + c) + src[r * src_ld + c];
+    }
+#pragma unroll
+    for (int u = 0; u < kFlushDepth; ++u) {
+      const int e = e0 + u * kThreads, r = e / cols, c = e - r * cols;
+      if (e < total) __stcg(dst + r * dst_ld + c, v[u]);
+    }
   }
 }
 
@@ -1459,6 +1475,15 @@ size_t choose_tile(Geo& g, int height, int width, size_t elem, size_t limit, F f
   return static_cast<size_t>(t.bytes);
 }
 
+// The dynamic shared memory a block of `kernel` may take: the device's opt-in limit less
+// the kernel's static shared memory (the backward kernels' ticket).
+template <typename K>
+size_t dynamic_smem_limit(K kernel, const DeviceInfo& prop) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return prop.smem_optin - std::min(prop.smem_optin, attr.sharedSizeBytes);
+}
+
 template <typename K>
 void set_smem(K kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1508,9 +1533,9 @@ at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_
   Geo g = geo_of(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mnv2_fwd_cuda", [&] {
     using A = typename AccOf<scalar_t>::type;
-    const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
-                                     fwd_smem_floats<kTensorCores<scalar_t>>, false, "forward");
     auto kernel = fused_ir_fwd_kernel<scalar_t, A>;
+    const size_t bytes = choose_tile(g, g.Ho, g.Wo, sizeof(A), dynamic_smem_limit(kernel, prop),
+                                     fwd_smem_floats<kTensorCores<scalar_t>>, false, "forward");
     set_smem(kernel, bytes);
     const int blocks = g.N * g.tiles_h * g.tiles_w;
     kernel<<<blocks, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
@@ -1559,13 +1584,14 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
     // (a) weight gradients, ordered into one slot, or into per-part slots summed here
     {
       Geo g = geo_of(s);
-      const bool ordered = bwdw_ordered(g, sizeof(A), static_cast<int64_t>(prop.smem_optin));
-      const size_t bytes =
-          ordered ? choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin,
-                                bwdw_ordered_smem_floats, true, "backward (weights)")
-                  : choose_tile(g, g.Ho, g.Wo, sizeof(A), prop.smem_optin, bwdw_smem_floats,
-                                true, "backward (weights)");
       auto kernel = fused_ir_bwd_weights_kernel<scalar_t, A>;
+      const size_t limit = dynamic_smem_limit(kernel, prop);
+      const bool ordered = bwdw_ordered(g, sizeof(A), static_cast<int64_t>(limit));
+      const size_t bytes =
+          ordered ? choose_tile(g, g.Ho, g.Wo, sizeof(A), limit, bwdw_ordered_smem_floats, true,
+                                "backward (weights)")
+                  : choose_tile(g, g.Ho, g.Wo, sizeof(A), limit, bwdw_smem_floats, true,
+                                "backward (weights)");
       set_smem(kernel, bytes);
       const WeightsGrid wg =
           plan_bwd_weights_grid(prop.sms, resident_ctas(kernel, bytes), g, go, ordered);
@@ -1588,9 +1614,9 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
     // (b) grad_x
     {
       Geo g = geo_of(s);
-      const size_t bytes = choose_tile(g, g.H, g.W, sizeof(A), prop.smem_optin,
-                                       bwdx_smem_floats, true, "backward (input)");
       auto kernel = fused_ir_bwd_input_kernel<scalar_t, A>;
+      const size_t bytes = choose_tile(g, g.H, g.W, sizeof(A), dynamic_smem_limit(kernel, prop),
+                                       bwdx_smem_floats, true, "backward (input)");
       set_smem(kernel, bytes);
       const InputGrid xg = plan_bwd_input_grid(prop.sms, resident_ctas(kernel, bytes), g);
       TORCH_CHECK(xg.n_splits <= 65535, "mnv2: hidden too large for the CUDA backward (",
