@@ -65,6 +65,49 @@ def _is_fake(t: Tensor) -> bool:
     return is_fake(t)
 
 
+_ADOPTION_WARNING = (
+    "mnv2_kernels: {owner} had parameters or buffers made under torch.inference_mode() "
+    "(inference tensors: {names}). Their in-place changes cannot be tracked, so packed "
+    "weights derived from them could not be cached and every call re-derived them. They "
+    "were replaced, once, by ordinary tensors with the same values (parameters keep their "
+    "Parameter objects where PyTorch allows): reach them through the module from now on, "
+    "not through references taken before.")
+
+
+def adopt_inference_tensors(module: nn.Module) -> bool:
+    """Replaces the inference tensors among the parameters and buffers of ``module`` and
+    its submodules by ordinary copies (same values, dtype, device and strides), so that
+    their changes can be tracked (version counters) and derived weights cached. A
+    Parameter keeps its object (``.data`` swapped) where PyTorch allows that, else a new
+    Parameter with the same ``requires_grad`` is registered. Warns once per call that
+    replaced anything, naming the tensors. Returns whether any was replaced."""
+    names = []
+    with torch.inference_mode(False):
+        for prefix, m in module.named_modules():
+            for name, t in list(m._parameters.items()):
+                if t is None or not t.is_inference():
+                    continue
+                copy = t.detach().clone(memory_format=torch.preserve_format)
+                try:
+                    t.data = copy
+                    t._version  # noqa: B018 - raises when the Parameter itself has no version counter
+                except RuntimeError:  # the Parameter itself was made under inference_mode
+                    setattr(m, name, nn.Parameter(copy, requires_grad=t.requires_grad))
+                names.append(f"{prefix}.{name}" if prefix else name)
+            for name, t in list(m._buffers.items()):
+                if t is not None and t.is_inference():
+                    m._buffers[name] = t.clone(memory_format=torch.preserve_format)
+                    names.append(f"{prefix}.{name}" if prefix else name)
+    if not names:
+        return False
+    _bump()  # (swapping .data registers nothing): every derived value is re-checked
+    import warnings
+
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    warnings.warn(_ADOPTION_WARNING.format(owner=type(module).__name__, names=shown), stacklevel=3)
+    return True
+
+
 class _Entry(NamedTuple):
     key: object
     stamp: object
@@ -108,14 +151,21 @@ class DerivedCache:
             return entry.value
         return None
 
-    def get(self, key, tensors: List[Tensor], compute: Callable[[], object]) -> Optional[object]:
+    def get(self, key, tensors: List[Tensor], compute: Callable[[], object],
+            owner: Optional[nn.Module] = None) -> Optional[object]:
         """The cached value for ``key``, or compute() from ``tensors`` (every tensor it reads),
-        cached. None (not computed) when the tensors cannot be stamped."""
+        cached. None (not computed) when the tensors cannot be stamped: fake tensors, or
+        inference tensors, which are then replaced in ``owner`` (the module they belong
+        to) by ordinary ones (adopt_inference_tensors), so that the next call caches."""
         entry = self._entry
         if (entry is not None and entry.key == key and entry.epoch == _EPOCH[0] and entry.count == len(tensors)
                 and entry.stamp.valid()):
             return entry.value
-        if any(t.is_inference() or _is_fake(t) for t in tensors):
+        if any(_is_fake(t) for t in tensors):
+            return None
+        if any(t.is_inference() for t in tensors):
+            if owner is not None:
+                adopt_inference_tensors(owner)
             return None
         # stamped before compute() reads the data (see the class comment)
         epoch = _EPOCH[0]
@@ -193,6 +243,12 @@ class PlanEntry:
     args: tuple  # mnv2::mobilenet_v2_packed's arguments after the image
 
 
+def _plan_layout(x: Tensor) -> bool:
+    """Whether the whole-model operator takes x's layout: NCHW or channels_last (its stem
+    reads the image by strides; the activations after it are channels_last either way)."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
 class ModelPlan:
     """The whole model's CPU inference as one operator call (mnv2::mobilenet_v2_packed)
     on the layers' packed weights, without the modules in between.
@@ -201,12 +257,13 @@ class ModelPlan:
     still re-derives its decisions in Python, where the interpreter's own data has been
     pushed out of the cache by the kernels; and even a bare replay of the ~20 operators
     from Python costs each a dispatcher call. After an inference call in which every
-    layer took its packed path (channels_last CPU input, float32/float64, no gradient),
+    layer took its packed path (an NCHW or channels_last CPU input, float32/float64, no
+    gradient),
     the packed weights and every layer's arguments are recorded here, and a later call
     runs them in one C++ call (which also fuses the head with the average pooling) when
     all of this still holds, else the modules run (and the plan is rebuilt):
-      * gradients disabled and not compiling; the input a CPU tensor of the same dtype,
-        channel count and channels_last layout; the same backend setting;
+      * gradients disabled and not compiling; the input a CPU tensor of the same dtype and
+        channel count, NCHW or channels_last; the same backend setting;
       * no module in train mode and no forward hook or pre-hook on any submodule, none
         global (hooks on the model itself run as usual, around forward);
       * one TensorStamp over every parameter and buffer of the model (object,
@@ -231,8 +288,8 @@ class ModelPlan:
         if e is None:
             return None
         if (type(x) is not Tensor or x.dtype is not e.dtype or not x.is_cpu or x.dim() != 4
-                or x.shape[1] != e.channels or not x.is_contiguous(memory_format=torch.channels_last)
-                or x.is_contiguous() or backends.get_backend() != e.backend or _EPOCH[0] != e.epoch
+                or x.shape[1] != e.channels or not _plan_layout(x)
+                or backends.get_backend() != e.backend or _EPOCH[0] != e.epoch
                 or global_hooks() or not e.stamp.valid() or not e.idle()):
             return None
         return ops.MODEL_PACKED(x, *e.args)
@@ -242,11 +299,9 @@ class ModelPlan:
         epoch and the stamp), or None when x cannot have a plan. (A plan this call cannot
         use is kept: run() re-checks everything, and finish() replaces it.)"""
         if (not _extension.LOADED or type(x) is not Tensor or not x.is_cpu or x.dim() != 4
-                or x.dtype not in (torch.float32, torch.float64)
-                or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
+                or x.dtype not in (torch.float32, torch.float64) or not _plan_layout(x)
                 or global_hooks()):
             return None
-        epoch = _EPOCH[0]
         modules = self._submodules(model)
         # (every submodule in eval mode without forward hooks: one C++ loop, which run() repeats)
         idle = _extension._C.ModulesIdle(modules)
@@ -254,6 +309,12 @@ class ModelPlan:
             return None
         tensors = [t for m in (model, *modules) for d in (m._parameters, m._buffers) for t in d.values()
                    if t is not None]
+        if any(t.is_inference() for t in tensors) and adopt_inference_tensors(model):
+            modules = self._submodules(model)
+            idle = _extension._C.ModulesIdle(modules)
+            tensors = [t for m in (model, *modules) for d in (m._parameters, m._buffers) for t in d.values()
+                       if t is not None]
+        epoch = _EPOCH[0]
         try:
             return epoch, idle, _stamp(tensors)
         except RuntimeError:

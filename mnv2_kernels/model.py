@@ -182,7 +182,7 @@ class MobileNetV2(nn.Module):
         packed = inference.cache_for(self, ModelCache).classifier.get(
             x.dtype, [t for t in (linear.weight, linear.bias) if t is not None],
             lambda: ops.pack_pointwise(linear.weight, linear.bias if linear.bias is not None
-                                       else linear.weight.new_zeros(linear.out_features)))
+                                       else linear.weight.new_zeros(linear.out_features)), self)
         return None if packed is None else (packed, linear.out_features)
 
     def _stem_and_first_block(self, x: Tensor) -> Optional[Tensor]:

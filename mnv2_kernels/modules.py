@@ -91,7 +91,7 @@ class Conv2dNormActivation(nn.Sequential):
             if packed is not None:
                 return ops.pointwise_conv(x, *packed)
         folded = None if needs_grad else inference.cache_for(self, ConvCache).folded.get(
-            (x.dtype, fmt), state, fold)
+            (x.dtype, fmt), state, fold, self)
         w, b = folded if folded is not None else fold()
         if pointwise:
             n, c, h, wd = x.shape
@@ -134,7 +134,7 @@ class Conv2dNormActivation(nn.Sequential):
                 and packed_paths_allowed() and backends.resolve(x) == "cpu"):
             return None
         packed = inference.cache_for(self, ConvCache).packed.get(
-            x.dtype, state, lambda: self._pack_pointwise(conv, norm))
+            x.dtype, state, lambda: self._pack_pointwise(conv, norm), self)
         return None if packed is None else (packed, conv.out_channels, _ACTIVATION_NAMES[type(act)])
 
     def stem_packed_weights(self, x: Tensor, state) -> Optional[Tensor]:
@@ -143,7 +143,7 @@ class Conv2dNormActivation(nn.Sequential):
         cannot be cached (inference-mode tensors)."""
         conv, norm = self._modules["0"], self._modules["1"]
         return inference.cache_for(self, ConvCache).stem.get(
-            x.dtype, state, lambda: ops.pack_stem(*self._fold(conv, norm, torch.contiguous_format)))
+            x.dtype, state, lambda: ops.pack_stem(*self._fold(conv, norm, torch.contiguous_format)), self)
 
     def clear_cache(self) -> None:
         """Drops the cached folded and packed weights (rebuilt on the next inference call)."""
@@ -363,7 +363,7 @@ class FusedInvertedResidual(nn.Module):
                                                        args)
                         return ops.fused_inverted_residual_packed(x, packed, *args)
                 else:
-                    weights = cache.folded.get(x.dtype, state, self.folded_weights)
+                    weights = cache.folded.get(x.dtype, state, self.folded_weights, self)
         if weights is None:
             weights = self.folded_weights()
         return self._fused(x, weights, backend)
@@ -436,7 +436,7 @@ class FusedInvertedResidual(nn.Module):
         """Folded and packed weights for the CPU kernel, cached until a parameter or buffer
         changes (None for tensors made under inference_mode)."""
         return inference.cache_for(self, BlockCache).packed.get(
-            x.dtype, tensors, lambda: ops.pack_weights(*self.folded_weights()))
+            x.dtype, tensors, lambda: ops.pack_weights(*self.folded_weights()), self)
 
     def clear_cache(self) -> None:
         """Drops the cached folded and packed weights (rebuilt on the next inference call)."""

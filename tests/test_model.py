@@ -66,8 +66,9 @@ def test_stem_and_head_fold_their_batch_norm(cpu_backend):
             x = torch.randn(2, 3, 64, 64, dtype=dtype).contiguous(memory_format=fmt)
             with torch.no_grad():
                 assert rel_err(b(x), a(x)) <= tol
-                # the channels_last head runs the CPU kernel's pointwise GEMM on packed weights
-                assert cached(b.features[-1], "packed", dtype) == (fmt == torch.channels_last and not train)
+                # eval: the head's weights are packed for the CPU kernel's pointwise GEMM (run by
+                # the channels_last head, and by the whole-model plan for either layout)
+                assert cached(b.features[-1], "packed", dtype) == (not train)
                 # eval: the stem and the first block run as one operator (any layout); the
                 # classifier runs on packed weights whenever no gradient is needed
                 assert cached(b.features[0], "stem", dtype) == (not train)
@@ -305,7 +306,9 @@ def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
         check(False)
     check(True)
     check(False, grad=True)  # gradients: the modules (autograd)
-    x = x.contiguous()  # NCHW: no plan (the per-layer paths)
+    x = x.contiguous()  # NCHW: the same plan (its stem reads the image by strides)
+    check(True)
+    x = x.transpose(2, 3).contiguous().transpose(2, 3)  # neither layout: the modules
     check(False)
     check(False)
     x = x.contiguous(memory_format=cl).double()
@@ -330,6 +333,91 @@ def test_inference_plan_sees_every_change(cpu_backend, monkeypatch):
     check(True)
 
 
+def _profiled_ops(model, x):
+    """The operators (mnv2::*, aten::conv*, aten::addmm, aten::mul) that a second inference
+    call on x runs, after a first."""
+    with torch.no_grad():
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = model(x)
+    names = {e.name for e in prof.events()}
+    return y, sorted(n for n in names if n.startswith(("mnv2::", "aten::conv", "aten::addmm", "aten::mul")))
+
+
+ONE_CALL = ["mnv2::mobilenet_v2_packed"]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_conversion_leads_back_to_the_one_call_path(layout, cpu_backend):
+    """Whatever a user does to the model before or after its first call (convert it under
+    inference_mode, build it there, .to(memory_format), load_state_dict, .float(), a
+    training step then .eval()), the next inference call runs the whole model as the one
+    packed operator, seen in the operators a profiled call runs, with torchvision's
+    logits; in-place changes of weights that were inference tensors still reach it."""
+    torch.manual_seed(7)
+    tv = torchvision.models.mobilenet_v2(width_mult=0.35)
+    randomize_bn(tv)
+    tv.eval()
+    cl = torch.channels_last
+    x = torch.randn(2, 3, 48, 40)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=cl)
+
+    def fresh():
+        m = mnv2_kernels.mobilenet_v2(width_mult=0.35)
+        m.load_state_dict(tv.state_dict())
+        return m.eval()
+
+    def check(model, ref=tv):
+        y, ops_run = _profiled_ops(model, x.to(next(model.parameters()).dtype))
+        assert ops_run == ONE_CALL
+        with torch.no_grad():
+            assert rel_err(y.float(), ref(x)) <= FP32_RTOL
+
+    m = fresh()
+    with pytest.warns(UserWarning, match="made under torch.inference_mode"):
+        with torch.inference_mode():  # parameters converted into inference tensors, before a call
+            m = m.to(memory_format=cl)
+        check(m)
+    with torch.inference_mode():  # an in-place change there reaches the output
+        m.classifier[1].bias.add_(1.0)
+    ref = copy.deepcopy(tv)
+    with torch.no_grad():
+        ref.classifier[1].bias.add_(1.0)
+    check(m, ref)
+    m = fresh()
+    check(m)
+    with pytest.warns(UserWarning, match="made under torch.inference_mode"):
+        with torch.inference_mode():  # after the first call
+            m = m.to(memory_format=cl)
+        check(m)
+    with pytest.warns(UserWarning, match="made under torch.inference_mode"):
+        with torch.inference_mode():  # built there
+            m = fresh()
+        check(m)
+    m = fresh()
+    check(m)
+    m = m.to(memory_format=cl)
+    check(m)
+    m.load_state_dict(fresh().state_dict())
+    check(m)
+    with torch.inference_mode():
+        m.load_state_dict(fresh().state_dict())
+    check(m)
+    m = fresh().double()
+    _profiled_ops(m, x.double())
+    m = m.float()
+    check(m)
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # a step that changes nothing but versions
+    m(torch.randn(2, 3, 48, 40)).sum().backward()
+    opt.step()
+    m.eval()
+    ref = copy.deepcopy(tv)
+    ref.load_state_dict(m.state_dict())  # (the training step updated the running statistics)
+    check(m, ref.eval())
+
+
 def test_whole_model_operator(cpu_backend):
     """mnv2::mobilenet_v2_packed (the inference plan's one C++ call) against the layers run
     one by one, opcheck, and clear errors for arguments that do not fit."""
@@ -347,6 +435,8 @@ def test_whole_model_operator(cpu_backend):
         args = ours._mnv2_cache.plan.entry.args
         y = ops.mobilenet_v2_packed(x, *args)
         assert rel_err(y, tv(x)) <= FP32_RTOL
+        # an NCHW image: the same logits (the stem reads it by strides)
+        assert torch.equal(ops.mobilenet_v2_packed(x.contiguous(), *args), y)
         stem, first, first_args, blocks, block_args, head, head_args, classifier, classes = args
         h = ops.stem_block(x, stem, first, *first_args)
         for i, packed in enumerate(blocks):

@@ -12,8 +12,10 @@ namespace cpu {
 // t == 1 block without residual, conv being the stem (kStemKernel, stride kStemStride).
 // The stem's output (the block's input) is computed row by row inside the block's window
 // and never stored.
-at::Tensor stem_block_packed_cpu(const at::Tensor& image, const at::Tensor& stem_packed,
-                                 const at::Tensor& packed, int64_t channels, int64_t cout, int64_t stride) {
+// out_format: the output's memory format (the operator: the image's; the whole model:
+// channels_last, whatever the image's layout, since the stem reads the image by strides).
+at::Tensor stem_block_packed(const at::Tensor& image, const at::Tensor& stem_packed, const at::Tensor& packed,
+                             int64_t channels, int64_t cout, int64_t stride, at::MemoryFormat out_format) {
   check_x(image, "image");
   TORCH_CHECK(image.size(1) >= 1, "mnv2: image must have channels, height and width >= 1, got ", image.sizes());
   TORCH_CHECK(channels >= 1 && cout >= 1, "mnv2: channels and cout must be >= 1, got ", channels, " and ", cout);
@@ -35,8 +37,7 @@ at::Tensor stem_block_packed_cpu(const at::Tensor& image, const at::Tensor& stem
   s.in_w = (image.size(3) + 2 * kStemPad - kStemKernel) / kStemStride + 1;
   const char* err = validate_shape(s);
   TORCH_CHECK(err == nullptr, "mnv2: ", err);
-  at::Tensor y = at::empty({s.batch, s.cout, s.out_h(), s.out_w()},
-                           image.options().memory_format(image.suggest_memory_format()));
+  at::Tensor y = at::empty({s.batch, s.cout, s.out_h(), s.out_w()}, image.options().memory_format(out_format));
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "mnv2_stem_block_packed", [&] {
     const int64_t vl = kernels().get<scalar_t>().vl;
     const Layout l = make_layout(s, vl, Packing::kForward);
@@ -55,10 +56,16 @@ at::Tensor stem_block_packed_cpu(const at::Tensor& image, const at::Tensor& stem
   return y;
 }
 
+at::Tensor stem_block_packed_cpu(const at::Tensor& image, const at::Tensor& stem_packed,
+                                 const at::Tensor& packed, int64_t channels, int64_t cout, int64_t stride) {
+  return stem_block_packed(image, stem_packed, packed, channels, cout, stride, image.suggest_memory_format());
+}
+
 namespace {
 
 // MobileNetV2's whole inference on packed weights in one call, without a return to
-// Python between layers: stem + first block, the other blocks, the head with global
+// Python between layers, on an image of any layout (NCHW or channels_last; the
+// activations are channels_last from the stem on): stem + first block, the other blocks, the head with global
 // average pooling and the classifier (pointwise on the pooled rows; its dropout is the
 // identity in inference). first_args: (channels, cout, stride) of stem_block_packed;
 // block_args: (hidden, cout, has_expand, stride, residual) per block; head_args:
@@ -75,7 +82,8 @@ at::Tensor mobilenet_v2_packed_cpu(const at::Tensor& image, const at::Tensor& st
               kBlockArgs * blocks.size(), ", got ", block_args.size());
   TORCH_CHECK(head_args.size() == kHeadArgs, "mnv2: head_args must be (cout, activation), got ", head_args.size(),
               " values");
-  at::Tensor h = stem_block_packed_cpu(image, stem_packed, first_packed, first_args[0], first_args[1], first_args[2]);
+  at::Tensor h = stem_block_packed(image, stem_packed, first_packed, first_args[0], first_args[1], first_args[2],
+                                   at::MemoryFormat::ChannelsLast);
   for (size_t b = 0; b < blocks.size(); ++b) {
     const int64_t* a = block_args.data() + kBlockArgs * b;
     TORCH_CHECK((a[2] == 0 || a[2] == 1) && (a[4] == 0 || a[4] == 1), "mnv2: block ", b,
