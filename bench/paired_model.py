@@ -1,6 +1,7 @@
-"""The whole model against its peers, paired round by round (CPU, fp32, channels_last).
+"""The whole model against its peers, paired round by round (CPU, fp32, the fused model
+on an NCHW and on a channels_last image).
 
-    python -m bench.paired_model [--rounds 25] [--batches 1,8]
+    python -m bench.paired_model [--rounds 25] [--batches 1,8,32]
 
 On a shared machine background load comes and goes over seconds, so timing each
 implementation in its own block of seconds (as pytest-benchmark does) lets the load
@@ -19,14 +20,16 @@ import torch
 
 from bench.cases import forward_impls, make_model
 
-FUSED = "fused-cl"
+FUSED = ["fused-cl", "fused-nchw"]
 PEERS = ["onnxruntime", "openvino", "torch-compile", "torchvision-cl"]
+# per round, the faster of the two inference runtimes
+BEST_RUNTIME = "faster of onnxruntime and openvino"
 
 
 def paired(batch: int, rounds: int):
     model, make_input = make_model()
     impls = forward_impls(model, make_input(batch), is_block=False, name="model")
-    names = [FUSED] + [p for p in PEERS if p in impls]
+    names = FUSED + [p for p in PEERS if p in impls]
     for name in names:  # warm-up (compilation, caches, first-call packing)
         for _ in range(3):
             impls[name]()
@@ -45,26 +48,37 @@ def paired(batch: int, rounds: int):
     return names, best
 
 
+def ratios(best, name, peer):
+    """Per round, name's best / peer's best: (median, rounds name won, rounds)."""
+    r = [f / p for f, p in zip(best[name], best[peer])]
+    return statistics.median(r), sum(x < 1 for x in r), len(r)
+
+
 def to_markdown(batch: int, names, best) -> str:
-    fused = best[FUSED]
-    lines = [f"### batch {batch}: {len(fused)} rounds", "",
-             "| implementation | median of the rounds' best, ms | fused / it, median of the rounds | "
-             "rounds the fused model won |", "|---|---:|---:|---:|"]
+    best = dict(best)
+    runtimes = [p for p in ("onnxruntime", "openvino") if p in best]
+    if runtimes:
+        best[BEST_RUNTIME] = [min(t) for t in zip(*(best[p] for p in runtimes))]
+        names = names + [BEST_RUNTIME]
+    lines = [f"### batch {batch}: {len(best[FUSED[0]])} rounds", "",
+             "| implementation | median of the rounds' best, ms | fused-cl / it | fused-nchw / it | "
+             "rounds fused-cl, fused-nchw won |", "|---|---:|---:|---:|---:|"]
     for name in names:
         row = f"| {name} | {statistics.median(best[name]) * 1e3:.3f} |"
-        if name == FUSED:
-            lines.append(row + " | |")
+        if name in FUSED:
+            lines.append(row + " | | |")
             continue
-        ratios = [f / p for f, p in zip(fused, best[name])]
-        wins = sum(r < 1 for r in ratios)
-        lines.append(row + f" {statistics.median(ratios):.2f} | {wins} of {len(ratios)} |")
+        (cl, cl_wins, n), (nchw, nchw_wins, _) = ratios(best, "fused-cl", name), ratios(best, "fused-nchw", name)
+        lines.append(row + f" {cl:.2f} | {nchw:.2f} | {cl_wins}, {nchw_wins} of {n} |")
+    layout, _, _ = ratios(best, "fused-nchw", "fused-cl")
+    lines += ["", f"fused-nchw / fused-cl, median of the rounds: {layout:.3f}"]
     return "\n".join(lines + [""])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batches", default="1,8,32")
     args = parser.parse_args(argv)
     out = [f"## Whole model, paired rounds ({torch.get_num_threads()} threads)", "",
            "Each round times every implementation in turn (rotating order, the best of a few "

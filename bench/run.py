@@ -10,6 +10,8 @@ Writes under bench/results/<machine>/:
                      OpenVINO from the same run, GFLOP/s and the fraction of the measured FMA peak
     model_paired.md  the whole model against its peers in interleaved rounds (python -m bench.paired_model)
     profile_b1.md    the whole model at batch 1 layer by layer (python -m bench.profile_model)
+    cpu_plan.md      this machine's caches, the GEMM register tile and each block's plan (the
+                     CPU kernel's tiles at batch 1, 8 and 32)
     memory.md/.json  the memory report (python -m bench.memory_report)
 """
 
@@ -168,6 +170,34 @@ def summarize(bench_json: dict, machine: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_plan_markdown() -> str:
+    """This machine's caches and register tile, and the CPU kernel's forward plan for each
+    block of MobileNetV2 at 224 x 224, batch 1, 8 and 32, with this process's threads."""
+    import torch
+
+    import mnv2_kernels
+
+    info = mnv2_kernels.build_info()
+    c = info["cpu_caches"]
+    threads = torch.get_num_threads()
+    lines = ["## CPU kernel plan", "",
+             f"ISA {mnv2_kernels.cpu_isa()}, {threads} threads; caches per core: L1d {c['l1d'] // 1024} KiB, "
+             f"L2 {c['l2'] // 1024} KiB, L3 {c['l3_per_core'] // 1024} KiB ({c['source']}); forward working-set "
+             f"budget {info['cpu_forward_cache_budget_bytes'] // 1024} KiB; GEMM register tile "
+             f"{info['cpu_gemm_tile']}.", ""]
+    model = mnv2_kernels.mobilenet_v2().eval()
+    for batch in (1, 8, 32):
+        lines += [f"### batch {batch}", "",
+                  "| block | shape | bands x rows | col tiles x cols | hidden splits x channels | chunk | "
+                  "rows per step | scratch KiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for p in mnv2_kernels.cpu_plans(model, (batch, 3, 224, 224), threads=threads):
+            lines.append(f"| {p['block']} | {p['shape']} | {p['bands']} x {p['rows_per_band']} | "
+                         f"{p['col_tiles']} x {p['cols_per_tile']} | {p['hidden_splits']} x {p['split_channels']} | "
+                         f"{p['hidden_chunk']} | {p['rows_per_step']} | {p['scratch_bytes'] / 1024:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rounds (a smoke run, not for figures)")
@@ -201,6 +231,10 @@ def main(argv=None):
         json.dump(compact_summary(raw, machine), f, indent=1)
     print(summary)
     print(f"written to {os.path.relpath(out, ROOT)}/benchmark.md, summary.json and benchmark.json (raw)")
+    plan = cpu_plan_markdown()
+    with open(os.path.join(out, "cpu_plan.md"), "w") as f:
+        f.write(plan)
+    print(plan)
     if not args.quick:
         # the whole model against its peers in interleaved rounds (robust to load that comes
         # and goes), then where its batch-1 time goes, layer by layer

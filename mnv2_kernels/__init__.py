@@ -7,7 +7,7 @@ See README.md for backends and environment switches.
 
 from . import _extension  # noqa: F401  (loads the compiled operators, or warns once)
 from . import autocast, autograd, decompositions, fake, flops, moments, ops, reference  # noqa: F401  (registrations at import)
-from ._extension import build_info, cpu_isa
+from ._extension import build_info, cpu_isa, cpu_plans
 from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .batch_norm import SyncBatchNorm, convert_sync_batchnorm, fold_bn
 from .capture import trace_unfused
@@ -26,6 +26,7 @@ __all__ = [
     "convert_model",
     "convert_sync_batchnorm",
     "cpu_isa",
+    "cpu_plans",
     "fold_bn",
     "get_backend",
     "mobilenet_v2",

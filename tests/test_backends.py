@@ -143,3 +143,49 @@ def test_build_info_reports_the_isa_in_use():
     assert info["extension"] is True
     assert mnv2_kernels.cpu_isa() in info["cpu_isas_runnable"]
     assert "scalar" in info["cpu_isas_runnable"]
+
+
+def test_cpu_plans_follow_the_machines_caches():
+    """build_info() reports the caches the CPU kernel plans for and its register tile;
+    cpu_plans() gives each block's plan. MNV2_CACHE_KIB stands in for another machine's
+    caches: a small L2 gives smaller hidden chunks, a large one larger, and with each the
+    model matches torchvision and repeats bitwise."""
+    code = """
+        import json, torch, torchvision, mnv2_kernels
+        from conftest import randomize_bn, rel_err
+        torch.manual_seed(0)
+        tv = torchvision.models.mobilenet_v2(width_mult=0.5)
+        randomize_bn(tv)
+        tv.eval()
+        m = mnv2_kernels.mobilenet_v2(width_mult=0.5)
+        m.load_state_dict(tv.state_dict())
+        m.eval()
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            y = m(x)
+            ok = rel_err(y, tv(x)) <= 1e-4 and torch.equal(m(x), y) and torch.equal(m(x), y)
+        info = mnv2_kernels.build_info()
+        plans = mnv2_kernels.cpu_plans(mnv2_kernels.mobilenet_v2(), (1, 3, 224, 224), threads=2)
+        print(json.dumps({"info": info, "chunks": [p["hidden_chunk"] for p in plans],
+                          "blocks": [p["block"] for p in plans], "shapes": [p["shape"] for p in plans], "ok": ok}))
+    """
+    results = {}
+    for kib in ("32,128,1024", "48,2048,4096"):
+        proc = run_python(code, MNV2_CACHE_KIB=kib)
+        assert proc.returncode == 0, proc.stderr
+        results[kib] = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    small, large = results["32,128,1024"], results["48,2048,4096"]
+    for r, l2 in ((small, 128), (large, 2048)):
+        assert r["ok"]
+        caches = r["info"]["cpu_caches"]
+        assert caches == {"l1d": 32 * 1024 if l2 == 128 else 48 * 1024, "l2": l2 * 1024,
+                          "l3_per_core": (1024 if l2 == 128 else 4096) * 1024, "source": "MNV2_CACHE_KIB"}
+        assert r["info"]["cpu_forward_cache_budget_bytes"] == max(128 * 1024, l2 * 1024 * 5 // 8)
+        assert "rows x 2 vectors" in r["info"]["cpu_gemm_tile"]
+        assert r["blocks"] == [f"features.{i}" for i in range(1, 18)]
+        assert r["shapes"][0] == "32->32->16 s1 112x112" and r["shapes"][-1] == "160->960->320 s1 7x7"
+    assert all(a <= b for a, b in zip(small["chunks"], large["chunks"]))
+    assert sum(small["chunks"]) < sum(large["chunks"])
+    proc = run_python("import mnv2_kernels; mnv2_kernels.mobilenet_v2().eval()(__import__('torch').randn(1, 3, 32, 32))",
+                      MNV2_CACHE_KIB="1,2")
+    assert proc.returncode != 0 and "MNV2_CACHE_KIB=1,2: expected three positive sizes in KiB" in proc.stderr

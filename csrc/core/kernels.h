@@ -110,9 +110,19 @@ constexpr int64_t kPointwiseScratch = 64 * 16;
 constexpr int64_t kPoolCols = 64;
 constexpr int64_t kPoolScratch = 32 * kPoolCols;
 
+// The GEMM microkernel's register tile: kGemmVectorsPerRow vectors of output columns per
+// row, and as many rows as the vector registers hold besides those columns of B and one
+// broadcast of A: AVX2's 16 registers give 6 rows (12 accumulators), AVX-512's and
+// NEON's 32 give 14 (28).
+constexpr int kGemmVectorsPerRow = 2;
+constexpr int gemm_tile_rows(int vector_registers) {
+  return (vector_registers - kGemmVectorsPerRow - 1) / kGemmVectorsPerRow;
+}
+
 template <typename T>
 struct Kernels {
   int64_t vl;  // vector width in elements: the layouts' padding unit
+  int tile_rows;  // rows of the GEMM register tile (gemm_tile_rows of the ISA's registers)
   // Forward items [begin, end). scratch: plan.scratch_floats elements.
   void (*forward)(const ForwardArgs<T>& a, const ForwardPlan& p, int64_t begin, int64_t end,
                   T* scratch);

@@ -6,9 +6,6 @@
 namespace mnv2 {
 namespace {
 
-// Working-set target per thread: this fraction of a 512 KiB L2 keeps the
-// expanded-row window, the weight chunk and the output accumulator resident.
-constexpr int64_t kCacheBudgetFloats = (320 * 1024) / sizeof(float);
 // Output pixels a project GEMM should cover at least.
 constexpr int64_t kMinStepPixels = 32;
 
@@ -72,14 +69,24 @@ void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
   p->scratch_floats = forward_scratch(l, *p).total;
 }
 
+int64_t forward_cache_budget(const CacheSizes& caches) {
+  constexpr int64_t kMin = 128 * 1024, kMax = 4 * 1024 * 1024;
+  return std::clamp<int64_t>(caches.l2 / 8 * 5, kMin, kMax) / static_cast<int64_t>(sizeof(float));
+}
+
 ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {
+  return plan_forward(s, l, threads, machine_caches());
+}
+
+ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads, const CacheSizes& caches) {
   threads = std::max(threads, 1);
+  const int64_t budget = forward_cache_budget(caches);
   const int64_t Ho = s.out_h(), Wo = s.out_w(), st = s.stride, hp = l.hp;
   ForwardPlan p{};
 
   // Column tiles only when the rows of the expansion one output row reads would take
   // more than half the budget at full width.
-  const int64_t half = kCacheBudgetFloats / 2;
+  const int64_t half = budget / 2;
   p.cols_per_tile = Wo;
   if (kDwKernel * std::min(s.in_w, (Wo - 1) * st + kDwKernel) * hp > half) {
     p.cols_per_tile = std::max<int64_t>(1, (half / (kDwKernel * hp) - kDwKernel) / st + 1);
@@ -111,13 +118,13 @@ ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {
     ForwardPlan trial = p;
     finish_forward_plan(s, l, &trial);
     const int64_t working_set = weight_floats_per_hidden(s, l) * p.hidden_chunk + trial.scratch_floats;
-    if (working_set <= kCacheBudgetFloats || p.hidden_chunk == l.vl) break;
+    if (working_set <= budget || p.hidden_chunk == l.vl) break;
   }
   // A chunked pass accumulates a whole band of output: bound it so that scratch
   // never grows with H.
   if (p.hidden_chunk < split_hp) {
     const int64_t max_rows =
-        std::max<int64_t>(p.rows_per_step, (kCacheBudgetFloats / 4) / (p.cols_per_tile * l.cout_p));
+        std::max<int64_t>(p.rows_per_step, (budget / 4) / (p.cols_per_tile * l.cout_p));
     p.rows_per_band = std::min(p.rows_per_band, max_rows);
   }
   finish_forward_plan(s, l, &p);

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "layout.h"
+#include "machine.h"
 #include "shape.h"
 
 namespace mnv2 {
@@ -31,8 +32,14 @@ struct ForwardPlan {
   bool chunked() const { return hidden_chunk < split_channels; }
 };
 // `threads` is how many workers will share the items; the scratch budget keeps the
-// ring of expanded rows in L2.
+// ring of expanded rows, the weight chunk and the output accumulator in L2
+// (forward_cache_budget of `caches`: by default this machine's).
 ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads);
+ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads, const CacheSizes& caches);
+// The working set a forward thread may take, in 4-byte elements (for either dtype): 5/8
+// of its L2, the rest left to the inputs and outputs streaming through, within
+// [128 KiB, 4 MiB].
+int64_t forward_cache_budget(const CacheSizes& caches);
 // Re-derives the dependent fields after a caller overrides the tile sizes.
 void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p);
 

@@ -31,6 +31,21 @@ pybind11::dict build_info() {
   }
   info["cpu_isas_compiled"] = compiled;
   info["cpu_isas_runnable"] = supported;
+  const CacheSizes& caches = machine_caches();
+  pybind11::dict c;
+  c["l1d"] = caches.l1d;
+  c["l2"] = caches.l2;
+  c["l3_per_core"] = caches.l3_per_core;
+  c["source"] = machine_caches_source();
+  info["cpu_caches"] = c;
+  info["cpu_forward_cache_budget_bytes"] = forward_cache_budget(caches) * int64_t(sizeof(float));
+  try {
+    const KernelTable& k = active_kernels();
+    info["cpu_gemm_tile"] = std::to_string(k.f32.tile_rows) + " rows x " + std::to_string(kGemmVectorsPerRow) +
+                            " vectors of " + std::to_string(k.f32.vl) + " floats";
+  } catch (const std::runtime_error&) {
+    // MNV2_CPU_ISA names an ISA this machine cannot run: cpu_isa() reports it
+  }
 #ifdef MNV2_WITH_CUDA
   info["cuda"] = true;
 #else
@@ -53,6 +68,40 @@ int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand,
   return make_layout(s, vector_width(is_double), Packing::kForward).total;
 }
 
+// The forward plan the CPU kernel uses for a block on this machine with `threads` threads.
+pybind11::dict cpu_forward_plan(int64_t batch, int64_t cin, int64_t hidden, int64_t cout, int64_t stride,
+                                int64_t height, int64_t width, int64_t threads, bool is_double) {
+  BlockShape s{};
+  s.batch = batch;
+  s.in_h = height;
+  s.in_w = width;
+  s.cin = cin;
+  s.hidden = hidden;
+  s.cout = cout;
+  TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
+  s.stride = static_cast<int>(stride);
+  s.has_expand = hidden != cin;
+  s.residual = false;
+  const char* err = validate_shape(s);
+  TORCH_CHECK(err == nullptr, "mnv2: ", err);
+  TORCH_CHECK(threads >= 1, "mnv2: threads must be >= 1, got ", threads);
+  const Layout l = make_layout(s, vector_width(is_double), Packing::kForward);
+  const ForwardPlan p = plan_forward(s, l, static_cast<int>(threads));
+  pybind11::dict d;
+  d["rows_per_band"] = p.rows_per_band;
+  d["bands"] = p.n_bands;
+  d["cols_per_tile"] = p.cols_per_tile;
+  d["col_tiles"] = p.n_col_tiles;
+  d["hidden_splits"] = p.n_splits;
+  d["split_channels"] = p.split_channels;
+  d["hidden_chunk"] = p.hidden_chunk;
+  d["rows_per_step"] = p.rows_per_step;
+  d["window_rows"] = p.window_slots;
+  d["scratch_bytes"] = p.scratch_floats * (is_double ? 8 : 4);
+  d["items"] = p.items(s);
+  return d;
+}
+
 int64_t pointwise_packed_numel(int64_t cin, int64_t cout, bool is_double) {
   return make_pointwise_layout(cin, cout, vector_width(is_double)).total;
 }
@@ -71,6 +120,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_max_scratch_bytes", [] { mnv2::cpu::g_max_scratch_bytes = 0; });
   m.def("packed_numel", &packed_numel,
         "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.");
+  m.def("cpu_forward_plan", &cpu_forward_plan,
+        "The CPU kernel's forward plan (tiles, hidden chunk, splits) for a block on this machine.");
   m.def("pointwise_packed_numel", &pointwise_packed_numel,
         "Elements of mnv2::pack_pointwise's result on this machine's CPU kernel.");
   bind_module_state(m);

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <functional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <utility>
@@ -247,13 +248,14 @@ struct PlanOverride {
   bool threaded = false;
   int64_t splits = 0;
   int64_t bwd_step_rows = 0;  // backward rows per step (0: the planner's)
+  CacheSizes caches{};        // plan for these caches (l2 == 0: this machine's)
 };
 
 // The planner's forward plan with the override's forced sizes (and a fused stem's
 // im2col length) applied.
 ForwardPlan forced_forward_plan(const BlockShape& s, const Layout& l, const PlanOverride& ov,
                                 int64_t stem_k) {
-  ForwardPlan fp = plan_forward(s, l, ov.tasks);
+  ForwardPlan fp = ov.caches.l2 > 0 ? plan_forward(s, l, ov.tasks, ov.caches) : plan_forward(s, l, ov.tasks);
   if (ov.cols) fp.cols_per_tile = ov.cols;
   if (ov.band_rows) fp.rows_per_band = ov.band_rows;
   if (ov.step_rows) fp.rows_per_step = ov.step_rows;
@@ -679,6 +681,100 @@ void run_stem_case(const KernelTable& table, int64_t N, int64_t C, int64_t IH, i
   }, sizeof(T) == 4 ? 1e-6 : 1e-14);
 }
 
+// The forward planner's choices for the machines it may meet: the register tile from
+// the ISA's register count, the working-set budget from the L2, and the tiles of
+// MobileNetV2's blocks (batch 1, two threads) for AVX2, AVX-512 and NEON vector widths
+// and L2 sizes from 256 KiB to 2 MiB, against a table, plus the budget's invariants.
+void check_planner() {
+  auto expect = [](bool ok, const std::string& what) {
+    ++g_checks;
+    if (!ok) {
+      ++g_failures;
+      std::printf("FAIL planner: %s\n", what.c_str());
+    }
+  };
+  expect(gemm_tile_rows(16) == 6, "AVX2's 16 registers: a 6-row tile");
+  expect(gemm_tile_rows(32) == 14, "AVX-512's and NEON's 32 registers: a 14-row tile");
+  for (Isa isa : kAllIsas) {
+    if (const KernelTable* kt = kernel_table(isa)) {
+      const int regs = isa == Isa::kAvx2 || isa == Isa::kScalar ? 16 : 32;
+      expect(kt->f32.tile_rows == gemm_tile_rows(regs) && kt->f64.tile_rows == gemm_tile_rows(regs),
+             std::string(isa_name(isa)) + "'s tile rows");
+    }
+  }
+  constexpr int64_t KiB = 1024;
+  expect(forward_cache_budget({32 * KiB, 512 * KiB, 4096 * KiB}) == 320 * KiB / 4, "Zen 3's L2: 320 KiB");
+  expect(forward_cache_budget({48 * KiB, 2048 * KiB, 4096 * KiB}) == 1280 * KiB / 4, "a 2 MiB L2: 1.25 MiB");
+  expect(forward_cache_budget({16 * KiB, 64 * KiB, 0}) == 128 * KiB / 4, "a tiny L2: the 128 KiB floor");
+  // (cin, side, cout, t, stride) of blocks 9-12 (96->96 s1 14, 96->160 s2 14, 160->160 and
+  // 160->320 at 7x7), where the caches decide the hidden chunk
+  struct B { int64_t cin, h, cout, t; int s; };
+  const B blocks[] = {{96, 14, 96, 6, 1}, {96, 14, 160, 6, 2}, {160, 7, 160, 6, 1}, {160, 7, 320, 6, 1}};
+  struct Row {
+    int64_t vl, l2_kib, chunk[4];
+  };
+  const Row table[] = {
+      {8, 512, {144, 144, 160, 96}},   // AVX2 fp32, Zen 3
+      {16, 1024, {288, 288, 240, 240}},  // AVX-512 fp32, Zen 4
+      {16, 2048, {288, 288, 480, 480}},  // AVX-512 fp32, a 2 MiB L2 (Intel server cores)
+      {4, 256, {96, 72, 72, 40}},      // NEON fp32, a 256 KiB L2
+  };
+  for (const Row& r : table) {
+    const CacheSizes caches{32 * KiB, r.l2_kib * KiB, 4096 * KiB};
+    for (int i = 0; i < 4; ++i) {
+      const B& b = blocks[i];
+      BlockShape s{1, b.h, b.h, b.cin, b.cin * b.t, b.cout, b.s, true, b.s == 1 && b.cin == b.cout};
+      const Layout l = make_layout(s, r.vl, Packing::kForward);
+      const ForwardPlan p = plan_forward(s, l, 2, caches);
+      char what[160];
+      std::snprintf(what, sizeof what, "vl %lld L2 %lld KiB block %lld->%lld s%d: chunk %lld, expected %lld",
+                    (long long)r.vl, (long long)r.l2_kib, (long long)b.cin, (long long)b.cout, b.s,
+                    (long long)p.hidden_chunk, (long long)r.chunk[i]);
+      expect(p.hidden_chunk == r.chunk[i], what);
+    }
+  }
+  // Over the 17 blocks and every (vector width, L2): the working set fits the budget unless
+  // the chunk is already one vector, and a larger L2 never gives a smaller chunk.
+  const B all[] = {{32, 112, 16, 1, 1}, {16, 112, 24, 6, 2}, {24, 56, 24, 6, 1}, {24, 56, 32, 6, 2},
+                   {32, 28, 32, 6, 1},  {32, 28, 64, 6, 2},  {64, 14, 64, 6, 1}, {64, 14, 96, 6, 1},
+                   {96, 14, 96, 6, 1},  {96, 14, 160, 6, 2}, {160, 7, 160, 6, 1}, {160, 7, 320, 6, 1}};
+  for (int64_t vl : {4, 8, 16}) {
+    for (const B& b : all) {
+      BlockShape s{1, b.h, b.h, b.cin, b.cin * b.t, b.cout, b.s, b.t != 1, b.s == 1 && b.cin == b.cout};
+      const Layout l = make_layout(s, vl, Packing::kForward);
+      int64_t previous = 0;
+      for (int64_t l2 : {256, 512, 1024, 2048}) {
+        const CacheSizes caches{32 * KiB, l2 * KiB, 4096 * KiB};
+        const ForwardPlan p = plan_forward(s, l, 2, caches);
+        const int64_t working = (s.cin + l.cout_p + kDwTaps + 2) * p.hidden_chunk + p.scratch_floats;
+        char what[160];
+        std::snprintf(what, sizeof what, "vl %lld L2 %lld KiB block %lld->%lld s%d: working set %lld of %lld, chunk %lld",
+                      (long long)vl, (long long)l2, (long long)b.cin, (long long)b.cout, b.s, (long long)working,
+                      (long long)forward_cache_budget(caches), (long long)p.hidden_chunk);
+        expect(working <= forward_cache_budget(caches) || p.hidden_chunk == vl, what);
+        expect(p.hidden_chunk >= previous, std::string(what) + " (smaller than with a smaller L2)");
+        previous = p.hidden_chunk;
+      }
+    }
+  }
+  // MNV2_CACHE_KIB's format
+  const CacheSizes parsed = parse_cache_kib("48,2048,4096");
+  expect(parsed.l1d == 48 * KiB && parsed.l2 == 2048 * KiB && parsed.l3_per_core == 4096 * KiB, "parse 48,2048,4096");
+  for (const char* bad : {"48,2048", "48,2048,0", "a,b,c", "48,2048,4096,1", "-1,2,3"}) {
+    bool threw = false;
+    try {
+      parse_cache_kib(bad);
+    } catch (const std::runtime_error&) {
+      threw = true;
+    }
+    expect(threw, std::string("MNV2_CACHE_KIB=") + bad + " is refused");
+  }
+  const CacheSizes& m = machine_caches();
+  expect(m.l1d > 0 && m.l2 > 0 && m.l3_per_core > 0, "this machine's caches: " + machine_caches_source());
+  std::printf("this machine: L1d %lld KiB, L2 %lld KiB, L3 %lld KiB per core (%s)\n", (long long)(m.l1d / KiB),
+              (long long)(m.l2 / KiB), (long long)(m.l3_per_core / KiB), machine_caches_source().c_str());
+}
+
 std::string describe(const Case& c) {
   char buf[128];
   std::snprintf(buf, sizeof buf, "n%lld c%lld h%lldx%lld o%lld t%lld s%d", (long long)c.n,
@@ -781,6 +877,25 @@ int main(int argc, char** argv) {
         run_case<T>(*kt, c, Fmt::kNCHW, {4, 2, 2, 16, 2, 3, threaded_only, 2},
                  std::string(isa_name(isa)) + " " + dtype + " " + describe(c) + " nchw forced", true);
       }
+      // The tilings the planner chooses for other machines' caches (a 128 KiB L2: the
+      // budget's floor, chunks of a few vectors; 2 MiB: whole splits), real shapes at 7x9.
+      if (!threaded_only) {
+        for (int64_t l2_kib : {128, 2048}) {
+          for (const Case& b : blocks) {
+            Case c = b;
+            c.n = 2;
+            c.h = 7;
+            c.w = 9;
+            PlanOverride ov;
+            ov.tasks = 2;
+            ov.caches = CacheSizes{32 * 1024, l2_kib * 1024, 4096 * 1024};
+            run_case<T>(*kt, c, Fmt::kNHWC, ov,
+                        std::string(isa_name(isa)) + " " + dtype + " " + describe(c) + " nhwc L2 " +
+                            std::to_string(l2_kib) + " KiB",
+                        false);
+          }
+        }
+      }
       // Pointwise convolutions: the head's shape, then awkward ones (columns not a
       // multiple of the vector width, more rows than one tail chunk, single rows: the
       // matrix-vector path, four panels at a time and the rest).
@@ -830,6 +945,7 @@ int main(int argc, char** argv) {
                   g_failures - before);
     }
   };
+  if (!threaded_only) check_planner();
   run_all(float{}, "f32");
   run_all(double{}, "f64");
   if (g_checks == 0) {

@@ -3,7 +3,7 @@
 #error "kernels_avx2.cpp must be compiled with -mavx2 -mfma"
 #endif
 #define MNV2_VEC_BYTES 32
-#define MNV2_MR 6  // 6 x 2 vectors: 12 of the 16 ymm registers hold accumulators
+#define MNV2_VEC_REGS 16  // ymm0-15: a 6 x 2 register tile
 #include "../kernels/kernel_table.inl"
 
 MNV2_DEFINE_KERNEL_TABLE(Avx2)

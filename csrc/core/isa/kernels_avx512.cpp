@@ -3,7 +3,7 @@
 #error "kernels_avx512.cpp must be compiled with -mavx512f"
 #endif
 #define MNV2_VEC_BYTES 64
-#define MNV2_MR 8  // 8 x 2 vectors: 16 of the 32 zmm registers hold accumulators
+#define MNV2_VEC_REGS 32  // zmm0-31: a 14 x 2 register tile
 #include "../kernels/kernel_table.inl"
 
 MNV2_DEFINE_KERNEL_TABLE(Avx512)

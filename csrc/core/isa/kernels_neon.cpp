@@ -4,7 +4,7 @@
 #error "kernels_neon.cpp is for AArch64"
 #endif
 #define MNV2_VEC_BYTES 16
-#define MNV2_MR 8  // 8 x 2 vectors: 16 of the 32 q registers hold accumulators
+#define MNV2_VEC_REGS 32  // v0-v31: a 14 x 2 register tile
 #include "../kernels/kernel_table.inl"
 
 MNV2_DEFINE_KERNEL_TABLE(Neon)

@@ -86,10 +86,11 @@ struct Gemm {
                   const T* B, int64_t ldb, int64_t bjs, T* C, int64_t ldc, const T* bias,
                   unsigned flags) {
     // Panel by panel of B so that each K x NR panel is reused across all of M.
+    constexpr int NV = kGemmVectorsPerRow;
     int64_t n = 0;
-    for (; n + 2 * VL <= N; n += 2 * VL) {
-      panel<2>(M, K, A, sam, sak, B + n / VL * bjs, ldb, bjs, C + n, ldc,
-               bias ? bias + n : nullptr, flags);
+    for (; n + NV * VL <= N; n += NV * VL) {
+      panel<NV>(M, K, A, sam, sak, B + n / VL * bjs, ldb, bjs, C + n, ldc,
+                bias ? bias + n : nullptr, flags);
     }
     for (; n < N; n += VL) {
       panel<1>(M, K, A, sam, sak, B + n / VL * bjs, ldb, bjs, C + n, ldc,

@@ -8,7 +8,8 @@
 
 #define MNV2_KERNELS_OF(T)                                                                     \
   {                                                                                             \
-    ::mnv2::Simd<T>::VL, &::mnv2::BlockForward<T>::entry, &::mnv2::BlockBackward<T>::entry,    \
+    ::mnv2::Simd<T>::VL, ::mnv2::Simd<T>::MR, &::mnv2::BlockForward<T>::entry,                 \
+        &::mnv2::BlockBackward<T>::entry,                                                       \
         &::mnv2::DepthwiseStats<T>::entry, &::mnv2::BlockBackward<T>::stats_entry,              \
         &::mnv2::Pointwise<T>::entry, &::mnv2::Pointwise<T>::mean_entry                         \
   }

@@ -3,7 +3,8 @@
 // The ISA translation unit (isa/kernels_<name>.cpp) defines, before including the
 // kernels:
 //   MNV2_VEC_BYTES  vector register width in bytes
-//   MNV2_MR         rows of the GEMM register tile
+//   MNV2_VEC_REGS   vector registers the ISA has (the GEMM register tile's rows follow:
+//                   gemm_tile_rows in kernels.h)
 // and is compiled with that ISA's flags. Everything in kernels/ has internal linkage,
 // so no code compiled for one ISA can be picked up by another at link time; for the
 // same reason nothing here calls inline functions from std headers.
@@ -28,7 +29,7 @@ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 template <typename T>
 struct Simd {
   static constexpr int64_t VL = MNV2_VEC_BYTES / sizeof(T);  // also the channel padding unit
-  static constexpr int MR = MNV2_MR;
+  static constexpr int MR = gemm_tile_rows(MNV2_VEC_REGS);
   typedef T vf __attribute__((vector_size(MNV2_VEC_BYTES)));
   // the same vector at element alignment, allowed to alias T: plain (vmovups) loads and stores
   typedef T vf_unaligned __attribute__((vector_size(MNV2_VEC_BYTES), aligned(sizeof(T)), may_alias));
