@@ -274,6 +274,7 @@ class ModelPlan:
     def __init__(self):
         self.entry: Optional[PlanEntry] = None
         self._submodule_list = (None, None)  # (registration epoch, the model's submodules then)
+        self.warned = set()  # the reasons already warned of why no plan could be recorded
 
     def _submodules(self, model: nn.Module):
         epoch, modules = self._submodule_list

@@ -123,7 +123,57 @@ class MobileNetV2(nn.Module):
         y = self._forward_layers(x)
         if record is not None:
             self._record_plan(plan, x, record)
+        if not torch.is_grad_enabled() and packed_paths_allowed() and plan.entry is None:
+            self._warn_without_plan(plan, x)
         return y
+
+    def _warn_without_plan(self, plan: inference.ModelPlan, x: Tensor) -> None:
+        """Warns once per reason when CPU inference runs layer by layer for a reason of the
+        input's or the model's make (dtype, layout, a layer the one-call path cannot run),
+        not for what a user chose (train mode, hooks, another backend, gradients)."""
+        reason = self._one_call_blocker(x)
+        if reason is not None and reason not in plan.warned:
+            plan.warned.add(reason)
+            warnings.warn(f"mnv2_kernels: MobileNetV2 inference runs layer by layer, not as the one-call "
+                          f"packed path, because {reason}.", stacklevel=4)
+
+    def _one_call_blocker(self, x: Tensor) -> Optional[str]:
+        """Why the one-call path cannot run x on this model, when the call is otherwise
+        eligible (a CPU image, eval mode everywhere, no hooks, the CPU backend); else None."""
+        from . import _extension
+
+        if (not _extension.LOADED or type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or global_hooks()
+                or backends.resolve(x) != "cpu"):
+            return None
+        modules = [m for m in self.modules() if m is not self]
+        if not _extension._C.ModulesIdle(modules)():
+            return None  # train mode or hooks: the user's choice
+        if x.dtype not in (torch.float32, torch.float64):
+            return (f"the input is {x.dtype} (the packed CPU kernels take float32 and float64: convert the "
+                    f"model and the input with .float())")
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            return (f"the input (strides {tuple(x.stride())}) is neither NCHW nor channels_last contiguous "
+                    f"(pass x.contiguous())")
+        feats = self.features
+        if type(feats) is not nn.Sequential or len(feats) < 4:
+            return "features is not torchvision's Sequential of stem, blocks and head"
+        for i in range(2, len(feats) - 1):
+            if type(feats[i]) is not FusedInvertedResidual:
+                return f"features[{i}] is {type(feats[i]).__name__}, not FusedInvertedResidual"
+        first = feats[1]
+        if type(first) is not FusedInvertedResidual:
+            return f"features[1] is {type(first).__name__}, not FusedInvertedResidual"
+        if first._parts()[0] is not None or first.use_res_connect:
+            return ("features[1] has an expansion or a residual (as at width_mult 0.25), so the stem cannot be "
+                    "fused into it")
+        stem, head = feats[0], feats[len(feats) - 1]
+        if type(stem) is not Conv2dNormActivation or self._stem_block_args(x) is None:
+            return "features[0] is not torchvision's stem (3x3 stride-2 convolution, batch norm, ReLU6)"
+        if type(head) is not Conv2dNormActivation or not head._foldable():
+            return "features[-1] is not a 1x1 convolution with batch norm (and ReLU/ReLU6)"
+        if self._packable_classifier(x.new_empty((1, head._modules["0"].out_channels))) is None:
+            return "the classifier is not torchvision's Dropout + Linear"
+        return None
 
     def _record_plan(self, plan: inference.ModelPlan, x: Tensor, record) -> None:
         """After a module-by-module inference call: the whole-model plan, when every layer

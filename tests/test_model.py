@@ -4,6 +4,7 @@ model) gives the same logits and gradients as the model it converts."""
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -416,6 +417,52 @@ def test_every_conversion_leads_back_to_the_one_call_path(layout, cpu_backend):
     ref = copy.deepcopy(tv)
     ref.load_state_dict(m.state_dict())  # (the training step updated the running statistics)
     check(m, ref.eval())
+
+
+def test_layer_by_layer_inference_warns_once_naming_why(cpu_backend):
+    """When CPU inference cannot take the one-call path for a reason of the input's or the
+    model's make, the model warns once per reason, naming it; a user's own choice (train
+    mode, hooks, another backend) and a model that takes the path warn nothing."""
+    import warnings
+
+    cases = [
+        (mnv2_kernels.mobilenet_v2(width_mult=0.25), torch.randn(1, 3, 48, 48),
+         r"features\[1\] has an expansion or a residual"),
+        (mnv2_kernels.mobilenet_v2(width_mult=0.35).half(), torch.randn(1, 3, 48, 48).half(),
+         r"the input is torch.float16"),
+        (mnv2_kernels.mobilenet_v2(width_mult=0.35), torch.randn(1, 3, 48, 48).transpose(2, 3),
+         r"neither NCHW nor channels_last"),
+    ]
+    m = mnv2_kernels.mobilenet_v2(width_mult=0.35)
+    expand, _, dw, _, project, _ = m.features[4]._parts()
+    m.features[4] = torchvision.models.mobilenetv2.InvertedResidual(
+        expand.in_channels, project.out_channels, m.features[4].stride, dw.out_channels // expand.in_channels)
+    cases.append((m, torch.randn(1, 3, 48, 48), r"features\[4\] is InvertedResidual, not FusedInvertedResidual"))
+    for model, x, reason in cases:
+        model.eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                for _ in range(3):
+                    model(x)
+        messages = [str(w.message) for w in caught if "layer by layer" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert re.search(reason, messages[0]), messages[0]
+    quiet = [mnv2_kernels.mobilenet_v2(width_mult=0.35).eval(), mnv2_kernels.mobilenet_v2(width_mult=0.35).train()]
+    hooked = mnv2_kernels.mobilenet_v2(width_mult=0.25).eval()
+    hooked.features[3].register_forward_hook(lambda *a: None)
+    for model in quiet + [hooked]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                model(torch.randn(2, 3, 48, 48))
+                model(torch.randn(2, 3, 48, 48))
+        assert not [w for w in caught if "layer by layer" in str(w.message)]
+    with mnv2_kernels.use_backend("reference"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            mnv2_kernels.mobilenet_v2(width_mult=0.25).eval()(torch.randn(1, 3, 48, 48))
+    assert not [w for w in caught if "layer by layer" in str(w.message)]
 
 
 def test_whole_model_operator(cpu_backend):
