@@ -94,15 +94,19 @@ ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads, cons
   p.n_col_tiles = ceil_div(Wo, p.cols_per_tile);
   p.cols_per_tile = ceil_div(Wo, p.n_col_tiles);
 
-  // Too few images for the threads: split small images by hidden channels (each
-  // thread streams only its share of the weights, which dominate there) and large
-  // ones by row bands (the halo rows recomputed per band are few).
+  // Too few images for the threads: split by hidden channels where the block's weights
+  // outweigh an image's input and output (each thread then streams only its share of
+  // the weights, and the partial outputs it adds up are small), else by row bands (each
+  // thread streams its share of the activations; the halo rows recomputed per band are
+  // few). MobileNetV2: the blocks with 14x14 outputs and smaller split by channels.
   const int64_t per_image = s.batch * p.n_col_tiles;
   const int64_t ways = per_image >= threads || per_image == 0 ? 1 : ceil_div(threads, per_image);
   p.n_splits = 1;
   int64_t bands = 1;
   if (ways > 1) {
-    if (Ho * Wo <= 28 * 28 && hp >= 64 * ways) {
+    const int64_t weights = weight_floats_per_hidden(s, l) * hp;
+    const int64_t activations = s.in_h * s.in_w * s.cin + Ho * Wo * s.cout;
+    if (weights > activations && hp >= 64 * ways) {
       p.n_splits = ways;
     } else {
       bands = std::min(Ho, ways);
