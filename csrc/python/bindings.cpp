@@ -71,17 +71,9 @@ int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand,
 // The forward plan the CPU kernel uses for a block on this machine with `threads` threads.
 pybind11::dict cpu_forward_plan(int64_t batch, int64_t cin, int64_t hidden, int64_t cout, int64_t stride,
                                 int64_t height, int64_t width, int64_t threads, bool is_double) {
-  BlockShape s{};
-  s.batch = batch;
-  s.in_h = height;
-  s.in_w = width;
-  s.cin = cin;
-  s.hidden = hidden;
-  s.cout = cout;
   TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
-  s.stride = static_cast<int>(stride);
-  s.has_expand = hidden != cin;
-  s.residual = false;
+  // (the plan does not depend on the residual)
+  const BlockShape s{batch, height, width, cin, hidden, cout, static_cast<int>(stride), hidden != cin, false};
   const char* err = validate_shape(s);
   TORCH_CHECK(err == nullptr, "mnv2: ", err);
   TORCH_CHECK(threads >= 1, "mnv2: threads must be >= 1, got ", threads);
