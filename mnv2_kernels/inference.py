@@ -311,10 +311,7 @@ class ModelPlan:
         tensors = [t for m in (model, *modules) for d in (m._parameters, m._buffers) for t in d.values()
                    if t is not None]
         if any(t.is_inference() for t in tensors) and adopt_inference_tensors(model):
-            modules = self._submodules(model)
-            idle = _extension._C.ModulesIdle(modules)
-            tensors = [t for m in (model, *modules) for d in (m._parameters, m._buffers) for t in d.values()
-                       if t is not None]
+            return self.start(model, x)  # (with the ordinary tensors now registered)
         epoch = _EPOCH[0]
         try:
             return epoch, idle, _stamp(tensors)

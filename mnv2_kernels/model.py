@@ -131,13 +131,13 @@ class MobileNetV2(nn.Module):
         """Warns once per reason when CPU inference runs layer by layer for a reason of the
         input's or the model's make (dtype, layout, a layer the one-call path cannot run),
         not for what a user chose (train mode, hooks, another backend, gradients)."""
-        reason = self._one_call_blocker(x)
+        reason = self._one_call_blocker(plan, x)
         if reason is not None and reason not in plan.warned:
             plan.warned.add(reason)
             warnings.warn(f"mnv2_kernels: MobileNetV2 inference runs layer by layer, not as the one-call "
                           f"packed path, because {reason}.", stacklevel=4)
 
-    def _one_call_blocker(self, x: Tensor) -> Optional[str]:
+    def _one_call_blocker(self, plan: inference.ModelPlan, x: Tensor) -> Optional[str]:
         """Why the one-call path cannot run x on this model, when the call is otherwise
         eligible (a CPU image, eval mode everywhere, no hooks, the CPU backend); else None."""
         from . import _extension
@@ -145,8 +145,7 @@ class MobileNetV2(nn.Module):
         if (not _extension.LOADED or type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or global_hooks()
                 or backends.resolve(x) != "cpu"):
             return None
-        modules = [m for m in self.modules() if m is not self]
-        if not _extension._C.ModulesIdle(modules)():
+        if not _extension._C.ModulesIdle(plan._submodules(self))():
             return None  # train mode or hooks: the user's choice
         if x.dtype not in (torch.float32, torch.float64):
             return (f"the input is {x.dtype} (the packed CPU kernels take float32 and float64: convert the "

@@ -152,16 +152,13 @@ def _worst(rows):
 WIDE = [(64, 96, 576, 160, 2, 14, 14, True), (64, 160, 960, 320, 1, 7, 7, True)]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ROWS = {}
 
 
 def _rows(dtype):
-    """The gate's table for ``dtype``, compiled once per session."""
-    if dtype not in _ROWS:
-        rows = _compile_all(_jobs(dtype))
-        print(f"\n{str(dtype)}:\n" + "\n".join(row for row, _ in rows) + "\n" + _worst(rows))
-        _ROWS[dtype] = rows
-    return _ROWS[dtype]
+    """The gate's table for ``dtype``: every compile's row and verdict, printed."""
+    rows = _compile_all(_jobs(dtype))
+    print(f"\n{str(dtype)}:\n" + "\n".join(row for row, _ in rows) + "\n" + _worst(rows))
+    return rows
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
