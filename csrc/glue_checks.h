@@ -68,18 +68,22 @@ inline BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTen
   return s;
 }
 
-// Completes `s` with x's geometry and the stride.
-inline void set_geometry(BlockShape& s, const at::Tensor& x, int64_t stride) {
+// Completes `s` with x's geometry, the stride and the depthwise dilation.
+inline void set_geometry(BlockShape& s, const at::Tensor& x, int64_t stride, int64_t dilation) {
   TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(dilation >= 1 && dilation <= kMaxDilation, "mnv2: dilation must be between 1 and ", kMaxDilation,
+              ", got ", dilation);
   s.batch = x.size(0);
   s.in_h = x.size(2);
   s.in_w = x.size(3);
   s.stride = static_cast<int>(stride);
+  s.dilation = static_cast<int>(dilation);
 }
 
-// Completes a block's `s` with x's geometry, the stride and the residual, and validates it.
-inline void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, bool residual) {
-  set_geometry(s, x, stride);
+// Completes a block's `s` with x's geometry, the stride, the residual and the dilation,
+// and validates it.
+inline void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, bool residual, int64_t dilation) {
+  set_geometry(s, x, stride, dilation);
   TORCH_CHECK(!residual || (stride == 1 && s.cin == s.cout),
               "mnv2: residual needs stride 1 and Cin == Cout, got stride ", stride, ", Cin ", s.cin,
               ", Cout ", s.cout);
@@ -89,8 +93,8 @@ inline void finish_shape(BlockShape& s, const at::Tensor& x, int64_t stride, boo
 }
 
 // The same for the depthwise statistics' shape (no project).
-inline void finish_front_shape(BlockShape& s, const at::Tensor& x, int64_t stride) {
-  set_geometry(s, x, stride);
+inline void finish_front_shape(BlockShape& s, const at::Tensor& x, int64_t stride, int64_t dilation) {
+  set_geometry(s, x, stride, dilation);
   const char* err = validate_front(s);
   TORCH_CHECK(err == nullptr, "mnv2: ", err);
 }

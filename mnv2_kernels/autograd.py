@@ -13,22 +13,25 @@ def register_block_autograd(forward_name: str, backward_op: Callable[[], object]
     """Registers autograd for ``forward_name``, an operator with
     mnv2::fused_inverted_residual's signature. ``backward_op()`` returns the backward
     operator: (grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-    residual) -> the 7 gradients of x and the weights (the expand's empty when t == 1)."""
+    residual, dilation) -> the 7 gradients of x and the weights (the expand's empty when
+    t == 1)."""
 
     def setup_context(ctx, inputs, output):
-        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual = inputs
+        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual = inputs[:9]
         ctx.save_for_backward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project)
         ctx.stride = stride
         ctx.residual = residual
+        ctx.dilation = inputs[9] if len(inputs) > 9 else 1
 
     def backward(ctx, grad_y):
         x, w_expand, b_expand, w_dw, b_dw, w_project, b_project = ctx.saved_tensors
+        extra = (ctx.dilation,) if ctx.dilation != 1 else ()
         grads = list(backward_op()(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project,
-                                   ctx.stride, ctx.residual))
+                                   ctx.stride, ctx.residual, *extra))
         if w_expand is None:
             grads[1] = grads[2] = None
         needs = ctx.needs_input_grad
-        return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None)
+        return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None,) * (len(needs) - 7)
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 

@@ -79,15 +79,16 @@ def _cannot(name, x, why):
     )
 
 
-def resolve(x: torch.Tensor) -> str:
-    """The concrete backend that will run a block on input ``x`` under the selected
-    backend; raises when the selected backend cannot run x."""
-    return check(_current, x)
+def resolve(x: torch.Tensor, dilation: int = 1) -> str:
+    """The concrete backend that will run a block on input ``x`` (with a depthwise step of
+    that dilation) under the selected backend; raises when the selected backend cannot run x."""
+    return check(_current, x, dilation)
 
 
-def check(name: str, x: torch.Tensor) -> str:
-    """The concrete backend that ``name`` means for input ``x`` ("auto" picks one); raises
-    when that backend cannot run x (a backend never runs another device's kernel)."""
+def check(name: str, x: torch.Tensor, dilation: int = 1) -> str:
+    """The concrete backend that ``name`` means for input ``x`` and a depthwise step of
+    ``dilation`` ("auto" picks one); raises when that backend cannot run x (a backend never
+    runs another device's kernel)."""
     name = _validate(name)
     device = x.device.type
     if name == "auto":
@@ -103,7 +104,7 @@ def check(name: str, x: torch.Tensor) -> str:
             # the only GPU run so far (bench/results/h200-2026-11-26).
             if _triton_available():
                 return "triton"
-            if _extension.has_cuda_kernels() and _cuda_capable(x):
+            if _extension.has_cuda_kernels() and _cuda_capable(x) and dilation == 1:
                 return "cuda"
             _warn_once("cuda", "mnv2_kernels: no fused GPU kernel is available in this build; "
                        "CUDA tensors run on the 'reference' backend")
@@ -126,6 +127,9 @@ def check(name: str, x: torch.Tensor) -> str:
         if not _cuda_capable(x):
             major, minor = torch.cuda.get_device_capability(x.device)
             _cannot(name, x, f"it needs compute capability 8.0 or newer, this GPU has {major}.{minor}")
+        if dilation != 1:
+            _cannot(name, x, f"it runs depthwise dilation 1 only, this block has dilation {dilation} "
+                    "(the 'triton' backend runs dilated blocks)")
     elif name == "triton":
         if not _triton_available():
             _cannot(name, x, "Triton is not installed, or there is neither a CUDA GPU nor "

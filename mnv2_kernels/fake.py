@@ -7,13 +7,19 @@ from torch._prims_common import suggest_memory_format
 
 from . import _extension
 from .moments import acc_dtype
-from .ops import DW_KERNEL, output_size, stem_output_size
+from .ops import DW_KERNEL, MAX_DILATION, output_size, stem_output_size
 
 
-def check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+def check_dilation(dilation):
+    torch._check(1 <= dilation <= MAX_DILATION,
+                 lambda: f"mnv2: dilation must be between 1 and {MAX_DILATION}, got {dilation}")
+
+
+def check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1):
     """The shape checks of the block's kernels; returns (hidden, cout)."""
     torch._check(x.dim() == 4, lambda: f"mnv2: x must be 4-D (N, C, H, W), got {x.dim()}-D")
     torch._check(stride in (1, 2), lambda: f"mnv2: stride must be 1 or 2, got {stride}")
+    check_dilation(dilation)
     for name, t in (("w_expand", w_expand), ("b_expand", b_expand), ("w_dw", w_dw), ("b_dw", b_dw),
                     ("w_project", w_project), ("b_project", b_project)):
         if t is not None:
@@ -48,13 +54,13 @@ def _check_4d(t, name="x"):
     torch._check(t.dim() == 4, lambda: f"mnv2: {name} must be 4-D (N, C, H, W), got {t.dim()}-D")
 
 
-def block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
-    _, cout = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+def block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1):
+    _, cout = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
     return _like_x(x, (x.shape[0], cout, *output_size(x.shape[2], x.shape[3], stride)))
 
 
-def block_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
-    hidden, cout = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+def block_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1):
+    hidden, cout = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
     he = hidden if w_expand is not None else 0
     return (_like_x(x, x.shape), x.new_empty((he, x.shape[1] if w_expand is not None else 0)), x.new_empty((he,)),
             x.new_empty((hidden, DW_KERNEL, DW_KERNEL)), x.new_empty((hidden,)), x.new_empty((cout, hidden)),
@@ -68,8 +74,9 @@ def pack_weights(w_expand, b_expand, w_dw, b_dw, w_project, b_project):
     return w_dw.new_empty((numel,))
 
 
-def block_packed(x, packed, hidden, cout, has_expand, stride, residual):
+def block_packed(x, packed, hidden, cout, has_expand, stride, residual, dilation=1):
     _check_4d(x)
+    check_dilation(dilation)
     return _like_x(x, (x.shape[0], cout, *output_size(x.shape[2], x.shape[3], stride)))
 
 
@@ -115,13 +122,14 @@ def project_moments(mean, cov, w, b):
     return cov.new_empty((w.shape[0],)), cov.new_empty((w.shape[0],))
 
 
-def depthwise_moments(x, w_expand, b_expand, w_dw, stride):
+def depthwise_moments(x, w_expand, b_expand, w_dw, stride, dilation=1):
     torch._check(x.dim() == 4, lambda: "mnv2: depthwise_moments needs a 4-D input")
+    check_dilation(dilation)
     acc = acc_dtype(x)
     return x.new_empty((w_dw.shape[0],), dtype=acc), x.new_empty((w_dw.shape[0],), dtype=acc)
 
 
-def depthwise_moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta):
+def depthwise_moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta, dilation=1):
     he = w_dw.shape[0] if w_expand is not None else 0
     return (_like_x(x, x.shape), x.new_empty((he, x.shape[1] if w_expand is not None else 0)),
             x.new_empty((he,)), x.new_empty(tuple(w_dw.shape)))

@@ -14,7 +14,8 @@ from .ops import DW_KERNEL, STEM_KERNEL, output_size, stem_output_size
 
 
 def block_macs(x_shape, hidden: int, cout: int, stride: int, has_expand: bool) -> int:
-    """Multiply-adds of one block: expand + depthwise + project."""
+    """Multiply-adds of one block: expand + depthwise + project (the same at every
+    dilation: a dilated depthwise step has the same taps and output size)."""
     n, cin, h, w = x_shape
     ho, wo = output_size(h, w, stride)
     expand = n * h * w * cin * hidden if has_expand else 0
@@ -63,8 +64,8 @@ def _model(image_shape, stem_shape, first_shape, first_args, block_shapes, block
     channels, c, stride = first_args
     macs = stem_block_macs(image_shape, channels, c, stride)
     h, w = output_size(*stem_output_size(h, w), stride)
-    for i in range(0, len(block_args), 5):
-        hidden, cout, has_expand, stride, _residual = block_args[i:i + 5]
+    for i in range(0, len(block_args), 6):
+        hidden, cout, has_expand, stride, _residual, _dilation = block_args[i:i + 6]
         macs += block_macs((n, c, h, w), hidden, cout, stride, bool(has_expand))
         c = cout
         h, w = output_size(h, w, stride)

@@ -207,6 +207,26 @@ class PackedBlockArgs(NamedTuple):
     has_expand: bool
     stride: int
     residual: bool
+    dilation: int
+
+
+@dataclass(frozen=True)
+class DepthwiseGeometry:
+    """A block's depthwise convolution and its stride, dilation and padding when a call was
+    recorded: set in place (atrous surgery), they change no tensor and register nothing,
+    so a record checks them itself."""
+    conv: nn.Module
+    stride: tuple
+    dilation: tuple
+    padding: tuple
+
+    @classmethod
+    def of(cls, conv: nn.Module) -> "DepthwiseGeometry":
+        return cls(conv, conv.stride, conv.dilation, conv.padding)
+
+    def holds(self) -> bool:
+        c = self.conv
+        return c.stride == self.stride and c.dilation == self.dilation and c.padding == self.padding
 
 
 @dataclass(frozen=True)
@@ -217,6 +237,7 @@ class BlockRecord:
     backend: str  # the backend setting then (may be "auto")
     batch_norms: Tuple[nn.Module, ...]  # any of them in train mode changes the path
     args: PackedBlockArgs
+    geometry: DepthwiseGeometry
 
 
 class BlockCache(_Cache):
@@ -241,6 +262,7 @@ class PlanEntry:
     stamp: object  # of every parameter and buffer of the model
     idle: Callable[[], bool]  # every submodule in eval mode without hooks
     args: tuple  # mnv2::mobilenet_v2_packed's arguments after the image
+    geometry: Tuple[DepthwiseGeometry, ...]  # of every block's depthwise convolution
 
 
 def _plan_layout(x: Tensor) -> bool:
@@ -268,7 +290,9 @@ class ModelPlan:
         global (hooks on the model itself run as usual, around forward);
       * one TensorStamp over every parameter and buffer of the model (object,
         implementation, version counter, data pointer) and the process-wide registration
-        epoch: any change of a weight, statistic or submodule.
+        epoch: any change of a weight, statistic or submodule;
+      * every block's depthwise stride, dilation and padding (set in place, they change
+        nothing the stamp sees).
     """
 
     def __init__(self):
@@ -293,6 +317,9 @@ class ModelPlan:
                 or backends.get_backend() != e.backend or _EPOCH[0] != e.epoch
                 or global_hooks() or not e.stamp.valid() or not e.idle()):
             return None
+        for g in e.geometry:
+            if not g.holds():
+                return None
         return ops.MODEL_PACKED(x, *e.args)
 
     def start(self, model: nn.Module, x: Tensor):
@@ -319,17 +346,19 @@ class ModelPlan:
             return None  # inference-mode or fake tensors: nothing to stamp (as DerivedCache)
 
     def finish(self, x: Tensor, record, stem_args, blocks: List[nn.Module], head_args,
-               classifier_args) -> None:
+               classifier_args, first_geometry: Optional[DepthwiseGeometry] = None) -> None:
         """After that call: records the plan when every layer took its packed path.
 
         stem_args: ops.stem_block's arguments after the image; blocks: the other blocks;
         head_args: (packed, cout, activation name) of the head; classifier_args: (packed,
-        classes). Each None when its layer cannot take the packed path."""
+        classes). Each None when its layer cannot take the packed path. first_geometry: the
+        first block's depthwise geometry (the stem's block)."""
         if record is None or stem_args is None or head_args is None or classifier_args is None:
             return
         epoch, idle, stamp = record
         backend = backends.get_backend()
         packed_blocks, block_args = [], []
+        geometry = [first_geometry] if first_geometry is not None else []
         for block in blocks:
             cache = block._mnv2_cache
             rec = cache.record if isinstance(cache, BlockCache) else None
@@ -340,11 +369,12 @@ class ModelPlan:
                 return
             packed_blocks.append(packed)
             block_args.extend(int(a) for a in rec.args)
+            geometry.append(rec.geometry)
         head_packed, head_cout, activation = head_args
         stem_packed, first_packed, *first_args = stem_args
         args = (stem_packed, first_packed, list(first_args), packed_blocks, block_args, head_packed,
                 [head_cout, ops.ACTIVATIONS[activation]], *classifier_args)
-        self.entry = PlanEntry(x.dtype, x.shape[1], backend, epoch, stamp, idle, args)
+        self.entry = PlanEntry(x.dtype, x.shape[1], backend, epoch, stamp, idle, args, tuple(geometry))
 
 
 class ModelCache(_Cache):
@@ -387,6 +417,8 @@ def run_block(cache: Optional[BlockCache], x: Tensor) -> Optional[Tensor]:
     for bn in rec.batch_norms:
         if bn.training:
             return None
+    if not rec.geometry.holds():
+        return None
     packed = cache.packed.peek(rec.dtype)
     if packed is None:
         return None

@@ -15,7 +15,7 @@ from . import backends, inference, ops
 from .batch_norm import uses_batch_stats
 from .capture import is_fx_proxy, packed_paths_allowed, unfused_for_export
 from .inference import ModelCache, global_hooks
-from .modules import Conv2dNormActivation, FusedInvertedResidual
+from .modules import Conv2dNormActivation, FusedInvertedResidual, depthwise_geometry
 
 # t (expansion), c (output channels), n (repeats), s (first stride)
 DEFAULT_SETTING = [
@@ -165,6 +165,8 @@ class MobileNetV2(nn.Module):
         if first._parts()[0] is not None or first.use_res_connect:
             return ("features[1] has an expansion or a residual (as at width_mult 0.25), so the stem cannot be "
                     "fused into it")
+        if first._parts()[2].dilation != (1, 1):
+            return "features[1]'s depthwise convolution is dilated, so the stem cannot be fused into it"
         stem, head = feats[0], feats[len(feats) - 1]
         if type(stem) is not Conv2dNormActivation or self._stem_block_args(x) is None:
             return "features[0] is not torchvision's stem (3x3 stride-2 convolution, batch norm, ReLU6)"
@@ -189,7 +191,8 @@ class MobileNetV2(nn.Module):
         head_args = head._pointwise_args(x, head._state())
         # (the pooled features: one row per image, the head's channels)
         classifier = self._classifier_args(x.new_empty((1, head._modules["0"].out_channels)))
-        plan.finish(x, record, self._stem_block_args(x), blocks, head_args, classifier)
+        plan.finish(x, record, self._stem_block_args(x), blocks, head_args, classifier,
+                    inference.DepthwiseGeometry.of(feats[1]._parts()[2]))
 
     def clear_cache(self) -> None:
         """Drops the inference plan and every layer's cached folded and packed weights
@@ -268,6 +271,9 @@ class MobileNetV2(nn.Module):
         if (parts[0] is not None or block.use_res_connect or parts[2].in_channels != conv.out_channels
                 or any(uses_batch_stats(n) for n in parts[1::2])):
             return None
+        stride, dilation = depthwise_geometry(parts[2])
+        if dilation != 1:  # (the fused stem feeds an undilated depthwise step)
+            return None
         if (any(mod._forward_hooks or mod._forward_pre_hooks for mod in (feats, stem, block))
                 or global_hooks()):
             return None
@@ -282,7 +288,7 @@ class MobileNetV2(nn.Module):
         packed = block._packed_weights(x, block_state)
         if stem_packed is None or packed is None:
             return None
-        return stem_packed, packed, conv.out_channels, parts[4].out_channels, block.stride
+        return stem_packed, packed, conv.out_channels, parts[4].out_channels, stride
 
     def _packable_classifier(self, x: Tensor) -> Optional[nn.Linear]:
         """The classifier's Linear when the packed CPU kernel computes exactly what the

@@ -177,6 +177,22 @@ def _is_foldable_norm(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
 
 
+def depthwise_geometry(dw: nn.Conv2d) -> Tuple[int, int]:
+    """(stride, dilation) of a block's depthwise convolution, read from the module on every
+    call, so that atrous surgery on it (DeepLab's: stride 1, dilation and padding d, set
+    in place) is followed. Raises when the kernels do not compute that convolution."""
+    st, dil, pad = dw.stride, dw.dilation, dw.padding
+    d = dil[0]
+    if (st[0] != st[1] or st[0] not in (1, 2) or dil[0] != dil[1] or not isinstance(d, int)
+            or not 1 <= d <= ops.MAX_DILATION or pad != (d * ops.DW_PAD, d * ops.DW_PAD)
+            or dw.padding_mode != "zeros"):
+        raise ValueError(
+            f"FusedInvertedResidual: the depthwise convolution must have stride 1 or 2, a dilation d of 1 to "
+            f"{ops.MAX_DILATION} and zero padding d * {ops.DW_PAD} (the same in both dimensions), got stride "
+            f"{st}, dilation {dil}, padding {pad}, padding_mode {dw.padding_mode!r}")
+    return st[0], d
+
+
 class FusedInvertedResidual(nn.Module):
     """MobileNetV2's inverted-residual block computed by one fused operator.
 
@@ -186,6 +202,12 @@ class FusedInvertedResidual(nn.Module):
     into the convolutions and the whole block is one ``mnv2::fused_inverted_residual``
     call. In train mode the batch statistics are computed without keeping the
     hidden tensor for backward, folded, and the last batch norm runs as usual.
+
+    The depthwise step's stride and dilation are read from the depthwise convolution
+    (``conv.1.0``, or ``conv.0.0`` when expand_ratio == 1) on every call, as
+    torchvision's modules would use them: an atrous (dilated) block made by setting that
+    convolution's stride, dilation and padding (padding = dilation) runs fused too. The
+    residual stays as constructed (``use_res_connect``), as in torchvision.
     """
 
     _mnv2_cache = None  # a BlockCache, made on the first inference call (inference.cache_for)
@@ -286,10 +308,13 @@ class FusedInvertedResidual(nn.Module):
                 raise TypeError(
                     "FusedInvertedResidual folds batch norm into the convolutions; norm_layer must "
                     f"build BatchNorm2d (or FrozenBatchNorm2d), got {type(norm).__name__}")
-        k, pad = ops.DW_KERNEL, ops.DW_PAD
-        if dw.kernel_size != (k, k) or dw.groups != dw.in_channels or dw.padding != (pad, pad):
-            raise TypeError(f"FusedInvertedResidual: expected a {k}x{k} depthwise convolution with padding "
-                            f"{pad}, got {dw}")
+        k = ops.DW_KERNEL
+        if dw.kernel_size != (k, k) or dw.groups != dw.in_channels:
+            raise TypeError(f"FusedInvertedResidual: expected a {k}x{k} depthwise convolution, got {dw}")
+        try:
+            depthwise_geometry(dw)
+        except ValueError as e:
+            raise TypeError(str(e)) from None
 
     @property
     def in_channels(self) -> int:
@@ -337,12 +362,13 @@ class FusedInvertedResidual(nn.Module):
             self._check_input(x, parts)
         if unfused_for_export():
             return self._forward_unfused(x, parts)
-        backend = backends.resolve(x)
+        stride, dilation = depthwise_geometry(parts[2])
+        backend = backends.resolve(x, dilation)
         if backend == "reference":
             # torchvision's computation, module by module
             return self._forward_unfused(x, parts)
         if any(n is not None and uses_batch_stats(n) for n in parts[1::2]):
-            return self._forward_batch_stats(x, backend)
+            return self._forward_batch_stats(x, backend, stride, dilation)
         weights = None
         if not recording():
             state = self._state(parts)
@@ -354,28 +380,28 @@ class FusedInvertedResidual(nn.Module):
                     packed = self._packed_weights(x, state)
                     if packed is not None:
                         args = PackedBlockArgs(parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
-                                               self.stride, self.use_res_connect)
+                                               stride, self.use_res_connect, dilation)
                         if not torch.is_grad_enabled():
                             batch_norms = tuple(n for n in parts[1::2]
                                                 if isinstance(n, nn.modules.batchnorm._BatchNorm))
                             # (x's channels were checked against the block's above)
                             cache.record = BlockRecord(x.dtype, x.shape[1], backends.get_backend(), batch_norms,
-                                                       args)
+                                                       args, inference.DepthwiseGeometry.of(parts[2]))
                         return ops.fused_inverted_residual_packed(x, packed, *args)
                 else:
                     weights = cache.folded.get(x.dtype, state, self.folded_weights, self)
         if weights is None:
             weights = self.folded_weights()
-        return self._fused(x, weights, backend)
+        return self._fused(x, weights, backend, stride, dilation)
 
-    def _fused(self, x: Tensor, weights, backend: str) -> Tensor:
+    def _fused(self, x: Tensor, weights, backend: str, stride: int, dilation: int) -> Tensor:
         """The fused operator on folded ``weights``. Under autocast with an input of another
         dtype than autocast's (float32 into a bfloat16 region), the residual is added
         outside the operator, in the wider dtype, as torchvision's ``x + conv(x)`` does."""
         if (self.use_res_connect and torch.is_autocast_enabled(x.device.type)
                 and x.dtype != torch.get_autocast_dtype(x.device.type)):
-            return ops.run_block(backend, x, *weights, self.stride, False) + x
-        return ops.run_block(backend, x, *weights, self.stride, self.use_res_connect)
+            return ops.run_block(backend, x, *weights, stride, False, dilation) + x
+        return ops.run_block(backend, x, *weights, stride, self.use_res_connect, dilation)
 
     def _forward_scripted(self, x: Tensor) -> Tensor:
         """forward under TorchScript: with running statistics, the fused operator (the C++
@@ -400,6 +426,13 @@ class FusedInvertedResidual(nn.Module):
             proj = c[1]
             bn3 = c[2]
         bn2 = dw[1]
+        dw_conv = dw[0]
+        stride = dw_conv.stride[0]
+        dilation = dw_conv.dilation[0]
+        if (dw_conv.stride[1] != stride or dw_conv.dilation[1] != dilation
+                or dw_conv.padding[0] != dilation * 1 or dw_conv.padding[1] != dilation * 1):
+            raise ValueError("FusedInvertedResidual: the depthwise convolution must have the same stride and "
+                             "dilation in both dimensions and padding equal to its dilation")
         if self.training or bn2.running_mean is None or bn3.running_mean is None:
             return self._forward_modules(x)
         w_dw, b_dw = _fold_running(dw[0].weight, dw[0].bias, bn2.weight, bn2.bias, bn2.running_mean,
@@ -407,8 +440,8 @@ class FusedInvertedResidual(nn.Module):
         w_project, b_project = _fold_running(proj.weight, proj.bias, bn3.weight, bn3.bias, bn3.running_mean,
                                              bn3.running_var, bn3.eps)
         return torch.ops.mnv2.fused_inverted_residual(x, w_expand, b_expand, w_dw.flatten(0, 1),
-                                                      b_dw, w_project.flatten(1), b_project, self.stride,
-                                                      self.use_res_connect)
+                                                      b_dw, w_project.flatten(1), b_project, stride,
+                                                      self.use_res_connect, dilation)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         """torchvision's computation, module by module."""
@@ -455,7 +488,7 @@ class FusedInvertedResidual(nn.Module):
         y = sync_batch_norm(y, bn3, group)
         return x + y if self.use_res_connect else y
 
-    def _forward_batch_stats(self, x: Tensor, backend: str) -> Tensor:
+    def _forward_batch_stats(self, x: Tensor, backend: str, stride: int, dilation: int) -> Tensor:
         """Train mode (or BN without running statistics): exact batch statistics.
 
         bn1's statistics come from x's channel mean and covariance, bn2's from the
@@ -490,11 +523,11 @@ class FusedInvertedResidual(nn.Module):
                 mean1, var1 = running_stats(bn1)
             w_expand, b_expand = fold_bn(expand.weight, expand.bias, bn1.weight, bn1.bias, mean1, var1, bn1.eps)
             w_expand = w_expand.view(hidden, -1)
-        ho, wo = ops.output_size(h, w, self.stride)
+        ho, wo = ops.output_size(h, w, stride, dilation)
         if step2.uses_batch:
             step2.check_count(n * ho * wo, (n, hidden, ho, wo))
             w_dw_raw = dw.weight.view(hidden, *dw.kernel_size)
-            moments = ops.depthwise_moments(x, w_expand, b_expand, w_dw_raw, self.stride)
+            moments = ops.depthwise_moments(x, w_expand, b_expand, w_dw_raw, stride, dilation)
             mean2, var2 = step2.local_moments(*moments, n)
             if dw.bias is not None:
                 mean2 = mean2 + dw.bias
@@ -506,8 +539,9 @@ class FusedInvertedResidual(nn.Module):
         if step3.uses_batch:
             b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
             u = ops.run_block(backend, x, w_expand, b_expand, w_dw, b_dw, proj.weight.view(cout, hidden), b_proj,
-                              self.stride, False)
+                              stride, False, dilation)
             y = step3.normalize(u)
             return y + x if self.use_res_connect else y
         w_project, b_project = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
-        return self._fused(x, (w_expand, b_expand, w_dw, b_dw, w_project.view(cout, hidden), b_project), backend)
+        return self._fused(x, (w_expand, b_expand, w_dw, b_dw, w_project.view(cout, hidden), b_project), backend,
+                           stride, dilation)

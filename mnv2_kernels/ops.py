@@ -12,9 +12,12 @@ from torch import Tensor
 
 from . import _extension
 
-# The depthwise convolution's kernel size and padding (the C++ core's kDwKernel).
+# The depthwise convolution's kernel size and padding at dilation 1 (the C++ core's
+# kDwKernel); a dilated (atrous) depthwise step pads by dilation * DW_PAD.
 DW_KERNEL = 3
 DW_PAD = DW_KERNEL // 2
+# The largest dilation the kernels take (the C++ core's kMaxDilation).
+MAX_DILATION = 31
 # MobileNetV2's first convolution, fused by stem_block: kernel, stride, padding.
 STEM_KERNEL, STEM_STRIDE, STEM_PAD = 3, 2, 1
 
@@ -29,9 +32,12 @@ else:
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 
 
-def output_size(h, w, stride):
-    """Output height and width of the block's depthwise step (padding DW_PAD)."""
-    return (h + 2 * DW_PAD - DW_KERNEL) // stride + 1, (w + 2 * DW_PAD - DW_KERNEL) // stride + 1
+def output_size(h, w, stride, dilation=1):
+    """Output height and width of the block's depthwise step (padding dilation * DW_PAD;
+    the same for every dilation)."""
+    span = dilation * (DW_KERNEL - 1) + 1
+    pad = dilation * DW_PAD
+    return (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1
 
 
 def stem_output_size(h, w):
@@ -50,6 +56,7 @@ def fused_inverted_residual(
     stride: int,
     residual: bool,
     backend: Optional[str] = None,
+    dilation: int = 1,
 ) -> Tensor:
     """The fused block on BN-folded weights.
 
@@ -60,6 +67,8 @@ def fused_inverted_residual(
         w_project, b_project: project 1x1 (Cout, hidden) and bias (Cout).
         stride: 1 or 2.
         residual: add x to the output (needs stride 1 and Cin == Cout).
+        dilation: the depthwise taps' spacing (atrous convolution), padding
+            dilation * DW_PAD; 1 to MAX_DILATION. The CUDA kernel takes 1 only.
         backend: "triton" runs ``mnv2::triton_fused_inverted_residual``; "reference" the
             plain PyTorch ops; "cpu" and "cuda" the C++ operator's kernel for that device,
             which checks every argument; "auto" the fastest for x. None: the selected
@@ -74,20 +83,29 @@ def fused_inverted_residual(
     if backend is None:
         backend = backends.get_backend()
     if backend != "auto" or x.device.type == "cuda":  # (auto elsewhere: the dispatcher's kernel)
-        backend = backends.check(backend, x)
-    return run_block(backend, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+        backend = backends.check(backend, x, dilation)
+    return run_block(backend, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
 
 
 def run_block(backend: str, x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor,
-              b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int, residual: bool) -> Tensor:
+              b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int, residual: bool,
+              dilation: int = 1) -> Tensor:
     """fused_inverted_residual on a backend already checked against x (backends.check or
-    resolve): "triton", "reference", or the dispatcher's kernel for x's device."""
+    resolve): "triton", "reference", or the dispatcher's kernel for x's device. The
+    dilation is passed only when it is not 1, so that graphs of undilated blocks (fx,
+    export, ONNX) keep the operators' short form."""
     if backend == "triton":
+        if dilation != 1:
+            return triton_op()(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
         return triton_op()(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
     if backend == "reference":
         from .reference import inverted_residual
 
-        return inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+        return inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
+                                 dilation)
+    if dilation != 1:
+        return torch.ops.mnv2.fused_inverted_residual.default(
+            x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
     return torch.ops.mnv2.fused_inverted_residual.default(
         x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
 
@@ -132,9 +150,9 @@ def pack_weights(w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: T
 
 
 def fused_inverted_residual_packed(x: Tensor, packed: Tensor, hidden: int, cout: int, has_expand: bool,
-                                   stride: int, residual: bool) -> Tensor:
+                                   stride: int, residual: bool, dilation: int = 1) -> Tensor:
     """The fused block on weights from pack_weights (CPU, inference only)."""
-    return BLOCK_PACKED(x, packed, hidden, cout, has_expand, stride, residual)
+    return BLOCK_PACKED(x, packed, hidden, cout, has_expand, stride, residual, dilation)
 
 
 def pack_pointwise(weight: Tensor, bias: Tensor) -> Tensor:
@@ -179,8 +197,8 @@ def mobilenet_v2_packed(image: Tensor, stem_packed: Tensor, first_packed: Tensor
                         classes: int) -> Tensor:
     """MobileNetV2's whole CPU inference in one operator call (no return to Python between
     layers): stem_block(image, stem_packed, first_packed, *first_args), then the packed
-    block operator per block (``block_args``: hidden, cout, has_expand, stride, residual for
-    each, flattened), then pointwise_conv_mean(h, head_packed, *head_args) (activation as
+    block operator per block (``block_args``: hidden, cout, has_expand, stride, residual,
+    dilation for each, flattened), then pointwise_conv_mean(h, head_packed, *head_args) (activation as
     an int, see ACTIVATIONS) and the classifier, pointwise_conv on the pooled rows with
     ``classifier_packed`` -> (N, classes). Inference only."""
     return MODEL_PACKED(image, stem_packed, first_packed, first_args, blocks, block_args, head_packed,
@@ -199,7 +217,9 @@ def project_moments(mean: Tensor, cov: Tensor, w: Tensor, b: Optional[Tensor]) -
 
 
 def depthwise_moments(
-    x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor, stride: int
+    x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor, stride: int, dilation: int = 1
 ) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of dw(relu6(w_expand x + b_expand)), no dw bias."""
+    if dilation != 1:
+        return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride, dilation)
     return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride)

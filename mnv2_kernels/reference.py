@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _hidden(x, w_expand, b_expand, w_dw, b_dw, stride):
+def _hidden(x, w_expand, b_expand, w_dw, b_dw, stride, dilation):
     h = x
     if w_expand is not None:
         h = F.relu6(F.conv2d(x, w_expand[:, :, None, None], b_expand))
-    # padding k // 2 for the (hidden, k, k) depthwise weights: the output size of the fused kernels
-    pad = w_dw.shape[-1] // 2
-    return F.relu6(F.conv2d(h, w_dw[:, None], b_dw, stride=stride, padding=pad, groups=w_dw.shape[0]))
+    # padding dilation * (k // 2) for the (hidden, k, k) depthwise weights: the output size of
+    # the fused kernels
+    pad = dilation * (w_dw.shape[-1] // 2)
+    return F.relu6(F.conv2d(h, w_dw[:, None], b_dw, stride=stride, padding=pad, dilation=dilation,
+                            groups=w_dw.shape[0]))
 
 
 def inverted_residual(
@@ -39,9 +41,11 @@ def inverted_residual(
     b_project: Tensor,
     stride: int,
     residual: bool,
+    dilation: int = 1,
 ) -> Tensor:
     """The block as plain PyTorch ops (weights as in ``mnv2::fused_inverted_residual``)."""
-    y = F.conv2d(_hidden(x, w_expand, b_expand, w_dw, b_dw, stride), w_project[:, :, None, None], b_project)
+    y = F.conv2d(_hidden(x, w_expand, b_expand, w_dw, b_dw, stride, dilation), w_project[:, :, None, None],
+                 b_project)
     return y + x if residual else y
 
 
@@ -55,6 +59,7 @@ def inverted_residual_chunked(
     b_project: Tensor,
     stride: int,
     residual: bool,
+    dilation: int = 1,
     chunk: int = 16,
 ) -> Tensor:
     """The paper's section 5.1 form: sums the project over hidden chunks of ``chunk`` channels."""
@@ -65,9 +70,9 @@ def inverted_residual_chunked(
     for k0 in range(0, hidden, chunk):
         k = slice(k0, min(k0 + chunk, hidden))
         if w_expand is None:  # t == 1: the chunk is a slice of the input channels
-            a2 = _hidden(x[:, k], None, None, w_dw[k], b_dw[k], stride)
+            a2 = _hidden(x[:, k], None, None, w_dw[k], b_dw[k], stride, dilation)
         else:
-            a2 = _hidden(x, w_expand[k], b_expand[k], w_dw[k], b_dw[k], stride)
+            a2 = _hidden(x, w_expand[k], b_expand[k], w_dw[k], b_dw[k], stride, dilation)
         part = F.conv2d(a2, w_project[:, k, None, None])
         y = part if y is None else y + part
     y = y + b_project[None, :, None, None]

@@ -1,6 +1,7 @@
 """Property-based tests of mnv2::fused_inverted_residual (hypothesis).
 
-Random blocks (Cin, Cout 1..48, t in {1, 2, 3, 4, 6}, stride 1/2, H and W 1..64
+Random blocks (Cin, Cout 1..48, t in {1, 2, 3, 4, 6}, stride 1/2, depthwise dilation
+1/2/4 (atrous, padding = dilation), H and W 1..64
 with a bias toward small, batch 0..4, residual blocks about a quarter of the time),
 float32 and float64, inputs in NCHW, channels_last and four kinds of view that
 are contiguous in neither (a channel slice, a spatial slice, a permuted
@@ -79,9 +80,10 @@ class Case:
     weights_strided: bool  # weights as non-contiguous views
     backend: str
     seed: int
+    dilation: int = 1
 
     def __str__(self):
-        return (f"n{self.n}-c{self.cin}-o{self.cout}-t{self.t}-s{self.stride}-{self.h}x{self.w}"
+        return (f"n{self.n}-c{self.cin}-o{self.cout}-t{self.t}-s{self.stride}-d{self.dilation}-{self.h}x{self.w}"
                 f"{'-res' if self.residual else ''}-{str(self.dtype)[6:]}-{self.x_layout}-gy_{self.gy_layout}"
                 f"{'-wstrided' if self.weights_strided else ''}-{self.backend}-seed{self.seed}")
 
@@ -120,7 +122,8 @@ def cases(draw):
         stride=stride, h=h, w=w, residual=residual,
         dtype=draw(st.sampled_from([torch.float32] if backend == "reference" else [torch.float32, torch.float64])),
         x_layout=draw(st.sampled_from(X_LAYOUTS)), gy_layout=draw(st.sampled_from(GY_LAYOUTS)),
-        weights_strided=draw(st.booleans()), backend=backend, seed=draw(st.integers(0, 2**31 - 1)))
+        weights_strided=draw(st.booleans()), backend=backend, seed=draw(st.integers(0, 2**31 - 1)),
+        dilation=draw(st.sampled_from([1, 1, 2, 4])))
 
 
 # Cases that always run (also in the per-ISA subprocesses): the edges of the
@@ -138,6 +141,10 @@ REGRESSIONS = [
     Case(1, 48, 48, 6, 1, 13, 11, True, _F32, "channels_last", "nchw", False, "cpu", 6),
     Case(2, 33, 7, 2, 2, 9, 64, False, _F64, "channel_slice", "nchw", True, "cpu", 7),
     Case(1, 5, 5, 1, 2, 64, 3, False, _F32, "nchw", "broadcast", False, "cpu", 8),
+    # dilated: the taps' reach beyond the image, a residual, stride 2, t == 1
+    Case(2, 6, 6, 6, 1, 5, 3, True, _F32, "channels_last", "nchw", True, "cpu", 9, dilation=4),
+    Case(1, 7, 9, 3, 2, 17, 10, False, _F64, "spatial_slice", "broadcast", False, "cpu", 10, dilation=2),
+    Case(3, 9, 9, 1, 1, 12, 12, True, _F32, "permuted", "channels_last", False, "cpu", 11, dilation=2),
 ]
 
 
@@ -169,7 +176,7 @@ def _tensors(case):
         x = _dyadic(x, 4, 8.0)
     weights = [r(hidden, case.cin, scale=0.5), r(hidden)] if case.t != 1 else [None, None]
     weights += [r(hidden, 3, 3, scale=0.5), r(hidden), r(case.cout, hidden, scale=0.3), r(case.cout)]
-    ho, wo = ops.output_size(case.h, case.w, case.stride)
+    ho, wo = ops.output_size(case.h, case.w, case.stride, case.dilation)
     gy = torch.randn(case.n, case.cout, ho, wo, generator=g, dtype=torch.float64)
     if case.gy_layout == "broadcast":  # as from y.sum(): stride 0 everywhere
         gy = torch.full((), 0.5, dtype=torch.float64).expand(case.n, case.cout, ho, wo)
@@ -246,8 +253,9 @@ def check_case(case: Case):
         assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     assert weights[2].is_contiguous() != case.weights_strided  # w_dw (hidden, 3, 3)
 
-    y = ops.fused_inverted_residual(x, *weights, case.stride, case.residual, backend=case.backend)
-    ho, wo = ops.output_size(case.h, case.w, case.stride)
+    y = ops.fused_inverted_residual(x, *weights, case.stride, case.residual, backend=case.backend,
+                                    dilation=case.dilation)
+    ho, wo = ops.output_size(case.h, case.w, case.stride, case.dilation)
     assert y.shape == (case.n, case.cout, ho, wo) and y.dtype == case.dtype
     if case.backend == "cpu" and case.x_layout in ("nchw", "channels_last"):
         # x's memory format (NCHW where both hold, as ATen's suggest_memory_format)
@@ -261,7 +269,7 @@ def check_case(case: Case):
     ref_args = [x.detach().double().contiguous().requires_grad_()]
     ref_args += [None if wt is None else wt.detach().double().contiguous().requires_grad_() for wt in weights]
     with _one_thread():
-        y_ref = reference.inverted_residual(*ref_args, case.stride, case.residual)
+        y_ref = reference.inverted_residual(*ref_args, case.stride, case.residual, case.dilation)
         y_ref.backward(gy.double().contiguous())
 
     out_tol, grad_tol = TOLERANCES[case.dtype]

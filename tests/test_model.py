@@ -487,14 +487,15 @@ def test_whole_model_operator(cpu_backend):
         stem, first, first_args, blocks, block_args, head, head_args, classifier, classes = args
         h = ops.stem_block(x, stem, first, *first_args)
         for i, packed in enumerate(blocks):
-            hidden, cout, has_expand, stride, residual = block_args[5 * i:5 * i + 5]
-            h = ops.fused_inverted_residual_packed(h, packed, hidden, cout, bool(has_expand), stride, bool(residual))
+            hidden, cout, has_expand, stride, residual, dilation = block_args[6 * i:6 * i + 6]
+            h = ops.fused_inverted_residual_packed(h, packed, hidden, cout, bool(has_expand), stride, bool(residual),
+                                                   dilation)
         h = ops.pointwise_conv(h, head, head_args[0], "relu6").mean((2, 3))
         steps = ops.pointwise_conv(h.view(3, -1, 1, 1), classifier, classes).view(3, -1)
         assert rel_err(y, steps) <= FP32_RTOL
         torch.library.opcheck(torch.ops.mnv2.mobilenet_v2_packed.default, (x, *args))
         assert ops.mobilenet_v2_packed(x[:0], *args).shape == (0, classes)
-        with pytest.raises(RuntimeError, match="5 values per block"):
+        with pytest.raises(RuntimeError, match="6 values per block"):
             ops.mobilenet_v2_packed(x, stem, first, first_args, blocks, block_args[:-1], head, head_args,
                                     classifier, classes)
         with pytest.raises(RuntimeError, match="first_args must be"):

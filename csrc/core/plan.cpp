@@ -64,8 +64,8 @@ void finish_forward_plan(const BlockShape& s, const Layout& l, ForwardPlan* p) {
   p->n_splits = ceil_div(l.hp, p->split_channels);
   p->hidden_chunk = std::clamp<int64_t>(round_up(p->hidden_chunk, l.vl), l.vl, p->split_channels);
   p->partial_floats = p->n_splits > 1 ? p->n_splits * s.batch * Ho * Wo * l.cout_p : 0;
-  p->window_slots = (p->rows_per_step - 1) * s.stride + kDwKernel;
-  p->window_cols = std::min(s.in_w, (p->cols_per_tile - 1) * s.stride + kDwKernel);
+  p->window_slots = (p->rows_per_step - 1) * s.stride + s.dw_span();
+  p->window_cols = std::min(s.in_w, (p->cols_per_tile - 1) * s.stride + s.dw_span());
   p->scratch_floats = forward_scratch(l, *p).total;
 }
 
@@ -81,15 +81,15 @@ ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads) {
 ForwardPlan plan_forward(const BlockShape& s, const Layout& l, int threads, const CacheSizes& caches) {
   threads = std::max(threads, 1);
   const int64_t budget = forward_cache_budget(caches);
-  const int64_t Ho = s.out_h(), Wo = s.out_w(), st = s.stride, hp = l.hp;
+  const int64_t Ho = s.out_h(), Wo = s.out_w(), st = s.stride, hp = l.hp, span = s.dw_span();
   ForwardPlan p{};
 
   // Column tiles only when the rows of the expansion one output row reads would take
   // more than half the budget at full width.
   const int64_t half = budget / 2;
   p.cols_per_tile = Wo;
-  if (kDwKernel * std::min(s.in_w, (Wo - 1) * st + kDwKernel) * hp > half) {
-    p.cols_per_tile = std::max<int64_t>(1, (half / (kDwKernel * hp) - kDwKernel) / st + 1);
+  if (span * std::min(s.in_w, (Wo - 1) * st + span) * hp > half) {
+    p.cols_per_tile = std::max<int64_t>(1, (half / (span * hp) - span) / st + 1);
   }
   p.n_col_tiles = ceil_div(Wo, p.cols_per_tile);
   p.cols_per_tile = ceil_div(Wo, p.n_col_tiles);
@@ -161,13 +161,13 @@ void finish_backward_plan(const BlockShape& s, const Layout& l, BackwardPlan* p)
   p->n_bands = ceil_div(Ho, p->rows_per_band);
   p->rows_per_step = std::clamp<int64_t>(p->rows_per_step, 1, p->rows_per_band);
   p->rows_per_step =
-      std::min<int64_t>(p->rows_per_step, (kMaxBackwardSlots - kDwKernel) / s.stride + 1);
-  p->window_slots = (p->rows_per_step - 1) * s.stride + kDwKernel;
-  // a step finishes at most rows_per_step * stride + kDwKernel - 1 input rows
+      std::min<int64_t>(p->rows_per_step, (kMaxBackwardSlots - s.dw_span()) / s.stride + 1);
+  p->window_slots = (p->rows_per_step - 1) * s.stride + s.dw_span();
+  // a step finishes at most rows_per_step * stride + span - 1 input rows
   p->pending_pixels =
-      std::max<int64_t>(kMinStepPixels, (p->rows_per_step * s.stride + kDwKernel - 1) * W);
+      std::max<int64_t>(kMinStepPixels, (p->rows_per_step * s.stride + s.dw_span() - 1) * W);
   p->scratch_floats = backward_scratch(s, l, *p).total;
-  p->side_rows_per_item = kDwKernel - s.stride;
+  p->side_rows_per_item = s.dw_span() - s.stride;
   p->side_floats = s.batch * (p->n_bands - 1) * p->side_rows_per_item * W * s.cin;
 }
 
@@ -177,6 +177,15 @@ BackwardPlan plan_backward(const BlockShape& s, const Layout& l, int threads) {
   p.rows_per_step = ceil_div(kMinStepPixels, s.out_w());
   finish_backward_plan(s, l, &p);
   return p;
+}
+
+int64_t backward_band_first_row(const BlockShape& s, const BackwardPlan& p, int64_t band) {
+  return std::max<int64_t>(0, s.first_input_row(band * p.rows_per_band));
+}
+
+int64_t backward_band_shared_last_row(const BlockShape& s, const BackwardPlan& p, int64_t band) {
+  if (band == 0) return -1;
+  return std::min(s.in_h - 1, s.first_input_row(band * p.rows_per_band - 1) + s.dw_span() - 1);
 }
 
 StatsScratch stats_scratch(const BlockShape& s, const Layout& l, const StatsPlan& p) {
@@ -194,7 +203,7 @@ StatsPlan plan_stats(const BlockShape& s, const Layout& l, int threads) {
   StatsPlan p{};
   p.rows_per_band = rows_per_band_for(s, std::max(threads, 1));
   p.n_bands = ceil_div(s.out_h(), p.rows_per_band);
-  p.window_slots = kDwKernel;
+  p.window_slots = s.dw_span();
   p.scratch_floats = stats_scratch(s, l, p).total;
   return p;
 }

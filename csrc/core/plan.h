@@ -23,7 +23,7 @@ struct ForwardPlan {
   int64_t rows_per_step;   // output rows whose project is one GEMM
   int64_t hidden_chunk;    // hidden channels per pass (multiple of vl); < split_channels
                            // makes the block a sum over chunks (paper section 5.1)
-  int64_t window_slots;    // expanded rows held: (rows_per_step - 1) * stride + kDwKernel
+  int64_t window_slots;    // expanded rows held: (rows_per_step - 1) * stride + dw_span()
   int64_t window_cols;     // input columns held at most per tile
   int64_t stem_k = 0;      // with a fused stem: its im2col row length (kStemTaps x image channels)
   int64_t scratch_floats;  // per thread, in elements
@@ -61,15 +61,20 @@ constexpr int64_t kMaxBackwardSlots = 64;  // bound of BackwardPlan::window_slot
 struct BackwardPlan {
   int64_t rows_per_band, n_bands;
   int64_t rows_per_step;        // output rows whose project GEMMs run as one
-  int64_t window_slots;         // a1 rows held: (rows_per_step - 1) * stride + kDwKernel
+  int64_t window_slots;         // a1 rows held: (rows_per_step - 1) * stride + dw_span()
   int64_t scratch_floats;       // per thread
   int64_t pending_pixels;       // pixels gathered per weight-gradient update
-  int64_t side_rows_per_item;   // kDwKernel - stride: input rows two bands share
+  int64_t side_rows_per_item;   // dw_span() - stride: at most the input rows a band shares with earlier ones
   int64_t side_floats;          // whole side buffer
   int64_t items(const BlockShape& s) const { return s.batch * n_bands; }
 };
 BackwardPlan plan_backward(const BlockShape& s, const Layout& l, int threads);
 void finish_backward_plan(const BlockShape& s, const Layout& l, BackwardPlan* p);
+// The input rows of a band that earlier bands also touch: [first, shared_last], -1 for
+// none (band 0). The first band to touch a row writes its input gradient; each later
+// band keeps its share in its side rows, which backward_finish adds in band order.
+int64_t backward_band_first_row(const BlockShape& s, const BackwardPlan& p, int64_t band);
+int64_t backward_band_shared_last_row(const BlockShape& s, const BackwardPlan& p, int64_t band);
 
 // One thread's backward scratch (element offsets).
 struct BackwardScratch {
@@ -93,7 +98,7 @@ BackwardScratch backward_scratch(const BlockShape& s, const Layout& l, const Bac
 // expansion in memory): items are (image, row band), split as the backward's.
 struct StatsPlan {
   int64_t rows_per_band, n_bands;
-  int64_t window_slots;    // kDwKernel: one output row at a time
+  int64_t window_slots;    // dw_span(): one output row at a time
   int64_t scratch_floats;  // per thread
   int64_t items(const BlockShape& s) const { return s.batch * n_bands; }
 };

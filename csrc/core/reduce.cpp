@@ -50,9 +50,10 @@ void backward_finish(const BlockShape& s, const BackwardPlan& p, const T* side, 
   const int64_t W = s.in_w;
   for (int64_t n = 0; n < s.batch; ++n) {
     for (int64_t band = 1; band < p.n_bands; ++band) {
-      const int64_t i_first = first_input_row(band * p.rows_per_band, s.stride);
+      const int64_t i_first = backward_band_first_row(s, p, band);
+      const int64_t shared = backward_band_shared_last_row(s, p, band) - i_first + 1;
       const T* band_side = side + (n * (p.n_bands - 1) + band - 1) * p.side_rows_per_item * W * s.cin;
-      for (int64_t j = 0; j < p.side_rows_per_item; ++j) {
+      for (int64_t j = 0; j < shared; ++j) {
         T* g = gx + n * gxs.n + (i_first + j) * gxs.h;
         const T* src = band_side + j * W * s.cin;
         for (int64_t w = 0; w < W; ++w) {

@@ -6,8 +6,10 @@
 namespace mnv2 {
 
 // The depthwise convolution: kDwKernel x kDwKernel taps, padding kDwPad on each
-// side, so an output row reads kDwKernel input rows. Only 3x3 is built today;
-// the kernels and layouts are written in terms of these constants.
+// side at dilation 1, so an output row reads kDwKernel input rows. Only 3x3 is built
+// today; the kernels and layouts are written in terms of these constants. A dilated
+// (atrous) depthwise step spaces its taps `dilation` pixels apart and pads by
+// dilation * kDwPad, which keeps the output size of dilation 1.
 constexpr int kDwKernel = 3;
 constexpr int kDwTaps = kDwKernel * kDwKernel;
 constexpr int kDwPad = kDwKernel / 2;
@@ -31,19 +33,26 @@ struct BlockShape {
   int stride;       // 1 or 2
   bool has_expand;  // false when t == 1 (then hidden == cin)
   bool residual;    // requires stride == 1 and cin == cout
-  int64_t out_h() const { return (in_h + 2 * kDwPad - kDwKernel) / stride + 1; }
-  int64_t out_w() const { return (in_w + 2 * kDwPad - kDwKernel) / stride + 1; }
+  int dilation = 1;  // of the depthwise taps, 1 to kMaxDilation
+  // padding of the depthwise step, and the input rows (or columns) one output row spans
+  int64_t dw_pad() const { return int64_t{dilation} * kDwPad; }
+  int64_t dw_span() const { return int64_t{dilation} * (kDwKernel - 1) + 1; }
+  int64_t out_h() const { return (in_h + 2 * dw_pad() - dw_span()) / stride + 1; }
+  int64_t out_w() const { return (in_w + 2 * dw_pad() - dw_span()) / stride + 1; }
   bool has_project() const { return cout > 0; }
+  // Input rows first_input_row(r) + ky * dilation, ky in [0, kDwKernel), feed output
+  // row r (rows outside the image read as zero); the same holds for columns.
+  int64_t first_input_row(int64_t r) const { return r * stride - dw_pad(); }
 };
+
+// The largest depthwise dilation: a backward step's window of rows
+// (kMaxBackwardSlots) must hold one output row's span.
+constexpr int kMaxDilation = 31;
 
 // Return nullptr when the shape is valid, else a message naming the problem:
 // validate_shape for a whole block, validate_front for the depthwise statistics
 // (cout 0, no residual).
 const char* validate_shape(const BlockShape& s);
 const char* validate_front(const BlockShape& s);
-
-// Input rows [first, first + kDwKernel) feed output row r (rows outside the
-// image read as zero).
-inline int64_t first_input_row(int64_t r, int stride) { return r * stride - kDwPad; }
 
 }  // namespace mnv2

@@ -14,22 +14,24 @@ namespace {
 
 BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
                        const at::Tensor& w_dw, const at::Tensor& b_dw, const at::Tensor& w_project,
-                       const at::Tensor& b_project, int64_t stride, bool residual) {
+                       const at::Tensor& b_project, int64_t stride, bool residual, int64_t dilation) {
   check_x(x, "x", Dtypes::kKernelOrHalf);
   BlockShape s = glue::check_weights(x, x.size(1), w_expand, b_expand, w_dw, b_dw, w_project, b_project);
-  glue::finish_shape(s, x, stride, residual);
+  glue::finish_shape(s, x, stride, residual, dilation);
   return s;
 }
 
 at::Tensor fused_inverted_residual_cpu(const at::Tensor& x, const OptTensor& w_expand,
                                        const OptTensor& b_expand, const at::Tensor& w_dw,
                                        const at::Tensor& b_dw, const at::Tensor& w_project,
-                                       const at::Tensor& b_project, int64_t stride, bool residual) {
-  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+                                       const at::Tensor& b_project, int64_t stride, bool residual,
+                                       int64_t dilation) {
+  const BlockShape s =
+      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation);
   if (is_half(x)) {  // (the weights have x's dtype: checked)
     return fused_inverted_residual_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
                                        w_dw.to(at::kFloat), b_dw.to(at::kFloat), w_project.to(at::kFloat),
-                                       b_project.to(at::kFloat), stride, residual)
+                                       b_project.to(at::kFloat), stride, residual, dilation)
         .to(x.scalar_type());
   }
   at::Tensor y = empty_output(s, x);
@@ -104,14 +106,15 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
                                            const OptTensor& w_expand, const OptTensor& b_expand,
                                            const at::Tensor& w_dw, const at::Tensor& b_dw,
                                            const at::Tensor& w_project, const at::Tensor& b_project,
-                                           int64_t stride, bool residual) {
-  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+                                           int64_t stride, bool residual, int64_t dilation) {
+  const BlockShape s =
+      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation);
   glue::check_grad_y(grad_y, x, s);
   if (is_half(x)) {
     Grads g = fused_inverted_residual_backward_cpu(
         grad_y.to(at::kFloat), x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
         w_dw.to(at::kFloat), b_dw.to(at::kFloat), w_project.to(at::kFloat), b_project.to(at::kFloat), stride,
-        residual);
+        residual, dilation);
     const at::ScalarType t = x.scalar_type();
     return {std::get<0>(g).to(t), std::get<1>(g).to(t), std::get<2>(g).to(t), std::get<3>(g).to(t),
             std::get<4>(g).to(t), std::get<5>(g).to(t), std::get<6>(g).to(t)};
@@ -130,7 +133,8 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
 }  // namespace
 
 at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t hidden,
-                                              int64_t cout, bool has_expand, int64_t stride, bool residual) {
+                                              int64_t cout, bool has_expand, int64_t stride, bool residual,
+                                              int64_t dilation) {
   check_x(x);
   TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() && packed.dim() == 1 &&
                   packed.is_contiguous(),
@@ -140,7 +144,7 @@ at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Ten
   s.hidden = hidden;
   s.cout = cout;
   s.has_expand = has_expand;
-  glue::finish_shape(s, x, stride, residual);
+  glue::finish_shape(s, x, stride, residual, dilation);
   at::Tensor y = empty_output(s, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_forward_packed", [&] {
     const Layout l = make_layout(s, kernels().get<scalar_t>().vl, Packing::kForward);

@@ -15,10 +15,10 @@ namespace {
 
 // The shape of x's expand and depthwise steps (no project).
 BlockShape check_front(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
-                       const at::Tensor& w_dw, int64_t stride) {
+                       const at::Tensor& w_dw, int64_t stride, int64_t dilation) {
   check_x(x, "x", Dtypes::kKernelOrHalf);
   BlockShape s = glue::check_front_weights(x, x.size(1), w_expand, b_expand, w_dw);
-  glue::finish_front_shape(s, x, stride);
+  glue::finish_front_shape(s, x, stride, dilation);
   return s;
 }
 
@@ -28,11 +28,11 @@ BlockShape check_front(const at::Tensor& x, const OptTensor& w_expand, const Opt
 // Results in x's dtype.
 std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x, const OptTensor& w_expand,
                                                          const OptTensor& b_expand, const at::Tensor& w_dw,
-                                                         int64_t stride) {
-  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride);
+                                                         int64_t stride, int64_t dilation) {
+  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride, dilation);
   if (is_half(x)) {  // statistics in float32 (the accumulation dtype), as for float32
     return depthwise_moments_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
-                                 w_dw.to(at::kFloat), stride);
+                                 w_dw.to(at::kFloat), stride, dilation);
   }
   const at::TensorOptions opts = dense_options(x);
   const int64_t count = s.batch * s.out_h() * s.out_w();
@@ -74,12 +74,12 @@ std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x, co
 // Recomputes row by row; nothing hidden-sized is allocated.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_backward_cpu(
     const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
-    int64_t stride, const at::Tensor& alpha, const at::Tensor& beta) {
-  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride);
+    int64_t stride, const at::Tensor& alpha, const at::Tensor& beta, int64_t dilation) {
+  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride, dilation);
   if (is_half(x)) {  // alpha and beta in float32 (the statistics' dtype) or x's
     auto g = depthwise_moments_backward_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
                                             w_dw.to(at::kFloat), stride, alpha.to(at::kFloat),
-                                            beta.to(at::kFloat));
+                                            beta.to(at::kFloat), dilation);
     const at::ScalarType t = x.scalar_type();
     return {std::get<0>(g).to(t), std::get<1>(g).to(t), std::get<2>(g).to(t), std::get<3>(g).to(t)};
   }

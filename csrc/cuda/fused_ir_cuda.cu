@@ -1413,7 +1413,10 @@ Img<T> img_of(const at::Tensor& t) {
 BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
                        const at::Tensor& w_dw, const at::Tensor& b_dw,
                        const at::Tensor& w_project, const at::Tensor& b_project, int64_t stride,
-                       bool residual) {
+                       bool residual, int64_t dilation) {
+  TORCH_CHECK(dilation == 1, "mnv2: the CUDA kernel supports only dilation 1, got ", dilation,
+              "; the Triton backend (\"triton\", which \"auto\" picks for dilated blocks) runs "
+              "dilated depthwise steps");
   TORCH_CHECK(x.dim() == 4, "mnv2: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.layout() == at::kStrided, "mnv2: x must be a dense (strided) tensor");
   TORCH_CHECK(x.is_cuda(), "mnv2: the CUDA kernel needs x on a CUDA device, got ", x.device());
@@ -1424,7 +1427,7 @@ BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const Opt
               x.sizes());
   BlockShape s = glue::check_weights(x, x.size(1), w_expand, b_expand, w_dw, b_dw, w_project,
                                      b_project);
-  glue::finish_shape(s, x, stride, residual);
+  glue::finish_shape(s, x, stride, residual, dilation);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max() / 16;
   TORCH_CHECK(s.batch < kIntMax && s.in_h < kIntMax && s.in_w < kIntMax && s.cin < kIntMax &&
                   s.hidden < kIntMax && s.cout < kIntMax,
@@ -1517,9 +1520,9 @@ at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_
                                         const OptTensor& b_expand, const at::Tensor& w_dw,
                                         const at::Tensor& b_dw, const at::Tensor& w_project,
                                         const at::Tensor& b_project, int64_t stride,
-                                        bool residual) {
-  const BlockShape s =
-      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+                                        bool residual, int64_t dilation) {
+  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
+                                   residual, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo prop = device_info(x);
   at::Tensor y = at::empty({s.batch, s.cout, s.out_h(), s.out_w()},
@@ -1557,9 +1560,9 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
                                             const at::Tensor& w_dw, const at::Tensor& b_dw,
                                             const at::Tensor& w_project,
                                             const at::Tensor& b_project, int64_t stride,
-                                            bool residual) {
-  const BlockShape s =
-      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual);
+                                            bool residual, int64_t dilation) {
+  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
+                                   residual, dilation);
   glue::check_grad_y(grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo prop = device_info(x);

@@ -32,6 +32,7 @@ int g_checks = 0;
 struct Case {
   int64_t n, cin, h, w, cout, t;
   int stride;
+  int dilation = 1;  // of the depthwise taps
 };
 
 template <typename T>
@@ -99,7 +100,7 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
                        const std::vector<double>& gz2, Reference& r) {
   const int64_t N = s.batch, H = s.in_h, W = s.in_w, Ho = s.out_h(), Wo = s.out_w();
   const int64_t C = s.cin, Hd = s.hidden;
-  const int st = s.stride;
+  const int d = s.dilation;
   const HiddenIndex ix(s);
   r.gwd.assign(Hd * kDwTaps, 0);
   r.gbd.assign(Hd, 0);
@@ -112,7 +113,7 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
           r.gbd[h] += g;
           for (int ky = 0; ky < kDwKernel; ++ky)
             for (int kx = 0; kx < kDwKernel; ++kx) {
-              const int64_t ii = first_input_row(i, st) + ky, jj = first_input_row(j, st) + kx;
+              const int64_t ii = s.first_input_row(i) + ky * d, jj = s.first_input_row(j) + kx * d;
               if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
               r.gwd[h * kDwTaps + ky * kDwKernel + kx] += g * r.a1[ix.a1(n, h, ii, jj)];
               ga1[ix.a1(n, h, ii, jj)] += g * wt.wd[h * kDwTaps + ky * kDwKernel + kx];
@@ -147,7 +148,7 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
                     const Tensor4<T>* gy) {
   const int64_t N = s.batch, H = s.in_h, W = s.in_w, Ho = s.out_h(), Wo = s.out_w();
   const int64_t C = s.cin, Hd = s.hidden, O = s.cout;
-  const int st = s.stride;
+  const int d = s.dilation;
   Reference r;
   const HiddenIndex ix(s);
   r.a1.assign(N * Hd * H * W, 0);
@@ -176,7 +177,7 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
           double z = wt.bd[h];
           for (int ky = 0; ky < kDwKernel; ++ky)
             for (int kx = 0; kx < kDwKernel; ++kx) {
-              const int64_t ii = first_input_row(i, st) + ky, jj = first_input_row(j, st) + kx;
+              const int64_t ii = s.first_input_row(i) + ky * d, jj = s.first_input_row(j) + kx * d;
               if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
               z += double(wt.wd[h * kDwTaps + ky * kDwKernel + kx]) * r.a1[ix.a1(n, h, ii, jj)];
             }
@@ -372,6 +373,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   s.hidden = c.cin * c.t;
   s.cout = c.cout;
   s.stride = c.stride;
+  s.dilation = c.dilation;
   s.has_expand = c.t != 1;
   s.residual = c.stride == 1 && c.cin == c.cout;
   if (const char* err = validate_shape(s)) {
@@ -380,7 +382,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
     return;
   }
   const Kernels<T>& kt = table.get<T>();
-  std::mt19937 rng(static_cast<unsigned>(c.cin * 131 + c.h * 7 + c.t + c.stride));
+  std::mt19937 rng(static_cast<unsigned>(c.cin * 131 + c.h * 7 + c.t + c.stride + 1000 * c.dilation));
   Tensor4<T> x = make_tensor<T>(c.n, c.cin, c.h, c.w, fmt);
   for (int64_t n = 0; n < c.n; ++n)
     for (int64_t ch = 0; ch < c.cin; ++ch)
@@ -780,7 +782,9 @@ std::string describe(const Case& c) {
   std::snprintf(buf, sizeof buf, "n%lld c%lld h%lldx%lld o%lld t%lld s%d", (long long)c.n,
                 (long long)c.cin, (long long)c.h, (long long)c.w, (long long)c.cout,
                 (long long)c.t, c.stride);
-  return buf;
+  std::string out = buf;
+  if (c.dilation != 1) out += " d" + std::to_string(c.dilation);
+  return out;
 }
 
 const char* fmt_name(Fmt f) {
@@ -820,6 +824,10 @@ int main(int argc, char** argv) {
       {2, 3, 1, 1, 3, 1, 1},  {3, 5, 1, 1, 7, 6, 2},  {2, 7, 7, 7, 7, 6, 1},   {1, 9, 13, 13, 11, 3, 2},
       {2, 13, 13, 5, 13, 6, 1}, {1, 17, 6, 13, 17, 1, 2}, {2, 11, 2, 9, 5, 4, 2}, {0, 8, 5, 5, 8, 6, 1},
       {1, 4, 14, 3, 4, 2, 1},
+      // dilated (atrous) depthwise steps, as DeepLab's output strides 16 and 8 make them:
+      // sides shorter than the taps' reach, bands and tiles narrower than it, t = 1
+      {2, 7, 9, 11, 7, 6, 1, 2}, {1, 6, 10, 7, 8, 6, 2, 2}, {2, 5, 5, 13, 5, 1, 1, 4},
+      {1, 8, 3, 2, 8, 6, 1, 4},  {1, 9, 12, 12, 9, 6, 1, 4}, {2, 4, 11, 6, 6, 3, 2, 3},
   };
   auto run_all = [&](auto zero, const char* dtype) {
     using T = decltype(zero);

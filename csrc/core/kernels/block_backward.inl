@@ -139,12 +139,11 @@ class BackwardItem {
         gl_(make_grad_layout(t.s, t.l)), grads_(grads), n_(item / p.n_bands), band_(item % p.n_bands),
         win_(t.s, t.l, t.x, t.xs, t.packed, nullptr, n_, 0, t.s.in_w, p.window_slots, scratch + o.ring,
              scratch + o.zero_row, nullptr) {
-    const int st = s_.stride;
     r0_ = band_ * p.rows_per_band;
     r1_ = imin(s_.out_h(), r0_ + p.rows_per_band);
-    i_first_ = imax(0, first_input_row(r0_, st));
-    i_last_ = imin(s_.in_h - 1, first_input_row(r1_ - 1, st) + kDwKernel - 1);
-    shared_hi_ = band_ > 0 ? first_input_row(r0_ - 1, st) + kDwKernel - 1 : -1;
+    i_first_ = backward_band_first_row(s_, p, band_);
+    i_last_ = imin(s_.in_h - 1, s_.first_input_row(r1_ - 1) + s_.dw_span() - 1);
+    shared_hi_ = backward_band_shared_last_row(s_, p, band_);
     win_.start_chunk(0, l_.hp);
     for (int64_t k = 0; k < p.window_slots; ++k) ga1_tag_[k] = -1;
   }
@@ -160,28 +159,28 @@ class BackwardItem {
     int64_t next_final = i_first_;
     for (int64_t r = r0_; r < r1_; r += p_.rows_per_step) {
       const int64_t rows = imin(p_.rows_per_step, r1_ - r);
-      const int64_t i0 = first_input_row(r, st);
-      const int64_t i_hi = first_input_row(r + rows - 1, st) + kDwKernel - 1;
+      const int64_t i0 = s_.first_input_row(r);
+      const int64_t i_hi = s_.first_input_row(r + rows - 1) + s_.dw_span() - 1;
       win_.fill(i0, i_hi);
       clear_new_gradient_rows(i0, i_hi);
       for (int64_t q = 0; q < rows; ++q) {
         const T* in_rows[kDwKernel];
         input_rows(r + q, in_rows);
-        Depthwise<T>::row(in_rows, 0, s_.in_w, st, 0, Wo, hp, t_.packed + l_.w_dw, hp, t_.packed + l_.b_dw,
+        Depthwise<T>::row(in_rows, 0, s_.in_w, st, s_.dilation, 0, Wo, hp, t_.packed + l_.w_dw, hp, t_.packed + l_.b_dw,
                           z2 + q * Wo * hp, false);
       }
       source_.grad_z2(r, rows, z2, gz2);
       for (int64_t q = 0; q < rows; ++q) {
         const T* in_rows[kDwKernel];
         input_rows(r + q, in_rows);
-        const int64_t i = first_input_row(r + q, st);
+        const int64_t i = s_.first_input_row(r + q);
         T* ga[kDwKernel];
-        for (int ky = 0; ky < kDwKernel; ++ky) ga[ky] = gradient_row(i + ky);
-        Depthwise<T>::row_backward(in_rows, ga, gz2 + q * Wo * hp, s_.in_w, st, Wo, hp, t_.packed + l_.w_dw,
+        for (int ky = 0; ky < kDwKernel; ++ky) ga[ky] = gradient_row(i + ky * s_.dilation);
+        Depthwise<T>::row_backward(in_rows, ga, gz2 + q * Wo * hp, s_.in_w, st, s_.dilation, Wo, hp, t_.packed + l_.w_dw,
                                    grads_ + gl_.g_w_dw, grads_ + gl_.g_b_dw);
       }
       // every input row no later step touches is final
-      const int64_t last = r + rows == r1_ ? i_last_ : imin(i_last_, first_input_row(r + rows, st) - 1);
+      const int64_t last = r + rows == r1_ ? i_last_ : imin(i_last_, s_.first_input_row(r + rows) - 1);
       finish_rows(next_final, last);
       next_final = imax(next_final, last + 1);
     }
@@ -191,8 +190,8 @@ class BackwardItem {
 
  private:
   void input_rows(int64_t r, const T* rows[kDwKernel]) const {
-    const int64_t i0 = first_input_row(r, s_.stride);
-    for (int ky = 0; ky < kDwKernel; ++ky) rows[ky] = win_.row(i0 + ky);
+    const int64_t i0 = s_.first_input_row(r);
+    for (int ky = 0; ky < kDwKernel; ++ky) rows[ky] = win_.row(i0 + ky * s_.dilation);
   }
 
   // The gradient accumulator of input row i (a ring alongside the window's); rows

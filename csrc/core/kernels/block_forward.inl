@@ -36,8 +36,8 @@ struct BlockForward {
     const int64_t hs1 = imin(l.hp, hs0 + p.split_channels);
     const int64_t oc0 = ct * p.cols_per_tile;
     const int64_t tw = imin(p.cols_per_tile, Wo - oc0);
-    const int64_t c_lo = imax(0, oc0 * st - kDwPad);
-    const int64_t c_hi = imin(s.in_w - 1, (oc0 + tw - 1) * st - kDwPad + kDwKernel - 1);
+    const int64_t c_lo = imax(0, s.first_input_row(oc0));  // (columns map as rows do)
+    const int64_t c_hi = imin(s.in_w - 1, s.first_input_row(oc0 + tw - 1) + s.dw_span() - 1);
     const int64_t r0 = band * p.rows_per_band;
     const int64_t r1 = imin(Ho, r0 + p.rows_per_band);
     T* dw_rows = scratch + o.dw_rows;
@@ -62,12 +62,12 @@ struct BlockForward {
       const T* bias = first && split == 0 ? a.packed + l.b_project : nullptr;
       for (int64_t r = r0; r < r1; r += p.rows_per_step) {
         const int64_t rows = imin(p.rows_per_step, r1 - r);
-        win.fill(first_input_row(r, st), first_input_row(r + rows - 1, st) + kDwKernel - 1);
+        win.fill(s.first_input_row(r), s.first_input_row(r + rows - 1) + s.dw_span() - 1);
         for (int64_t q = 0; q < rows; ++q) {
-          const int64_t i0 = first_input_row(r + q, st);
+          const int64_t i0 = s.first_input_row(r + q);
           const T* in_rows[kDwKernel];
-          MNV2_UNROLL for (int ky = 0; ky < kDwKernel; ++ky) in_rows[ky] = win.row(i0 + ky);
-          Depthwise<T>::row(in_rows, c_lo, s.in_w, st, oc0, tw, win.hc, a.packed + l.w_dw + win.h0, l.hp,
+          MNV2_UNROLL for (int ky = 0; ky < kDwKernel; ++ky) in_rows[ky] = win.row(i0 + ky * s.dilation);
+          Depthwise<T>::row(in_rows, c_lo, s.in_w, st, s.dilation, oc0, tw, win.hc, a.packed + l.w_dw + win.h0, l.hp,
                             a.packed + l.b_dw + win.h0, dw_rows + q * tw * win.hc, true);
         }
         T* accr = p.chunked() ? acc + (r - r0) * tw * l.cout_p : acc;

@@ -13,30 +13,33 @@ struct Depthwise {
   static constexpr int64_t VL = V::VL;
 
   // One output row. rows[ky] holds input columns [c_lo, c_lo + nvalid) with hc channels
-  // each (an all-zero row stands in for rows outside the image). Output columns
+  // each (an all-zero row stands in for rows outside the image); tap (ky, kx) reads
+  // rows[ky] at column (oc0 + p) * st - dil * kDwPad + kx * dil. Output columns
   // [oc0, oc0 + tw) go to out[tw][hc]; the weights are w_dw[tap * ldw + c].
-  static void row(const T* const rows[kDwKernel], int64_t c_lo, int64_t in_w, int st, int64_t oc0,
+  static void row(const T* const rows[kDwKernel], int64_t c_lo, int64_t in_w, int st, int dil, int64_t oc0,
                   int64_t tw, int64_t hc, const T* w_dw, int64_t ldw, const T* b_dw, T* out,
                   bool relu) {
+    const int64_t pad = int64_t{dil} * kDwPad, reach = int64_t{dil} * (kDwKernel - 1);
+    const int64_t tap_step = dil * hc;
     for (int64_t c = 0; c < hc; c += VL) {
       vf w[kDwTaps];
       MNV2_UNROLL for (int t = 0; t < kDwTaps; ++t) w[t] = V::load(w_dw + t * ldw + c);
       const vf b = V::load(b_dw + c);
       for (int64_t p = 0; p < tw; ++p) {
-        const int64_t q0 = (oc0 + p) * st - kDwPad;  // leftmost input column of the taps
+        const int64_t q0 = (oc0 + p) * st - pad;  // leftmost input column of the taps
         vf acc = b;
-        if (q0 >= 0 && q0 + kDwKernel - 1 < in_w) {
+        if (q0 >= 0 && q0 + reach < in_w) {
           MNV2_UNROLL for (int ky = 0; ky < kDwKernel; ++ky) {
             const T* r = rows[ky] + (q0 - c_lo) * hc + c;
             vf taps = w[ky * kDwKernel] * V::load(r);
             MNV2_UNROLL for (int kx = 1; kx < kDwKernel; ++kx) {
-              taps += w[ky * kDwKernel + kx] * V::load(r + kx * hc);
+              taps += w[ky * kDwKernel + kx] * V::load(r + kx * tap_step);
             }
             acc += taps;
           }
         } else {
           for (int kx = 0; kx < kDwKernel; ++kx) {
-            const int64_t q = q0 + kx;
+            const int64_t q = q0 + int64_t{kx} * dil;
             if (q < 0 || q >= in_w) continue;
             MNV2_UNROLL for (int ky = 0; ky < kDwKernel; ++ky) {
               acc += w[ky * kDwKernel + kx] * V::load(rows[ky] + (q - c_lo) * hc + c);
@@ -51,8 +54,9 @@ struct Depthwise {
   // Backward of one output row (full width, c_lo = 0): accumulates the weight and bias
   // gradients and scatters gz2 into the input-row gradient accumulators ga1[ky].
   static void row_backward(const T* const rows[kDwKernel], T* const ga1[kDwKernel], const T* gz2,
-                           int64_t in_w, int st, int64_t out_w, int64_t hp, const T* w_dw,
+                           int64_t in_w, int st, int dil, int64_t out_w, int64_t hp, const T* w_dw,
                            T* g_w_dw, T* g_b_dw) {
+    const int64_t pad = int64_t{dil} * kDwPad;
     for (int64_t c = 0; c < hp; c += VL) {
       vf w[kDwTaps], gw[kDwTaps];
       MNV2_UNROLL for (int t = 0; t < kDwTaps; ++t) {
@@ -63,9 +67,9 @@ struct Depthwise {
       for (int64_t p = 0; p < out_w; ++p) {
         const vf g = V::load(gz2 + p * hp + c);
         gb += g;
-        const int64_t q0 = p * st - kDwPad;
+        const int64_t q0 = p * st - pad;
         for (int kx = 0; kx < kDwKernel; ++kx) {
-          const int64_t q = q0 + kx;
+          const int64_t q = q0 + int64_t{kx} * dil;
           if (q < 0 || q >= in_w) continue;
           MNV2_UNROLL for (int ky = 0; ky < kDwKernel; ++ky) {
             const int64_t off = q * hp + c;

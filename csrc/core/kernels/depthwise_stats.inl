@@ -33,11 +33,11 @@ struct DepthwiseStats {
     double* sum = sums;
     double* sumsq = sums + hp;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t i0 = first_input_row(r, s.stride);
-      win.fill(i0, i0 + kDwKernel - 1);
+      const int64_t i0 = s.first_input_row(r);
+      win.fill(i0, i0 + s.dw_span() - 1);
       const T* in_rows[kDwKernel];
-      for (int ky = 0; ky < kDwKernel; ++ky) in_rows[ky] = win.row(i0 + ky);
-      Depthwise<T>::row(in_rows, 0, W, s.stride, 0, Wo, hp, a.packed + l.w_dw, hp, a.packed + l.b_dw, z2,
+      for (int ky = 0; ky < kDwKernel; ++ky) in_rows[ky] = win.row(i0 + ky * s.dilation);
+      Depthwise<T>::row(in_rows, 0, W, s.stride, s.dilation, 0, Wo, hp, a.packed + l.w_dw, hp, a.packed + l.b_dw, z2,
                         false);
       for (int64_t q = 0; q < Wo; ++q) {
         const T* z = z2 + q * hp;
