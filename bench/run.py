@@ -13,6 +13,9 @@ Writes under bench/results/<machine>/:
     cpu_plan.md      this machine's caches, the GEMM register tile and each block's plan (the
                      CPU kernel's tiles at batch 1, 8 and 32)
     memory.md/.json  the memory report (python -m bench.memory_report)
+    applications.md SSDLite and Mobile DeepLabv3 on fused blocks against torchvision's: training
+                     peak memory and time, batch-1 inference, the largest DeepLab batch within
+                     4 GB (python -m bench.applications)
 """
 
 import argparse
@@ -250,6 +253,8 @@ def main(argv=None):
         print(profile)
     if not args.no_memory:
         subprocess.run([sys.executable, "-m", "bench.memory_report", "--out", out], check=True)
+    if not args.quick:
+        subprocess.run([sys.executable, "-m", "bench.applications", "--write"], cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":

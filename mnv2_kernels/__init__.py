@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "Conv2dNormActivation",
+    "ExpansionOutputBlock",
     "FusedInvertedResidual",
     "MobileNetV2",
     "SyncBatchNorm",
@@ -27,12 +28,28 @@ __all__ = [
     "convert_sync_batchnorm",
     "cpu_isa",
     "cpu_plans",
+    "deeplabv3_mobilenet_v2",
     "fold_bn",
     "get_backend",
     "mobilenet_v2",
     "set_backend",
+    "ssdlite320_mobilenet_v2",
     "trace_unfused",
     "use_backend",
 ]
+
+# The paper's applications, imported on first use: torchvision's detection package takes
+# about a second to import.
+_APPLICATIONS = {"ExpansionOutputBlock": "detection", "ssdlite320_mobilenet_v2": "detection",
+                 "deeplabv3_mobilenet_v2": "segmentation"}
+
+
+def __getattr__(name):
+    if name in _APPLICATIONS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_APPLICATIONS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 ops.register_triton_early()
