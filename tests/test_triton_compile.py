@@ -27,19 +27,19 @@ CAPABILITIES = (80, 90)
 N_SPLITS_ARG = 12  # _moments_kernel(x, w_expand, b_expand, w_dw, part, N, H, W, HO, WO, CIN, HID, N_SPLITS, ...)
 
 
-def _block_launches(n, cin, hidden, cout, stride, h, w, dtype, channels_last):
+def _block_launches(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation=1):
     """Every launch of the forward, the backward, the statistics and their backward for one block."""
-    args = block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last)
-    ho, wo = fused_ir.output_size(h, w, stride)
+    args = block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation)
+    ho, wo = fused_ir.output_size(h, w, stride, dilation)
     gy = torch.randn(n, cout, ho, wo).to(dtype)
     if channels_last:
         gy = gy.contiguous(memory_format=torch.channels_last)
     with recorded_launches() as launches:
         fused_ir.forward(*args)
         fused_ir.backward(gy, *args)
-        fused_ir.moments(args[0], args[1], args[2], args[3], stride)
+        fused_ir.moments(args[0], args[1], args[2], args[3], stride, dilation)
         fused_ir.moments_backward(args[0], args[1], args[2], args[3], stride, torch.randn(hidden),
-                                  torch.randn(hidden))
+                                  torch.randn(hidden), dilation)
     return launches
 
 
@@ -81,9 +81,9 @@ def _jobs(dtype):
     MobileNetV2's blocks and on the awkward ones, every config on the wide ones."""
     seen, jobs = set(), []
 
-    def add(blocks, all_configs=False):
+    def add(blocks, all_configs=False, dilation=1):
         for *block, channels_last in blocks:
-            for launch in _block_launches(*block, dtype, channels_last):
+            for launch in _block_launches(*block, dtype, channels_last, dilation):
                 for config in launch.configs() if all_configs else launch.configs()[:1]:
                     key = _signature_key(launch) + (str(config),)
                     if key in seen:
@@ -91,7 +91,8 @@ def _jobs(dtype):
                     seen.add(key)
                     kw = launch.kwargs
                     tile = f"{kw.get('TH', kw.get('TQH'))}x{kw.get('TW', kw.get('TQW'))}/{kw['BLOCK_H']}h"
-                    label = (f"{launch.kernel:19} {'x'.join(map(str, block[1:4]))} s{block[4]} "
+                    label = (f"{launch.kernel:19} {'x'.join(map(str, block[1:4]))} s{block[4]}"
+                             f"{f' d{dilation}' if dilation != 1 else ''} "
                              f"{block[5]}x{block[6]} n{block[0]}{'' if channels_last else ' nchw'} {tile} "
                              f"w{config.num_warps}s{config.num_stages}")
                     for cap in CAPABILITIES:
@@ -100,6 +101,8 @@ def _jobs(dtype):
     add(_mobilenet_blocks())
     add(AWKWARD)
     add(WIDE, all_configs=True)
+    for block, dilation in DILATED:
+        add([block], dilation=dilation)
     return jobs
 
 
@@ -151,6 +154,13 @@ def _worst(rows):
 # warps) must compile cleanly too.
 WIDE = [(64, 96, 576, 160, 2, 14, 14, True), (64, 160, 960, 320, 1, 7, 7, True)]
 
+# Dilated blocks, with their dilation: the dilated kernels (phases of a dilated lattice, see
+# fused_ir) with the default configs. Two that Mobile DeepLabv3 dilates (output stride 8, a
+# 513 x 513 crop), and a small odd dilation at stride 2 in NCHW (phases at stride 2, whose
+# input-gradient tiles can start before the image).
+DILATED = [((8, 96, 576, 96, 1, 65, 65, True), 2), ((8, 160, 960, 160, 1, 65, 65, True), 4),
+           ((2, 16, 96, 24, 2, 13, 11, False), 3)]
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -163,8 +173,9 @@ def _rows(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kernels_compile_without_spills(dtype):
-    """Every kernel, as launched for MobileNetV2's 17 blocks and the awkward blocks, with its
-    default config, and with every autotune config on two wide blocks, for sm_80 and sm_90:
+    """Every kernel, as launched for MobileNetV2's 17 blocks, the awkward blocks and two dilated
+    ones, with its default config, and with every autotune config on two wide blocks, for
+    sm_80 and sm_90:
     it compiles, spills no register, has no stack frame and fits the target's shared
     memory."""
     rows = _rows(dtype)

@@ -124,8 +124,8 @@ def compile_launch(launch: Launch, config, capability: int, ptxas_report: bool =
                   int(stack.group(1)) if stack else 0, compiled.metadata.shared)
 
 
-def block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last):
-    """A block's operator arguments (CPU tensors) for the launchers."""
+def block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation=1):
+    """A block's operator arguments (CPU tensors) for the launchers, the dilation last."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, cin, h, w, generator=g).to(dtype)
     if channels_last:
@@ -136,4 +136,4 @@ def block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last):
 
     we, be = (r(hidden, cin), r(hidden)) if hidden != cin else (None, None)
     return (x, we, be, r(hidden, 3, 3), r(hidden), r(cout, hidden), r(cout), stride,
-            stride == 1 and cin == cout)
+            stride == 1 and cin == cout, dilation)

@@ -43,6 +43,20 @@ The depthwise convolution has DW_KERNEL x DW_KERNEL taps (DW_TAPS in all) and
 zero padding DW_PAD; only 3x3 is built today. The kernels take the size as the
 constexprs DW_KERNEL and DW_PAD, and the host code is written in terms of it.
 
+Dilation (atrous MobileNetV2, Mobile DeepLabv3): a depthwise convolution with dilation d,
+padding DW_PAD * d and block stride s reads, for output row oh, the input rows
+oh * s + (tap - DW_PAD) * d. Its outputs fall into PHASES x PHASES interleaved lattices
+(phases) that read disjoint input lattices: with g = gcd(s, d), the outputs ph + PHASES * i
+(PHASES = d / g) read the input rows ph * s + (i * STRIDE - DW_PAD + tap) * d (STRIDE = s / g),
+an undilated convolution of stride STRIDE on the input lattice of spacing DIL = d. So
+every kernel tiles one phase at a time exactly as it tiles an undilated block (same tiles,
+halos, registers and expand work), and only maps its tile-local rows to image rows
+through (PHASES, DIL) (``_lattice``). A kernel's STRIDE is the stride within a phase: the
+block's stride when d == 1, where PHASES == DIL == 1 and the mapping is the identity, so that
+the undilated kernels compile as they did before dilation. A dilation of at least the
+image's larger side reads padding at every off-centre tap, as any larger one does: it runs
+as that side (``_effective_dilation``), which bounds the number of phases.
+
 Autotuning: the pipeline stages per kernel, keyed on the block shape (the host picks the
 tiles and the warps); one config under the interpreter or with MNV2_TRITON_AUTOTUNE=0
 (read at import).
@@ -51,6 +65,7 @@ patterns): under the interpreter only, bf16 dot operands are upcast to fp32.
 """
 
 import functools
+import math
 import os
 
 import torch
@@ -91,9 +106,26 @@ def _pad(c):
     return max(16, triton.next_power_of_2(int(c)))
 
 
-def output_size(h, w, stride):
-    """Output height and width of the depthwise convolution (padding DW_PAD)."""
-    return (h + 2 * DW_PAD - DW_KERNEL) // stride + 1, (w + 2 * DW_PAD - DW_KERNEL) // stride + 1
+def output_size(h, w, stride, dilation=1):
+    """Output height and width of the depthwise convolution (padding DW_PAD * dilation):
+    the undilated ones for every dilation."""
+    reach = (DW_KERNEL - 1) * dilation + 1
+    pad = DW_PAD * dilation
+    return (h + 2 * pad - reach) // stride + 1, (w + 2 * pad - reach) // stride + 1
+
+
+def _lattice(stride, dilation):
+    """(STRIDE, PHASES) of the kernels for a block of this stride and (effective) dilation:
+    the stride within a phase and the phases per side (see the module docstring)."""
+    g = math.gcd(stride, dilation)
+    return stride // g, dilation // g
+
+
+def _effective_dilation(dilation, h, w):
+    """The dilation the kernels run for an h x w input: from max(h, w) on, every off-centre
+    tap of every output reads padding (output row oh reads rows oh * stride +- d, with
+    0 <= oh * stride < h), so that any larger dilation runs as max(h, w)."""
+    return min(dilation, max(h, w, 1))
 
 
 def _sm_count(device):
@@ -162,7 +194,8 @@ def _pow2(v):
 
 
 def _halo_side(t, stride):
-    """Input rows (or columns) under t output rows of the depthwise convolution."""
+    """Input rows (or columns) under t output rows of the depthwise convolution (of a phase:
+    ``stride`` the kernels' STRIDE, rows of the phase's input lattice; see _lattice)."""
     return (t - 1) * stride + DW_KERNEL
 
 
@@ -176,10 +209,11 @@ def _hidden_chunk(block_halo, is_fp32):
 
 @functools.lru_cache(maxsize=1024)
 def _out_tile(ho, wo, stride, cin_pad, cout_pad, cout_budget, cin_budget, max_halo):
-    """(TH, TW) of the kernels tiled over the output (forward, statistics, weight gradient):
-    the tile that minimises the estimated work per image (halo expand, depthwise, project;
-    pow2-padded), within the budgets (0: none): [TH*TW, Cout] elements at most
-    ``cout_budget``, [halo, Cin] at most ``cin_budget``, at most ``max_halo`` halo rows.
+    """(TH, TW) of the kernels tiled over the output (forward, statistics, weight gradient),
+    for a phase's ho x wo outputs and the kernels' STRIDE (see _lattice): the tile that
+    minimises the estimated work per image (halo expand, depthwise, project; pow2-padded),
+    within the budgets (0: none): [TH*TW, Cout] elements at most ``cout_budget``, [halo, Cin]
+    at most ``cin_budget``, at most ``max_halo`` halo rows.
     A 1 x 1 tile when none fits."""
     best = ((0,), 1, 1)
     for th in range(1, min(ho, 16) + 1):
@@ -200,7 +234,8 @@ def _out_tile(ho, wo, stride, cin_pad, cout_pad, cout_budget, cin_budget, max_ha
 
 @functools.lru_cache(maxsize=1024)
 def _in_tile(h, w, stride, cin_pad, cout_pad, acc, max_halo):
-    """(TQH, TQW) of the input-gradient kernel, tiled over the input: each tile needs the
+    """(TQH, TQW) of the input-gradient kernel, tiled over the input (a phase's input lattice
+    of h x w pixels, the kernels' STRIDE; see _lattice): each tile needs the
     outputs of its halo O and their own halo A (see _bwd_input_kernel). Minimises the
     estimated work per image within the budgets ([TQH*TQW, Cin] accumulator, [A, BLOCK_H]
     halo); even sides for stride 2."""
@@ -232,7 +267,7 @@ def _in_halos(tqh, tqw, stride):
     return oth, otw, _halo_side(oth, stride), _halo_side(otw, stride)
 
 
-_KEY = ["CIN", "HID", "COUT", "H", "W", "STRIDE", "HAS_EXPAND", "RESIDUAL", "IS_FP32", "BLOCK_H"]
+_KEY = ["CIN", "HID", "COUT", "H", "W", "STRIDE", "DIL", "PHASES", "HAS_EXPAND", "RESIDUAL", "IS_FP32", "BLOCK_H"]
 _KEY_BWD = _KEY + ["MOMENTS"]
 # Integer arguments the kernels only compare and divide (batch, sides, item counts), never
 # use as strides: not specialised, so that Triton compiles one kernel for all their values
@@ -273,17 +308,18 @@ def _relu6(z):
 
 @triton.jit
 def _halo(x_base, ih0, iw0, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, hh, h_mask, CIN,
-          HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+          HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DIL: tl.constexpr,
           HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr,
           BLOCK_CI: tl.constexpr):
     """(z1, a1, inb) of a hidden chunk on a halo tile: the HALO_H x HALO_W input pixels from
-    (ih0, iw0), row-major in BLOCK_HALO rows. z1 [BLOCK_HALO, BLOCK_H] = x @ w_expand[hh]^T +
-    b_expand (one dot per BLOCK_CI slice of Cin: bounded registers for any Cin); a1 = relu6(z1),
+    image pixel (ih0, iw0), DIL apart (a phase's input lattice), row-major in BLOCK_HALO rows.
+    z1 [BLOCK_HALO, BLOCK_H] = x @ w_expand[hh]^T + b_expand (one dot per BLOCK_CI slice of
+    Cin: bounded registers for any Cin); a1 = relu6(z1),
     exactly zero outside the image (the depthwise zero padding applies to a1) and in the
     padding rows. Without the expand (t == 1) z1 = a1 = x. inb: the pixel is in the image."""
     i = tl.arange(0, BLOCK_HALO)
-    ih = ih0 + i // HALO_W
-    iw = iw0 + i % HALO_W
+    ih = ih0 + (i // HALO_W) * DIL
+    iw = iw0 + (i % HALO_W) * DIL
     inb = (i < HALO_H * HALO_W) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
     m = inb[:, None] & h_mask[None, :]
@@ -367,12 +403,12 @@ def _grad_a2(gy_ptr, gy_pix, valid, sgc, w_project_ptr, hh, h_mask, COUT, HID, I
 
 
 @triton.jit
-def _split_items(N, HO, WO, N_SPLITS, split, TH: tl.constexpr, TW: tl.constexpr):
+def _split_items(N, HO, WO, N_SPLITS, split, TH: tl.constexpr, TW: tl.constexpr, PHASES: tl.constexpr):
     """(n_tw, n_tiles, start, end): split `split`'s contiguous range [start, end) of the
-    N x (output tiles of TH x TW) items."""
-    n_tw = tl.cdiv(WO, TW)
-    n_tiles = tl.cdiv(HO, TH) * n_tw
-    total = N * n_tiles
+    N x PHASES^2 x (output tiles of TH x TW per phase) items; n_tiles: the tiles of a phase."""
+    n_tw = tl.cdiv(tl.cdiv(WO, PHASES), TW)
+    n_tiles = tl.cdiv(tl.cdiv(HO, PHASES), TH) * n_tw
+    total = N * (PHASES * PHASES) * n_tiles
     per = tl.cdiv(total, N_SPLITS)
     start = split * per
     end = tl.minimum(start + per, total)
@@ -380,18 +416,43 @@ def _split_items(N, HO, WO, N_SPLITS, split, TH: tl.constexpr, TW: tl.constexpr)
 
 
 @triton.jit
-def _tile(item, n_tw, n_tiles, p, HO, WO, TH: tl.constexpr, TW: tl.constexpr):
-    """(image n as int64, oh0, ow0, r, c, ok, p_mask) of item `item` (an image and an output
-    tile of TH x TW from (oh0, ow0)): tile-local row and column of each of the BLOCK_P rows p,
-    ok = a row of the tile (not padding), p_mask = an output pixel of the image."""
-    n = (item // n_tiles).to(tl.int64)
+def _tile(item, n_tw, n_tiles, p, HO, WO, TH: tl.constexpr, TW: tl.constexpr, PHASES: tl.constexpr):
+    """(image n as int64, ph, pw, oh0, ow0, oh, ow, r, c, ok, p_mask) of item `item` (an image,
+    the phase (ph, pw) and an output tile of TH x TW of the phase from its row oh0 and column
+    ow0): tile-local row r and column c of each of the BLOCK_P rows p, their output pixel
+    (oh, ow) in the image, ok = a row of the tile (not padding), p_mask = an output pixel of
+    the image. A phase's last tiles can hold no output pixel (its lattice can be one row or
+    column shorter than another's); never without dilation."""
+    n = (item // (n_tiles * (PHASES * PHASES))).to(tl.int64)
     t = item % n_tiles
+    phase = (item // n_tiles) % (PHASES * PHASES)
+    ph = phase // PHASES
+    pw = phase % PHASES
     oh0 = (t // n_tw) * TH
     ow0 = (t % n_tw) * TW
     r = p // TW
     c = p % TW
     ok = p < TH * TW
-    return n, oh0, ow0, r, c, ok, ok & (oh0 + r < HO) & (ow0 + c < WO)
+    # (the mask before the image pixels: without dilation, the undilated kernels' instruction order)
+    p_mask = ok & (ph + (oh0 + r) * PHASES < HO) & (pw + (ow0 + c) * PHASES < WO)
+    return n, ph, pw, oh0, ow0, ph + (oh0 + r) * PHASES, pw + (ow0 + c) * PHASES, r, c, ok, p_mask
+
+
+@triton.jit
+def _halo_origin(ph, o0, STRIDE: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr, DW_PAD: tl.constexpr):
+    """The image row (or column) of the halo origin of a tile of phase ph from its row (or
+    column) o0: the phase's input lattice starts at image row ph times the block's stride."""
+    PHASE_STEP: tl.constexpr = STRIDE * DIL // PHASES
+    return ph * PHASE_STEP + (o0 * STRIDE - DW_PAD) * DIL
+
+
+@triton.jit
+def _divisor(count, MAY_BE_ZERO: tl.constexpr):
+    """count as the divisor of a sum over count values: 1 where it is 0 (the sum is then 0)
+    when MAY_BE_ZERO."""
+    if MAY_BE_ZERO:
+        count = tl.maximum(count, 1.0)
+    return count
 
 
 # ---------------------------------------------------------------------------
@@ -404,12 +465,13 @@ def _fwd_kernel(
     H, W, HO, WO, CIN, HID, COUT,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, COUT_PAD: tl.constexpr,
+    DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr,
+    BLOCK_CI: tl.constexpr, COUT_PAD: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_P: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr, WARPS: tl.constexpr,
 ):
-    # One program per (image, output tile TH x TW); grid axis 0 only (up to 2^31 - 1
-    # programs: any batch launches). For each hidden chunk: the expand on the tile's
+    # One program per (image, phase, output tile TH x TW of the phase); grid axis 0 only (up
+    # to 2^31 - 1 programs: any batch launches). For each hidden chunk: the expand on the tile's
     # halo, once (_halo), the depthwise taps gathered from it, the project of the whole
     # Cout into one [BLOCK_P, COUT_PAD] accumulator.
     # Expand work: each expanded value (input pixel x hidden channel) once per tile whose
@@ -417,12 +479,11 @@ def _fwd_kernel(
     # (2TH+1)(2TW+1)/(4*TH*TW) at stride 2; with the halo's padding to BLOCK_HALO rows,
     # 1.4x to 2.6x at MobileNetV2's blocks (5.2x for the last, whose 320-channel Cout
     # keeps the tile to 16 pixels). Once for the whole Cout.
-    n_tw = tl.cdiv(WO, TW)
-    n_tiles = tl.cdiv(HO, TH) * n_tw
+    n_tw = tl.cdiv(tl.cdiv(WO, PHASES), TW)
+    n_tiles = tl.cdiv(tl.cdiv(HO, PHASES), TH) * n_tw
     p = tl.arange(0, BLOCK_P)
-    n, oh0, ow0, r, c, ok, p_mask = _tile(tl.program_id(0), n_tw, n_tiles, p, HO, WO, TH, TW)
-    oh = oh0 + r
-    ow = ow0 + c
+    n, ph, pw, oh0, ow0, oh, ow, r, c, ok, p_mask = _tile(tl.program_id(0), n_tw, n_tiles, p, HO, WO, TH, TW,
+                                                          PHASES)
     co = tl.arange(0, COUT_PAD)
     co_mask = co < COUT
     dt = x_ptr.dtype.element_ty
@@ -432,8 +493,9 @@ def _fwd_kernel(
     for h0 in range(0, HID, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         h_mask = hh < HID
-        _, a1, _ = _halo(x_base, oh0 * STRIDE - DW_PAD, ow0 * STRIDE - DW_PAD, H, W, sxh, sxw, sxc,
-                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST,
+        _, a1, _ = _halo(x_base, _halo_origin(ph, oh0, STRIDE, DIL, PHASES, DW_PAD),
+                         _halo_origin(pw, ow0, STRIDE, DIL, PHASES, DW_PAD), H, W, sxh, sxw, sxc,
+                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, DIL,
                          HALO_H, HALO_W, BLOCK_HALO, BLOCK_H, BLOCK_CI)
         acc_dw = _depthwise(a1, r, c, ok, w_dw_ptr, hh, h_mask, STRIDE, DW_KERNEL, HALO_W, BLOCK_P, BLOCK_H)
         b_dw = tl.load(b_dw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
@@ -465,13 +527,14 @@ def _bwd_weight_kernel(
     N, H, W, HO, WO, CIN, HID, COUT, N_SPLITS,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DW_TAPS_PAD: tl.constexpr,
-    CIN_PAD: tl.constexpr, COUT_PAD: tl.constexpr, BLOCK_CO: tl.constexpr, CO_W: tl.constexpr,
+    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr,
+    DW_TAPS_PAD: tl.constexpr, CIN_PAD: tl.constexpr, COUT_PAD: tl.constexpr, BLOCK_CO: tl.constexpr,
+    CO_W: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_P: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr, WARPS: tl.constexpr,
 ):
-    # Grid (hidden chunks, splits, Cout blocks of CO_W); a program walks its contiguous range of (image, output
-    # tile) items. Per item: x on the tile's halo, loaded once at full Cin width; z1 and a1
+    # Grid (hidden chunks, splits, Cout blocks of CO_W); a program walks its contiguous range of (image, phase,
+    # output tile) items. Per item: x on the tile's halo, loaded once at full Cin width; z1 and a1
     # from one dot; z2 by gathering the depthwise taps; g_z2; g_a1 on the halo by the
     # transposed taps; then every weight gradient of the chunk accumulates in registers:
     # the project weight's for the program's Cout block (g_a2 reads the whole Cout, in
@@ -492,7 +555,7 @@ def _bwd_weight_kernel(
     split = tl.program_id(1)
     pid_co = tl.program_id(2)
     dt = x_ptr.dtype.element_ty
-    n_tw, n_tiles, start, end = _split_items(N, HO, WO, N_SPLITS, split, TH, TW)
+    n_tw, n_tiles, start, end = _split_items(N, HO, WO, N_SPLITS, split, TH, TW, PHASES)
 
     hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = hh < HID
@@ -522,10 +585,10 @@ def _bwd_weight_kernel(
     acc_g_w_project = tl.zeros([CO_W, BLOCK_H], dtype=tl.float32)
 
     for item in range(start, end):
-        n, oh0, ow0, r, c, ok, p_mask = _tile(item, n_tw, n_tiles, p, HO, WO, TH, TW)
+        n, ph, pw, oh0, ow0, oh, ow, r, c, ok, p_mask = _tile(item, n_tw, n_tiles, p, HO, WO, TH, TW, PHASES)
         x_base = x_ptr + n * sxn
-        ih = oh0 * STRIDE - DW_PAD + hr
-        iw = ow0 * STRIDE - DW_PAD + hc
+        ih = _halo_origin(ph, oh0, STRIDE, DIL, PHASES, DW_PAD) + hr * DIL
+        iw = _halo_origin(pw, ow0, STRIDE, DIL, PHASES, DW_PAD) + hc * DIL
         inb = i_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         if HAS_EXPAND:
@@ -546,7 +609,7 @@ def _bwd_weight_kernel(
             g_z2 = tl.where(p_mask[:, None], alpha[None, :] + beta[None, :] * z2, 0.0)
         else:
             a2 = tl.where(p_mask[:, None], _relu6(z2), 0.0)
-            gy_pix = n * sgn + (oh0 + r).to(tl.int64) * sgh + (ow0 + c).to(tl.int64) * sgw
+            gy_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
             # (the weight chunks are loaded per item, from cache, rather than held in registers)
             g_a2 = _grad_a2(gy_ptr, gy_pix, p_mask, sgc, w_project_ptr, hh, h_mask, COUT, HID, IS_FP32, UPCAST,
                             BLOCK_P, BLOCK_H, BLOCK_CO)
@@ -596,7 +659,7 @@ def _bwd_input_kernel(
     N, H, W, HO, WO, CIN, HID, COUT, NPROG,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr,
+    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr,
     CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     TQH: tl.constexpr, TQW: tl.constexpr, BLOCK_Q: tl.constexpr, OTH: tl.constexpr, OTW: tl.constexpr,
     BLOCK_O: tl.constexpr, AH: tl.constexpr, AW: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -613,12 +676,19 @@ def _bwd_input_kernel(
     # stride, less DW_PAD.
     # Expand work: each expanded value once per input tile whose double halo A holds it,
     # AH*AW / (TQH*TQW) times (with padding 2x to 5.2x at MobileNetV2's blocks).
+    # Dilated: an item is (image, phase, input tile); the coordinates above are the phase's
+    # (its input lattice: image rows ph * PHASE_STEP + j * DIL; its outputs: ph + i * PHASES),
+    # and its tiles start at the lattice's first row in the image, j = -(ph * PHASE_STEP // DIL)
+    # (0 or, for an odd dilation at stride 2, -1). The lattices of no phase (stride 2, even
+    # dilation: the odd rows and columns) get no gradient from the depthwise; the host zeroes
+    # grad_x for them.
     DW_TAPS: tl.constexpr = DW_KERNEL * DW_KERNEL
+    PHASE_STEP: tl.constexpr = STRIDE * DIL // PHASES
     pid = tl.program_id(0)
     dt = x_ptr.dtype.element_ty
-    n_tw = tl.cdiv(W, TQW)
-    n_tiles = tl.cdiv(H, TQH) * n_tw
-    total = N * n_tiles
+    n_tw = tl.cdiv(tl.cdiv(W, DIL), TQW)
+    n_tiles = tl.cdiv(tl.cdiv(H, DIL), TQH) * n_tw
+    total = N * (PHASES * PHASES) * n_tiles
     ci = tl.arange(0, CIN_PAD)
     ci_mask = ci < CIN
     q = tl.arange(0, BLOCK_Q)
@@ -630,26 +700,40 @@ def _bwd_input_kernel(
     hl = tl.arange(0, BLOCK_H)
 
     for item in range(pid, total, NPROG):
-        n = (item // n_tiles).to(tl.int64)
+        n = (item // (n_tiles * (PHASES * PHASES))).to(tl.int64)
         t = item % n_tiles
-        qh0 = (t // n_tw) * TQH
-        qw0 = (t % n_tw) * TQW
+        phase = (item // n_tiles) % (PHASES * PHASES)
+        ph = phase // PHASES
+        pw = phase % PHASES
+        qh0 = (t // n_tw) * TQH - ph * PHASE_STEP // DIL
+        qw0 = (t % n_tw) * TQW - pw * PHASE_STEP // DIL
         q_r = q // TQW
         q_c = q % TQW
-        qh = qh0 + q_r
-        qw = qw0 + q_c
+        # Q's rows and columns: qh_l, qw_l in the phase, qh, qw in the image
+        qh_l = qh0 + q_r
+        qw_l = qw0 + q_c
+        qh = ph * PHASE_STEP + qh_l * DIL
+        qw = pw * PHASE_STEP + qw_l * DIL
         q_mask = q_ok & (qh < H) & (qw < W)
         if STRIDE == 1:
             oh0 = qh0 - DW_PAD
             ow0 = qw0 - DW_PAD
-        else:
+        elif DIL == 1:
             oh0 = qh0 // 2 - DW_PAD // 2
             ow0 = qw0 // 2 - DW_PAD // 2
+        else:
+            # (qh0 can be odd, and -1, here: the first output whose window reaches qh0,
+            # ceil((qh0 - DW_PAD) / 2), computed on non-negative numbers)
+            oh0 = (qh0 + DW_PAD + 3) // 2 - DW_PAD - 1
+            ow0 = (qw0 + DW_PAD + 3) // 2 - DW_PAD - 1
         ah0 = oh0 * STRIDE - DW_PAD
         aw0 = ow0 * STRIDE - DW_PAD
-        oh = oh0 + o_r
-        ow = ow0 + o_c
-        o_mask = o_ok & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+        # O's rows and columns in the phase, and in the image
+        oh_l = oh0 + o_r
+        ow_l = ow0 + o_c
+        oh = ph + oh_l * PHASES
+        ow = pw + ow_l * PHASES
+        o_mask = o_ok & (oh_l >= 0) & (oh < HO) & (ow_l >= 0) & (ow < WO)
         # Q's pixels within A, and O's outputs that reach each pixel of Q (per tap, below)
         q_in_a = tl.where(q_ok, (qh0 - ah0 + q_r) * AW + (qw0 - aw0 + q_c), 0)
         x_base = x_ptr + n * sxn
@@ -660,8 +744,9 @@ def _bwd_input_kernel(
         for h0 in range(0, HID, BLOCK_H):
             hh = h0 + hl
             h_mask = hh < HID
-            z1, a1, _ = _halo(x_base, ah0, aw0, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, hh, h_mask,
-                              CIN, HAS_EXPAND, IS_FP32, UPCAST, AH, AW, BLOCK_A, BLOCK_H, BLOCK_CI)
+            z1, a1, _ = _halo(x_base, ph * PHASE_STEP + ah0 * DIL, pw * PHASE_STEP + aw0 * DIL, H, W, sxh, sxw, sxc,
+                              w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, DIL,
+                              AH, AW, BLOCK_A, BLOCK_H, BLOCK_CI)
             b_dw = tl.load(b_dw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
             z2 = _depthwise(a1, o_r, o_c, o_ok, w_dw_ptr, hh, h_mask, STRIDE, DW_KERNEL, AW, BLOCK_O,
                             BLOCK_H) + b_dw[None, :]
@@ -675,11 +760,11 @@ def _bwd_input_kernel(
                                 UPCAST, BLOCK_O, BLOCK_H, BLOCK_CO)
                 g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & o_mask[:, None], g_a2, 0.0)
             # g_a1 on Q: the transposed taps, gathered from g_z2 on O (Q's pixels sit at
-            # O-local (qh - oh0) * STRIDE + DW_PAD - dy, ...)
+            # O-local (qh_l - oh0) * STRIDE + DW_PAD - dy, ...)
             g_a1 = tl.zeros([BLOCK_Q, BLOCK_H], dtype=tl.float32)
             for tap in range(DW_TAPS):
                 w_dw_tap = tl.load(w_dw_ptr + hh * DW_TAPS + tap, mask=h_mask, other=0.0).to(tl.float32)
-                g_a1 += _transpose_taps(g_z2, qh - oh0 * STRIDE + DW_PAD, qw - ow0 * STRIDE + DW_PAD, q_ok, tap,
+                g_a1 += _transpose_taps(g_z2, qh_l - oh0 * STRIDE + DW_PAD, qw_l - ow0 * STRIDE + DW_PAD, q_ok, tap,
                                         OTH, OTW, STRIDE, DW_KERNEL, BLOCK_Q, BLOCK_H) * w_dw_tap[None, :]
             if HAS_EXPAND:
                 z1q = tl.gather(z1, tl.broadcast_to(q_in_a[:, None], (BLOCK_Q, BLOCK_H)), 0)
@@ -707,26 +792,26 @@ def _bwd_input_kernel(
 # ---------------------------------------------------------------------------
 # Train-mode bn2 statistics: moments of the depthwise output (no bias).
 
-@triton.autotune(configs=_configs(), key=["CIN", "HID", "H", "W", "STRIDE", "HAS_EXPAND", "IS_FP32", "BLOCK_H",
-                                           "TH", "TW"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=["CIN", "HID", "H", "W", "STRIDE", "DIL", "PHASES", "HAS_EXPAND", "IS_FP32",
+                                           "BLOCK_H", "TH", "TW"], prune_configs_by=_PRUNE)
 @_jit
 def _moments_kernel(
     x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, part_ptr,
     N, H, W, HO, WO, CIN, HID, N_SPLITS,
     sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, BLOCK_CI: tl.constexpr,
+    DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr, BLOCK_CI: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_P: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr, WARPS: tl.constexpr,
 ):
-    # Grid (hidden chunks, splits). A program walks its contiguous range of (image, tile)
-    # items, computes z2 of its chunk on each tile (the expand once on the tile's halo, as
+    # Grid (hidden chunks, splits). A program walks its contiguous range of (image, phase,
+    # tile) items, computes z2 of its chunk on each tile (the expand once on the tile's halo, as
     # the forward: 1.4x to 2.6x per expanded value) and merges the tile's (count, mean, M2) into running ones (Chan et al.:
     # no cancellation of sum-of-squares). It writes part[0|1|2, split, chunk] = count,
     # mean, M2 (float32).
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
-    n_tw, n_tiles, start, end = _split_items(N, HO, WO, N_SPLITS, split, TH, TW)
+    n_tw, n_tiles, start, end = _split_items(N, HO, WO, N_SPLITS, split, TH, TW, PHASES)
     hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = hh < HID
     p = tl.arange(0, BLOCK_P)
@@ -735,19 +820,22 @@ def _moments_kernel(
     run_mean = tl.zeros([BLOCK_H], dtype=tl.float32)
     run_m2 = tl.zeros([BLOCK_H], dtype=tl.float32)
     for item in range(start, end):
-        n, oh0, ow0, r, c, ok, p_mask = _tile(item, n_tw, n_tiles, p, HO, WO, TH, TW)
-        _, a1, _ = _halo(x_ptr + n * sxn, oh0 * STRIDE - DW_PAD, ow0 * STRIDE - DW_PAD, H, W, sxh, sxw, sxc,
-                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST,
+        n, ph, pw, oh0, ow0, oh, ow, r, c, ok, p_mask = _tile(item, n_tw, n_tiles, p, HO, WO, TH, TW, PHASES)
+        _, a1, _ = _halo(x_ptr + n * sxn, _halo_origin(ph, oh0, STRIDE, DIL, PHASES, DW_PAD),
+                         _halo_origin(pw, ow0, STRIDE, DIL, PHASES, DW_PAD), H, W, sxh, sxw, sxc,
+                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, DIL,
                          HALO_H, HALO_W, BLOCK_HALO, BLOCK_H, BLOCK_CI)
         z2 = _depthwise(a1, r, c, ok, w_dw_ptr, hh, h_mask, STRIDE, DW_KERNEL, HALO_W, BLOCK_P, BLOCK_H)
-        cnt = tl.sum(p_mask.to(tl.float32), axis=0)  # >= 1: every tile holds an output pixel
-        tile_mean = tl.sum(tl.where(p_mask[:, None], z2, 0.0), axis=0) / cnt
+        # cnt >= 1 without dilation: every tile holds an output pixel; a dilated phase's tile
+        # can hold none (then so can both, at the start of a split)
+        cnt = tl.sum(p_mask.to(tl.float32), axis=0)
+        tile_mean = tl.sum(tl.where(p_mask[:, None], z2, 0.0), axis=0) / _divisor(cnt, PHASES > 1)
         d = tl.where(p_mask[:, None], z2 - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(d * d, axis=0)
         both = run_n + cnt
         delta = tile_mean - run_mean
-        run_mean += delta * (cnt / both)
-        run_m2 += tile_m2 + delta * delta * (run_n * cnt / both)
+        run_mean += delta * (cnt / _divisor(both, PHASES > 1))
+        run_m2 += tile_m2 + delta * delta * (run_n * cnt / _divisor(both, PHASES > 1))
         run_n = both
     off = split.to(tl.int64) * HID + hh
     # (tl.cast, not .to: an argument equal to 1 arrives as a constexpr, which has no .to)
@@ -760,7 +848,8 @@ def _moments_kernel(
 # ---------------------------------------------------------------------------
 # Host side.
 
-def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, grad_y=None):
+def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, grad_y=None,
+                 dilation=1):
     """Validates the block's arguments; returns (hidden, cout). Raises ValueError/RuntimeError."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"mnv2 triton: x must be a 4-D tensor (N, C, H, W), got "
@@ -769,6 +858,8 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
         raise ValueError(f"mnv2 triton: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
     if stride not in (1, 2):
         raise ValueError(f"mnv2 triton: stride must be 1 or 2, got {stride}")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"mnv2 triton: dilation must be an integer >= 1, got {dilation!r}")
     if (w_expand is None) != (b_expand is None):
         raise ValueError("mnv2 triton: w_expand and b_expand must be given together")
     for name, t in (("w_expand", w_expand), ("b_expand", b_expand), ("w_dw", w_dw), ("b_dw", b_dw),
@@ -806,7 +897,7 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
     if min(cin, hidden, cout) < 1:
         raise ValueError(f"mnv2 triton: empty channel dimension: Cin {cin}, hidden {hidden}, Cout {cout}")
     if grad_y is not None:
-        ho, wo = output_size(h, w, stride)
+        ho, wo = output_size(h, w, stride, dilation)
         if tuple(grad_y.shape) != (n, cout, ho, wo):
             raise ValueError(f"mnv2 triton: grad_y must be {(n, cout, ho, wo)}, got {tuple(grad_y.shape)}")
     return hidden, cout
@@ -826,11 +917,16 @@ def output_like(x, cout, ho, wo):
                        memory_format=_memory_format(x))
 
 
-def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, y):
+def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, y,
+                    dilation=1):
     """Launches the forward kernel (through torch.library.wrap_triton when ``traceable``)."""
     n, cin, h, w = x.shape
     hidden, cout = w_dw.shape[0], w_project.shape[0]
     ho, wo = y.shape[2], y.shape[3]
+    dilation = _effective_dilation(dilation, h, w)
+    lattice_stride, phases = _lattice(stride, dilation)
+    # the outputs of a phase (the largest)
+    hp, wp = triton.cdiv(ho, phases), triton.cdiv(wo, phases)
     has_expand = w_expand is not None
     w_expand_arg = w_expand if has_expand else w_dw  # dummy pointer when t == 1 (never read)
     b_expand_arg = b_expand if has_expand else b_dw
@@ -839,44 +935,48 @@ def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_p
     # float32 with a wide Cout: eight warps, for the [tile, Cout] accumulator and the FMA
     # dot's [BLOCK_H, Cout] operand
     warps = 8 if is_fp32 and cout_pad >= 256 else 4
-    th, tw = _out_tile(ho, wo, stride, cin_pad if has_expand else 0, cout_pad,
+    th, tw = _out_tile(hp, wp, lattice_stride, cin_pad if has_expand else 0, cout_pad,
                        _ACC // 2 * (warps // 4) if is_fp32 else _ACC, 0, 64 if is_fp32 else 256)
-    halo_h, halo_w = _halo_side(th, stride), _halo_side(tw, stride)
+    halo_h, halo_w = _halo_side(th, lattice_stride), _halo_side(tw, lattice_stride)
     block_halo = _pow2(halo_h * halo_w)
-    grid = (n * triton.cdiv(ho, th) * triton.cdiv(wo, tw),)
+    grid = (n * phases * phases * triton.cdiv(hp, th) * triton.cdiv(wp, tw),)
     (wrap_triton(_fwd_kernel) if traceable else _fwd_kernel)[grid](
         x, w_expand_arg, b_expand_arg, w_dw, b_dw, w_project, b_project, y,
         h, w, ho, wo, cin, hidden, cout,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-        STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
-        DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, BLOCK_CI=_block_ci(cin, x.dtype), COUT_PAD=cout_pad,
+        STRIDE=lattice_stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=x.dtype == torch.float32,
+        UPCAST=_upcast(x), DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases,
+        BLOCK_CI=_block_ci(cin, x.dtype), COUT_PAD=cout_pad,
         TH=th, TW=tw, BLOCK_P=_pow2(th * tw), HALO_H=halo_h, HALO_W=halo_w, BLOCK_HALO=block_halo,
         BLOCK_H=_hidden_chunk(block_halo, is_fp32), WARPS=warps,
     )
     return y
 
 
-def forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, traceable=False):
-    """The fused block (see mnv2_kernels.reference.inverted_residual); y in x's memory format."""
-    check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+def forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1,
+            traceable=False):
+    """The fused block (see mnv2_kernels.reference.inverted_residual), with the depthwise
+    convolution dilated by ``dilation`` (padding DW_PAD * dilation: the output size does not
+    change); y in x's memory format."""
+    check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=dilation)
     w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
         _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
-    ho, wo = output_size(x.shape[2], x.shape[3], stride)
+    ho, wo = output_size(x.shape[2], x.shape[3], stride, dilation)
     y = output_like(x, w_project.shape[0], ho, wo)
     if y.numel() == 0:
         return y
     return _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project,
-                           stride, residual, y)
+                           stride, residual, y, dilation)
 
 
 def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
-             traceable=False):
+             dilation=1, traceable=False):
     """The 7 gradients (grad_x, grad_w_expand, grad_b_expand, grad_w_dw, grad_b_dw,
-    grad_w_project, grad_b_project), in the input dtypes. Without w_expand,
+    grad_w_project, grad_b_project) of forward(), in the input dtypes. Without w_expand,
     grad_w_expand is (0, 0) and grad_b_expand is (0,)."""
     hidden, cout = check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                residual, grad_y=grad_y)
+                                residual, grad_y=grad_y, dilation=dilation)
     w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
         _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
     n, cin, h, w = x.shape
@@ -889,7 +989,7 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
                 z(hidden, cin) if has_expand else z(0, 0), z(hidden) if has_expand else z(0),
                 z(hidden, DW_KERNEL, DW_KERNEL), z(hidden), z(cout, hidden), z(cout))
     grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, g_b_dw_parts, g_w_project_parts = _launch_backward(
-        traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual, None)
+        traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual, None, dilation)
     dt = x.dtype
     if has_expand:
         g_w_expand = g_w_expand_parts.sum(0).to(dt)
@@ -905,14 +1005,19 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
 
 
 def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual,
-                     moments):
+                     moments, dilation=1):
     """Launches the weight-gradient and input-gradient kernels; returns grad_x and the float32
     per-split partials of (g_w_expand, g_b_expand, g_w_dw, g_b_dw, g_w_project). ``moments`` =
     (alpha, beta): the backward of the depthwise moments instead (grad_y and w_project are then
     not read)."""
     n, cin, h, w = x.shape
     hidden, cout = w_dw.shape[0], w_project.shape[0]
-    ho, wo = output_size(h, w, stride)
+    ho, wo = output_size(h, w, stride, dilation)
+    dilation = _effective_dilation(dilation, h, w)
+    lattice_stride, phases = _lattice(stride, dilation)
+    # the outputs of a phase, and the input pixels of a phase's lattice (the largest)
+    hp, wp = triton.cdiv(ho, phases), triton.cdiv(wo, phases)
+    hl, wl = triton.cdiv(h, dilation), triton.cdiv(w, dilation)
     has_expand = w_expand is not None
     w_expand_arg = w_expand if has_expand else w_dw
     b_expand_arg = b_expand if has_expand else b_dw
@@ -933,13 +1038,13 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
     # on their way to the dots: half the halo, and grad_y in 32-channel slices.
     budget = _ACC // 2 if is_fp32 else _ACC
     max_halo = 32 if is_fp32 and x.stride(1) != 1 else 64
-    th, tw = _out_tile(ho, wo, stride, cin_pad if has_expand else 0, min(cout_pad, 128), budget,
+    th, tw = _out_tile(hp, wp, lattice_stride, cin_pad if has_expand else 0, min(cout_pad, 128), budget,
                        budget if has_expand else 0, max_halo)
-    halo_h, halo_w = _halo_side(th, stride), _halo_side(tw, stride)
+    halo_h, halo_w = _halo_side(th, lattice_stride), _halo_side(tw, lattice_stride)
     block_halo = _pow2(halo_h * halo_w)
     block_h = 16  # (its [halo, BLOCK_H] tiles a1, z1, g_a1 and the accumulators)
     n_chunks = triton.cdiv(hidden, block_h)
-    items = n * triton.cdiv(ho, th) * triton.cdiv(wo, tw)
+    items = n * phases * phases * triton.cdiv(hp, th) * triton.cdiv(wp, tw)
     n_splits = max(1, min(items, triton.cdiv(4 * sms, n_chunks), 64 if not INTERPRET else 2))
     he = hidden if has_expand else 1
     g_w_expand_parts = torch.empty((n_splits, he, cin if has_expand else 1), dtype=f32, device=dev)
@@ -955,8 +1060,9 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
         n, h, w, ho, wo, cin, hidden, cout, n_splits,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
-        STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DW_TAPS_PAD=DW_TAPS_PAD,
+        STRIDE=lattice_stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
+        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases,
+        DW_TAPS_PAD=DW_TAPS_PAD,
         CIN_PAD=cin_pad, COUT_PAD=cout_pad, BLOCK_CO=min(cout_pad, 32 if max_halo == 32 else 64), CO_W=co_w,
         TH=th, TW=tw, BLOCK_P=_pow2(th * tw), HALO_H=halo_h, HALO_W=halo_w, BLOCK_HALO=block_halo,
         BLOCK_H=block_h, WARPS=_warps(block_halo, block_h, is_fp32),
@@ -964,10 +1070,15 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
 
     # (b) input gradient
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x))
-    tqh, tqw = _in_tile(h, w, stride, cin_pad if has_expand else 0, cout_pad, _ACC // 2, max_halo if is_fp32 else 256)
-    oth, otw, ah, aw = _in_halos(tqh, tqw, stride)
+    if lattice_stride != stride:
+        # (stride 2, even dilation: the phases' lattices hold the even rows and columns only; the
+        # others are under no depthwise tap, and the kernel does not visit them)
+        grad_x.zero_()
+    tqh, tqw = _in_tile(hl, wl, lattice_stride, cin_pad if has_expand else 0, cout_pad, _ACC // 2,
+                        max_halo if is_fp32 else 256)
+    oth, otw, ah, aw = _in_halos(tqh, tqw, lattice_stride)
     block_a = _pow2(ah * aw)
-    n_items = n * triton.cdiv(h, tqh) * triton.cdiv(w, tqw)
+    n_items = n * phases * phases * triton.cdiv(hl, tqh) * triton.cdiv(wl, tqw)
     nprog = max(1, min(n_items, 4 * sms if not INTERPRET else 2))
     block_h = _hidden_chunk(block_a, is_fp32)
     (wrap_triton(_bwd_input_kernel) if traceable else _bwd_input_kernel)[(nprog,)](
@@ -976,8 +1087,8 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
-        STRIDE=stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD,
+        STRIDE=lattice_stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
+        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases,
         CIN_PAD=cin_pad, BLOCK_CI=_block_ci(cin, x.dtype), BLOCK_CO=min(cout_pad, 64),
         TQH=tqh, TQW=tqw, BLOCK_Q=_pow2(tqh * tqw), OTH=oth, OTW=otw, BLOCK_O=_pow2(oth * otw),
         AH=ah, AW=aw, BLOCK_A=block_a, BLOCK_H=block_h, WARPS=_warps(block_a, block_h, is_fp32),
@@ -986,15 +1097,19 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
     return grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, g_b_dw_parts, g_w_project_parts
 
 
-def moments(x, w_expand, b_expand, w_dw, stride):
+def moments(x, w_expand, b_expand, w_dw, stride, dilation=1):
     """Train-mode bn2 statistics: the per-channel mean and biased variance (float32) of the
     depthwise output z2 = dw3x3(relu6(x @ w_expand^T + b_expand)) (no bias; z2 = dw3x3(x) when
-    w_expand is None), streamed: per-program (count, mean, M2) partials merged with Chan's
-    formula, then combined in float64 on the host. Nothing hidden-sized is stored."""
-    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride)
+    w_expand is None; dilated by ``dilation``), streamed: per-program (count, mean, M2) partials
+    merged with Chan's formula, then combined in float64 on the host. Nothing hidden-sized is
+    stored."""
+    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation)
     n, cin, h, w = x.shape
     hidden = w_dw.shape[0]
-    ho, wo = output_size(h, w, stride)
+    ho, wo = output_size(h, w, stride, dilation)
+    dilation = _effective_dilation(dilation, h, w)
+    lattice_stride, phases = _lattice(stride, dilation)
+    hp, wp = triton.cdiv(ho, phases), triton.cdiv(wo, phases)
     w_expand, b_expand, w_dw = map(_contig_w, (w_expand, b_expand, w_dw))
     has_expand = w_expand is not None
     dev = x.device
@@ -1003,11 +1118,11 @@ def moments(x, w_expand, b_expand, w_dw, stride):
         return nan, nan.clone()
     cin_pad = _pad(cin)
     is_fp32 = x.dtype == torch.float32
-    th, tw = _out_tile(ho, wo, stride, cin_pad if has_expand else 0, 16, 0, 0, 64 if is_fp32 else 256)
-    halo_h, halo_w = _halo_side(th, stride), _halo_side(tw, stride)
+    th, tw = _out_tile(hp, wp, lattice_stride, cin_pad if has_expand else 0, 16, 0, 0, 64 if is_fp32 else 256)
+    halo_h, halo_w = _halo_side(th, lattice_stride), _halo_side(tw, lattice_stride)
     block_halo = _pow2(halo_h * halo_w)
     block_h = _hidden_chunk(block_halo, is_fp32)
-    items = n * triton.cdiv(ho, th) * triton.cdiv(wo, tw)
+    items = n * phases * phases * triton.cdiv(hp, th) * triton.cdiv(wp, tw)
     n_chunks = triton.cdiv(hidden, block_h)
     n_splits = max(1, min(items, triton.cdiv(4 * _sm_count(dev), n_chunks), 2 if INTERPRET else 256))
     part = torch.empty((3, n_splits, hidden), dtype=torch.float32, device=dev)
@@ -1015,8 +1130,8 @@ def moments(x, w_expand, b_expand, w_dw, stride):
         x, w_expand if has_expand else w_dw, b_expand if has_expand else w_dw, w_dw, part,
         n, h, w, ho, wo, cin, hidden, n_splits,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        STRIDE=stride, HAS_EXPAND=has_expand, IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
-        DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, BLOCK_CI=_block_ci(cin, x.dtype),
+        STRIDE=lattice_stride, HAS_EXPAND=has_expand, IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
+        DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases, BLOCK_CI=_block_ci(cin, x.dtype),
         TH=th, TW=tw, BLOCK_P=_pow2(th * tw), HALO_H=halo_h, HALO_W=halo_w, BLOCK_HALO=block_halo,
         BLOCK_H=block_h, WARPS=4,
     )
@@ -1027,12 +1142,12 @@ def moments(x, w_expand, b_expand, w_dw, stride):
     return mean.float(), (m2 / total).float()
 
 
-def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta):
+def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta, dilation=1):
     """Gradients (x, w_expand, b_expand, w_dw) of sum_c sum_pixels (alpha_c z2 + beta_c z2^2 / 2):
     the backward of moments() with grad_z2 = alpha + beta * z2, recomputed per tile by the
     fused backward kernels in their moments mode. In the input dtypes; None for the absent
     expand."""
-    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride)
+    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation)
     hidden = w_dw.shape[0]
     w_expand, b_expand, w_dw = map(_contig_w, (w_expand, b_expand, w_dw))
     alpha = alpha.to(torch.float32).contiguous()
@@ -1049,14 +1164,14 @@ def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta):
     zero_bias = torch.zeros(hidden, dtype=dt, device=x.device)
     stand_in_project = w_dw.new_zeros((1, hidden))  # never read in the moments mode
     grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, _, _ = _launch_backward(
-        False, x, x, w_expand, b_expand, w_dw, zero_bias, stand_in_project, stride, False, (alpha, beta))
+        False, x, x, w_expand, b_expand, w_dw, zero_bias, stand_in_project, stride, False, (alpha, beta), dilation)
     g_w_dw = g_w_dw_parts.sum(0).view(hidden, DW_KERNEL, DW_KERNEL).to(dt)
     if not has_expand:
         return grad_x, None, None, g_w_dw
     return grad_x, g_w_expand_parts.sum(0).to(dt), g_b_expand_parts.sum(0).to(dt), g_w_dw
 
 
-def _check_moments_inputs(x, w_expand, b_expand, w_dw, stride):
+def _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation):
     hidden = w_dw.shape[0] if isinstance(w_dw, torch.Tensor) and w_dw.dim() == 3 else 1
     check_inputs(x, w_expand, b_expand, w_dw, w_dw.new_zeros(hidden) if isinstance(w_dw, torch.Tensor) else None,
-                 x.new_zeros((1, hidden)), x.new_zeros(1), stride, False)
+                 x.new_zeros((1, hidden)), x.new_zeros(1), stride, False, dilation=dilation)

@@ -4,14 +4,15 @@
 
     mnv2::triton_fused_inverted_residual(Tensor x, Tensor? w_expand, Tensor? b_expand,
         Tensor w_dw, Tensor b_dw, Tensor w_project, Tensor b_project, int stride,
-        bool residual) -> Tensor
+        bool residual, int dilation=1) -> Tensor
     mnv2::triton_fused_inverted_residual_backward(Tensor grad_y, <same arguments>)
         -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
 
 with ``torch.library.triton_op`` (kernels launched through
 ``torch.library.wrap_triton``, so torch.compile(fullgraph=True) traces into
 them), and autograd on the forward operator (saves x and the weights only;
-the backward operator recomputes the rest).
+the backward operator recomputes the rest). ``dilation`` dilates the depthwise
+step (padding dilation, the output size of dilation 1: atrous MobileNetV2).
 
 Interpreter notes (decided by trying, torch 2.14 / triton 3.8): under
 TRITON_INTERPRET=1, wrap_triton hands the interpreted kernel back unwrapped.
@@ -43,9 +44,9 @@ FWD = "mnv2::triton_fused_inverted_residual"
 BWD = "mnv2::triton_fused_inverted_residual_backward"
 
 FWD_SCHEMA = ("(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, Tensor b_dw, "
-              "Tensor w_project, Tensor b_project, int stride, bool residual) -> Tensor")
+              "Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1) -> Tensor")
 BWD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, Tensor b_dw, "
-              "Tensor w_project, Tensor b_project, int stride, bool residual) "
+              "Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1) "
               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 USED_TRITON_OP = None  # set by register(): True (triton_op) or False (custom_op fallback)
@@ -60,15 +61,16 @@ def _op_exists(name):
         return False
 
 
-def _fake_forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
-    _, cout = fused_ir.check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
-    ho, wo = fused_ir.output_size(x.shape[2], x.shape[3], stride)
+def _fake_forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1):
+    _, cout = fused_ir.check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
+                                    dilation=dilation)
+    ho, wo = fused_ir.output_size(x.shape[2], x.shape[3], stride, dilation)
     return fused_ir.output_like(x, cout, ho, wo)
 
 
-def _fake_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual):
+def _fake_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1):
     hidden, cout = fused_ir.check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                         residual, grad_y=grad_y)
+                                         residual, grad_y=grad_y, dilation=dilation)
     cin = x.shape[1]
     has = w_expand is not None
     from torch._prims_common import suggest_memory_format
@@ -101,15 +103,16 @@ def _define(fwd_name: str, bwd_name: str, use_triton_op: bool) -> None:
     """Defines the forward/backward operators under the given names, with autograd."""
 
     def fwd_impl(x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor,
-                 b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int, residual: bool) -> Tensor:
+                 b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int, residual: bool,
+                 dilation: int = 1) -> Tensor:
         return fused_ir.forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
-                                traceable=use_triton_op)
+                                dilation, traceable=use_triton_op)
 
     def bwd_impl(grad_y: Tensor, x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor],
                  w_dw: Tensor, b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int,
-                 residual: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 residual: bool, dilation: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         return fused_ir.backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                 residual, traceable=use_triton_op)
+                                 residual, dilation, traceable=use_triton_op)
 
     if use_triton_op:
         fwd_op = torch.library.triton_op(fwd_name, fwd_impl, mutates_args=(), schema=FWD_SCHEMA)

@@ -1,5 +1,6 @@
-"""A few hypothesis examples of the Triton kernels (forward and fused backward)
-against the float64 reference, and NaN / Inf propagation.
+"""A few hypothesis examples of the Triton kernels (forward and fused backward, with the
+depthwise step dilated by 1, 2 or 4) against the float64 reference, and NaN / Inf
+propagation.
 
 Run with tests/triton (TRITON_INTERPRET=1 on the CPU, see conftest.py). The
 interpreter takes seconds per block, so the shapes are tiny (H, W <= 8,
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mnv2_kernels import reference
-from test_triton_interp import DEVICE, GRAD_RTOL, NAMES, OUT_RTOL, rel_err
+from test_triton_interp import DEVICE, GRAD_RTOL, NAMES, OUT_RTOL, _moments_reference, block_reference, rel_err
 from mnv2_kernels.triton_kernels import fused_ir
 
 EXAMPLES = 30 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 3
@@ -28,7 +29,7 @@ def _dyadic(t, bits, bound):
     return (t * scale).round().clamp(-bound * scale, bound * scale) / scale
 
 
-def _args(n, cin, cout, t, stride, h, w, residual, channels_last, seed):
+def _args(n, cin, cout, t, stride, h, w, residual, channels_last, seed, dilation=1):
     g = torch.Generator().manual_seed(seed)
     hidden = cin * t
 
@@ -40,7 +41,7 @@ def _args(n, cin, cout, t, stride, h, w, residual, channels_last, seed):
         x = x.contiguous(memory_format=torch.channels_last)
     we, be = (r(hidden, cin, scale=0.5), r(hidden)) if t != 1 else (None, None)
     return [x, we, be, r(hidden, 3, 3, scale=0.5), r(hidden), r(cout, hidden, scale=0.3), r(cout),
-            stride, residual]
+            stride, residual, dilation]
 
 
 @st.composite
@@ -51,7 +52,8 @@ def blocks(draw):
     return dict(n=draw(st.integers(1, 2)), cin=cin, cout=cout, t=draw(st.sampled_from([1, 2, 6])),
                 stride=stride, h=draw(st.integers(1, 8)), w=draw(st.integers(1, 8)),
                 residual=stride == 1 and cin == cout and draw(st.booleans()),
-                channels_last=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+                channels_last=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+                dilation=draw(st.sampled_from([1, 2, 4])))
 
 
 @settings(max_examples=EXAMPLES)
@@ -59,7 +61,7 @@ def blocks(draw):
 def test_triton_matches_reference(block):
     args = _args(**block)
     a64 = [a.detach().double().cpu().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    y64 = reference.inverted_residual(*a64)
+    y64 = block_reference(*a64)
     gy64 = torch.randn(y64.shape, generator=torch.Generator().manual_seed(block["seed"]), dtype=torch.float64)
     y64.backward(gy64)
 
@@ -81,7 +83,7 @@ def test_triton_matches_reference(block):
 def test_nan_and_inf_propagate_as_in_the_reference():
     """ReLU6 keeps a NaN (torch.clamp does: relu6(nan) = nan) and clamps +-Inf."""
     for t in (2, 1):
-        args = _args(1, 4, 4, t, 1, 5, 5, True, False, seed=3)
+        args = _args(1, 4, 4, t, 1, 5, 5, True, False, seed=3)[:9]
         x = args[0].clone()
         x[0, 1, 2, 2] = float("nan")
         x[0, 2, 0, 4] = float("inf")
@@ -100,15 +102,20 @@ def test_nan_and_inf_propagate_as_in_the_reference():
 @given(block=blocks())
 def test_train_mode_statistics_at_batch_1(block):
     """bn2's batch statistics by the Triton kernel at batch 1 with outputs of at most 8x8:
-    one (image, tile) item, so one split on a GPU (the case that once failed to compile
-    there, tests/test_triton_compile.py), against the float64 statistics of PyTorch ops."""
+    one (image, tile) item without dilation, so one split on a GPU (the case that once failed
+    to compile there, tests/test_triton_compile.py), against the float64 statistics of
+    PyTorch ops."""
     from mnv2_kernels.moments import depthwise_moments_torch
 
     block = dict(block, n=1)
     x, we, be, wd = _args(**block)[:4]
-    mean, var = fused_ir.moments(x, we, be, wd, block["stride"])
-    ref_mean, ref_var = depthwise_moments_torch(*(None if a is None else a.double().cpu() for a in (x, we, be, wd)),
-                                                block["stride"])
+    mean, var = fused_ir.moments(x, we, be, wd, block["stride"], block["dilation"])
+    if block["dilation"] == 1:
+        ref_mean, ref_var = depthwise_moments_torch(
+            *(None if a is None else a.double().cpu() for a in (x, we, be, wd)), block["stride"])
+    else:
+        z2 = _moments_reference(x, we, be, wd, block["stride"], block["dilation"])[2].detach()
+        ref_var, ref_mean = torch.var_mean(z2, dim=(0, 2, 3), correction=0)
     # (means near 0 are judged against the standard deviation, not their own size)
     scale = ref_var.sqrt().clamp_min(1e-3)
     assert ((mean.double().cpu() - ref_mean) / scale).abs().max() <= 1e-5, block

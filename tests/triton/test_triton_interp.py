@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     raise RuntimeError(
@@ -48,10 +49,26 @@ def make_args(n, cin, h, w, t, cout, stride, residual, channels_last=False, seed
             stride, residual]
 
 
+def dilated_reference(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation):
+    """The block with its depthwise step dilated (padding = dilation), from torch's dilated
+    convolution."""
+    a1 = x if w_expand is None else F.conv2d(x, w_expand[:, :, None, None], b_expand).clamp(0, 6)
+    a2 = F.conv2d(a1, w_dw[:, None], b_dw, stride=stride, padding=dilation, dilation=dilation,
+                  groups=w_dw.shape[0]).clamp(0, 6)
+    y = F.conv2d(a2, w_project[:, :, None, None], b_project)
+    return y + x if residual else y
+
+
+def block_reference(*args):
+    """The reference of operator arguments, with or without a trailing dilation."""
+    return reference.inverted_residual(*args) if len(args) == 9 else dilated_reference(*args)
+
+
 def reference_grads(args, grad_y=None, seed=1):
-    """(y64, grad_y, grads64) of the float64 reference; grads64[i] is None for absent inputs."""
+    """(y64, grad_y, grads64) of the float64 reference; grads64[i] is None for absent inputs.
+    ``args``: the operator's, with or without a trailing dilation."""
     a64 = [a.detach().double().cpu().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    y = reference.inverted_residual(*a64)
+    y = block_reference(*a64)
     if grad_y is None:
         grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     y.backward(grad_y)
@@ -87,10 +104,35 @@ def test_available():
     assert interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_backward(case):
-    n, cin, h, w, t, cout, stride, residual, cl = case
+# (N, Cin, H, W, t, Cout, stride, residual, channels_last, dilation): atrous blocks (Mobile
+# DeepLabv3). Sides smaller than the dilation, a dilation beyond both sides (run as the larger
+# side), 1x1 (where it changes nothing), an odd dilation at stride 2 (each phase's input
+# lattice starts one row or column before the image, or in it) and an even one (the odd rows
+# and columns are under no tap), several tiles per phase.
+DILATED_CASES = [
+    (1, 8, 9, 7, 6, 8, 1, True, True, 2),
+    (2, 3, 7, 5, 6, 8, 1, False, False, 2),
+    (1, 8, 9, 7, 6, 16, 2, False, True, 2),
+    (1, 16, 7, 6, 1, 16, 1, True, False, 2),
+    (2, 8, 3, 5, 6, 8, 1, True, True, 4),
+    (1, 8, 3, 5, 1, 8, 2, False, False, 4),
+    (1, 4, 11, 9, 2, 4, 1, True, False, 4),
+    (1, 4, 10, 9, 2, 8, 2, False, True, 4),
+    (1, 8, 1, 1, 6, 8, 1, True, False, 4),
+    (2, 4, 7, 5, 2, 8, 2, False, True, 3),
+    (1, 4, 3, 5, 6, 4, 1, True, False, 8),
+]
+
+
+def dilated_case_id(c):
+    return f"{case_id(c[:9])}-d{c[9]}"
+
+
+def check_forward_backward(n, cin, h, w, t, cout, stride, residual, cl, dilation=None):
+    """fused_ir.forward and backward against the float64 reference (dilated when ``dilation``)."""
     args = make_args(n, cin, h, w, t, cout, stride, residual, channels_last=cl)
+    if dilation is not None:
+        args.append(dilation)
     y64, gy64, g64 = reference_grads(args)
 
     y = fused_ir.forward(*args)
@@ -111,6 +153,25 @@ def test_forward_backward(case):
             continue
         assert got.shape == arg.shape and got.dtype == arg.dtype, name
         assert rel_err(got, want) <= GRAD_RTOL, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward(case):
+    check_forward_backward(*case)
+
+
+@pytest.mark.parametrize("case", DILATED_CASES, ids=dilated_case_id)
+def test_dilated_forward_backward(case):
+    check_forward_backward(*case)
+
+
+def test_dilation_beyond_the_image_runs_as_its_larger_side():
+    """Every off-centre tap reads padding once the dilation reaches the larger side: the
+    kernels run such a dilation as that side, with the same results."""
+    args = make_args(1, 4, 3, 5, 2, 4, 1, True)
+    assert torch.equal(fused_ir.forward(*args, 5), fused_ir.forward(*args, 1000))
+    y64, _, _ = reference_grads(args + [1000])
+    assert rel_err(fused_ir.forward(*args, 1000), y64) <= OUT_RTOL
 
 
 def test_strided_input():
@@ -171,6 +232,32 @@ def test_registered_op_autograd():
     _, _, g64 = reference_grads(args, grad_y=torch.ones(y.shape, dtype=torch.float64))
     assert rel_err(x.grad, g64[0]) <= GRAD_RTOL
     assert w_dw.grad is None
+
+
+def test_registered_op_dilated():
+    """The operator's dilation reaches the kernels, the fake kernel, autograd and the
+    decomposition; opcheck on both operators."""
+    from torch._decomp import decomposition_table
+
+    args = make_args(1, 8, 5, 3, 6, 8, 1, True, channels_last=True) + [2]
+    y64, gy64, g64 = reference_grads(args)
+    leaves = [a.clone().requires_grad_() for a in args[:7]]
+    op = torch.ops.mnv2.triton_fused_inverted_residual
+    y = op(*leaves, *args[7:])
+    assert rel_err(y, y64) <= OUT_RTOL
+    y.backward(gy64.float().to(DEVICE))
+    for name, leaf, want in zip(NAMES, leaves, g64):
+        assert rel_err(leaf.grad, want) <= GRAD_RTOL, name
+    assert rel_err(op(*args[:9], dilation=2), y64) <= OUT_RTOL
+    assert rel_err(decomposition_table[op.default](*args), y64) <= OUT_RTOL
+
+    args = make_args(1, 8, 3, 3, 2, 8, 2, False)
+    for i in range(7):
+        args[i] = args[i].requires_grad_()
+    torch.library.opcheck(op.default, tuple(args) + (3,))
+    gy = torch.randn(1, 8, 2, 2, device=DEVICE)
+    torch.library.opcheck(torch.ops.mnv2.triton_fused_inverted_residual_backward.default,
+                          (gy, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args], 4))
 
 
 def test_register_idempotent():
@@ -265,6 +352,15 @@ def test_bad_input():
         fused_ir.backward(torch.zeros(1, 8, 4, 4, device=DEVICE), *args)
     with pytest.raises(ValueError, match="4-D"):
         torch.ops.mnv2.triton_fused_inverted_residual(*bad(args, 0, x[0]))
+    for dilation in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="dilation must be an integer >= 1"):
+            fused_ir.forward(*args, dilation)
+    with pytest.raises(ValueError, match="dilation must be an integer >= 1"):
+        fused_ir.backward(torch.zeros(1, 8, 5, 5, device=DEVICE), *args, 0)
+    with pytest.raises(ValueError, match="dilation must be an integer >= 1"):
+        fused_ir.moments(x, we, be, wd, 1, 0)
+    with pytest.raises(ValueError, match="dilation must be an integer >= 1"):
+        torch.ops.mnv2.triton_fused_inverted_residual(*args, 0)
 
 
 MOMENTS_CASES = [
@@ -278,13 +374,27 @@ MOMENTS_CASES = [
 ]
 
 
-def _moments_reference(x, w_expand, b_expand, w_dw, stride):
-    """z2 = dw3x3(relu6(expand(x))) without bias, float64 PyTorch with autograd."""
+# (n, cin, t, h, w, stride, channels_last, dilation)
+DILATED_MOMENTS_CASES = [
+    (2, 8, 3, 7, 5, 1, False, 2),
+    (1, 16, 3, 9, 9, 2, True, 2),
+    (2, 12, 1, 6, 7, 1, True, 4),
+    (1, 5, 2, 7, 6, 2, False, 3),
+    (2, 4, 2, 3, 5, 1, True, 4),
+    (1, 3, 6, 1, 1, 1, False, 4),
+    (1, 4, 6, 3, 5, 2, False, 4),
+]
+
+
+def _moments_reference(x, w_expand, b_expand, w_dw, stride, dilation=1):
+    """z2 = dw3x3(relu6(expand(x))) without bias (dilated, padding = dilation), float64
+    PyTorch with autograd."""
     xa = x.detach().double().cpu().requires_grad_()
     params = [None if t is None else t.detach().double().cpu().requires_grad_() for t in (w_expand, b_expand, w_dw)]
     we, be, wd = params
     a1 = xa if we is None else torch.nn.functional.conv2d(xa, we[:, :, None, None], be).clamp(0, 6)
-    z2 = torch.nn.functional.conv2d(a1, wd[:, None], None, stride=stride, padding=1, groups=a1.shape[1])
+    z2 = torch.nn.functional.conv2d(a1, wd[:, None], None, stride=stride, padding=dilation, dilation=dilation,
+                                    groups=a1.shape[1])
     return xa, params, z2
 
 
@@ -292,10 +402,19 @@ def _moments_reference(x, w_expand, b_expand, w_dw, stride):
 def test_depthwise_moments_kernels(case):
     """Train-mode bn2 statistics (the streamed moments kernel) and their backward (the fused
     backward kernels in moments mode) against float64 PyTorch."""
-    n, cin, t, h, w, stride, channels_last = case
+    check_depthwise_moments(*case)
+
+
+@pytest.mark.parametrize("case", DILATED_MOMENTS_CASES, ids=lambda c: "n{}c{}t{}_{}x{}s{}_cl{:d}_d{}".format(*c))
+def test_dilated_depthwise_moments_kernels(case):
+    """The same with the depthwise step dilated."""
+    check_depthwise_moments(*case)
+
+
+def check_depthwise_moments(n, cin, t, h, w, stride, channels_last, dilation=1):
     x, we, be, wd, *_ = make_args(n, cin, h, w, t, cin, stride, False, channels_last=channels_last, seed=3)
-    mean, var = fused_ir.moments(x, we, be, wd, stride)
-    xa, params, z2 = _moments_reference(x, we, be, wd, stride)
+    mean, var = fused_ir.moments(x, we, be, wd, stride, dilation)
+    xa, params, z2 = _moments_reference(x, we, be, wd, stride, dilation)
     var64, mean64 = torch.var_mean(z2.detach(), dim=(0, 2, 3), correction=0)
     assert mean.dtype == torch.float32 and mean.shape == (wd.shape[0],)
     assert rel_err(mean, mean64) < OUT_RTOL and rel_err(var, var64) < OUT_RTOL
@@ -303,7 +422,7 @@ def test_depthwise_moments_kernels(case):
     g = torch.Generator().manual_seed(4)
     alpha = torch.randn(wd.shape[0], generator=g)
     beta = torch.randn(wd.shape[0], generator=g)
-    grads = fused_ir.moments_backward(x, we, be, wd, stride, alpha.to(DEVICE), beta.to(DEVICE))
+    grads = fused_ir.moments_backward(x, we, be, wd, stride, alpha.to(DEVICE), beta.to(DEVICE), dilation)
     loss = (alpha.double()[None, :, None, None] * z2 + 0.5 * beta.double()[None, :, None, None] * z2 * z2).sum()
     loss.backward()
     expected = [xa.grad] + [None if p is None else p.grad for p in params]
