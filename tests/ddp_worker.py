@@ -27,6 +27,10 @@ Cases:
                     and backward, and the running statistics.
   one_value         a block whose batch norms see one value per channel over both
                     processes (1 and 0 images of 1x1): both must raise ValueError.
+  ssdlite, deeplab  the paper's applications (width 0.35, small images, 2 images per rank,
+                    plain batch norms), fused and on torchvision's blocks (ssdlite_torchvision,
+                    deeplab_torchvision), 2 SGD steps on their usual losses: SSD's own, a
+                    pixel-wise cross-entropy for DeepLab.
 """
 
 import os
@@ -77,6 +81,55 @@ def make_block(shape, dtype, seed: int = 3):
     ho = (7 - 1) // stride + 1
     gy = torch.randn(x.shape[0], oup, ho, ho, generator=g, dtype=dtype)
     return block, x, gy
+
+
+APP_WIDTH, APP_IMAGES = 0.35, 2  # images per rank
+
+
+def make_application(app: str, fused: bool, rank: int):
+    """(float64 model in train mode, loss(model)) of SSDLite (96x96) or DeepLabv3 (output
+    stride 16, 65x65), fused or on torchvision's blocks, with the same weights either way
+    and this rank's share of a fixed batch."""
+    from mnv2_kernels.detection import ssdlite320_mobilenet_v2
+    from mnv2_kernels.segmentation import deeplabv3_mobilenet_v2
+
+    torch.manual_seed(5)
+    if app == "ssdlite":
+        model = ssdlite320_mobilenet_v2(fused=fused, size=(96, 96), width_mult=APP_WIDTH, num_classes=5)
+    else:
+        model = deeplabv3_mobilenet_v2(fused=fused, width_mult=APP_WIDTH, num_classes=5)
+    randomize_batch_norm(model, torch.Generator().manual_seed(6))
+    model = model.double().train()
+    g = torch.Generator().manual_seed(7 + rank)
+    if app == "ssdlite":
+        images = [torch.rand(3, 96, 96, generator=g, dtype=torch.float64) for _ in range(APP_IMAGES)]
+        targets = []
+        for _ in range(APP_IMAGES):
+            xy = torch.rand(2, 2, generator=g, dtype=torch.float64) * 40
+            targets.append({"boxes": torch.cat([xy, xy + 20 + torch.rand(2, 2, generator=g, dtype=torch.float64) * 30],
+                                               dim=1), "labels": torch.randint(1, 5, (2,), generator=g)})
+        return model, lambda m: sum(m(images, targets).values())
+    x = torch.rand(APP_IMAGES, 3, 65, 65, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 5, (APP_IMAGES, 65, 65), generator=g)
+    return model, lambda m: nn.functional.cross_entropy(m(x)["out"], target)
+
+
+def train_application(model: nn.Module, loss_of, steps: int):
+    """SGD on loss_of(model); the train() dict without buffers_1."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    result = {"losses": []}
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(model)
+        loss.backward()
+        opt.step()
+        result["losses"].append(loss.detach().clone())
+        if step == 0:
+            result["grads"] = {n: p.grad.detach().clone() for n, p in inner.named_parameters()}
+    result["params"] = {n: p.detach().clone() for n, p in inner.named_parameters()}
+    result["buffers"] = {n: b.detach().clone() for n, b in inner.named_buffers()}
+    return result
 
 
 def set_momentum_none(model: nn.Module) -> None:
@@ -171,6 +224,15 @@ def main(out: str) -> None:
             blocks[(shape, dtype)] = {"y": y.detach(), "x_grad": xr.grad, "grads": grads,
                                       "buffers": {n: b.clone() for n, b in block.named_buffers()}}
     save("blocks", blocks=blocks)
+
+    for app in ("ssdlite", "deeplab"):
+        for fused in (True, False):
+            case = app if fused else f"{app}_torchvision"
+            start = time.monotonic()
+            model, step = make_application(app, fused, rank)
+            save(case, **train_application(nn.parallel.DistributedDataParallel(model), step, 2))
+            if rank == 0:
+                print(f"{case}: {time.monotonic() - start:.1f} s", flush=True)
 
     block = mnv2_kernels.convert_sync_batchnorm(mnv2_kernels.FusedInvertedResidual(8, 8, 1, 6).double())
     try:

@@ -182,6 +182,22 @@ def test_sync_block_equals_torchvision_block_on_the_whole_batch(worker, shape, d
 
 
 @needs_gloo
+@needs_gloo
+@pytest.mark.parametrize("app", ["ssdlite", "deeplab"])
+def test_applications_train_under_ddp_as_on_torchvisions_blocks(worker, app):
+    """SSDLite and DeepLabv3 under DistributedDataParallel: the fused model's losses,
+    all-reduced first-step gradients, and parameters and running statistics after two steps
+    equal the same model's on torchvision's blocks, on every rank."""
+    for rank in (0, 1):
+        ours, tv = worker(app, rank), worker(f"{app}_torchvision", rank)
+        for got, want in zip(ours["losses"], tv["losses"]):
+            assert abs(got - want) <= GRAD_RTOL * abs(want), (app, rank)
+        assert_close(ours["grads"], tv["grads"], GRAD_RTOL, f"{app} rank {rank} grads")
+        assert_close(ours["params"], tv["params"], STATE_RTOL, f"{app} rank {rank} params")
+        assert_close(ours["buffers"], tv["buffers"], STATE_RTOL, f"{app} rank {rank} buffers")
+    assert_close(worker(app, 0)["grads"], worker(app, 1)["grads"], 0.0, f"{app}: the ranks' gradients")
+
+
 def test_one_value_per_channel_over_the_group_raises_on_every_rank(worker):
     for rank in (0, 1):
         error = worker("one_value", rank)["error"]
