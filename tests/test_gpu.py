@@ -236,6 +236,62 @@ def test_train_mode_block(shape, backend):
         assert rel_err(a, r) <= bound(a, b, r), name
 
 
+# ---------------------------------------------------------------------------- dilation
+DILATED = [((96, 96, 1, 6, 33), 2), ((160, 160, 1, 6, 17), 4), ((96, 160, 2, 6, 33), 2), ((32, 32, 1, 1, 20), 3)]
+
+
+def _dilated_pair(shape, dilation, dtype):
+    """DeepLab's surgery on both blocks: the depthwise convolution at stride 1, dilation and
+    padding d."""
+    tv, fused = gpu_pair(shape, dtype)
+    for block in (tv, fused):
+        dw = block.conv[-3][0]
+        dw.stride, dw.dilation, dw.padding = (1, 1), (dilation, dilation), (dilation, dilation)
+    return tv, fused
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", DILATED, ids=lambda c: f"{block_id(c[0])}-d{c[1]}")
+def test_dilated_block_triton(case, dtype, train):
+    """Atrous blocks (Mobile DeepLabv3) on the Triton backend, which 'auto' picks for them:
+    output, every gradient and, in train mode, the running statistics against float64,
+    within max(2 x torch's own error, 1e-4)."""
+    shape, dilation = case
+    tv, fused = _dilated_pair(shape, dilation, dtype)
+    tv.train(train)
+    fused.train(train)
+    ref = copy.deepcopy(tv).double()
+    x = make_input(shape, 4, dtype, True).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    results = []
+    with mnv2_kernels.use_backend("auto"):
+        assert mnv2_kernels.backends.resolve(x, dilation) == "triton"
+        for module, inp in ((fused, x), (tv, x), (ref, x64)):
+            torch.manual_seed(7)
+            results.append(_grads(module, inp))
+    (y, ours), (yt, theirs), (y64, refs) = results
+
+    def bound(b, r):
+        return max(2 * rel_err(b, r), 1e-4)
+
+    assert rel_err(y, y64) <= bound(yt, y64)
+    for a, b, r in zip(ours, theirs, refs):
+        assert rel_err(a, r) <= bound(b, r)
+    for (name, a), (_, b), (_, r) in zip(fused.named_buffers(), tv.named_buffers(), ref.named_buffers()):
+        if a.is_floating_point():
+            assert rel_err(a, r) <= bound(b, r), name
+
+
+def test_cuda_backend_refuses_a_dilated_block():
+    tv, fused = _dilated_pair(DILATED[0][0], 2, torch.float32)
+    x = make_input(DILATED[0][0], 1, torch.float32, True)
+    with mnv2_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="dilation 1 only"):
+        fused(x)
+    with pytest.raises(RuntimeError, match="supports only dilation 1"):
+        torch.ops.mnv2.fused_inverted_residual(x, *fused.folded_weights(), 1, True, 2)
+
+
 # ---------------------------------------------------------------------------- ops
 def _op_args(dtype, stride=1, residual=True):
     torch.manual_seed(0)
