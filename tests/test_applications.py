@@ -676,3 +676,17 @@ def test_deeplab_feature_extractor_matches_torchvisions_blocks(train, cpu_backen
     got, want = fe_fused(x), fe_unfused(x)
     for key in want:
         assert rel_err(got[key], want[key]) <= F64_RTOL, key
+
+
+def test_deeplab_compiles_fullgraph_with_dilated_fused_blocks(cpu_backend):
+    """torch.compile(fullgraph=True) of the whole DeepLabv3 (atrous fused blocks, the head,
+    the upsampling) gives the eager logits: the dilated operators trace through their fake
+    kernels. (SSDLite's backbone compiles too, but takes about a minute; its expansion block
+    is compiled above.)"""
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v2(width_mult=0.35, num_classes=5).eval()
+    x = torch.rand(1, 3, 65, 65)
+    with torch.no_grad():
+        want = model(x)["out"]
+        got = torch.compile(model, fullgraph=True)(x)["out"]
+    assert rel_err(got, want) <= FP32_RTOL
