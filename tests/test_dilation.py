@@ -239,3 +239,16 @@ def test_operators_reject_a_dilation_out_of_range(dilation):
     x, we, be, wd = args[:4]
     with pytest.raises(RuntimeError, match="dilation must be between 1 and 31"):
         torch.ops.mnv2.depthwise_moments(x, we, be, wd, 1, dilation)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripted_dilated_block_reads_the_surgery(cpu_backend):
+    """TorchScript's forward (the fused operator on folded weights in eval mode) takes the
+    stride and dilation from the depthwise convolution too."""
+    tv, fused = dilated_pair(DILATED[0])
+    tv.eval()
+    fused.eval()
+    scripted = torch.jit.script(fused)
+    x = _input(2, 96, 10, 10, torch.contiguous_format)
+    with torch.no_grad():
+        assert rel_err(scripted(x), tv(x)) <= FP32_RTOL
