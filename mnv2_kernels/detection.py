@@ -31,18 +31,13 @@ from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block, _nor
 from . import capture
 from .capture import is_fx_proxy
 from .model import mobilenet_v2
-from .modules import FusedInvertedResidual
+from .modules import FusedInvertedResidual, depthwise_conv
 
 __all__ = ["ExpansionOutputBlock", "SSDLiteBoxGenerator", "SSDLiteMobileNetV2Backbone", "ssdlite320_mobilenet_v2"]
 
 # the extra layers' depths (TensorFlow's ssdlite_mobilenet_v2 configuration), before width_mult
 EXTRA_DEPTHS = (512, 256, 256, 128)
 _TAIL = "_mnv2_expansion_tail"  # where the fused depthwise + projection of a block lives on its ``conv``
-
-
-def _depthwise_stage(block: nn.Module) -> nn.Module:
-    """The depthwise stage (conv, norm, ReLU6) of an inverted-residual block's ``conv``."""
-    return block.conv[len(block.conv) - 3]
 
 
 class ExpansionOutputBlock(nn.Module):
@@ -149,7 +144,7 @@ def expansion_block_index(features: nn.Sequential) -> int:
     """The index in MobileNetV2's ``features`` of the last stride-2 inverted-residual block
     (the 14th block, ``features[14]``, 96 -> 160): its expansion is at output stride 16."""
     strided = [i for i, m in enumerate(features)
-               if hasattr(m, "conv") and hasattr(m, "use_res_connect") and _depthwise_stage(m)[0].stride[0] == 2]
+               if hasattr(m, "use_res_connect") and (dw := depthwise_conv(m)) is not None and dw.stride[0] == 2]
     if not strided:
         raise ValueError("MobileNetV2 features without a stride-2 inverted-residual block")
     return strided[-1]

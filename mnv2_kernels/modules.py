@@ -177,6 +177,19 @@ def _is_foldable_norm(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
 
 
+def depthwise_conv(layer: nn.Module) -> Optional[nn.Conv2d]:
+    """The depthwise convolution of an inverted-residual block, torchvision's or fused
+    (``conv.1.0`` with an expansion, ``conv.0.0`` without), or None for another layer."""
+    conv = getattr(layer, "conv", None)
+    if not isinstance(conv, nn.Sequential) or len(conv) not in (3, 4):
+        return None
+    stage = conv[len(conv) - 3]
+    dw = stage[0] if isinstance(stage, nn.Sequential) and len(stage) > 0 else None
+    if isinstance(dw, nn.Conv2d) and dw.groups == dw.in_channels and dw.groups > 1:
+        return dw
+    return None
+
+
 def depthwise_geometry(dw: nn.Conv2d) -> Tuple[int, int]:
     """(stride, dilation) of a block's depthwise convolution, read from the module on every
     call, so that atrous surgery on it (DeepLab's: stride 1, dilation and padding d, set
@@ -214,6 +227,7 @@ class FusedInvertedResidual(nn.Module):
     # TorchScript: a constant per block, so that the scripted forward indexes only the
     # submodules this block has; the properties are Python-only
     _has_expand: Final[bool]
+    _dw_pad: Final[int] = ops.DW_PAD  # (the scripted forward's check of the padding)
     __jit_unused_properties__ = ["has_expand", "in_channels"]
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int,
@@ -430,7 +444,7 @@ class FusedInvertedResidual(nn.Module):
         stride = dw_conv.stride[0]
         dilation = dw_conv.dilation[0]
         if (dw_conv.stride[1] != stride or dw_conv.dilation[1] != dilation
-                or dw_conv.padding[0] != dilation * 1 or dw_conv.padding[1] != dilation * 1):
+                or dw_conv.padding[0] != dilation * self._dw_pad or dw_conv.padding[1] != dilation * self._dw_pad):
             raise ValueError("FusedInvertedResidual: the depthwise convolution must have the same stride and "
                              "dilation in both dimensions and padding equal to its dilation")
         if self.training or bn2.running_mean is None or bn3.running_mean is None:

@@ -94,20 +94,14 @@ def run_block(backend: str, x: Tensor, w_expand: Optional[Tensor], b_expand: Opt
     resolve): "triton", "reference", or the dispatcher's kernel for x's device. The
     dilation is passed only when it is not 1, so that graphs of undilated blocks (fx,
     export, ONNX) keep the operators' short form."""
-    if backend == "triton":
-        if dilation != 1:
-            return triton_op()(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
-        return triton_op()(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
     if backend == "reference":
         from .reference import inverted_residual
 
         return inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
                                  dilation)
-    if dilation != 1:
-        return torch.ops.mnv2.fused_inverted_residual.default(
-            x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
-    return torch.ops.mnv2.fused_inverted_residual.default(
-        x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual)
+    op = triton_op() if backend == "triton" else torch.ops.mnv2.fused_inverted_residual.default
+    extra = (dilation,) if dilation != 1 else ()
+    return op(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, *extra)
 
 
 _TRITON_OP = None
@@ -220,6 +214,5 @@ def depthwise_moments(
     x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor, stride: int, dilation: int = 1
 ) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of dw(relu6(w_expand x + b_expand)), no dw bias."""
-    if dilation != 1:
-        return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride, dilation)
-    return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride)
+    extra = (dilation,) if dilation != 1 else ()
+    return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride, *extra)

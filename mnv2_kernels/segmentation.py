@@ -17,6 +17,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 
 from .detection import _check_no_weights, mobilenet_v2_features
+from .modules import depthwise_conv
 
 __all__ = ["DeepLabV3MobileHead", "deeplabv3_mobilenet_v2", "dilate_mobilenet_v2"]
 
@@ -25,21 +26,8 @@ OUTPUT_STRIDES = (8, 16)
 ATROUS_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
-def _depthwise_conv(layer: nn.Module) -> Optional[nn.Conv2d]:
-    """The depthwise convolution of an inverted-residual block (``conv.1.0`` with an expansion,
-    ``conv.0.0`` without), or None for another layer."""
-    conv = getattr(layer, "conv", None)
-    if not isinstance(conv, nn.Sequential) or len(conv) not in (3, 4):
-        return None
-    stage = conv[len(conv) - 3]
-    dw = stage[0] if isinstance(stage, nn.Sequential) and len(stage) > 0 else None
-    if isinstance(dw, nn.Conv2d) and dw.groups == dw.in_channels and dw.groups > 1:
-        return dw
-    return None
-
-
 def _layer_stride(layer: nn.Module) -> int:
-    dw = _depthwise_conv(layer)
+    dw = depthwise_conv(layer)
     if dw is not None:
         return dw.stride[0]
     conv = layer[0] if isinstance(layer, nn.Sequential) and len(layer) > 0 else layer
@@ -75,7 +63,7 @@ def dilate_mobilenet_v2(features: nn.Sequential, output_stride: int) -> None:
         layer_rate, rate = rate, rate * stride
         if stride == 1 and layer_rate == 1:
             continue
-        dw = _depthwise_conv(layer)
+        dw = depthwise_conv(layer)
         if dw is None:
             if stride != 1:
                 raise TypeError(f"dilate_mobilenet_v2: a strided {type(layer).__name__} after output stride "
