@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <string_view>
 
 #include "core/fused_ir.h"
 
@@ -36,9 +37,12 @@ inline BlockShape check_front_weights(const at::Tensor& ref, int64_t cin, const 
                                       const OptTensor& b_expand, const at::Tensor& w_dw) {
   TORCH_CHECK(w_expand.has_value() == b_expand.has_value(),
               "mnv2: w_expand and b_expand must be given together (or both omitted when t == 1)");
-  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, ", kDwKernel, ", ", kDwKernel, "), got ",
-              w_dw.sizes());
+  TORCH_CHECK(w_dw.dim() == 3, "mnv2: w_dw must be 3-D (hidden, k, k), got ", w_dw.sizes());
+  TORCH_CHECK(w_dw.size(1) == w_dw.size(2) && is_dw_kernel(static_cast<int>(w_dw.size(1))),
+              "mnv2: the depthwise kernel must be 3x3, 5x5 or 7x7: w_dw must be (hidden, k, k) with k 3, 5 "
+              "or 7, got ", w_dw.sizes());
   BlockShape s{};
+  s.kernel = static_cast<int>(w_dw.size(1));
   s.cin = cin;
   s.hidden = w_dw.size(0);
   s.has_expand = w_expand.has_value();
@@ -49,7 +53,7 @@ inline BlockShape check_front_weights(const at::Tensor& ref, int64_t cin, const 
     TORCH_CHECK(s.hidden == s.cin, "mnv2: without w_expand (t == 1) w_dw must have x's ", s.cin,
                 " channels, got ", s.hidden);
   }
-  check_param(w_dw, "w_dw", ref, {s.hidden, kDwKernel, kDwKernel});
+  check_param(w_dw, "w_dw", ref, {s.hidden, s.kernel, s.kernel});
   return s;
 }
 
@@ -68,11 +72,26 @@ inline BlockShape check_weights(const at::Tensor& ref, int64_t cin, const OptTen
   return s;
 }
 
-// Completes `s` with x's geometry, the stride and the depthwise dilation.
+// The depthwise kernel size of packed weights (which do not hold it in a shape).
+inline void set_kernel(BlockShape& s, int64_t kernel_size) {
+  TORCH_CHECK(kernel_size == 3 || kernel_size == 5 || kernel_size == 7,
+              "mnv2: the depthwise kernel size must be 3, 5 or 7, got ", kernel_size);
+  s.kernel = static_cast<int>(kernel_size);
+}
+
+// The block's activation (after the expand and after the depthwise step) by name.
+inline void set_activation(BlockShape& s, std::string_view activation) {
+  TORCH_CHECK(activation == "relu6" || activation == "relu",
+              "mnv2: activation must be \"relu6\" or \"relu\", got \"", activation, "\"");
+  s.relu6 = activation == "relu6";
+}
+
+// Completes `s` (whose kernel size is set) with x's geometry, the stride and the
+// depthwise dilation.
 inline void set_geometry(BlockShape& s, const at::Tensor& x, int64_t stride, int64_t dilation) {
   TORCH_CHECK(stride == 1 || stride == 2, "mnv2: stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(dilation >= 1 && dilation <= kMaxDilation, "mnv2: dilation must be between 1 and ", kMaxDilation,
-              ", got ", dilation);
+  TORCH_CHECK(dilation >= 1 && dilation <= max_dilation(s.kernel), "mnv2: dilation must be between 1 and ",
+              max_dilation(s.kernel), " for a ", s.kernel, "x", s.kernel, " depthwise kernel, got ", dilation);
   s.batch = x.size(0);
   s.in_h = x.size(2);
   s.in_w = x.size(3);

@@ -5,22 +5,25 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mnv2, m) {
-  // y = w_project relu6(dw(relu6(w_expand x + b_expand), stride) + b_dw) + b_project (+ x),
-  // all BN folded; dw the depthwise k x k convolution (k = 3) with its taps `dilation`
-  // pixels apart (atrous), padding dilation * (k // 2).
+  // y = w_project act(dw(act(w_expand x + b_expand), stride) + b_dw) + b_project (+ x),
+  // all BN folded; dw the depthwise k x k convolution (k = 3, 5 or 7, from w_dw's shape)
+  // with its taps `dilation` pixels apart (atrous), padding dilation * (k // 2); act
+  // "relu6" or "relu".
   //   x [N, Cin, H, W]; w_expand [hidden, Cin] and b_expand [hidden], both absent when t == 1;
   //   w_dw [hidden, k, k]; b_dw [hidden]; w_project [Cout, hidden]; b_project [Cout].
   // The output keeps the input's memory format.
   m.def(
       "fused_inverted_residual(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, "
-      "Tensor b_dw, Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1) -> Tensor",
+      "Tensor b_dw, Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1, "
+      "str activation=\"relu6\") -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Gradients of the above for grad_y; recomputes the hidden activations row by row.
   // grad_w_expand and grad_b_expand are empty when t == 1.
   m.def(
       "fused_inverted_residual_backward(Tensor grad_y, Tensor x, Tensor? w_expand, "
       "Tensor? b_expand, Tensor w_dw, Tensor b_dw, Tensor w_project, Tensor b_project, "
-      "int stride, bool residual, int dilation=1) -> (Tensor grad_x, Tensor grad_w_expand, Tensor grad_b_expand, "
+      "int stride, bool residual, int dilation=1, str activation=\"relu6\") -> (Tensor grad_x, "
+      "Tensor grad_w_expand, Tensor grad_b_expand, "
       "Tensor grad_w_dw, Tensor grad_b_dw, Tensor grad_w_project, Tensor grad_b_project)",
       {at::Tag::pt2_compliant_tag});
   // Inference with cached weights: pack_weights folds nothing, it only lays the
@@ -33,7 +36,8 @@ TORCH_LIBRARY(mnv2, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "fused_inverted_residual_packed(Tensor x, Tensor packed, int hidden, int cout, "
-      "bool has_expand, int stride, bool residual, int dilation=1) -> Tensor",
+      "bool has_expand, int stride, bool residual, int dilation=1, int kernel_size=3, "
+      "str activation=\"relu6\") -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Pointwise (1x1) convolution for inference with cached weights, the model's head:
   // y = act(conv1x1(x, weight) + bias), act 0 none, 1 ReLU, 2 ReLU6. weight (cout, cin)
@@ -58,7 +62,8 @@ TORCH_LIBRARY(mnv2, m) {
         {at::Tag::pt2_compliant_tag});
   // MobileNetV2's whole inference on packed weights in one call: stem_block_packed
   // (first_args: channels, cout, stride), then fused_inverted_residual_packed per block
-  // (block_args: hidden, cout, has_expand, stride, residual, dilation for each), then
+  // (block_args: hidden, cout, has_expand, stride, residual, dilation, kernel_size and relu6
+  // (1: ReLU6, 0: ReLU) for each), then
   // pointwise_conv_mean_packed (head_args: cout, activation), then the classifier as
   // pointwise_conv_packed on the pooled rows -> (N, classes). No autograd.
   m.def(
@@ -77,10 +82,10 @@ TORCH_LIBRARY(mnv2, m) {
   m.def("project_moments(Tensor mean, Tensor cov, Tensor w, Tensor? b) -> (Tensor mean, Tensor var)",
         {at::Tag::pt2_compliant_tag});
   // Per-channel mean and biased variance over (N, Ho, Wo) of the depthwise output
-  // (before its bias) of relu6(w_expand x + b_expand): bn2's statistics.
+  // (before its bias) of act(w_expand x + b_expand): bn2's statistics.
   m.def(
       "depthwise_moments(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, int stride, "
-      "int dilation=1) "
+      "int dilation=1, str activation=\"relu6\") "
       "-> (Tensor mean, Tensor var)",
       {at::Tag::pt2_compliant_tag});
   // Gradients of depthwise_moments' inputs for grad_z2 = alpha + beta * z2 (alpha, beta:
@@ -89,7 +94,8 @@ TORCH_LIBRARY(mnv2, m) {
   // hidden-sized.
   m.def(
       "depthwise_moments_backward(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, "
-      "int stride, Tensor alpha, Tensor beta, int dilation=1) -> (Tensor grad_x, Tensor grad_w_expand, "
+      "int stride, Tensor alpha, Tensor beta, int dilation=1, str activation=\"relu6\") -> (Tensor grad_x, "
+      "Tensor grad_w_expand, "
       "Tensor grad_b_expand, Tensor grad_w_dw)",
       {at::Tag::pt2_compliant_tag});
 }

@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
       BlockShape s{batch, b.h, b.h, b.cin, b.cin * b.t, b.cout, b.s, b.t != 1, b.s == 1 && b.cin == b.cout};
       const Packing packing = backward ? Packing::kBackward : Packing::kForward;
       const Layout l = make_layout(s, kt->f32.vl, packing);
-      std::vector<float> we(s.hidden * s.cin), be(s.hidden), wd(s.hidden * kDwTaps), bd(s.hidden),
+      std::vector<float> we(s.hidden * s.cin), be(s.hidden), wd(s.hidden * s.dw_taps()), bd(s.hidden),
           wp(s.cout * s.hidden), bp(s.cout), packed(l.total);
       for (auto* v : {&we, &be, &wd, &bd, &wp, &bp}) for (float& f : *v) f = u(rng) * 0.3f;
       const auto p0 = std::chrono::steady_clock::now();
@@ -59,13 +59,13 @@ int main(int argc, char** argv) {
       };
       const double fwd_t = median_time([&] { kt->f32.forward(a, p, 0, p.items(s), scratch.data()); });
       const double fwd_macs = double(batch) * ((s.has_expand ? b.h * b.h * s.cin * s.hidden : 0) +
-                                               s.out_h() * s.out_w() * s.hidden * (kDwTaps + s.cout));
+                                               s.out_h() * s.out_w() * s.hidden * (s.dw_taps() + s.cout));
       double t = fwd_t, macs = fwd_macs;
       if (backward) {
         // recompute (expand, depthwise), then the project twice (weight and hidden
         // gradients), the depthwise twice and the expand twice
         macs = double(batch) * ((s.has_expand ? 3 * b.h * b.h * s.cin * s.hidden : 0) +
-                                s.out_h() * s.out_w() * s.hidden * (3 * kDwTaps + 2 * s.cout));
+                                s.out_h() * s.out_w() * s.hidden * (3 * s.dw_taps() + 2 * s.cout));
         const BackwardPlan bp = plan_backward(s, l, 1);
         const GradLayout gl = make_grad_layout(s, l);
         std::vector<float> gy(y.size()), gx(x.size()), side(bp.side_floats), grads(gl.total),

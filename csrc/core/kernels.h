@@ -28,8 +28,9 @@ struct StemSource {
 };
 
 // The fused block:
-//   a1 = relu6(w_expand x + b_expand)             (a1 = x when t == 1)
-//   a2 = relu6(dw(a1, stride) + b_dw)
+//   a1 = act(w_expand x + b_expand)               (a1 = x when t == 1)
+//   a2 = act(dw(a1, stride) + b_dw)               (dw: k x k, k = shape.kernel)
+// with act ReLU6 (shape.relu6) or ReLU.
 //   y  = w_project a2 + b_project (+ x)
 // Tensors are addressed through element strides, so NCHW, channels_last and strided
 // views are read and written in place.
@@ -61,7 +62,7 @@ struct BackwardArgs {
 };
 
 // Per hidden channel c, the sum of z2 and of z2^2 over the block's output pixels,
-// z2 = dw(relu6(w_expand x + b_expand)) without its bias: bn2's batch statistics.
+// z2 = dw(act(w_expand x + b_expand)) without its bias: bn2's batch statistics.
 // The shape has no project (cout 0) and the layout Packing::kForward.
 template <typename T>
 struct StatsArgs {

@@ -3,7 +3,7 @@
 //
 // One vocabulary for the weights everywhere (Python, glue, core, CUDA, Triton):
 //   w_expand [hidden][cin], b_expand [hidden]      the 1x1 expand (absent when t == 1)
-//   w_dw [hidden][kDwTaps], b_dw [hidden]          the depthwise kDwKernel x kDwKernel
+//   w_dw [hidden][k * k], b_dw [hidden]            the depthwise k x k (k = 3, 5 or 7)
 //   w_project [cout][hidden], b_project [cout]     the 1x1 linear project
 #pragma once
 
@@ -24,7 +24,7 @@ struct Layout {
   int64_t hp, cin_p, cout_p;  // padded hidden / input / output channels (cout_p 0: no project)
   int64_t w_expand;     // [hp / vl][cin][vl]: panel-major, panel j = channels [j*vl, j*vl + vl)
   int64_t b_expand;     // [hp]
-  int64_t w_dw;         // [kDwTaps][hp]
+  int64_t w_dw;         // [k * k][hp]
   int64_t b_dw;         // [hp]
   int64_t w_project;    // [cout_p / vl][hp][vl]: panel-major over output channels
   int64_t b_project;    // [cout_p]
@@ -39,7 +39,7 @@ struct Layout {
 // rather than misread. The tag values only need to differ from each other; they
 // are exact in float, as are channel counts far below 2^24.
 enum class PackedTag : int { kBlock = 7001, kBlockNoExpand = 7002, kPointwise = 7101 };
-constexpr int64_t kBlockTrailer = 4;      // tag, cin, hidden, cout
+constexpr int64_t kBlockTrailer = 5;      // tag, cin, hidden, cout, depthwise kernel size
 constexpr int64_t kPointwiseTrailer = 3;  // tag, cin, cout
 
 // The expand arrays exist only when s.has_expand, the transposed copies only for
@@ -66,7 +66,7 @@ bool packed_matches(const BlockShape& s, const Layout& l, const T* packed);
 struct GradLayout {
   int64_t g_w_expand_t;  // [cin][hp]
   int64_t g_b_expand;    // [hp]
-  int64_t g_w_dw;        // [kDwTaps][hp]
+  int64_t g_w_dw;        // [k * k][hp]
   int64_t g_b_dw;        // [hp]
   int64_t g_w_project;   // [cout][hp]
   int64_t g_b_project;   // [cout_p]

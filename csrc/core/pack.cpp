@@ -27,7 +27,7 @@ Layout make_layout(const BlockShape& s, int64_t vl, Packing packing) {
   const int64_t ex = s.has_expand ? 1 : 0, bw = packing == Packing::kBackward ? 1 : 0;
   l.w_expand = take(ex * s.cin * l.hp);
   l.b_expand = take(ex * l.hp);
-  l.w_dw = take(kDwTaps * l.hp);
+  l.w_dw = take(s.dw_taps() * l.hp);
   l.b_dw = take(l.hp);
   l.w_project = take(l.hp * l.cout_p);
   l.b_project = take(l.cout_p);
@@ -43,7 +43,7 @@ GradLayout make_grad_layout(const BlockShape& s, const Layout& l) {
   g.g_w_expand_t = 0;
   g.g_b_expand = g.g_w_expand_t + s.cin * l.hp;
   g.g_w_dw = g.g_b_expand + l.hp;
-  g.g_b_dw = g.g_w_dw + kDwTaps * l.hp;
+  g.g_b_dw = g.g_w_dw + s.dw_taps() * l.hp;
   g.g_w_project = g.g_b_dw + l.hp;
   g.g_b_project = g.g_w_project + s.cout * l.hp;
   g.total = g.g_b_project + l.cout_p;
@@ -78,8 +78,9 @@ void pack_weights(const BlockShape& s, const Layout& l, Packing packing, const T
         }
       }
     }
-    for (int t = 0; t < kDwTaps; ++t) {
-      for (int64_t h = h0; h < h1; ++h) packed[l.w_dw + t * l.hp + h] = h < hv ? w_dw[h * kDwTaps + t] : T(0);
+    const int64_t taps = s.dw_taps();
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t h = h0; h < h1; ++h) packed[l.w_dw + t * l.hp + h] = h < hv ? w_dw[h * taps + t] : T(0);
     }
     for (int64_t h = h0; h < h1; ++h) packed[l.b_dw + h] = h < hv && b_dw != nullptr ? b_dw[h] : T(0);
     // panel-major [cout_p / vl][hp][vl]
@@ -106,6 +107,7 @@ void pack_weights(const BlockShape& s, const Layout& l, Packing packing, const T
     t[1] = T(s.cin);
     t[2] = T(s.hidden);
     t[3] = T(s.cout);
+    t[4] = T(s.kernel);
   }
 }
 
@@ -114,7 +116,7 @@ bool packed_matches(const BlockShape& s, const Layout& l, const T* packed) {
   const T* t = packed + l.trailer;
   const PackedTag tag = s.has_expand ? PackedTag::kBlock : PackedTag::kBlockNoExpand;
   return t[0] == T(static_cast<int>(tag)) && t[1] == T(s.cin) && t[2] == T(s.hidden) &&
-         t[3] == T(s.cout);
+         t[3] == T(s.cout) && t[4] == T(s.kernel);
 }
 
 PointwiseLayout make_pointwise_layout(int64_t cin, int64_t cout, int64_t vl) {

@@ -15,7 +15,7 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Weights of one hidden channel that the forward streams: its expand row, project
 // column, depthwise taps and two biases (the expand row counted even when t == 1).
 int64_t weight_floats_per_hidden(const BlockShape& s, const Layout& l) {
-  return s.cin + l.cout_p + kDwTaps + 2;
+  return s.cin + l.cout_p + s.dw_taps() + 2;
 }
 
 // Consecutive arrays of a scratch buffer: each call returns the next offset.

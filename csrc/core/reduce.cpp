@@ -83,7 +83,8 @@ void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64
       if (g_b_expand) g_b_expand[h] = sum(gl.g_b_expand + h);
     }
     if (g_w_dw) {
-      for (int t = 0; t < kDwTaps; ++t) g_w_dw[h * kDwTaps + t] = sum(gl.g_w_dw + t * l.hp + h);
+      const int64_t taps = s.dw_taps();
+      for (int64_t t = 0; t < taps; ++t) g_w_dw[h * taps + t] = sum(gl.g_w_dw + t * l.hp + h);
     }
     if (g_b_dw) g_b_dw[h] = sum(gl.g_b_dw + h);
     if (g_w_project) {

@@ -24,7 +24,7 @@ void backward_finish(const BlockShape& s, const BackwardPlan& p, const T* side, 
 // Sums `tasks` partial gradient buffers in task order and writes the unpadded
 // gradients of hidden channels [h_begin, h_end) (the range that starts at 0 also
 // writes g_b_project); disjoint ranges may run concurrently. Any output may be null.
-//   g_w_expand [hidden][cin], g_b_expand [hidden], g_w_dw [hidden][kDwTaps],
+//   g_w_expand [hidden][cin], g_b_expand [hidden], g_w_dw [hidden][k * k],
 //   g_b_dw [hidden], g_w_project [cout][hidden], g_b_project [cout]
 template <typename T>
 void reduce_grads(const BlockShape& s, const Layout& l, const T* partials, int64_t tasks,

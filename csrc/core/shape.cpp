@@ -9,7 +9,10 @@ const char* front_error(const BlockShape& s) {
   if (s.in_h < 1 || s.in_w < 1) return "input height and width must be >= 1";
   if (s.cin < 1 || s.hidden < 1) return "channel counts must be >= 1";
   if (s.stride != 1 && s.stride != 2) return "stride must be 1 or 2";
-  if (s.dilation < 1 || s.dilation > kMaxDilation) return "dilation must be between 1 and 31";
+  if (!is_dw_kernel(s.kernel)) return "the depthwise kernel size must be 3, 5 or 7";
+  if (s.dilation < 1 || s.dilation > max_dilation(s.kernel)) {
+    return "dilation must be at least 1 and at most 31 (3x3), 15 (5x5) or 10 (7x7)";
+  }
   if (!s.has_expand && s.hidden != s.cin) return "without an expand step, hidden must equal cin";
   return nullptr;
 }

@@ -14,10 +14,12 @@ namespace {
 
 BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
                        const at::Tensor& w_dw, const at::Tensor& b_dw, const at::Tensor& w_project,
-                       const at::Tensor& b_project, int64_t stride, bool residual, int64_t dilation) {
+                       const at::Tensor& b_project, int64_t stride, bool residual, int64_t dilation,
+                       std::string_view activation) {
   check_x(x, "x", Dtypes::kKernelOrHalf);
   BlockShape s = glue::check_weights(x, x.size(1), w_expand, b_expand, w_dw, b_dw, w_project, b_project);
   glue::finish_shape(s, x, stride, residual, dilation);
+  glue::set_activation(s, activation);
   return s;
 }
 
@@ -25,13 +27,13 @@ at::Tensor fused_inverted_residual_cpu(const at::Tensor& x, const OptTensor& w_e
                                        const OptTensor& b_expand, const at::Tensor& w_dw,
                                        const at::Tensor& b_dw, const at::Tensor& w_project,
                                        const at::Tensor& b_project, int64_t stride, bool residual,
-                                       int64_t dilation) {
-  const BlockShape s =
-      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation);
+                                       int64_t dilation, std::string_view activation) {
+  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
+                                   dilation, activation);
   if (is_half(x)) {  // (the weights have x's dtype: checked)
     return fused_inverted_residual_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
                                        w_dw.to(at::kFloat), b_dw.to(at::kFloat), w_project.to(at::kFloat),
-                                       b_project.to(at::kFloat), stride, residual, dilation)
+                                       b_project.to(at::kFloat), stride, residual, dilation, activation)
         .to(x.scalar_type());
   }
   at::Tensor y = empty_output(s, x);
@@ -72,7 +74,7 @@ Grads alloc_grads(const BlockShape& s, const at::Tensor& x) {
   return {at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format())),
           make({he, s.has_expand ? s.cin : 0}),
           make({he}),
-          make({s.hidden, kDwKernel, kDwKernel}),
+          make({s.hidden, s.kernel, s.kernel}),
           make({s.hidden}),
           make({s.cout, s.hidden}),
           make({s.cout})};
@@ -106,15 +108,16 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
                                            const OptTensor& w_expand, const OptTensor& b_expand,
                                            const at::Tensor& w_dw, const at::Tensor& b_dw,
                                            const at::Tensor& w_project, const at::Tensor& b_project,
-                                           int64_t stride, bool residual, int64_t dilation) {
-  const BlockShape s =
-      check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation);
+                                           int64_t stride, bool residual, int64_t dilation,
+                                           std::string_view activation) {
+  const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
+                                   dilation, activation);
   glue::check_grad_y(grad_y, x, s);
   if (is_half(x)) {
     Grads g = fused_inverted_residual_backward_cpu(
         grad_y.to(at::kFloat), x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
         w_dw.to(at::kFloat), b_dw.to(at::kFloat), w_project.to(at::kFloat), b_project.to(at::kFloat), stride,
-        residual, dilation);
+        residual, dilation, activation);
     const at::ScalarType t = x.scalar_type();
     return {std::get<0>(g).to(t), std::get<1>(g).to(t), std::get<2>(g).to(t), std::get<3>(g).to(t),
             std::get<4>(g).to(t), std::get<5>(g).to(t), std::get<6>(g).to(t)};
@@ -134,7 +137,7 @@ Grads fused_inverted_residual_backward_cpu(const at::Tensor& grad_y, const at::T
 
 at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t hidden,
                                               int64_t cout, bool has_expand, int64_t stride, bool residual,
-                                              int64_t dilation) {
+                                              int64_t dilation, int64_t kernel_size, std::string_view activation) {
   check_x(x);
   TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() && packed.dim() == 1 &&
                   packed.is_contiguous(),
@@ -144,13 +147,16 @@ at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Ten
   s.hidden = hidden;
   s.cout = cout;
   s.has_expand = has_expand;
+  glue::set_kernel(s, kernel_size);
   glue::finish_shape(s, x, stride, residual, dilation);
+  glue::set_activation(s, activation);
   at::Tensor y = empty_output(s, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_fused_forward_packed", [&] {
     const Layout l = make_layout(s, kernels().get<scalar_t>().vl, Packing::kForward);
     TORCH_CHECK(packed.numel() == l.total && packed_matches<scalar_t>(s, l, packed.const_data_ptr<scalar_t>()),
                 "mnv2: the packed weights were not packed for this block (Cin ", s.cin, ", hidden ", s.hidden,
-                ", Cout ", s.cout, s.has_expand ? "" : ", no expand",
+                ", Cout ", s.cout, s.has_expand ? "" : ", no expand", ", ",
+                s.kernel, "x", s.kernel, " depthwise",
                 ") on this machine's kernel; re-pack them for this block");
     if (s.batch > 0) run_forward<scalar_t>(s, l, x, packed, y);
   });

@@ -124,7 +124,7 @@ at::Tensor empty_output(const BlockShape& s, const at::Tensor& x);
 // Operators that others call (the whole-model operator).
 at::Tensor fused_inverted_residual_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t hidden,
                                               int64_t cout, bool has_expand, int64_t stride, bool residual,
-                                              int64_t dilation);
+                                              int64_t dilation, int64_t kernel_size, std::string_view activation);
 at::Tensor stem_block_packed_cpu(const at::Tensor& image, const at::Tensor& stem_packed,
                                  const at::Tensor& packed, int64_t channels, int64_t cout, int64_t stride);
 at::Tensor pointwise_conv_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t cout,

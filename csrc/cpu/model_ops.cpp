@@ -68,17 +68,18 @@ namespace {
 // activations are channels_last from the stem on): stem + first block, the other blocks, the head with global
 // average pooling and the classifier (pointwise on the pooled rows; its dropout is the
 // identity in inference). first_args: (channels, cout, stride) of stem_block_packed;
-// block_args: (hidden, cout, has_expand, stride, residual, dilation) per block; head_args:
+// block_args: (hidden, cout, has_expand, stride, residual, dilation, kernel_size, relu6) per
+// block (relu6 1: ReLU6, 0: ReLU); head_args:
 // (cout, activation).
 at::Tensor mobilenet_v2_packed_cpu(const at::Tensor& image, const at::Tensor& stem_packed,
                                    const at::Tensor& first_packed, at::IntArrayRef first_args, at::TensorList blocks,
                                    at::IntArrayRef block_args, const at::Tensor& head_packed,
                                    at::IntArrayRef head_args, const at::Tensor& classifier_packed, int64_t classes) {
-  constexpr size_t kFirstArgs = 3, kBlockArgs = 6, kHeadArgs = 2;
+  constexpr size_t kFirstArgs = 3, kBlockArgs = 8, kHeadArgs = 2;
   TORCH_CHECK(first_args.size() == kFirstArgs, "mnv2: first_args must be (channels, cout, stride), got ",
               first_args.size(), " values");
   TORCH_CHECK(block_args.size() == kBlockArgs * blocks.size(), "mnv2: block_args must hold ", kBlockArgs,
-              " values per block (hidden, cout, has_expand, stride, residual, dilation): ", blocks.size(), " blocks need ",
+              " values per block (hidden, cout, has_expand, stride, residual, dilation, kernel_size, relu6): ", blocks.size(), " blocks need ",
               kBlockArgs * blocks.size(), ", got ", block_args.size());
   TORCH_CHECK(head_args.size() == kHeadArgs, "mnv2: head_args must be (cout, activation), got ", head_args.size(),
               " values");
@@ -86,9 +87,10 @@ at::Tensor mobilenet_v2_packed_cpu(const at::Tensor& image, const at::Tensor& st
                                    at::MemoryFormat::ChannelsLast);
   for (size_t b = 0; b < blocks.size(); ++b) {
     const int64_t* a = block_args.data() + kBlockArgs * b;
-    TORCH_CHECK((a[2] == 0 || a[2] == 1) && (a[4] == 0 || a[4] == 1), "mnv2: block ", b,
-                "'s has_expand and residual must be 0 or 1, got ", a[2], " and ", a[4]);
-    h = fused_inverted_residual_packed_cpu(h, blocks[b], a[0], a[1], a[2] != 0, a[3], a[4] != 0, a[5]);
+    TORCH_CHECK((a[2] == 0 || a[2] == 1) && (a[4] == 0 || a[4] == 1) && (a[7] == 0 || a[7] == 1), "mnv2: block ",
+                b, "'s has_expand, residual and relu6 must be 0 or 1, got ", a[2], ", ", a[4], " and ", a[7]);
+    h = fused_inverted_residual_packed_cpu(h, blocks[b], a[0], a[1], a[2] != 0, a[3], a[4] != 0, a[5], a[6],
+                                           a[7] != 0 ? "relu6" : "relu");
   }
   if (!h.is_contiguous(at::MemoryFormat::ChannelsLast)) h = h.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor pooled = pointwise_conv_mean_packed_cpu(h, head_packed, head_args[0], head_args[1]);

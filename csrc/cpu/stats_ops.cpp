@@ -15,24 +15,26 @@ namespace {
 
 // The shape of x's expand and depthwise steps (no project).
 BlockShape check_front(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
-                       const at::Tensor& w_dw, int64_t stride, int64_t dilation) {
+                       const at::Tensor& w_dw, int64_t stride, int64_t dilation, std::string_view activation) {
   check_x(x, "x", Dtypes::kKernelOrHalf);
   BlockShape s = glue::check_front_weights(x, x.size(1), w_expand, b_expand, w_dw);
   glue::finish_front_shape(s, x, stride, dilation);
+  glue::set_activation(s, activation);
   return s;
 }
 
-// Mean and biased variance per hidden channel of z2 = dw(relu6(w_expand x + b_expand))
+// Mean and biased variance per hidden channel of z2 = dw(act(w_expand x + b_expand))
 // (no depthwise bias): the statistics kernel recomputes z2 row by row and reduces it
 // into per-task sums in double, summed in task order; nothing hidden-sized is stored.
 // Results in x's dtype.
 std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x, const OptTensor& w_expand,
                                                          const OptTensor& b_expand, const at::Tensor& w_dw,
-                                                         int64_t stride, int64_t dilation) {
-  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride, dilation);
+                                                         int64_t stride, int64_t dilation,
+                                                         std::string_view activation) {
+  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride, dilation, activation);
   if (is_half(x)) {  // statistics in float32 (the accumulation dtype), as for float32
     return depthwise_moments_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
-                                 w_dw.to(at::kFloat), stride, dilation);
+                                 w_dw.to(at::kFloat), stride, dilation, activation);
   }
   const at::TensorOptions opts = dense_options(x);
   const int64_t count = s.batch * s.out_h() * s.out_w();
@@ -74,12 +76,13 @@ std::tuple<at::Tensor, at::Tensor> depthwise_moments_cpu(const at::Tensor& x, co
 // Recomputes row by row; nothing hidden-sized is allocated.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_backward_cpu(
     const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand, const at::Tensor& w_dw,
-    int64_t stride, const at::Tensor& alpha, const at::Tensor& beta, int64_t dilation) {
-  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride, dilation);
+    int64_t stride, const at::Tensor& alpha, const at::Tensor& beta, int64_t dilation,
+    std::string_view activation) {
+  const BlockShape s = check_front(x, w_expand, b_expand, w_dw, stride, dilation, activation);
   if (is_half(x)) {  // alpha and beta in float32 (the statistics' dtype) or x's
     auto g = depthwise_moments_backward_cpu(x.to(at::kFloat), float32_copy(w_expand), float32_copy(b_expand),
                                             w_dw.to(at::kFloat), stride, alpha.to(at::kFloat),
-                                            beta.to(at::kFloat), dilation);
+                                            beta.to(at::kFloat), dilation, activation);
     const at::ScalarType t = x.scalar_type();
     return {std::get<0>(g).to(t), std::get<1>(g).to(t), std::get<2>(g).to(t), std::get<3>(g).to(t)};
   }
@@ -94,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_moments_bac
   auto make = [&](at::IntArrayRef size) { return s.batch == 0 ? at::zeros(size, opts) : at::empty(size, opts); };
   at::Tensor g_x = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
   at::Tensor g_w_expand = make({he, s.has_expand ? s.cin : 0}), g_b_expand = make({he});
-  at::Tensor g_w_dw = make({s.hidden, kDwKernel, kDwKernel});
+  at::Tensor g_w_dw = make({s.hidden, s.kernel, s.kernel});
   if (s.batch == 0) return {g_x.zero_(), g_w_expand, g_b_expand, g_w_dw};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mnv2_depthwise_moments_backward", [&] {
     const Kernels<scalar_t>& k = kernels().get<scalar_t>();

@@ -4,8 +4,9 @@
 //   a2 = relu6(dw(a1, w_dw) + b_dw)                             hidden channels, never in HBM
 //   y  = w_project a2 + b_project (+ x)
 //
-// dw is the depthwise convolution of core/shape.h: kDwKernel x kDwKernel taps
-// (kDwTaps in all, 3x3 today), stride 1 or 2, zero padding kDwPad.
+// dw is the depthwise convolution of core/shape.h at k = 3: kDwKernel x kDwKernel taps
+// (kDwTaps in all), stride 1 or 2, zero padding kDwPad. Other kernel sizes, and ReLU
+// instead of ReLU6, are refused (the Triton backend runs them).
 //
 // Conventions shared by every kernel
 // ----------------------------------
@@ -176,6 +177,12 @@
 namespace mnv2 {
 namespace cuda {
 namespace {
+
+// The CUDA kernel computes the 3x3 depthwise step with ReLU6 only (check_block refuses
+// other kernel sizes and activations; the Triton backend runs them).
+constexpr int kDwKernel = 3;
+constexpr int kDwTaps = kDwKernel * kDwKernel;
+constexpr int kDwPad = kDwKernel / 2;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -1413,10 +1420,15 @@ Img<T> img_of(const at::Tensor& t) {
 BlockShape check_block(const at::Tensor& x, const OptTensor& w_expand, const OptTensor& b_expand,
                        const at::Tensor& w_dw, const at::Tensor& b_dw,
                        const at::Tensor& w_project, const at::Tensor& b_project, int64_t stride,
-                       bool residual, int64_t dilation) {
+                       bool residual, int64_t dilation, std::string_view activation) {
   TORCH_CHECK(dilation == 1, "mnv2: the CUDA kernel supports only dilation 1, got ", dilation,
               "; the Triton backend (\"triton\", which \"auto\" picks for dilated blocks) runs "
               "dilated depthwise steps");
+  TORCH_CHECK(w_dw.dim() != 3 || (w_dw.size(1) == 3 && w_dw.size(2) == 3),
+              "mnv2: the CUDA kernel supports only a 3x3 depthwise kernel, got w_dw of shape ", w_dw.sizes(),
+              "; the Triton backend (\"triton\", which \"auto\" picks for them) runs 5x5 and 7x7");
+  TORCH_CHECK(activation == "relu6", "mnv2: the CUDA kernel supports only the ReLU6 activation, got \"",
+              activation, "\"; the Triton backend (\"triton\", which \"auto\" picks for it) runs ReLU");
   TORCH_CHECK(x.dim() == 4, "mnv2: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.layout() == at::kStrided, "mnv2: x must be a dense (strided) tensor");
   TORCH_CHECK(x.is_cuda(), "mnv2: the CUDA kernel needs x on a CUDA device, got ", x.device());
@@ -1520,9 +1532,9 @@ at::Tensor fused_inverted_residual_cuda(const at::Tensor& x, const OptTensor& w_
                                         const OptTensor& b_expand, const at::Tensor& w_dw,
                                         const at::Tensor& b_dw, const at::Tensor& w_project,
                                         const at::Tensor& b_project, int64_t stride,
-                                        bool residual, int64_t dilation) {
+                                        bool residual, int64_t dilation, std::string_view activation) {
   const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                   residual, dilation);
+                                   residual, dilation, activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo prop = device_info(x);
   at::Tensor y = at::empty({s.batch, s.cout, s.out_h(), s.out_w()},
@@ -1560,9 +1572,9 @@ Grads fused_inverted_residual_backward_cuda(const at::Tensor& grad_y, const at::
                                             const at::Tensor& w_dw, const at::Tensor& b_dw,
                                             const at::Tensor& w_project,
                                             const at::Tensor& b_project, int64_t stride,
-                                            bool residual, int64_t dilation) {
+                                            bool residual, int64_t dilation, std::string_view activation) {
   const BlockShape s = check_block(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                   residual, dilation);
+                                   residual, dilation, activation);
   glue::check_grad_y(grad_y, x, s);
   const c10::cuda::CUDAGuard guard(x.device());
   const DeviceInfo prop = device_info(x);

@@ -59,8 +59,12 @@ int64_t vector_width(bool is_double) {
   return is_double ? k.f64.vl : k.f32.vl;
 }
 
-int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand, bool is_double) {
+int64_t packed_numel(int64_t cin, int64_t hidden, int64_t cout, bool has_expand, bool is_double,
+                     int64_t kernel_size) {
+  TORCH_CHECK(is_dw_kernel(static_cast<int>(kernel_size)), "mnv2: the depthwise kernel size must be 3, 5 or 7, got ",
+              kernel_size);
   BlockShape s{};
+  s.kernel = static_cast<int>(kernel_size);
   s.cin = cin;
   s.hidden = hidden;
   s.cout = cout;
@@ -111,7 +115,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Largest per-thread kernel scratch requested since start (or the last reset).");
   m.def("reset_max_scratch_bytes", [] { mnv2::cpu::g_max_scratch_bytes = 0; });
   m.def("packed_numel", &packed_numel,
-        "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.");
+        "Elements of mnv2::pack_weights' result for a block on this machine's CPU kernel.", pybind11::arg("cin"),
+        pybind11::arg("hidden"), pybind11::arg("cout"), pybind11::arg("has_expand"), pybind11::arg("is_double"),
+        pybind11::arg("kernel_size") = 3);
   m.def("cpu_forward_plan", &cpu_forward_plan,
         "The CPU kernel's forward plan (tiles, hidden chunk, splits) for a block on this machine.");
   m.def("pointwise_packed_numel", &pointwise_packed_numel,

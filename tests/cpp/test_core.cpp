@@ -33,6 +33,8 @@ struct Case {
   int64_t n, cin, h, w, cout, t;
   int stride;
   int dilation = 1;  // of the depthwise taps
+  int kernel = 3;    // of the depthwise step: 3, 5 or 7
+  bool relu6 = true;  // the activation: ReLU6, else ReLU
 };
 
 template <typename T>
@@ -81,7 +83,9 @@ struct Reference {
 };
 
 double relu6d(double v) { return v < 0 ? 0 : (v > 6 ? 6 : v); }
-double dmask(double z) { return (z > 0 && z < 6) ? 1.0 : 0.0; }
+// The block's activation and its derivative at the pre-activation z: ReLU6 or ReLU.
+double act(double v, bool relu6) { return relu6 ? relu6d(v) : (v < 0 ? 0 : v); }
+double dmask(double z, bool relu6) { return (z > 0 && (!relu6 || z < 6)) ? 1.0 : 0.0; }
 
 // Dense NCHW indices of the reference's hidden tensors: a1 and z1 are [N][hidden][H][W],
 // z2 and a2 [N][hidden][Ho][Wo].
@@ -102,7 +106,9 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
   const int64_t C = s.cin, Hd = s.hidden;
   const int d = s.dilation;
   const HiddenIndex ix(s);
-  r.gwd.assign(Hd * kDwTaps, 0);
+  const int K = s.kernel;
+  const int64_t taps = s.dw_taps();
+  r.gwd.assign(Hd * taps, 0);
   r.gbd.assign(Hd, 0);
   std::vector<double> ga1(N * Hd * H * W, 0);
   for (int64_t n = 0; n < N; ++n)
@@ -111,12 +117,12 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
         for (int64_t j = 0; j < Wo; ++j) {
           const double g = gz2[ix.z2(n, h, i, j)];
           r.gbd[h] += g;
-          for (int ky = 0; ky < kDwKernel; ++ky)
-            for (int kx = 0; kx < kDwKernel; ++kx) {
+          for (int ky = 0; ky < K; ++ky)
+            for (int kx = 0; kx < K; ++kx) {
               const int64_t ii = s.first_input_row(i) + ky * d, jj = s.first_input_row(j) + kx * d;
               if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
-              r.gwd[h * kDwTaps + ky * kDwKernel + kx] += g * r.a1[ix.a1(n, h, ii, jj)];
-              ga1[ix.a1(n, h, ii, jj)] += g * wt.wd[h * kDwTaps + ky * kDwKernel + kx];
+              r.gwd[h * taps + ky * K + kx] += g * r.a1[ix.a1(n, h, ii, jj)];
+              ga1[ix.a1(n, h, ii, jj)] += g * wt.wd[h * taps + ky * K + kx];
             }
         }
   r.gx.assign(N * C * H * W, 0);
@@ -127,7 +133,7 @@ void backward_from_gz2(const BlockShape& s, const Tensor4<T>& x, const Weights<T
       for (int64_t h = 0; h < Hd; ++h)
         for (int64_t i = 0; i < H; ++i)
           for (int64_t j = 0; j < W; ++j) {
-            const double g = ga1[ix.a1(n, h, i, j)] * dmask(r.z1[ix.a1(n, h, i, j)]);
+            const double g = ga1[ix.a1(n, h, i, j)] * dmask(r.z1[ix.a1(n, h, i, j)], s.relu6);
             r.gbe[h] += g;
             for (int64_t c = 0; c < C; ++c) {
               r.gwe[h * C + c] += g * x.at(n, c, i, j);
@@ -161,7 +167,7 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
           if (s.has_expand) {
             z = wt.be[h];
             for (int64_t c = 0; c < C; ++c) z += double(wt.we[h * C + c]) * x.at(n, c, i, j);
-            r.a1[ix.a1(n, h, i, j)] = relu6d(z);
+            r.a1[ix.a1(n, h, i, j)] = act(z, s.relu6);
           } else {
             z = x.at(n, h, i, j);
             r.a1[ix.a1(n, h, i, j)] = z;
@@ -175,14 +181,14 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
       for (int64_t i = 0; i < Ho; ++i)
         for (int64_t j = 0; j < Wo; ++j) {
           double z = wt.bd[h];
-          for (int ky = 0; ky < kDwKernel; ++ky)
-            for (int kx = 0; kx < kDwKernel; ++kx) {
+          for (int ky = 0; ky < s.kernel; ++ky)
+            for (int kx = 0; kx < s.kernel; ++kx) {
               const int64_t ii = s.first_input_row(i) + ky * d, jj = s.first_input_row(j) + kx * d;
               if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
-              z += double(wt.wd[h * kDwTaps + ky * kDwKernel + kx]) * r.a1[ix.a1(n, h, ii, jj)];
+              z += double(wt.wd[(h * s.kernel + ky) * s.kernel + kx]) * r.a1[ix.a1(n, h, ii, jj)];
             }
           r.z2[ix.z2(n, h, i, j)] = z;
-          r.a2[ix.z2(n, h, i, j)] = relu6d(z);
+          r.a2[ix.z2(n, h, i, j)] = act(z, s.relu6);
         }
   r.y.assign(N * O * Ho * Wo, 0);
   for (int64_t n = 0; n < N; ++n)
@@ -210,7 +216,7 @@ Reference reference(const BlockShape& s, const Tensor4<T>& x, const Weights<T>& 
             gz2[ix.z2(n, h, i, j)] += g * wt.wp[o * Hd + h];
           }
         }
-  for (size_t e = 0; e < gz2.size(); ++e) gz2[e] *= dmask(r.z2[e]);
+  for (size_t e = 0; e < gz2.size(); ++e) gz2[e] *= dmask(r.z2[e], s.relu6);
   backward_from_gz2(s, x, wt, gz2, r);
   if (s.residual) {
     for (int64_t n = 0; n < N; ++n)
@@ -345,7 +351,7 @@ void check_stats(const Kernels<T>& kt, const BlockShape& block, const Tensor4<T>
                       scratch.data());
   }
   backward_finish(s, bp, side.data(), gx.data.data(), gx.st);
-  std::vector<T> gwe(Hd * s.cin), gbe(Hd), gwd(Hd * kDwTaps);
+  std::vector<T> gwe(Hd * s.cin), gbe(Hd), gwd(Hd * s.dw_taps());
   reduce_grads(s, lb, partials.data(), btasks, 0, Hd, gwe.data(), gbe.data(), gwd.data(),
                static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
   const double tol = sizeof(T) == 4 ? 1e-5 : 1e-13;
@@ -374,6 +380,8 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   s.cout = c.cout;
   s.stride = c.stride;
   s.dilation = c.dilation;
+  s.kernel = c.kernel;
+  s.relu6 = c.relu6;
   s.has_expand = c.t != 1;
   s.residual = c.stride == 1 && c.cin == c.cout;
   if (const char* err = validate_shape(s)) {
@@ -382,7 +390,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
     return;
   }
   const Kernels<T>& kt = table.get<T>();
-  std::mt19937 rng(static_cast<unsigned>(c.cin * 131 + c.h * 7 + c.t + c.stride + 1000 * c.dilation));
+  std::mt19937 rng(static_cast<unsigned>(c.cin * 131 + c.h * 7 + c.t + c.stride + 1000 * c.dilation + 77 * c.kernel));
   Tensor4<T> x = make_tensor<T>(c.n, c.cin, c.h, c.w, fmt);
   for (int64_t n = 0; n < c.n; ++n)
     for (int64_t ch = 0; ch < c.cin; ++ch)
@@ -391,7 +399,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
   Weights<T> wt;
   for (int64_t e = 0; e < s.hidden * s.cin; ++e) wt.we.push_back(dyadic(rng, -8, 8));
   for (int64_t e = 0; e < s.hidden; ++e) wt.be.push_back(dyadic(rng, -16, 40));
-  for (int64_t e = 0; e < s.hidden * kDwTaps; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
+  for (int64_t e = 0; e < s.hidden * s.dw_taps(); ++e) wt.wd.push_back(dyadic(rng, -12, 12));
   for (int64_t e = 0; e < s.hidden; ++e) wt.bd.push_back(dyadic(rng, -16, 40));
   for (int64_t e = 0; e < s.cout * s.hidden; ++e) wt.wp.push_back(dyadic(rng, -8, 8));
   for (int64_t e = 0; e < s.cout; ++e) wt.bp.push_back(dyadic(rng, -16, 16));
@@ -482,7 +490,7 @@ void run_case(const KernelTable& table, const Case& c, Fmt fmt, const PlanOverri
     for (int t = 0; t < tasks; ++t) run_backward_task(t);
   }
   backward_finish(s, bp, side.data(), gx.data.data(), gx.st);
-  std::vector<T> gwe(s.hidden * s.cin), gbe(s.hidden), gwd(s.hidden * kDwTaps), gbd(s.hidden),
+  std::vector<T> gwe(s.hidden * s.cin), gbe(s.hidden), gwd(s.hidden * s.dw_taps()), gbd(s.hidden),
       gwp(s.cout * s.hidden), gbp(s.cout);
   // in two hidden-channel ranges, the second first (the glue runs them concurrently)
   const int64_t h_mid = s.hidden / 2;
@@ -639,7 +647,7 @@ void run_stem_case(const KernelTable& table, int64_t N, int64_t C, int64_t IH, i
         }
   Weights<T> wt;
   for (int64_t e = 0; e < cin; ++e) wt.be.push_back(0);
-  for (int64_t e = 0; e < cin * kDwTaps; ++e) wt.wd.push_back(dyadic(rng, -12, 12));
+  for (int64_t e = 0; e < cin * s.dw_taps(); ++e) wt.wd.push_back(dyadic(rng, -12, 12));
   for (int64_t e = 0; e < cin; ++e) wt.bd.push_back(dyadic(rng, -16, 40));
   for (int64_t e = 0; e < cout * cin; ++e) wt.wp.push_back(dyadic(rng, -8, 8));
   for (int64_t e = 0; e < cout; ++e) wt.bp.push_back(dyadic(rng, -16, 16));
@@ -748,7 +756,7 @@ void check_planner() {
       for (int64_t l2 : {256, 512, 1024, 2048}) {
         const CacheSizes caches{32 * KiB, l2 * KiB, 4096 * KiB};
         const ForwardPlan p = plan_forward(s, l, 2, caches);
-        const int64_t working = (s.cin + l.cout_p + kDwTaps + 2) * p.hidden_chunk + p.scratch_floats;
+        const int64_t working = (s.cin + l.cout_p + s.dw_taps() + 2) * p.hidden_chunk + p.scratch_floats;
         char what[160];
         std::snprintf(what, sizeof what, "vl %lld L2 %lld KiB block %lld->%lld s%d: working set %lld of %lld, chunk %lld",
                       (long long)vl, (long long)l2, (long long)b.cin, (long long)b.cout, b.s, (long long)working,
@@ -784,6 +792,8 @@ std::string describe(const Case& c) {
                 (long long)c.t, c.stride);
   std::string out = buf;
   if (c.dilation != 1) out += " d" + std::to_string(c.dilation);
+  if (c.kernel != 3) out += " k" + std::to_string(c.kernel);
+  if (!c.relu6) out += " relu";
   return out;
 }
 
@@ -828,6 +838,13 @@ int main(int argc, char** argv) {
       // sides shorter than the taps' reach, bands and tiles narrower than it, t = 1
       {2, 7, 9, 11, 7, 6, 1, 2}, {1, 6, 10, 7, 8, 6, 2, 2}, {2, 5, 5, 13, 5, 1, 1, 4},
       {1, 8, 3, 2, 8, 6, 1, 4},  {1, 9, 12, 12, 9, 6, 1, 4}, {2, 4, 11, 6, 6, 3, 2, 3},
+      // 5x5 and 7x7 depthwise steps, ReLU or ReLU6 (MNASNet's and EfficientNet-Lite's
+      // blocks): t = 1 and t > 1, residual, stride 2, sides shorter than the taps' reach,
+      // and dilated
+      {2, 7, 9, 11, 7, 6, 1, 1, 5, false}, {1, 6, 10, 7, 8, 3, 2, 1, 5, true}, {2, 5, 5, 13, 5, 1, 1, 1, 5, false},
+      {1, 8, 3, 2, 8, 6, 1, 1, 5, true},   {2, 9, 12, 12, 9, 6, 1, 1, 7, false}, {1, 4, 11, 6, 6, 3, 2, 1, 7, true},
+      {2, 6, 4, 9, 6, 1, 2, 1, 7, false},  {1, 5, 2, 3, 5, 6, 1, 1, 7, false}, {1, 7, 13, 10, 7, 6, 1, 2, 5, false},
+      {2, 4, 11, 12, 4, 2, 1, 3, 7, true}, {1, 10, 8, 8, 10, 6, 1, 1, 3, false},
   };
   auto run_all = [&](auto zero, const char* dtype) {
     using T = decltype(zero);

@@ -35,7 +35,7 @@ struct BackwardTensors {
 };
 
 // gz2 from the block's output gradient: g_w_project += gy^T a2, g_b_project += sum gy,
-// gz2 = (gy w_project) * relu6'(z2).
+// gz2 = (gy w_project) * act'(z2), act the block's ReLU6 or ReLU.
 template <typename T>
 class GradFromOutput {
  public:
@@ -69,11 +69,11 @@ class GradFromOutput {
       }
     }
     T* a2 = pend_a2_ + pending_ * hp;
-    for (int64_t e = 0; e < npix * hp; e += VL) V::store(a2 + e, V::relu6(V::load(z2 + e)));
+    for (int64_t e = 0; e < npix * hp; e += VL) V::store(a2 + e, V::activation(V::load(z2 + e), s_.relu6));
     pending_ += npix;
     Gemm<T>::run(npix, hp, cout, pg, cout, 1, w_project_t_, VL, cout * VL, gz2, hp, nullptr, 0);
     for (int64_t e = 0; e < npix * hp; e += VL) {
-      V::store(gz2 + e, V::relu6_grad(V::load(gz2 + e), V::load(z2 + e)));
+      V::store(gz2 + e, V::activation_grad(V::load(gz2 + e), V::load(z2 + e), s_.relu6));
     }
   }
 
@@ -164,19 +164,19 @@ class BackwardItem {
       win_.fill(i0, i_hi);
       clear_new_gradient_rows(i0, i_hi);
       for (int64_t q = 0; q < rows; ++q) {
-        const T* in_rows[kDwKernel];
+        const T* in_rows[kMaxDwKernel];
         input_rows(r + q, in_rows);
-        Depthwise<T>::row(in_rows, 0, s_.in_w, st, s_.dilation, 0, Wo, hp, t_.packed + l_.w_dw, hp, t_.packed + l_.b_dw,
+        Depthwise<T>::row(s_, in_rows, 0, s_.in_w, st, 0, Wo, hp, t_.packed + l_.w_dw, hp, t_.packed + l_.b_dw,
                           z2 + q * Wo * hp, false);
       }
       source_.grad_z2(r, rows, z2, gz2);
       for (int64_t q = 0; q < rows; ++q) {
-        const T* in_rows[kDwKernel];
+        const T* in_rows[kMaxDwKernel];
         input_rows(r + q, in_rows);
         const int64_t i = s_.first_input_row(r + q);
-        T* ga[kDwKernel];
-        for (int ky = 0; ky < kDwKernel; ++ky) ga[ky] = gradient_row(i + ky * s_.dilation);
-        Depthwise<T>::row_backward(in_rows, ga, gz2 + q * Wo * hp, s_.in_w, st, s_.dilation, Wo, hp, t_.packed + l_.w_dw,
+        T* ga[kMaxDwKernel];
+        for (int ky = 0; ky < s_.kernel; ++ky) ga[ky] = gradient_row(i + ky * s_.dilation);
+        Depthwise<T>::row_backward(s_, in_rows, ga, gz2 + q * Wo * hp, st, Wo, hp, t_.packed + l_.w_dw,
                                    grads_ + gl_.g_w_dw, grads_ + gl_.g_b_dw);
       }
       // every input row no later step touches is final
@@ -189,9 +189,9 @@ class BackwardItem {
   }
 
  private:
-  void input_rows(int64_t r, const T* rows[kDwKernel]) const {
+  void input_rows(int64_t r, const T* rows[kMaxDwKernel]) const {
     const int64_t i0 = s_.first_input_row(r);
-    for (int ky = 0; ky < kDwKernel; ++ky) rows[ky] = win_.row(i0 + ky * s_.dilation);
+    for (int ky = 0; ky < s_.kernel; ++ky) rows[ky] = win_.row(i0 + ky * s_.dilation);
   }
 
   // The gradient accumulator of input row i (a ring alongside the window's); rows
@@ -237,7 +237,7 @@ class BackwardItem {
         const T* g = gradient_row(i);
         const T* a1 = win_.row(i);
         T* gz1 = scratch_ + o_.pend_gz1 + pending_ * hp;
-        for (int64_t e = 0; e < W * hp; e += VL) V::store(gz1 + e, V::relu6_grad(V::load(g + e), V::load(a1 + e)));
+        for (int64_t e = 0; e < W * hp; e += VL) V::store(gz1 + e, V::activation_grad(V::load(g + e), V::load(a1 + e), s_.relu6));
         for (int64_t w = 0; w < W; ++w) {
           for (int64_t c = 0; c < hp; c += VL) {
             V::store(g_b_expand + c, V::load(g_b_expand + c) + V::load(gz1 + w * hp + c));

@@ -65,9 +65,9 @@ struct BlockForward {
         win.fill(s.first_input_row(r), s.first_input_row(r + rows - 1) + s.dw_span() - 1);
         for (int64_t q = 0; q < rows; ++q) {
           const int64_t i0 = s.first_input_row(r + q);
-          const T* in_rows[kDwKernel];
-          MNV2_UNROLL for (int ky = 0; ky < kDwKernel; ++ky) in_rows[ky] = win.row(i0 + ky * s.dilation);
-          Depthwise<T>::row(in_rows, c_lo, s.in_w, st, s.dilation, oc0, tw, win.hc, a.packed + l.w_dw + win.h0, l.hp,
+          const T* in_rows[kMaxDwKernel];
+          for (int ky = 0; ky < s.kernel; ++ky) in_rows[ky] = win.row(i0 + ky * s.dilation);
+          Depthwise<T>::row(s, in_rows, c_lo, s.in_w, st, oc0, tw, win.hc, a.packed + l.w_dw + win.h0, l.hp,
                             a.packed + l.b_dw + win.h0, dw_rows + q * tw * win.hc, true);
         }
         T* accr = p.chunked() ? acc + (r - r0) * tw * l.cout_p : acc;
@@ -148,7 +148,7 @@ struct BlockForward {
     const BlockShape& s = a.shape;
     const Layout& l = a.layout;
     if (s.has_expand) prefetch_range(a.packed + l.w_expand + h0 * s.cin, hc * s.cin);
-    for (int64_t t = 0; t < kDwTaps; ++t) prefetch_range(a.packed + l.w_dw + t * l.hp + h0, hc);
+    for (int64_t t = 0; t < s.dw_taps(); ++t) prefetch_range(a.packed + l.w_dw + t * l.hp + h0, hc);
     for (int64_t j = 0; j < l.cout_p / VL; ++j) {
       prefetch_range(a.packed + l.w_project + j * l.hp * VL + h0 * VL, hc * VL);
     }

@@ -35,10 +35,9 @@ struct DepthwiseStats {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i0 = s.first_input_row(r);
       win.fill(i0, i0 + s.dw_span() - 1);
-      const T* in_rows[kDwKernel];
-      for (int ky = 0; ky < kDwKernel; ++ky) in_rows[ky] = win.row(i0 + ky * s.dilation);
-      Depthwise<T>::row(in_rows, 0, W, s.stride, s.dilation, 0, Wo, hp, a.packed + l.w_dw, hp, a.packed + l.b_dw, z2,
-                        false);
+      const T* in_rows[kMaxDwKernel];
+      for (int ky = 0; ky < s.kernel; ++ky) in_rows[ky] = win.row(i0 + ky * s.dilation);
+      Depthwise<T>::row(s, in_rows, 0, W, s.stride, 0, Wo, hp, a.packed + l.w_dw, hp, a.packed + l.b_dw, z2, false);
       for (int64_t q = 0; q < Wo; ++q) {
         const T* z = z2 + q * hp;
         for (int64_t c = 0; c < hp; ++c) {

@@ -76,11 +76,11 @@ struct RowWindow {
       if (rows == 1 || xs.h == nvalid * xs.w) {
         // consecutive rows are one uniformly strided matrix: a single GEMM
         G::run(rows * nvalid, hc, s.cin, xrow + lo * xs.h, xs.w, xs.c, B, VL, s.cin * VL, dst, hc,
-               bias, kRelu6);
+               bias, s.relu6 ? kRelu6 : kRelu);
       } else {
         for (int64_t i = lo; i <= hi; ++i) {
           G::run(nvalid, hc, s.cin, xrow + i * xs.h, xs.w, xs.c, B, VL, s.cin * VL,
-                 dst + (i - lo) * row_floats(), hc, bias, kRelu6);
+                 dst + (i - lo) * row_floats(), hc, bias, s.relu6 ? kRelu6 : kRelu);
         }
       }
       zero_padded_channels(dst, rows * nvalid);

@@ -51,6 +51,15 @@ struct Simd {
     const vf zero = {};
     return v < zero ? zero : v;  // NaN passes through, as in torch
   }
+  // The block's activation: ReLU6, else ReLU.
+  static vf activation(vf v, bool relu6) { return relu6 ? Simd::relu6(v) : relu(v); }
+  // g where the activation's derivative is 1 at a: 0 < a < 6 for ReLU6 (as
+  // hardtanh_backward), 0 < a for ReLU (as threshold_backward); else 0.
+  static vf activation_grad(vf g, vf a, bool relu6) {
+    if (relu6) return relu6_grad(g, a);
+    const vf zero = {};
+    return a > zero ? g : zero;
+  }
   // g where 0 < a < 6 (the ReLU6 derivative, as hardtanh_backward), else 0.
   static vf relu6_grad(vf g, vf a) {
     const vf zero = {};
