@@ -13,7 +13,7 @@ STAMPS := .stamps
 # The versions pip picks on the development machines (torch wheel from the local disk).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := "setuptools>=64" wheel ninja "cmake>=3.18"
-TEST_DEPS := pytest hypothesis expecttest numpy onnx onnxscript onnxruntime
+TEST_DEPS := pytest hypothesis expecttest numpy onnx onnxscript onnxruntime timm
 EXT_SOURCES := setup.py pyproject.toml cmake/isa_flags.txt $(shell find csrc -type f)
 CORE_SOURCES := CMakeLists.txt cmake/isa_flags.txt $(shell find csrc/core tests/cpp bench/cpp -type f)
 PYTEST_ARGS ?=

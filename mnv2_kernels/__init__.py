@@ -11,6 +11,7 @@ from ._extension import build_info, cpu_isa, cpu_plans
 from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .batch_norm import SyncBatchNorm, convert_sync_batchnorm, fold_bn
 from .capture import trace_unfused
+from .family import FusedMNASNetBlock, FusedTimmBlock
 from .model import MobileNetV2, convert_model, mobilenet_v2
 from .modules import Conv2dNormActivation, FusedInvertedResidual
 
@@ -21,6 +22,8 @@ __all__ = [
     "Conv2dNormActivation",
     "ExpansionOutputBlock",
     "FusedInvertedResidual",
+    "FusedMNASNetBlock",
+    "FusedTimmBlock",
     "MobileNetV2",
     "SyncBatchNorm",
     "build_info",

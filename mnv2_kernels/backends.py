@@ -18,6 +18,7 @@ silently.
 import contextlib
 import os
 import warnings
+from typing import Optional
 
 import torch
 
@@ -79,16 +80,29 @@ def _cannot(name, x, why):
     )
 
 
-def resolve(x: torch.Tensor, dilation: int = 1) -> str:
+def resolve(x: torch.Tensor, dilation: int = 1, kernel_size: int = 3, activation: str = "relu6") -> str:
     """The concrete backend that will run a block on input ``x`` (with a depthwise step of
-    that dilation) under the selected backend; raises when the selected backend cannot run x."""
-    return check(_current, x, dilation)
+    that dilation and kernel size, and that activation) under the selected backend; raises
+    when the selected backend cannot run x."""
+    return check(_current, x, dilation, kernel_size, activation)
 
 
-def check(name: str, x: torch.Tensor, dilation: int = 1) -> str:
+def _cuda_kernel_refuses(dilation: int, kernel_size: int, activation: str) -> Optional[str]:
+    """Why the CUDA kernel cannot run such a block (it computes MobileNetV2's: 3x3
+    depthwise, undilated, ReLU6), or None."""
+    if dilation != 1:
+        return f"it runs depthwise dilation 1 only, this block has dilation {dilation}"
+    if kernel_size != 3:
+        return f"it runs a 3x3 depthwise kernel only, this block's is {kernel_size}x{kernel_size}"
+    if activation != "relu6":
+        return f"it runs the ReLU6 activation only, this block's is {activation!r}"
+    return None
+
+
+def check(name: str, x: torch.Tensor, dilation: int = 1, kernel_size: int = 3, activation: str = "relu6") -> str:
     """The concrete backend that ``name`` means for input ``x`` and a depthwise step of
-    ``dilation`` ("auto" picks one); raises when that backend cannot run x (a backend never
-    runs another device's kernel)."""
+    ``dilation`` and ``kernel_size`` with ``activation`` ("auto" picks one); raises when that
+    backend cannot run x (a backend never runs another device's kernel)."""
     name = _validate(name)
     device = x.device.type
     if name == "auto":
@@ -104,7 +118,8 @@ def check(name: str, x: torch.Tensor, dilation: int = 1) -> str:
             # the only GPU run so far (bench/results/h200-2026-11-26).
             if _triton_available():
                 return "triton"
-            if _extension.has_cuda_kernels() and _cuda_capable(x) and dilation == 1:
+            if (_extension.has_cuda_kernels() and _cuda_capable(x)
+                    and _cuda_kernel_refuses(dilation, kernel_size, activation) is None):
                 return "cuda"
             _warn_once("cuda", "mnv2_kernels: no fused GPU kernel is available in this build; "
                        "CUDA tensors run on the 'reference' backend")
@@ -127,9 +142,9 @@ def check(name: str, x: torch.Tensor, dilation: int = 1) -> str:
         if not _cuda_capable(x):
             major, minor = torch.cuda.get_device_capability(x.device)
             _cannot(name, x, f"it needs compute capability 8.0 or newer, this GPU has {major}.{minor}")
-        if dilation != 1:
-            _cannot(name, x, f"it runs depthwise dilation 1 only, this block has dilation {dilation} "
-                    "(the 'triton' backend runs dilated blocks)")
+        why = _cuda_kernel_refuses(dilation, kernel_size, activation)
+        if why is not None:
+            _cannot(name, x, f"{why} (the 'triton' backend runs it)")
     elif name == "triton":
         if not _triton_available():
             _cannot(name, x, "Triton is not installed, or there is neither a CUDA GPU nor "

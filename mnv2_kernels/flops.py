@@ -13,13 +13,13 @@ from . import _extension
 from .ops import DW_KERNEL, STEM_KERNEL, output_size, stem_output_size
 
 
-def block_macs(x_shape, hidden: int, cout: int, stride: int, has_expand: bool) -> int:
-    """Multiply-adds of one block: expand + depthwise + project (the same at every
+def block_macs(x_shape, hidden: int, cout: int, stride: int, has_expand: bool, kernel_size: int = DW_KERNEL) -> int:
+    """Multiply-adds of one block: expand + depthwise (k x k) + project (the same at every
     dilation: a dilated depthwise step has the same taps and output size)."""
     n, cin, h, w = x_shape
     ho, wo = output_size(h, w, stride)
     expand = n * h * w * cin * hidden if has_expand else 0
-    return expand + n * ho * wo * hidden * DW_KERNEL * DW_KERNEL + n * ho * wo * hidden * cout
+    return expand + n * ho * wo * hidden * kernel_size * kernel_size + n * ho * wo * hidden * cout
 
 
 def stem_block_macs(image_shape, channels: int, cout: int, stride: int) -> int:
@@ -32,19 +32,21 @@ def stem_block_macs(image_shape, channels: int, cout: int, stride: int) -> int:
 
 def _block(x_shape, w_expand_shape, b_expand_shape, w_dw_shape, b_dw_shape, w_project_shape,
            b_project_shape, stride, residual, *args, out_shape=None, **kwargs) -> int:
-    return 2 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride, w_expand_shape is not None)
+    return 2 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride, w_expand_shape is not None,
+                          w_dw_shape[-1])
 
 
 def _block_backward(grad_y_shape, x_shape, w_expand_shape, b_expand_shape, w_dw_shape, b_dw_shape,
                     w_project_shape, b_project_shape, stride, residual, *args, out_shape=None, **kwargs) -> int:
     # As torch counts convolution backward: input and weight gradients of each
     # convolution, twice the forward. The forward recomputation is not counted.
-    return 4 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride, w_expand_shape is not None)
+    return 4 * block_macs(x_shape, w_dw_shape[0], w_project_shape[0], stride, w_expand_shape is not None,
+                          w_dw_shape[-1])
 
 
-def _block_packed(x_shape, packed_shape, hidden, cout, has_expand, stride, residual, *args, out_shape=None,
-                  **kwargs) -> int:
-    return 2 * block_macs(x_shape, hidden, cout, stride, has_expand)
+def _block_packed(x_shape, packed_shape, hidden, cout, has_expand, stride, residual, dilation=1,
+                  kernel_size=DW_KERNEL, *args, out_shape=None, **kwargs) -> int:
+    return 2 * block_macs(x_shape, hidden, cout, stride, has_expand, kernel_size)
 
 
 def _stem_block(image_shape, stem_shape, packed_shape, channels, cout, stride, *args, out_shape=None,
@@ -64,9 +66,9 @@ def _model(image_shape, stem_shape, first_shape, first_args, block_shapes, block
     channels, c, stride = first_args
     macs = stem_block_macs(image_shape, channels, c, stride)
     h, w = output_size(*stem_output_size(h, w), stride)
-    for i in range(0, len(block_args), 6):
-        hidden, cout, has_expand, stride, _residual, _dilation = block_args[i:i + 6]
-        macs += block_macs((n, c, h, w), hidden, cout, stride, bool(has_expand))
+    for i in range(0, len(block_args), 8):
+        hidden, cout, has_expand, stride, _residual, _dilation, kernel_size, _relu6 = block_args[i:i + 8]
+        macs += block_macs((n, c, h, w), hidden, cout, stride, bool(has_expand), kernel_size)
         c = cout
         h, w = output_size(h, w, stride)
     macs += n * h * w * c * head_args[0] + n * head_args[0] * classes

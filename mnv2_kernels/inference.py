@@ -208,6 +208,13 @@ class PackedBlockArgs(NamedTuple):
     stride: int
     residual: bool
     dilation: int
+    kernel_size: int
+    activation: str
+
+    def model_args(self) -> List[int]:
+        """The whole-model operator's integers for this block (activation 1: ReLU6, 0: ReLU)."""
+        return [self.hidden, self.cout, int(self.has_expand), self.stride, int(self.residual), self.dilation,
+                self.kernel_size, int(self.activation == "relu6")]
 
 
 @dataclass(frozen=True)
@@ -368,7 +375,7 @@ class ModelPlan:
             if packed is None:
                 return
             packed_blocks.append(packed)
-            block_args.extend(int(a) for a in rec.args)
+            block_args.extend(rec.args.model_args())
             geometry.append(rec.geometry)
         head_packed, head_cout, activation = head_args
         stem_packed, first_packed, *first_args = stem_args

@@ -5,13 +5,14 @@ are torchvision's (torchvision.models.mobilenetv2), so a torchvision state_dict
 loads unchanged and the same seed gives the same initial weights.
 """
 
+import sys
 import warnings
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import backends, inference, ops
+from . import backends, family, inference, ops
 from .batch_norm import uses_batch_stats
 from .capture import is_fx_proxy, packed_paths_allowed, unfused_for_export
 from .inference import ModelCache, global_hooks
@@ -272,7 +273,8 @@ class MobileNetV2(nn.Module):
                 or any(uses_batch_stats(n) for n in parts[1::2])):
             return None
         stride, dilation = depthwise_geometry(parts[2])
-        if dilation != 1:  # (the fused stem feeds an undilated depthwise step)
+        # (the fused stem feeds an undilated 3x3 depthwise step with ReLU6)
+        if dilation != 1 or parts[2].kernel_size != (3, 3) or block._activation_now() != "relu6":
             return None
         if (any(mod._forward_hooks or mod._forward_pre_hooks for mod in (feats, stem, block))
                 or global_hooks()):
@@ -347,66 +349,87 @@ def mobilenet_v2(
     return model
 
 
-def _torchvision_block_class():
+def _block_rules() -> Dict[type, Callable[[nn.Module], FusedInvertedResidual]]:
+    """The block classes convert_model recognises, each with its fused block's maker:
+    torchvision's MobileNetV2 and MNASNet blocks, and timm's InvertedResidual and
+    DepthwiseSeparableConv when timm is in use (already imported: a timm model is)."""
+    rules: Dict[type, Callable[[nn.Module], FusedInvertedResidual]] = {}
     try:
+        from torchvision.models.mnasnet import _InvertedResidual
         from torchvision.models.mobilenetv2 import InvertedResidual
     except ImportError:
-        return None
-    return InvertedResidual
+        pass
+    else:
+        rules[InvertedResidual] = FusedInvertedResidual.from_torchvision
+        rules[_InvertedResidual] = family.FusedMNASNetBlock.from_block
+    timm_blocks = sys.modules.get("timm.models._efficientnet_blocks")
+    if timm_blocks is not None:
+        rules[timm_blocks.InvertedResidual] = family.FusedTimmBlock.from_block
+        rules[timm_blocks.DepthwiseSeparableConv] = family.FusedTimmBlock.from_block
+    return rules
 
 
-def _fuse(m: nn.Module, block_class) -> Tuple[Optional[FusedInvertedResidual], Optional[str]]:
-    """(the fused block sharing torchvision block ``m``'s submodules, None), or (None, why
-    ``m`` cannot be fused)."""
-    if type(m) is not block_class:
+def _fuse(m: nn.Module, rules) -> Tuple[Optional[FusedInvertedResidual], Optional[str]]:
+    """(the fused block sharing block ``m``'s submodules, None), or (None, why ``m`` cannot
+    be fused)."""
+    make = rules.get(type(m))
+    if make is None:
         # e.g. torchvision.models.quantization's QuantizableInvertedResidual, whose forward
-        # adds through a FloatFunctional for quantization
-        return None, (f"a {type(m).__name__} (a subclass of InvertedResidual: its forward may differ from "
+        # adds through a FloatFunctional for quantization, or timm's CondConvResidual
+        return None, (f"a {type(m).__name__} (a subclass of a block class: its forward may differ from "
                       "the block's, so it is left as it is)")
     try:
-        return FusedInvertedResidual.from_torchvision(m), None
+        return make(m), None
     except (TypeError, ValueError, AttributeError) as exc:
         return None, str(exc)
 
 
-def _find_blocks(module: nn.Module, block_class, prefix: str, found: List[Tuple[str, nn.Module, nn.Module]]):
-    """(name, parent, block) of every torchvision block inside ``module`` (not inside a block)."""
+def _find_blocks(module: nn.Module, classes: tuple, prefix: str, found: List[Tuple[str, nn.Module, nn.Module]]):
+    """(name, parent, block) of every recognised block inside ``module`` (not inside a block)."""
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, block_class):
+        if isinstance(child, classes):
             found.append((path, module, child))
         elif not isinstance(child, FusedInvertedResidual):
-            _find_blocks(child, block_class, path, found)
+            _find_blocks(child, classes, path, found)
 
 
 def convert_model(model: nn.Module, strict: bool = False) -> nn.Module:
-    """Replaces every torchvision InvertedResidual inside ``model`` (in place) by a
-    FusedInvertedResidual sharing its parameters and buffers; returns ``model`` (a new
-    block when ``model`` is itself a torchvision block).
+    """Replaces every inverted-residual block inside ``model`` (in place) by a fused block
+    sharing its parameters and buffers, with the same ``state_dict`` keys; returns
+    ``model`` (a new block when ``model`` is itself a block).
+
+    The blocks recognised: torchvision's MobileNetV2 ``InvertedResidual`` (made a
+    FusedInvertedResidual) and MNASNet ``_InvertedResidual`` (FusedMNASNetBlock), and
+    timm's ``InvertedResidual`` and ``DepthwiseSeparableConv`` (FusedTimmBlock): the
+    blocks of MobileNetV2, MNASNet, EfficientNet-Lite, SPNASNet and FBNet, with 3x3, 5x5
+    or 7x7 depthwise convolutions and ReLU or ReLU6.
 
     Every block is checked before any is replaced. A block that cannot be fused (a
-    depthwise convolution other than 3x3, an activation other than ReLU6, a norm layer
-    that does not fold, a subclass such as torchvision's quantizable block) is left as
-    it is, and one warning names each block left and why; so does a model with no
-    torchvision block at all. With ``strict=True`` either case raises a ValueError
-    instead, before anything is changed.
+    depthwise kernel other than 3, 5 or 7, an activation other than ReLU6 or ReLU,
+    squeeze-and-excitation, TensorFlow "same" padding, a norm layer that does not fold, a
+    subclass such as torchvision's quantizable block) is left as it is, and one warning
+    names each block left and why; so does a model with no such block at all. With
+    ``strict=True`` either case raises a ValueError instead, before anything is changed.
 
     Hooks registered on the replaced blocks themselves are not carried over; hooks
     on their submodules are (those modules are shared).
     """
-    block_class = _torchvision_block_class()
+    rules = _block_rules()
+    classes = tuple(rules)
     found: List[Tuple[str, nn.Module, nn.Module]] = []
-    if block_class is not None and isinstance(model, block_class):
+    if isinstance(model, classes):
         found.append((type(model).__name__, None, model))
-    elif block_class is not None:
-        _find_blocks(model, block_class, "", found)
-    checked = [(path, parent, *_fuse(block, block_class)) for path, parent, block in found]
+    elif classes:
+        _find_blocks(model, classes, "", found)
+    checked = [(path, parent, *_fuse(block, rules)) for path, parent, block in found]
     left = "".join(f"\n  {path}: {why}" for path, _, _, why in checked if why is not None)
     fit = [(path, parent, fused) for path, parent, fused, why in checked if why is None]
     if not fit:
         message = (f"convert_model: nothing to convert in {type(model).__name__}: "
                    + ("no block can be fused:" + left if found else
-                      "it has no torchvision InvertedResidual block"))
+                      "it has no inverted-residual block (torchvision's MobileNetV2 or MNASNet block, timm's "
+                      "InvertedResidual or DepthwiseSeparableConv)"))
     elif left:
         message = (f"convert_model: {len(found) - len(fit)} of {len(found)} blocks left unfused in "
                    f"{type(model).__name__}:" + left)

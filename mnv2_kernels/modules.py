@@ -1,6 +1,6 @@
 """FusedInvertedResidual: torchvision's InvertedResidual with a fused forward."""
 
-from typing import Callable, Final, List, Optional, Tuple
+from typing import Callable, Final, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -193,17 +193,36 @@ def depthwise_conv(layer: nn.Module) -> Optional[nn.Conv2d]:
 def depthwise_geometry(dw: nn.Conv2d) -> Tuple[int, int]:
     """(stride, dilation) of a block's depthwise convolution, read from the module on every
     call, so that atrous surgery on it (DeepLab's: stride 1, dilation and padding d, set
-    in place) is followed. Raises when the kernels do not compute that convolution."""
-    st, dil, pad = dw.stride, dw.dilation, dw.padding
-    d = dil[0]
-    if (st[0] != st[1] or st[0] not in (1, 2) or dil[0] != dil[1] or not isinstance(d, int)
-            or not 1 <= d <= ops.MAX_DILATION or pad != (d * ops.DW_PAD, d * ops.DW_PAD)
-            or dw.padding_mode != "zeros"):
+    in place) is followed. Raises when the kernels do not compute that convolution: a
+    k x k kernel (k = 3, 5, 7), stride 1 or 2, zero padding d * (k // 2)."""
+    st, dil, pad, ks = dw.stride, dw.dilation, dw.padding, dw.kernel_size
+    d, k = dil[0], ks[0]
+    if (ks[0] != ks[1] or k not in ops.DW_KERNELS or st[0] != st[1] or st[0] not in (1, 2) or dil[0] != dil[1]
+            or not isinstance(d, int) or not 1 <= d <= ops.max_dilation(k)
+            or pad != (d * (k // 2), d * (k // 2)) or dw.padding_mode != "zeros"):
         raise ValueError(
-            f"FusedInvertedResidual: the depthwise convolution must have stride 1 or 2, a dilation d of 1 to "
-            f"{ops.MAX_DILATION} and zero padding d * {ops.DW_PAD} (the same in both dimensions), got stride "
-            f"{st}, dilation {dil}, padding {pad}, padding_mode {dw.padding_mode!r}")
+            f"FusedInvertedResidual: the depthwise convolution must be 3x3, 5x5 or 7x7 with stride 1 or 2, a "
+            f"dilation d of 1 to {ops.max_dilation(3)} (3x3), {ops.max_dilation(5)} (5x5) or {ops.max_dilation(7)} "
+            f"(7x7) and zero padding d * (k // 2) (the same in both dimensions), got kernel {ks}, stride {st}, "
+            f"dilation {dil}, padding {pad}, padding_mode {dw.padding_mode!r}")
     return st[0], d
+
+
+def activation_name(m: Optional[nn.Module]) -> Optional[str]:
+    """"relu6" or "relu" for the block activations the kernels compute (nn.ReLU6,
+    nn.ReLU), else None."""
+    t = type(m)
+    return "relu6" if t is nn.ReLU6 else "relu" if t is nn.ReLU else None
+
+
+def _activation_layer(activation) -> Callable[..., nn.Module]:
+    """nn.ReLU6 or nn.ReLU from a name ("relu6", "relu") or either class."""
+    if activation in ("relu6", nn.ReLU6):
+        return nn.ReLU6
+    if activation in ("relu", nn.ReLU):
+        return nn.ReLU
+    raise ValueError(f"FusedInvertedResidual: activation must be 'relu6' or 'relu' (or nn.ReLU6 / nn.ReLU), "
+                     f"got {activation!r}")
 
 
 class FusedInvertedResidual(nn.Module):
@@ -211,7 +230,11 @@ class FusedInvertedResidual(nn.Module):
 
     Same constructor, submodules and state_dict keys as
     ``torchvision.models.mobilenetv2.InvertedResidual``; the parameters live in
-    ordinary Conv2d/BatchNorm2d modules. In eval mode the batch norms are folded
+    ordinary Conv2d/BatchNorm2d modules. The keyword arguments ``kernel_size`` (3, 5 or 7:
+    the depthwise convolution's, padding kernel_size // 2) and ``activation`` ("relu6" or
+    "relu", or nn.ReLU6 / nn.ReLU: after the expand and after the depthwise step) build
+    the family's blocks (MNASNet, EfficientNet-Lite, FBNet, ...); their defaults are
+    MobileNetV2's. In eval mode the batch norms are folded
     into the convolutions and the whole block is one ``mnv2::fused_inverted_residual``
     call. In train mode the batch statistics are computed without keeping the
     hidden tensor for backward, folded, and the last batch norm runs as usual.
@@ -227,12 +250,16 @@ class FusedInvertedResidual(nn.Module):
     # TorchScript: a constant per block, so that the scripted forward indexes only the
     # submodules this block has; the properties are Python-only
     _has_expand: Final[bool]
-    _dw_pad: Final[int] = ops.DW_PAD  # (the scripted forward's check of the padding)
+    _activation: Final[str]  # "relu6" or "relu"
     __jit_unused_properties__ = ["has_expand", "in_channels"]
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, kernel_size: int = ops.DW_KERNEL,
+                 activation: Union[str, Callable[..., nn.Module]] = "relu6") -> None:
         super().__init__()
+        if kernel_size not in ops.DW_KERNELS:
+            raise ValueError(f"FusedInvertedResidual: kernel_size must be 3, 5 or 7, got {kernel_size}")
+        act = _activation_layer(activation)
         self.stride = stride
         if stride not in (1, 2):
             raise ValueError(f"stride should be 1 or 2 instead of {stride}")
@@ -243,10 +270,10 @@ class FusedInvertedResidual(nn.Module):
         layers: List[nn.Module] = []
         if expand_ratio != 1:
             layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1, norm_layer=norm_layer,
-                                               activation_layer=nn.ReLU6))
+                                               activation_layer=act))
         layers.extend([
-            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim,
-                                 norm_layer=norm_layer, activation_layer=nn.ReLU6),
+            Conv2dNormActivation(hidden_dim, hidden_dim, kernel_size=kernel_size, stride=stride, groups=hidden_dim,
+                                 norm_layer=norm_layer, activation_layer=act),
             nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
             norm_layer(oup),
         ])
@@ -279,7 +306,7 @@ class FusedInvertedResidual(nn.Module):
     # -- structure ---------------------------------------------------------
     @property
     def has_expand(self) -> bool:
-        return len(self.conv) == 4
+        return self._parts()[0] is not None
 
     def _parts(self):
         """(expand conv, bn1, depthwise conv, bn2, project conv, bn3); the first two are
@@ -310,25 +337,49 @@ class FusedInvertedResidual(nn.Module):
         c = self.conv
         if len(c) not in (3, 4):
             raise TypeError(f"FusedInvertedResidual: unexpected block layout {c}")
-        self._has_expand = len(c) == 4
         stages = [c[0], c[1]] if len(c) == 4 else [c[0]]
-        for stage in stages:
-            if len(stage) != 3 or not isinstance(stage[2], nn.ReLU6):
-                raise TypeError("FusedInvertedResidual: every conv stage must be conv -> norm -> ReLU6, "
-                                f"got {stage}")
+        names = {activation_name(stage[2]) if len(stage) == 3 else None for stage in stages}
+        if len(names) != 1 or None in names:
+            raise TypeError("FusedInvertedResidual: every conv stage must be conv -> norm -> ReLU6 (or ReLU, the "
+                            f"same in both stages), got {list(stages)}")
+        self._check_parts(names.pop())
+
+    def _check_parts(self, activation: str) -> None:
+        """Checks the six parts the kernels compute; sets the TorchScript constants."""
         expand, bn1, dw, bn2, proj, bn3 = self._parts()
+        self._has_expand = expand is not None
+        self._activation = activation
         for norm in (bn1, bn2, bn3):
             if norm is not None and not _is_foldable_norm(norm):
                 raise TypeError(
                     "FusedInvertedResidual folds batch norm into the convolutions; norm_layer must "
                     f"build BatchNorm2d (or FrozenBatchNorm2d), got {type(norm).__name__}")
-        k = ops.DW_KERNEL
-        if dw.kernel_size != (k, k) or dw.groups != dw.in_channels:
-            raise TypeError(f"FusedInvertedResidual: expected a {k}x{k} depthwise convolution, got {dw}")
+        if not isinstance(dw, nn.Conv2d) or dw.groups != dw.in_channels:
+            raise TypeError(f"FusedInvertedResidual: expected a depthwise convolution, got {dw}")
+        for conv in (expand, proj):
+            if conv is not None and (not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1)
+                                     or conv.stride != (1, 1) or conv.groups != 1):
+                raise TypeError(f"FusedInvertedResidual: expected a 1x1 convolution, got {conv}")
         try:
             depthwise_geometry(dw)
         except ValueError as e:
             raise TypeError(str(e)) from None
+
+    def _activation_now(self) -> str:
+        """The activation of the stages as they are now (a ReLU6 replaced by a ReLU in
+        place, as torchvision's quantization preparation does, is followed)."""
+        c = self.conv._modules
+        names = {activation_name(stage[2]) if len(stage) == 3 else None
+                 for stage in ((c["0"], c["1"]) if len(c) == 4 else (c["0"],))}
+        if len(names) != 1 or None in names:
+            raise TypeError("FusedInvertedResidual: every conv stage must end in ReLU6 (or ReLU, the same in both "
+                            "stages)")
+        return names.pop()
+
+    def _drop_path(self) -> Optional[Callable[[Tensor], Tensor]]:
+        """Stochastic depth on the branch before the residual add (timm's drop_path), when it
+        is active (train mode, a positive rate); None for torchvision's blocks."""
+        return None
 
     @property
     def in_channels(self) -> int:
@@ -377,12 +428,13 @@ class FusedInvertedResidual(nn.Module):
         if unfused_for_export():
             return self._forward_unfused(x, parts)
         stride, dilation = depthwise_geometry(parts[2])
-        backend = backends.resolve(x, dilation)
+        kernel_size, act = parts[2].kernel_size[0], self._activation_now()
+        backend = backends.resolve(x, dilation, kernel_size, act)
         if backend == "reference":
             # torchvision's computation, module by module
             return self._forward_unfused(x, parts)
         if any(n is not None and uses_batch_stats(n) for n in parts[1::2]):
-            return self._forward_batch_stats(x, backend, stride, dilation)
+            return self._forward_batch_stats(x, backend, stride, dilation, act)
         weights = None
         if not recording():
             state = self._state(parts)
@@ -394,7 +446,7 @@ class FusedInvertedResidual(nn.Module):
                     packed = self._packed_weights(x, state)
                     if packed is not None:
                         args = PackedBlockArgs(parts[2].out_channels, parts[4].out_channels, parts[0] is not None,
-                                               stride, self.use_res_connect, dilation)
+                                               stride, self.use_res_connect, dilation, kernel_size, act)
                         if not torch.is_grad_enabled():
                             batch_norms = tuple(n for n in parts[1::2]
                                                 if isinstance(n, nn.modules.batchnorm._BatchNorm))
@@ -406,16 +458,20 @@ class FusedInvertedResidual(nn.Module):
                     weights = cache.folded.get(x.dtype, state, self.folded_weights, self)
         if weights is None:
             weights = self.folded_weights()
-        return self._fused(x, weights, backend, stride, dilation)
+        return self._fused(x, weights, backend, stride, dilation, act)
 
-    def _fused(self, x: Tensor, weights, backend: str, stride: int, dilation: int) -> Tensor:
+    def _fused(self, x: Tensor, weights, backend: str, stride: int, dilation: int, activation: str) -> Tensor:
         """The fused operator on folded ``weights``. Under autocast with an input of another
         dtype than autocast's (float32 into a bfloat16 region), the residual is added
-        outside the operator, in the wider dtype, as torchvision's ``x + conv(x)`` does."""
-        if (self.use_res_connect and torch.is_autocast_enabled(x.device.type)
-                and x.dtype != torch.get_autocast_dtype(x.device.type)):
-            return ops.run_block(backend, x, *weights, stride, False, dilation) + x
-        return ops.run_block(backend, x, *weights, stride, self.use_res_connect, dilation)
+        outside the operator, in the wider dtype, as torchvision's ``x + conv(x)`` does;
+        and so it is when stochastic depth drops the branch (timm's drop_path, train mode)."""
+        if self.use_res_connect:
+            drop = self._drop_path()
+            if drop is not None or (torch.is_autocast_enabled(x.device.type)
+                                    and x.dtype != torch.get_autocast_dtype(x.device.type)):
+                y = ops.run_block(backend, x, *weights, stride, False, dilation, activation)
+                return x + (drop(y) if drop is not None else y)
+        return ops.run_block(backend, x, *weights, stride, self.use_res_connect, dilation, activation)
 
     def _forward_scripted(self, x: Tensor) -> Tensor:
         """forward under TorchScript: with running statistics, the fused operator (the C++
@@ -443,10 +499,11 @@ class FusedInvertedResidual(nn.Module):
         dw_conv = dw[0]
         stride = dw_conv.stride[0]
         dilation = dw_conv.dilation[0]
+        pad = dilation * (dw_conv.kernel_size[0] // 2)
         if (dw_conv.stride[1] != stride or dw_conv.dilation[1] != dilation
-                or dw_conv.padding[0] != dilation * self._dw_pad or dw_conv.padding[1] != dilation * self._dw_pad):
+                or dw_conv.padding[0] != pad or dw_conv.padding[1] != pad):
             raise ValueError("FusedInvertedResidual: the depthwise convolution must have the same stride and "
-                             "dilation in both dimensions and padding equal to its dilation")
+                             "dilation in both dimensions and padding dilation * (kernel_size // 2)")
         if self.training or bn2.running_mean is None or bn3.running_mean is None:
             return self._forward_modules(x)
         w_dw, b_dw = _fold_running(dw[0].weight, dw[0].bias, bn2.weight, bn2.bias, bn2.running_mean,
@@ -455,7 +512,7 @@ class FusedInvertedResidual(nn.Module):
                                              bn3.running_var, bn3.eps)
         return torch.ops.mnv2.fused_inverted_residual(x, w_expand, b_expand, w_dw.flatten(0, 1),
                                                       b_dw, w_project.flatten(1), b_project, stride,
-                                                      self.use_res_connect, dilation)
+                                                      self.use_res_connect, dilation, self._activation)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         """torchvision's computation, module by module."""
@@ -502,7 +559,7 @@ class FusedInvertedResidual(nn.Module):
         y = sync_batch_norm(y, bn3, group)
         return x + y if self.use_res_connect else y
 
-    def _forward_batch_stats(self, x: Tensor, backend: str, stride: int, dilation: int) -> Tensor:
+    def _forward_batch_stats(self, x: Tensor, backend: str, stride: int, dilation: int, activation: str) -> Tensor:
         """Train mode (or BN without running statistics): exact batch statistics.
 
         bn1's statistics come from x's channel mean and covariance, bn2's from the
@@ -520,7 +577,7 @@ class FusedInvertedResidual(nn.Module):
         if x.shape[0] == 0 and step1.group is None and step2.group is None and step3.group is None:
             # an empty batch has no statistics: torch's batch norm returns an empty
             # result and only counts the batch, which the unfused modules reproduce
-            return x + self.conv(x) if self.use_res_connect else self.conv(x)
+            return self._forward_modules(x)
         # (an empty batch under SyncBatchNorm runs the fused path below with N = 0, so
         # that this process joins every collective of the others, forward and backward)
         n, _, h, w = x.shape
@@ -541,7 +598,7 @@ class FusedInvertedResidual(nn.Module):
         if step2.uses_batch:
             step2.check_count(n * ho * wo, (n, hidden, ho, wo))
             w_dw_raw = dw.weight.view(hidden, *dw.kernel_size)
-            moments = ops.depthwise_moments(x, w_expand, b_expand, w_dw_raw, stride, dilation)
+            moments = ops.depthwise_moments(x, w_expand, b_expand, w_dw_raw, stride, dilation, activation)
             mean2, var2 = step2.local_moments(*moments, n)
             if dw.bias is not None:
                 mean2 = mean2 + dw.bias
@@ -553,9 +610,12 @@ class FusedInvertedResidual(nn.Module):
         if step3.uses_batch:
             b_proj = proj.bias if proj.bias is not None else x.new_zeros(cout)
             u = ops.run_block(backend, x, w_expand, b_expand, w_dw, b_dw, proj.weight.view(cout, hidden), b_proj,
-                              stride, False, dilation)
+                              stride, False, dilation, activation)
             y = step3.normalize(u)
-            return y + x if self.use_res_connect else y
+            if not self.use_res_connect:
+                return y
+            drop = self._drop_path()
+            return x + (drop(y) if drop is not None else y)
         w_project, b_project = fold_bn(proj.weight, proj.bias, bn3.weight, bn3.bias, *running_stats(bn3), bn3.eps)
         return self._fused(x, (w_expand, b_expand, w_dw, b_dw, w_project.view(cout, hidden), b_project), backend,
-                           stride, dilation)
+                           stride, dilation, activation)

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from . import _extension
-from .ops import DW_PAD, output_size
+from .ops import output_size
+from .reference import activation_fn
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -87,7 +88,7 @@ def _hidden_chunks(x, hidden):
     return [slice(k, min(k + step, hidden)) for k in range(0, hidden, step)]
 
 
-def _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, dilation, k):
+def _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, dilation, k, activation="relu6"):
     """(z1 or None, a1, z2) of hidden channels k, in the accumulation dtype."""
     acc = acc_dtype(x)
     xa = x.to(acc)
@@ -96,18 +97,18 @@ def _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, dilation, k):
         a1 = xa[:, k]
     else:
         z1 = torch.nn.functional.conv2d(xa, w_expand[k].to(acc)[:, :, None, None], b_expand[k].to(acc))
-        a1 = torch.nn.functional.relu6(z1)
+        a1 = activation_fn(activation)(z1)
     z2 = torch.nn.functional.conv2d(a1, w_dw[k].to(acc)[:, None], None, stride=stride,
-                                    padding=dilation * DW_PAD, dilation=dilation, groups=a1.shape[1])
+                                    padding=dilation * (w_dw.shape[-1] // 2), dilation=dilation, groups=a1.shape[1])
     return z1, a1, z2
 
 
-def depthwise_moments_torch(x, w_expand, b_expand, w_dw, stride, dilation=1):
+def depthwise_moments_torch(x, w_expand, b_expand, w_dw, stride, dilation=1, activation="relu6"):
     """Mean and biased variance per hidden channel by PyTorch ops over hidden-channel
     slices of the input's width (any device)."""
     means, variances = [], []
     for k in _hidden_chunks(x, w_dw.shape[0]):
-        _, _, z2 = _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, dilation, k)
+        _, _, z2 = _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, dilation, k, activation)
         var, mean = torch.var_mean(z2, dim=(0, 2, 3), correction=0)
         means.append(mean)
         variances.append(var)
@@ -123,14 +124,14 @@ def _triton_usable(x: Tensor) -> bool:
     return triton_kernels.is_available()
 
 
-def _depthwise_moments_cuda(x, w_expand, b_expand, w_dw, stride, dilation=1):
+def _depthwise_moments_cuda(x, w_expand, b_expand, w_dw, stride, dilation=1, activation="relu6"):
     """CUDA: the Triton statistics kernel (streamed, nothing hidden-sized), or PyTorch ops
     over hidden-channel slices where Triton is unavailable."""
     if _triton_usable(x):
         from .triton_kernels import fused_ir
 
-        return fused_ir.moments(x, w_expand, b_expand, w_dw, stride, dilation)
-    return depthwise_moments_torch(x, w_expand, b_expand, w_dw, stride, dilation)
+        return fused_ir.moments(x, w_expand, b_expand, w_dw, stride, dilation, activation=activation)
+    return depthwise_moments_torch(x, w_expand, b_expand, w_dw, stride, dilation, activation)
 
 
 def _save_depthwise(ctx, inputs, output):
@@ -139,6 +140,7 @@ def _save_depthwise(ctx, inputs, output):
     ctx.save_for_backward(x, w_expand, b_expand, w_dw, output[0])
     ctx.stride = stride
     ctx.dilation = inputs[5] if len(inputs) > 5 else 1
+    ctx.activation = inputs[6] if len(inputs) > 6 else "relu6"
     ctx.n_inputs = len(inputs)
 
 
@@ -146,15 +148,15 @@ def _depthwise_moments_backward(ctx, g_mean, g_var):
     x, w_expand, b_expand, w_dw, mean = ctx.saved_tensors
     if x.device.type == "cpu" or _triton_usable(x):  # (CPU float16/bfloat16: computed in float32)
         grads = depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, ctx.stride, mean, g_mean, g_var,
-                                                 ctx.dilation)
+                                                 ctx.dilation, ctx.activation)
     else:
         grads = depthwise_moments_backward_torch(x, w_expand, b_expand, w_dw, ctx.stride, g_mean, g_var,
-                                                 ctx.dilation)
+                                                 ctx.dilation, ctx.activation)
     return (*grads,) + (None,) * (ctx.n_inputs - 4)
 
 
 def depthwise_moments_backward_torch(x, w_expand, b_expand, w_dw, stride, g_mean: Optional[Tensor],
-                                     g_var: Optional[Tensor], dilation: int = 1):
+                                     g_var: Optional[Tensor], dilation: int = 1, activation: str = "relu6"):
     """The gradients (x, w_expand, b_expand, w_dw) by PyTorch ops over hidden-channel slices
     of the input's width (any device); the expand's are None when w_expand is None."""
     acc = acc_dtype(x)
@@ -164,7 +166,7 @@ def depthwise_moments_backward_torch(x, w_expand, b_expand, w_dw, stride, g_mean
     g_b = torch.zeros_like(b_expand, dtype=acc) if b_expand is not None else None
     g_w_dw = torch.zeros_like(w_dw, dtype=acc)
     for k in _hidden_chunks(x, w_dw.shape[0]):
-        z1, a1, z2 = _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, dilation, k)
+        z1, a1, z2 = _depthwise_chunk(x, w_expand, b_expand, w_dw, stride, dilation, k, activation)
         count = z2.shape[0] * z2.shape[2] * z2.shape[3]
         g_z2 = torch.zeros_like(z2)
         if g_mean is not None:
@@ -173,13 +175,14 @@ def depthwise_moments_backward_torch(x, w_expand, b_expand, w_dw, stride, g_mean
             mean = z2.mean(dim=(0, 2, 3), keepdim=True)
             g_z2 = g_z2 + (2.0 * g_var[k].to(acc) / count)[None, :, None, None] * (z2 - mean)
         g_a1, g_wd_k, _ = torch.ops.aten.convolution_backward(
-            g_z2, a1, w_dw[k].to(acc)[:, None], None, [stride, stride], [dilation * DW_PAD] * 2,
+            g_z2, a1, w_dw[k].to(acc)[:, None], None, [stride, stride], [dilation * (w_dw.shape[-1] // 2)] * 2,
             [dilation, dilation], False, [0, 0], a1.shape[1], [True, True, False])
         g_w_dw[k] = g_wd_k[:, 0]
         if w_expand is None:
             g_x[:, k] = g_a1
             continue
-        g_z1 = torch.where((z1 > 0) & (z1 < 6), g_a1, torch.zeros_like(g_a1))
+        passes = (z1 > 0) & (z1 < 6) if activation == "relu6" else z1 > 0
+        g_z1 = torch.where(passes, g_a1, torch.zeros_like(g_a1))
         g_b[k] = g_z1.sum(dim=(0, 2, 3))
         g_x_k, g_w_k, _ = torch.ops.aten.convolution_backward(
             g_z1, xa, w_expand[k].to(acc)[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False,
@@ -193,25 +196,26 @@ def depthwise_moments_backward_torch(x, w_expand, b_expand, w_dw, stride, g_mean
 
 
 def depthwise_moments_backward_fused(x, w_expand, b_expand, w_dw, stride, mean, g_mean: Optional[Tensor],
-                                     g_var: Optional[Tensor], dilation: int = 1):
+                                     g_var: Optional[Tensor], dilation: int = 1, activation: str = "relu6"):
     """The gradients (x, w_expand, b_expand, w_dw) by the fused kernels (C++ on the CPU,
     Triton on CUDA): with M values per channel, d mean / d z2 = 1/M and
     d var / d z2 = 2 (z2 - mean) / M, so grad_z2 = alpha + beta * z2 with
     beta = 2 g_var / M, alpha = g_mean / M - beta mean."""
     n, _, h, w = x.shape
-    ho, wo = output_size(h, w, stride, dilation)
+    ho, wo = output_size(h, w, stride, dilation, w_dw.shape[-1])
     count = n * ho * wo
     zeros = torch.zeros_like(mean)
     beta = 2.0 * g_var / count if g_var is not None else zeros
     alpha = (g_mean / count if g_mean is not None else zeros) - beta * mean
     if x.device.type == "cpu":
         g_x, g_w, g_b, g_wd = torch.ops.mnv2.depthwise_moments_backward.default(
-            x, w_expand, b_expand, w_dw, stride, alpha.to(acc_dtype(x)), beta.to(acc_dtype(x)), dilation)
+            x, w_expand, b_expand, w_dw, stride, alpha.to(acc_dtype(x)), beta.to(acc_dtype(x)),
+            dilation, activation)
     else:
         from .triton_kernels import fused_ir
 
         g_x, g_w, g_b, g_wd = fused_ir.moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta,
-                                                        dilation)
+                                                        dilation, activation=activation)
     if w_expand is None:
         return g_x, None, None, g_wd
     return g_x, g_w, g_b, g_wd

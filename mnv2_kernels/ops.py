@@ -12,12 +12,25 @@ from torch import Tensor
 
 from . import _extension
 
-# The depthwise convolution's kernel size and padding at dilation 1 (the C++ core's
-# kDwKernel); a dilated (atrous) depthwise step pads by dilation * DW_PAD.
+# The depthwise convolution's kernel sizes (MobileNetV2's 3x3 is the default) and its
+# padding at dilation 1; a dilated (atrous) depthwise step pads by dilation * (k // 2).
 DW_KERNEL = 3
+DW_KERNELS = (3, 5, 7)
 DW_PAD = DW_KERNEL // 2
-# The largest dilation the kernels take (the C++ core's kMaxDilation).
-MAX_DILATION = 31
+# The widest depthwise span dilation * (k - 1) + 1 the kernels take (the C++ core's
+# kMaxDwSpan): dilations up to 31 at 3x3, 15 at 5x5 and 10 at 7x7.
+MAX_DW_SPAN = 63
+# The activations after the expand and after the depthwise step.
+BLOCK_ACTIVATIONS = ("relu6", "relu")
+
+
+def max_dilation(kernel_size: int = DW_KERNEL) -> int:
+    """The largest depthwise dilation the kernels take at this kernel size."""
+    return (MAX_DW_SPAN - 1) // (kernel_size - 1)
+
+
+# The largest dilation at 3x3.
+MAX_DILATION = max_dilation(DW_KERNEL)
 # MobileNetV2's first convolution, fused by stem_block: kernel, stride, padding.
 STEM_KERNEL, STEM_STRIDE, STEM_PAD = 3, 2, 1
 
@@ -32,11 +45,11 @@ else:
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 
 
-def output_size(h, w, stride, dilation=1):
-    """Output height and width of the block's depthwise step (padding dilation * DW_PAD;
-    the same for every dilation)."""
-    span = dilation * (DW_KERNEL - 1) + 1
-    pad = dilation * DW_PAD
+def output_size(h, w, stride, dilation=1, kernel_size=DW_KERNEL):
+    """Output height and width of the block's depthwise step (padding dilation * (k // 2);
+    the same for every dilation and kernel size)."""
+    span = dilation * (kernel_size - 1) + 1
+    pad = dilation * (kernel_size // 2)
     return (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1
 
 
@@ -57,18 +70,22 @@ def fused_inverted_residual(
     residual: bool,
     backend: Optional[str] = None,
     dilation: int = 1,
+    activation: str = "relu6",
 ) -> Tensor:
     """The fused block on BN-folded weights.
 
     Args:
         x: input (N, Cin, H, W), NCHW or channels_last (or any strides).
         w_expand, b_expand: expand 1x1 (hidden, Cin) and bias (hidden); None when t == 1.
-        w_dw, b_dw: depthwise (hidden, DW_KERNEL, DW_KERNEL) and bias (hidden).
+        w_dw, b_dw: depthwise (hidden, k, k), k one of DW_KERNELS (3, 5, 7), and bias (hidden).
         w_project, b_project: project 1x1 (Cout, hidden) and bias (Cout).
         stride: 1 or 2.
         residual: add x to the output (needs stride 1 and Cin == Cout).
         dilation: the depthwise taps' spacing (atrous convolution), padding
-            dilation * DW_PAD; 1 to MAX_DILATION. The CUDA kernel takes 1 only.
+            dilation * (k // 2); 1 to max_dilation(k). The CUDA kernel takes 1 only.
+        activation: "relu6" (MobileNetV2) or "relu" (MNASNet, EfficientNet-Lite, ...),
+            after the expand and after the depthwise step. The CUDA kernel takes
+            "relu6" at 3x3 only; "auto" picks Triton for the others.
         backend: "triton" runs ``mnv2::triton_fused_inverted_residual``; "reference" the
             plain PyTorch ops; "cpu" and "cuda" the C++ operator's kernel for that device,
             which checks every argument; "auto" the fastest for x. None: the selected
@@ -83,25 +100,33 @@ def fused_inverted_residual(
     if backend is None:
         backend = backends.get_backend()
     if backend != "auto" or x.device.type == "cuda":  # (auto elsewhere: the dispatcher's kernel)
-        backend = backends.check(backend, x, dilation)
-    return run_block(backend, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation)
+        backend = backends.check(backend, x, dilation, w_dw.shape[-1], activation)
+    return run_block(backend, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation,
+                     activation)
+
+
+def trailing_args(dilation: int, activation: str) -> tuple:
+    """The operators' trailing (dilation, activation) arguments, passed only as far as they
+    differ from the defaults, so that graphs of MobileNetV2's blocks (fx, export, ONNX)
+    keep the operators' short form."""
+    if activation != "relu6":
+        return dilation, activation
+    return (dilation,) if dilation != 1 else ()
 
 
 def run_block(backend: str, x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor,
               b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int, residual: bool,
-              dilation: int = 1) -> Tensor:
+              dilation: int = 1, activation: str = "relu6") -> Tensor:
     """fused_inverted_residual on a backend already checked against x (backends.check or
-    resolve): "triton", "reference", or the dispatcher's kernel for x's device. The
-    dilation is passed only when it is not 1, so that graphs of undilated blocks (fx,
-    export, ONNX) keep the operators' short form."""
+    resolve): "triton", "reference", or the dispatcher's kernel for x's device."""
     if backend == "reference":
         from .reference import inverted_residual
 
         return inverted_residual(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
-                                 dilation)
+                                 dilation, activation)
     op = triton_op() if backend == "triton" else torch.ops.mnv2.fused_inverted_residual.default
-    extra = (dilation,) if dilation != 1 else ()
-    return op(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, *extra)
+    return op(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
+              *trailing_args(dilation, activation))
 
 
 _TRITON_OP = None
@@ -144,9 +169,11 @@ def pack_weights(w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: T
 
 
 def fused_inverted_residual_packed(x: Tensor, packed: Tensor, hidden: int, cout: int, has_expand: bool,
-                                   stride: int, residual: bool, dilation: int = 1) -> Tensor:
-    """The fused block on weights from pack_weights (CPU, inference only)."""
-    return BLOCK_PACKED(x, packed, hidden, cout, has_expand, stride, residual, dilation)
+                                   stride: int, residual: bool, dilation: int = 1, kernel_size: int = DW_KERNEL,
+                                   activation: str = "relu6") -> Tensor:
+    """The fused block on weights from pack_weights (CPU, inference only); kernel_size is
+    that of the packed depthwise weights."""
+    return BLOCK_PACKED(x, packed, hidden, cout, has_expand, stride, residual, dilation, kernel_size, activation)
 
 
 def pack_pointwise(weight: Tensor, bias: Tensor) -> Tensor:
@@ -192,7 +219,7 @@ def mobilenet_v2_packed(image: Tensor, stem_packed: Tensor, first_packed: Tensor
     """MobileNetV2's whole CPU inference in one operator call (no return to Python between
     layers): stem_block(image, stem_packed, first_packed, *first_args), then the packed
     block operator per block (``block_args``: hidden, cout, has_expand, stride, residual,
-    dilation for each, flattened), then pointwise_conv_mean(h, head_packed, *head_args) (activation as
+    dilation, kernel_size and relu6 (1: ReLU6, 0: ReLU) for each, flattened), then pointwise_conv_mean(h, head_packed, *head_args) (activation as
     an int, see ACTIVATIONS) and the classifier, pointwise_conv on the pooled rows with
     ``classifier_packed`` -> (N, classes). Inference only."""
     return MODEL_PACKED(image, stem_packed, first_packed, first_args, blocks, block_args, head_packed,
@@ -211,8 +238,9 @@ def project_moments(mean: Tensor, cov: Tensor, w: Tensor, b: Optional[Tensor]) -
 
 
 def depthwise_moments(
-    x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor, stride: int, dilation: int = 1
+    x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor, stride: int, dilation: int = 1,
+    activation: str = "relu6",
 ) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of dw(relu6(w_expand x + b_expand)), no dw bias."""
-    extra = (dilation,) if dilation != 1 else ()
-    return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride, *extra)
+    """Per-channel mean and biased variance of dw(act(w_expand x + b_expand)), no dw bias."""
+    return torch.ops.mnv2.depthwise_moments.default(x, w_expand, b_expand, w_dw, stride,
+                                                    *trailing_args(dilation, activation))

@@ -6,7 +6,7 @@ Two forms with the operator's signature:
   t-times-wider hidden tensor;
 * ``inverted_residual_chunked``: the MobileNetV2 paper's section 5.1 form
   (Sandler et al., https://arxiv.org/abs/1801.04381). The block is a sum over
-  hidden-channel chunks, because the expand, ReLU6 and depthwise steps act per
+  hidden-channel chunks, because the expand, activation (ReLU6 or ReLU) and depthwise steps act per
   hidden channel and the project is linear:
 
       y = b_project + sum_k W_project[:, k] relu6(dw_k(relu6(W_expand[k] x + b_expand[k]))) (+ x)
@@ -20,15 +20,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _hidden(x, w_expand, b_expand, w_dw, b_dw, stride, dilation):
+def activation_fn(activation: str):
+    """The block's activation (after the expand and after the depthwise step) by name."""
+    if activation == "relu6":
+        return F.relu6
+    if activation == "relu":
+        return F.relu
+    raise ValueError(f"mnv2: activation must be 'relu6' or 'relu', got {activation!r}")
+
+
+def _hidden(x, w_expand, b_expand, w_dw, b_dw, stride, dilation, activation="relu6"):
+    act = activation_fn(activation)
     h = x
     if w_expand is not None:
-        h = F.relu6(F.conv2d(x, w_expand[:, :, None, None], b_expand))
+        h = act(F.conv2d(x, w_expand[:, :, None, None], b_expand))
     # padding dilation * (k // 2) for the (hidden, k, k) depthwise weights: the output size of
     # the fused kernels
     pad = dilation * (w_dw.shape[-1] // 2)
-    return F.relu6(F.conv2d(h, w_dw[:, None], b_dw, stride=stride, padding=pad, dilation=dilation,
-                            groups=w_dw.shape[0]))
+    return act(F.conv2d(h, w_dw[:, None], b_dw, stride=stride, padding=pad, dilation=dilation,
+                        groups=w_dw.shape[0]))
 
 
 def inverted_residual(
@@ -42,10 +52,12 @@ def inverted_residual(
     stride: int,
     residual: bool,
     dilation: int = 1,
+    activation: str = "relu6",
 ) -> Tensor:
-    """The block as plain PyTorch ops (weights as in ``mnv2::fused_inverted_residual``)."""
-    y = F.conv2d(_hidden(x, w_expand, b_expand, w_dw, b_dw, stride, dilation), w_project[:, :, None, None],
-                 b_project)
+    """The block as plain PyTorch ops (weights as in ``mnv2::fused_inverted_residual``; the
+    depthwise kernel size is w_dw's)."""
+    y = F.conv2d(_hidden(x, w_expand, b_expand, w_dw, b_dw, stride, dilation, activation),
+                 w_project[:, :, None, None], b_project)
     return y + x if residual else y
 
 
@@ -60,6 +72,7 @@ def inverted_residual_chunked(
     stride: int,
     residual: bool,
     dilation: int = 1,
+    activation: str = "relu6",
     chunk: int = 16,
 ) -> Tensor:
     """The paper's section 5.1 form: sums the project over hidden chunks of ``chunk`` channels."""
@@ -70,9 +83,9 @@ def inverted_residual_chunked(
     for k0 in range(0, hidden, chunk):
         k = slice(k0, min(k0 + chunk, hidden))
         if w_expand is None:  # t == 1: the chunk is a slice of the input channels
-            a2 = _hidden(x[:, k], None, None, w_dw[k], b_dw[k], stride, dilation)
+            a2 = _hidden(x[:, k], None, None, w_dw[k], b_dw[k], stride, dilation, activation)
         else:
-            a2 = _hidden(x, w_expand[k], b_expand[k], w_dw[k], b_dw[k], stride, dilation)
+            a2 = _hidden(x, w_expand[k], b_expand[k], w_dw[k], b_dw[k], stride, dilation, activation)
         part = F.conv2d(a2, w_project[:, k, None, None])
         y = part if y is None else y + part
     y = y + b_project[None, :, None, None]

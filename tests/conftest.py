@@ -68,7 +68,7 @@ def make_pair(inp, oup, stride, t, seed=0, dtype=torch.float32, **bn_kwargs):
 
 def near_relu6_kink(tv, x, train, margin=1e-5):
     """Whether a float64 run of the torchvision block has a ReLU6 input within
-    `margin` of 0 or 6: there the gradient changes by a whole term for a rounding
+    `margin` of 0 or 6 (a ReLU input within `margin` of 0): there the gradient changes by a whole term for a rounding
     difference in the input, so fp32 gradients of two correct implementations
     may legitimately disagree."""
     ref = copy.deepcopy(tv).double().train(train)
@@ -76,6 +76,9 @@ def near_relu6_kink(tv, x, train, margin=1e-5):
     hooks = [m.register_forward_pre_hook(
         lambda mod, inp: close.append(bool(torch.minimum(inp[0].abs(), (inp[0] - 6).abs()).min() < margin)))
         for m in ref.modules() if isinstance(m, torch.nn.ReLU6)]
+    # (ReLU, in the family's blocks: its one kink at 0)
+    hooks += [m.register_forward_pre_hook(lambda mod, inp: close.append(bool(inp[0].abs().min() < margin)))
+              for m in ref.modules() if type(m) is torch.nn.ReLU]
     with torch.no_grad():
         ref(x.double())
     for h in hooks:

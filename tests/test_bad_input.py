@@ -152,7 +152,7 @@ def _bad_shape_cases():
     return {
         "w_expand must have shape": (x, we[:, :-1], be, wd, bd, wp, bp, stride, res),
         "b_expand must have shape": (x, we, be[:-1], wd, bd, wp, bp, stride, res),
-        "w_dw must have shape": (x, we, be, wd[:, :, :2], bd, wp, bp, stride, res),
+        "the depthwise kernel must be 3x3, 5x5 or 7x7": (x, we, be, wd[:, :, :2], bd, wp, bp, stride, res),
         "w_dw must be 3-D": (x, we, be, wd.flatten(1), bd, wp, bp, stride, res),
         "b_dw must have shape": (x, we, be, wd, bd[:, None], wp, bp, stride, res),
         "w_project must have shape": (x, we, be, wd, bd, wp[:, :-1], bp, stride, res),

@@ -1,7 +1,7 @@
 """Property-based tests of mnv2::fused_inverted_residual (hypothesis).
 
-Random blocks (Cin, Cout 1..48, t in {1, 2, 3, 4, 6}, stride 1/2, depthwise dilation
-1/2/4 (atrous, padding = dilation), H and W 1..64
+Random blocks (Cin, Cout 1..48, t in {1, 2, 3, 4, 6}, stride 1/2, depthwise kernel
+3/5/7, dilation 1/2/4 (atrous, padding = dilation * (k // 2)), ReLU6 or ReLU, H and W 1..64
 with a bias toward small, batch 0..4, residual blocks about a quarter of the time),
 float32 and float64, inputs in NCHW, channels_last and four kinds of view that
 are contiguous in neither (a channel slice, a spatial slice, a permuted
@@ -81,9 +81,12 @@ class Case:
     backend: str
     seed: int
     dilation: int = 1
+    kernel: int = 3
+    activation: str = "relu6"
 
     def __str__(self):
-        return (f"n{self.n}-c{self.cin}-o{self.cout}-t{self.t}-s{self.stride}-d{self.dilation}-{self.h}x{self.w}"
+        return (f"n{self.n}-c{self.cin}-o{self.cout}-t{self.t}-s{self.stride}-k{self.kernel}-d{self.dilation}-"
+                f"{self.activation}-{self.h}x{self.w}"
                 f"{'-res' if self.residual else ''}-{str(self.dtype)[6:]}-{self.x_layout}-gy_{self.gy_layout}"
                 f"{'-wstrided' if self.weights_strided else ''}-{self.backend}-seed{self.seed}")
 
@@ -123,7 +126,8 @@ def cases(draw):
         dtype=draw(st.sampled_from([torch.float32] if backend == "reference" else [torch.float32, torch.float64])),
         x_layout=draw(st.sampled_from(X_LAYOUTS)), gy_layout=draw(st.sampled_from(GY_LAYOUTS)),
         weights_strided=draw(st.booleans()), backend=backend, seed=draw(st.integers(0, 2**31 - 1)),
-        dilation=draw(st.sampled_from([1, 1, 2, 4])))
+        dilation=draw(st.sampled_from([1, 1, 2, 4])), kernel=draw(st.sampled_from([3, 3, 5, 7])),
+        activation=draw(st.sampled_from(["relu6", "relu"])))
 
 
 # Cases that always run (also in the per-ISA subprocesses): the edges of the
@@ -145,6 +149,14 @@ REGRESSIONS = [
     Case(2, 6, 6, 6, 1, 5, 3, True, _F32, "channels_last", "nchw", True, "cpu", 9, dilation=4),
     Case(1, 7, 9, 3, 2, 17, 10, False, _F64, "spatial_slice", "broadcast", False, "cpu", 10, dilation=2),
     Case(3, 9, 9, 1, 1, 12, 12, True, _F32, "permuted", "channels_last", False, "cpu", 11, dilation=2),
+    # 5x5 and 7x7, ReLU: taps reaching past small images, dilated, t == 1, residual
+    Case(2, 6, 6, 6, 1, 4, 5, True, _F32, "channels_last", "nchw", False, "cpu", 12, kernel=5, activation="relu"),
+    Case(1, 8, 12, 3, 2, 13, 9, False, _F64, "nchw", "channels_last", True, "cpu", 13, kernel=7),
+    Case(3, 7, 7, 1, 1, 9, 11, True, _F32, "spatial_slice", "broadcast", False, "cpu", 14, kernel=7,
+         activation="relu"),
+    Case(2, 5, 9, 6, 2, 16, 7, False, _F32, "permuted", "nchw", True, "cpu", 15, dilation=2, kernel=5),
+    Case(1, 12, 12, 4, 1, 6, 6, True, _F64, "channel_slice", "nchw", False, "cpu", 16, dilation=4, kernel=7,
+         activation="relu"),
 ]
 
 
@@ -157,25 +169,29 @@ def _dyadic(t, bits, bound):
 def _tensors(case):
     """Dense float64 data of x (N, Cin, H, W) and the weights, and the output gradient.
 
-    Float32 data are dyadic: x in 2**-4 steps within +-8, weights and biases in
-    2**-6 steps within +-2. With Cin <= 48 the expand sums stay within 2**10 in
-    2**-10 steps and the depthwise sums within 2**8 in 2**-16 steps: 24 bits,
+    Float32 data are dyadic: x in 2**-a steps within +-8, weights and biases in 2**-b
+    steps within +-2. With Cin <= 48 the expand sums stay within 2**10 in 2**-(a+b)
+    steps. With ReLU6 the depthwise sums of k * k <= 49 taps stay within 2**10 in
+    2**-(a+2b) steps; with ReLU (unbounded) within 2**17. (a, b) = (4, 6) at 3x3 with
+    ReLU6 (2**8 there), (4, 5) at 5x5 and 7x7, (1, 3) with ReLU: at most 24 bits,
     exact in float32 in any order, with or without FMA."""
     g = torch.Generator().manual_seed(case.seed)
     hidden = case.cin * case.t
+    x_bits, w_bits = (1, 3) if case.activation == "relu" else (4, 6) if case.kernel == 3 else (4, 5)
 
     def r(*shape, scale=1.0):
         v = scale * torch.randn(*shape, generator=g, dtype=torch.float64)
-        return _dyadic(v, 6, 2.0) if case.dtype == torch.float32 else v
+        return _dyadic(v, w_bits, 2.0) if case.dtype == torch.float32 else v
 
     if case.x_layout == "broadcast":  # one image, one row: the view repeats it
         x = 2 * torch.randn(1, case.cin, 1, case.w, generator=g, dtype=torch.float64)
     else:
         x = 2 * torch.randn(case.n, case.cin, case.h, case.w, generator=g, dtype=torch.float64)
     if case.dtype == torch.float32:
-        x = _dyadic(x, 4, 8.0)
+        x = _dyadic(x, x_bits, 8.0)
     weights = [r(hidden, case.cin, scale=0.5), r(hidden)] if case.t != 1 else [None, None]
-    weights += [r(hidden, 3, 3, scale=0.5), r(hidden), r(case.cout, hidden, scale=0.3), r(case.cout)]
+    weights += [r(hidden, case.kernel, case.kernel, scale=0.5), r(hidden), r(case.cout, hidden, scale=0.3),
+                r(case.cout)]
     ho, wo = ops.output_size(case.h, case.w, case.stride, case.dilation)
     gy = torch.randn(case.n, case.cout, ho, wo, generator=g, dtype=torch.float64)
     if case.gy_layout == "broadcast":  # as from y.sum(): stride 0 everywhere
@@ -251,10 +267,10 @@ def check_case(case: Case):
     gy = _layout_gy(gy64, case)
     if case.x_layout not in ("nchw", "channels_last") and min(case.n, case.cin, case.h, case.w) > 1:
         assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    assert weights[2].is_contiguous() != case.weights_strided  # w_dw (hidden, 3, 3)
+    assert weights[2].is_contiguous() != case.weights_strided  # w_dw (hidden, k, k)
 
     y = ops.fused_inverted_residual(x, *weights, case.stride, case.residual, backend=case.backend,
-                                    dilation=case.dilation)
+                                    dilation=case.dilation, activation=case.activation)
     ho, wo = ops.output_size(case.h, case.w, case.stride, case.dilation)
     assert y.shape == (case.n, case.cout, ho, wo) and y.dtype == case.dtype
     if case.backend == "cpu" and case.x_layout in ("nchw", "channels_last"):
@@ -269,7 +285,7 @@ def check_case(case: Case):
     ref_args = [x.detach().double().contiguous().requires_grad_()]
     ref_args += [None if wt is None else wt.detach().double().contiguous().requires_grad_() for wt in weights]
     with _one_thread():
-        y_ref = reference.inverted_residual(*ref_args, case.stride, case.residual, case.dilation)
+        y_ref = reference.inverted_residual(*ref_args, case.stride, case.residual, case.dilation, case.activation)
         y_ref.backward(gy.double().contiguous())
 
     out_tol, grad_tol = TOLERANCES[case.dtype]

@@ -447,12 +447,12 @@ def test_convert_model_leaves_quantizable_blocks():
         convert_model(q, strict=True)
 
 
-@pytest.mark.parametrize("builder", [torchvision.models.resnet18, torchvision.models.mnasnet0_5], ids=str)
+@pytest.mark.parametrize("builder", [torchvision.models.resnet18, torchvision.models.shufflenet_v2_x0_5], ids=str)
 def test_convert_model_with_nothing_to_convert_says_so(builder):
     model = builder()
-    with pytest.warns(UserWarning, match="nothing to convert in .*: it has no torchvision InvertedResidual block"):
+    with pytest.warns(UserWarning, match="nothing to convert in .*: it has no inverted-residual block"):
         assert convert_model(model) is model
-    with pytest.raises(ValueError, match="it has no torchvision InvertedResidual block"):
+    with pytest.raises(ValueError, match="it has no inverted-residual block"):
         convert_model(model, strict=True)
 
 

@@ -487,15 +487,16 @@ def test_whole_model_operator(cpu_backend):
         stem, first, first_args, blocks, block_args, head, head_args, classifier, classes = args
         h = ops.stem_block(x, stem, first, *first_args)
         for i, packed in enumerate(blocks):
-            hidden, cout, has_expand, stride, residual, dilation = block_args[6 * i:6 * i + 6]
+            hidden, cout, has_expand, stride, residual, dilation, kernel_size, relu6 = block_args[8 * i:8 * i + 8]
+            assert (kernel_size, relu6) == (3, 1)
             h = ops.fused_inverted_residual_packed(h, packed, hidden, cout, bool(has_expand), stride, bool(residual),
-                                                   dilation)
+                                                   dilation, kernel_size, "relu6")
         h = ops.pointwise_conv(h, head, head_args[0], "relu6").mean((2, 3))
         steps = ops.pointwise_conv(h.view(3, -1, 1, 1), classifier, classes).view(3, -1)
         assert rel_err(y, steps) <= FP32_RTOL
         torch.library.opcheck(torch.ops.mnv2.mobilenet_v2_packed.default, (x, *args))
         assert ops.mobilenet_v2_packed(x[:0], *args).shape == (0, classes)
-        with pytest.raises(RuntimeError, match="6 values per block"):
+        with pytest.raises(RuntimeError, match="8 values per block"):
             ops.mobilenet_v2_packed(x, stem, first, first_args, blocks, block_args[:-1], head, head_args,
                                     classifier, classes)
         with pytest.raises(RuntimeError, match="first_args must be"):
@@ -506,7 +507,7 @@ def test_whole_model_operator(cpu_backend):
                                     classifier, classes)
         bad = list(block_args)
         bad[4] = 2
-        with pytest.raises(RuntimeError, match="block 0's has_expand and residual must be 0 or 1"):
+        with pytest.raises(RuntimeError, match="block 0's has_expand, residual and relu6 must be 0 or 1"):
             ops.mobilenet_v2_packed(x, stem, first, first_args, blocks, bad, head, head_args, classifier, classes)
         with pytest.raises(RuntimeError, match="not packed for this block"):  # blocks out of order
             ops.mobilenet_v2_packed(x, stem, first, first_args, blocks[::-1], block_args, head, head_args,
