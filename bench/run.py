@@ -16,6 +16,9 @@ Writes under bench/results/<machine>/:
     applications.md SSDLite and Mobile DeepLabv3 on fused blocks against torchvision's: training
                      peak memory and time, batch-1 inference, the largest DeepLab batch within
                      4 GB (python -m bench.applications)
+    family.md/.json  torchvision's MNASNet 1.0 and timm's EfficientNet-Lite0 converted: the whole
+                     model against its peers in paired rounds (batch 1 and 8), EfficientNet-Lite0's
+                     5x5 blocks against the FMA peak, training-step peak memory (python -m bench.family)
 """
 
 import argparse
@@ -255,6 +258,10 @@ def main(argv=None):
         subprocess.run([sys.executable, "-m", "bench.memory_report", "--out", out], check=True)
     if not args.quick:
         subprocess.run([sys.executable, "-m", "bench.applications", "--write"], cwd=ROOT, check=True)
+        # other families on the fused block: MNASNet and EfficientNet-Lite (timm's: reported as
+        # not available when timm is not installed)
+        subprocess.run([sys.executable, "-m", "bench.family", "--write", "--out", out, "--rounds", "11"], cwd=ROOT,
+                       check=True)
 
 
 if __name__ == "__main__":
