@@ -378,14 +378,23 @@ def test_relu_after_the_projection_is_refused():
 
 # -- drop-in: compile, fx, ONNX ------------------------------------------------------------
 
+class _Stages(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 def _small_family_model(name):
     """The first stages of a converted model (its 5x5 blocks included) and the unconverted ones."""
     model = make_model(name).eval()
     _randomize(model, 6)
     if name.startswith("timm"):
-        model = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:4])
+        model = _Stages([model.conv_stem, model.bn1, *model.blocks[:4]])
     else:
-        model = nn.Sequential(*model.layers[:11])
+        model = _Stages(model.layers[:11])
     fused = mnv2_kernels.convert_model(copy.deepcopy(model), strict=True)
     return model, fused
 

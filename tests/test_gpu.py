@@ -292,6 +292,127 @@ def test_cuda_backend_refuses_a_dilated_block():
         torch.ops.mnv2.fused_inverted_residual(x, *fused.folded_weights(), 1, True, 2)
 
 
+@pytest.mark.parametrize("kernel_size, activation, match", [
+    (5, "relu6", "a 3x3 depthwise kernel only"), (7, "relu6", "a 3x3 depthwise kernel only"),
+    (3, "relu", "the ReLU6 activation only")])
+def test_cuda_backend_refuses_the_family_and_auto_runs_triton(kernel_size, activation, match):
+    """The CUDA kernel computes MobileNetV2's block only: "cuda" refuses 5x5, 7x7 and ReLU
+    with the reason, the operator too, and "auto" runs such a block on Triton."""
+    fused = mnv2_kernels.FusedInvertedResidual(16, 16, 1, 6, kernel_size=kernel_size,
+                                               activation=activation).cuda().eval()
+    x = torch.randn(2, 16, 14, 14, device="cuda")
+    with mnv2_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match=match):
+        fused(x)
+    weights = fused.folded_weights()
+    with pytest.raises(RuntimeError, match="supports only (a 3x3 depthwise kernel|the ReLU6 activation)"):
+        torch.ops.mnv2.fused_inverted_residual(x, *weights, 1, True, 1, activation)
+    assert mnv2_kernels.backends.resolve(x, 1, kernel_size, activation) == "triton"
+    with torch.no_grad(), mnv2_kernels.use_backend("auto"):
+        y, y_torch = fused(x), fused._forward_modules(x)
+        y64 = copy.deepcopy(fused).double()._forward_modules(x.double())
+    # (within twice torch's own float32 error: its convolutions may use TF32)
+    assert rel_err(y, y64) <= max(2 * rel_err(y_torch, y64), 1e-4)
+
+
+# ---------------------------------------------------------------------------- the block family
+# ((Cin, hidden, Cout, stride, side), kernel size, activation): EfficientNet-Lite0's 5x5 blocks,
+# an MCUNet-like 7x7 block, 7x7 at stride 2 with ReLU, MNASNet's 5x5 stride-2 ReLU block, a
+# 3x3 ReLU block without the expand.
+FAMILY = [((40, 240, 40, 1, 28), 5, "relu6"), ((80, 480, 112, 1, 14), 5, "relu6"), ((48, 288, 48, 1, 14), 7, "relu6"),
+          ((24, 144, 40, 2, 28), 7, "relu"), ((24, 72, 40, 2, 56), 5, "relu"), ((32, 32, 16, 1, 20), 3, "relu")]
+
+
+def family_id(case):
+    (cin, hidden, cout, stride, side), k, activation = case
+    return f"{cin}-{hidden}-{cout}-s{stride}-{side}x{side}-k{k}-{activation}"
+
+
+def _family_args(shape, k, dtype, n=4, seed=3):
+    """Operator arguments (BN-folded weights) of a family block in ``dtype``, channels_last,
+    whose expand and depthwise outputs go past 6 in places (ReLU and ReLU6 differ)."""
+    cin, hidden, cout, stride, side = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*s, scale=1.0, shift=0.0):
+        return (scale * torch.randn(*s, device="cuda", generator=g) + shift).to(dtype)
+
+    x = rnd(n, cin, side, side).contiguous(memory_format=torch.channels_last)
+    expand = hidden != cin
+    we = rnd(hidden, cin, scale=2 * cin ** -0.5) if expand else None
+    be = rnd(hidden, scale=2.0, shift=1.0) if expand else None
+    return [x, we, be, rnd(hidden, k, k, scale=2.0 / k), rnd(hidden, scale=2.0),
+            rnd(cout, hidden, scale=2 * hidden ** -0.5), rnd(cout, scale=0.5), stride, stride == 1 and cin == cout]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", FAMILY, ids=family_id)
+def test_family_block_triton(case, dtype):
+    """Depthwise kernels of 5 and 7, and ReLU, on the Triton operator (autograd): the output
+    and every gradient against float64, within max(2 x torch's own error, 1e-4) (torch: the
+    unfused block in ``dtype``, cuDNN; its float32 convolutions use TF32)."""
+    from mnv2_kernels import reference
+
+    shape, k, activation = case
+    args = _family_args(shape, k, dtype)
+    op = torch.ops.mnv2.triton_fused_inverted_residual
+    ho = (shape[4] - 1) // shape[3] + 1
+    gy = torch.randn(args[0].shape[0], shape[2], ho, ho, device="cuda",
+                     generator=torch.Generator(device="cuda").manual_seed(9))
+
+    def run(fn, dt):
+        leaves = [a.detach().to(dt).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        y = fn(*leaves, 1, activation)
+        return y, torch.autograd.grad(y, [a for a in leaves[:7] if a is not None], gy.to(dt))
+
+    (y, ours), (yt, theirs), (y64, refs) = (run(op, dtype), run(reference.inverted_residual, dtype),
+                                            run(reference.inverted_residual, torch.float64))
+    other = "relu" if activation == "relu6" else "relu6"
+    with torch.no_grad():
+        assert rel_err(reference.inverted_residual(*[a.double() if isinstance(a, torch.Tensor) else a
+                                                     for a in args], 1, other), y64) > 1e-3
+
+    def bound(b, r):
+        return max(2 * rel_err(b, r), 1e-4)
+
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, y64) <= bound(yt, y64)
+    names = [n for n, a in zip(("x", "w_expand", "b_expand", "w_dw", "b_dw", "w_project", "b_project"), args)
+             if a is not None]
+    for name, a, b, r in zip(names, ours, theirs, refs):
+        assert rel_err(a, r) <= bound(b, r), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", FAMILY[1:5], ids=family_id)
+def test_family_depthwise_moments_triton(case, dtype):
+    """Train-mode bn2 statistics of family blocks by the Triton kernels (the moments kernel,
+    and the fused backward kernels in moments mode) against float64 PyTorch on the same
+    (rounded) inputs."""
+    import torch.nn.functional as F
+
+    from mnv2_kernels import reference
+    from mnv2_kernels.triton_kernels import fused_ir
+
+    assert triton_available(), "Triton is not usable on this GPU machine"
+    shape, k, activation = case
+    x, we, be, wd = _family_args(shape, k, dtype)[:4]
+    stride, hidden = shape[3], wd.shape[0]
+    mean, var = fused_ir.moments(x, we, be, wd, stride, 1, activation)
+    x64, we64, be64, wd64 = (a.detach().double().requires_grad_() for a in (x, we, be, wd))
+    a1 = reference.activation_fn(activation)(F.conv2d(x64, we64[:, :, None, None], be64))
+    z2 = F.conv2d(a1, wd64[:, None], None, stride=stride, padding=k // 2, groups=hidden)
+    var64, mean64 = torch.var_mean(z2, dim=(0, 2, 3), correction=0)
+    assert rel_err(mean, mean64) < FP32_BOUND and rel_err(var, var64) < FP32_BOUND
+    g = torch.Generator(device="cuda").manual_seed(5)
+    alpha, beta = torch.randn(hidden, device="cuda", generator=g), torch.randn(hidden, device="cuda", generator=g)
+    grads = fused_ir.moments_backward(x, we, be, wd, stride, alpha, beta, 1, activation)
+    loss = (alpha.double()[None, :, None, None] * z2 + 0.5 * beta.double()[None, :, None, None] * z2 * z2).sum()
+    refs = torch.autograd.grad(loss, [x64, we64, be64, wd64])
+    bound = 1e-4 if dtype == torch.float32 else 1e-2  # gradients are rounded to dtype (bf16: 2^-8)
+    for name, a, b in zip(("x", "w_expand", "b_expand", "w_dw"), grads, refs):
+        assert a.shape == b.shape and rel_err(a, b) < bound, name
+
+
 # ---------------------------------------------------------------------------- ops
 def _op_args(dtype, stride=1, residual=True):
     torch.manual_seed(0)

@@ -27,19 +27,20 @@ CAPABILITIES = (80, 90)
 N_SPLITS_ARG = 12  # _moments_kernel(x, w_expand, b_expand, w_dw, part, N, H, W, HO, WO, CIN, HID, N_SPLITS, ...)
 
 
-def _block_launches(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation=1):
+def _block_launches(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation=1, kernel_size=3,
+                    activation="relu6"):
     """Every launch of the forward, the backward, the statistics and their backward for one block."""
-    args = block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation)
-    ho, wo = fused_ir.output_size(h, w, stride, dilation)
+    args = block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation, kernel_size, activation)
+    ho, wo = fused_ir.output_size(h, w, stride, dilation, kernel_size=kernel_size)
     gy = torch.randn(n, cout, ho, wo).to(dtype)
     if channels_last:
         gy = gy.contiguous(memory_format=torch.channels_last)
     with recorded_launches() as launches:
         fused_ir.forward(*args)
         fused_ir.backward(gy, *args)
-        fused_ir.moments(args[0], args[1], args[2], args[3], stride, dilation)
+        fused_ir.moments(args[0], args[1], args[2], args[3], stride, dilation, activation)
         fused_ir.moments_backward(args[0], args[1], args[2], args[3], stride, torch.randn(hidden),
-                                  torch.randn(hidden), dilation)
+                                  torch.randn(hidden), dilation, activation)
     return launches
 
 
@@ -81,9 +82,9 @@ def _jobs(dtype):
     MobileNetV2's blocks and on the awkward ones, every config on the wide ones."""
     seen, jobs = set(), []
 
-    def add(blocks, all_configs=False, dilation=1):
+    def add(blocks, all_configs=False, dilation=1, kernel_size=3, activation="relu6"):
         for *block, channels_last in blocks:
-            for launch in _block_launches(*block, dtype, channels_last, dilation):
+            for launch in _block_launches(*block, dtype, channels_last, dilation, kernel_size, activation):
                 for config in launch.configs() if all_configs else launch.configs()[:1]:
                     key = _signature_key(launch) + (str(config),)
                     if key in seen:
@@ -92,7 +93,9 @@ def _jobs(dtype):
                     kw = launch.kwargs
                     tile = f"{kw.get('TH', kw.get('TQH'))}x{kw.get('TW', kw.get('TQW'))}/{kw['BLOCK_H']}h"
                     label = (f"{launch.kernel:19} {'x'.join(map(str, block[1:4]))} s{block[4]}"
-                             f"{f' d{dilation}' if dilation != 1 else ''} "
+                             f"{f' d{dilation}' if dilation != 1 else ''}"
+                             f"{f' k{kernel_size}' if kernel_size != 3 else ''}"
+                             f"{f' {activation}' if activation != 'relu6' else ''} "
                              f"{block[5]}x{block[6]} n{block[0]}{'' if channels_last else ' nchw'} {tile} "
                              f"w{config.num_warps}s{config.num_stages}")
                     for cap in CAPABILITIES:
@@ -103,6 +106,8 @@ def _jobs(dtype):
     add(WIDE, all_configs=True)
     for block, dilation in DILATED:
         add([block], dilation=dilation)
+    for block, kernel_size, activation in FAMILY:
+        add([block], kernel_size=kernel_size, activation=activation)
     return jobs
 
 
@@ -161,6 +166,14 @@ WIDE = [(64, 96, 576, 160, 2, 14, 14, True), (64, 160, 960, 320, 1, 7, 7, True)]
 DILATED = [((8, 96, 576, 96, 1, 65, 65, True), 2), ((8, 160, 960, 160, 1, 65, 65, True), 4),
            ((2, 16, 96, 24, 2, 13, 11, False), 3)]
 
+# Blocks of the family with their depthwise kernel size and activation: the kernels of the 5x5
+# and 7x7 depthwise steps (their larger halos, _halo_scale) and of ReLU with the default
+# configs. EfficientNet-Lite0's 5x5 blocks 40 -> 240 -> 40 at 28 x 28 and 80 -> 480 -> 112 at
+# 14 x 14, an MCUNet-like 7x7 block 48 -> 288 -> 48 at 14 x 14, and a 7x7 block at stride 2
+# (the largest halos) with ReLU, in NCHW (whose float32 halos are the smallest).
+FAMILY = [((64, 40, 240, 40, 1, 28, 28, True), 5, "relu6"), ((64, 80, 480, 112, 1, 14, 14, True), 5, "relu6"),
+          ((64, 48, 288, 48, 1, 14, 14, True), 7, "relu6"), ((64, 24, 144, 40, 2, 28, 28, False), 7, "relu")]
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -173,9 +186,9 @@ def _rows(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kernels_compile_without_spills(dtype):
-    """Every kernel, as launched for MobileNetV2's 17 blocks, the awkward blocks and two dilated
-    ones, with its default config, and with every autotune config on two wide blocks, for
-    sm_80 and sm_90:
+    """Every kernel, as launched for MobileNetV2's 17 blocks, the awkward blocks, three dilated
+    ones and four of the family (5x5 and 7x7 depthwise steps, ReLU), with its default config,
+    and with every autotune config on two wide blocks, for sm_80 and sm_90:
     it compiles, spills no register, has no stack frame and fits the target's shared
     memory."""
     rows = _rows(dtype)

@@ -124,8 +124,10 @@ def compile_launch(launch: Launch, config, capability: int, ptxas_report: bool =
                   int(stack.group(1)) if stack else 0, compiled.metadata.shared)
 
 
-def block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation=1):
-    """A block's operator arguments (CPU tensors) for the launchers, the dilation last."""
+def block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilation=1, kernel_size=3,
+               activation="relu6"):
+    """A block's operator arguments (CPU tensors) for the launchers, the dilation and the
+    activation last; a kernel_size x kernel_size depthwise step."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, cin, h, w, generator=g).to(dtype)
     if channels_last:
@@ -135,5 +137,5 @@ def block_args(n, cin, hidden, cout, stride, h, w, dtype, channels_last, dilatio
         return (0.1 * torch.randn(*shape, generator=g)).to(dtype)
 
     we, be = (r(hidden, cin), r(hidden)) if hidden != cin else (None, None)
-    return (x, we, be, r(hidden, 3, 3), r(hidden), r(cout, hidden), r(cout), stride,
-            stride == 1 and cin == cout, dilation)
+    return (x, we, be, r(hidden, kernel_size, kernel_size), r(hidden), r(cout, hidden), r(cout), stride,
+            stride == 1 and cin == cout, dilation, activation)

@@ -33,15 +33,24 @@ gives how often it computes each expanded value.
 * ``_bwd_input_kernel``: pixel-stationary input gradient (gather form). A persistent
   grid of about 4 programs per SM; a program owns an input tile Q per item; per hidden
   chunk it computes z2 and g_z2 on Q's output halo O from the expand on O's own halo,
-  gathers g_a1 on Q from g_z2 and accumulates relu6'(z1) g_a1 @ w_expand[chunk] into a
+  gathers g_a1 on Q from g_z2 and accumulates act'(z1) g_a1 @ w_expand[chunk] into a
   [Q, Cin] accumulator; + grad_y for the residual.
 
 Nothing hidden-sized is ever allocated. grad_b_project is grad_y summed over
 (N, H, W) in float32 by torch.
 
-The depthwise convolution has DW_KERNEL x DW_KERNEL taps (DW_TAPS in all) and
-zero padding DW_PAD; only 3x3 is built today. The kernels take the size as the
-constexprs DW_KERNEL and DW_PAD, and the host code is written in terms of it.
+The depthwise convolution has k x k taps, k = 3, 5 or 7 (DW_KERNELS), read from the
+(hidden, k, k) weights, and zero padding k // 2 (times the dilation): the output size of
+every k. The kernels take them as the constexprs DW_KERNEL and DW_PAD, so each kernel
+size compiles its own kernels. The host sizes the tiles for it (a tile of t outputs has a
+halo of (t - 1) * stride + k, _halo_side) within the register budgets of 3x3 (_halo_cap):
+the 5x5 and 7x7 tiles hold fewer outputs, and their launches take one pipeline stage
+(configs_for) and more warps (_halo_warps), for their taps hold more registers.
+
+Activation (after the expand and after the depthwise step): ReLU6 (MobileNetV2,
+EfficientNet-Lite, MCUNet) or ReLU (MNASNet, FBNet), the constexpr RELU6 (``_act``, and
+``_act_passes`` for the backward's masks: 0 < z < 6, or z > 0). Both keep a NaN, as
+torch's clamp does.
 
 Dilation (atrous MobileNetV2, Mobile DeepLabv3): a depthwise convolution with dilation d,
 padding DW_PAD * d and block stride s reads, for output row oh, the input rows
@@ -81,13 +90,10 @@ RECORDING = False
 
 _TORCH_TO_TL_OK = (torch.float32, torch.float16, torch.bfloat16)
 
-# The depthwise kernel size (see the module docstring).
-DW_KERNEL = 3
-DW_TAPS = DW_KERNEL * DW_KERNEL
-DW_PAD = DW_KERNEL // 2
-# The tap axis of the weight-gradient kernel's depthwise tiles: DW_TAPS padded
-# to a power of two (tl.arange's length).
-DW_TAPS_PAD = triton.next_power_of_2(DW_TAPS)
+# The depthwise kernel sizes and the activations the kernels are built for (see the module
+# docstring).
+DW_KERNELS = (3, 5, 7)
+ACTIVATIONS = ("relu6", "relu")
 
 
 def _upcast(x):
@@ -95,9 +101,11 @@ def _upcast(x):
     return INTERPRET and x.dtype == torch.bfloat16
 
 
-def _block_ci(cin, dtype):
-    """Cin slice of the tiled expand dots (16 under the interpreter, to exercise the loop)."""
-    if INTERPRET:
+def _block_ci(cin, dtype, block_halo=0):
+    """Cin slice of the tiled expand dots (16 under the interpreter, to exercise the loop); 16
+    for a halo of ``block_halo`` pixels beyond _MAX_HALO (the input-gradient kernel's of a
+    7x7 depthwise kernel, see _halo_cap), whose wider slices spilled."""
+    if INTERPRET or block_halo > _MAX_HALO:
         return 16
     return min(_pad(cin), 16 if dtype == torch.float32 else 64)
 
@@ -106,12 +114,26 @@ def _pad(c):
     return max(16, triton.next_power_of_2(int(c)))
 
 
-def output_size(h, w, stride, dilation=1):
-    """Output height and width of the depthwise convolution (padding DW_PAD * dilation):
-    the undilated ones for every dilation."""
-    reach = (DW_KERNEL - 1) * dilation + 1
-    pad = DW_PAD * dilation
+def output_size(h, w, stride, dilation=1, *, kernel_size):
+    """Output height and width of the kernel_size x kernel_size depthwise convolution
+    (padding kernel_size // 2 * dilation): the undilated 3x3 ones for every dilation and
+    kernel size."""
+    reach = (kernel_size - 1) * dilation + 1
+    pad = kernel_size // 2 * dilation
     return (h + 2 * pad - reach) // stride + 1, (w + 2 * pad - reach) // stride + 1
+
+
+def kernel_size(w_dw):
+    """k of the (hidden, k, k) depthwise weights."""
+    return int(w_dw.shape[-1])
+
+
+def relu6_flag(activation):
+    """The kernels' RELU6 constexpr for an activation of ACTIVATIONS; raises ValueError for
+    any other."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"mnv2 triton: activation must be 'relu6' or 'relu', got {activation!r}")
+    return activation == "relu6"
 
 
 def _lattice(stride, dilation):
@@ -159,22 +181,26 @@ _MAX_HALO = 64 if INTERPRET else 128
 
 def _configs(tuned=True):
     """Four and eight warps, two pipeline stages (and three under autotuning when ``tuned``:
-    the forward and the statistics; the backward's deeper pipeline spilled). The host picks
-    the warps for each launch (its WARPS argument, see configs_for): the number that holds
-    the launch's tiles without spilling."""
+    the forward and the statistics; the backward's deeper pipeline spilled), and one stage
+    for the 5x5 and 7x7 depthwise kernels. The host picks the warps for each launch (its
+    WARPS argument, see configs_for): the number that holds the launch's tiles without
+    spilling."""
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     # maxnreg: without a bound, ptxas trades a few spilled bytes for one more resident
     # program per SM at some shapes (168 registers at four warps, 128 at eight)
     stages = (2, 3) if AUTOTUNE and tuned else (2,)
-    return [triton.Config({}, num_warps=w, num_stages=s, maxnreg=255) for s in stages for w in (4, 8)]
+    return [triton.Config({}, num_warps=w, num_stages=s, maxnreg=255) for s in stages + (1,) for w in (4, 8)]
 
 
 def configs_for(configs, kwargs):
     """The configs of ``configs`` meant for a launch with these keyword arguments: those
-    with its WARPS, and for float32 operands two stages only (FMA dots gain little from a
-    deeper pipeline, and its buffers spilled). The autotuners prune with it before tuning."""
-    kept = [c for c in configs if c.num_warps == kwargs.get("WARPS")
+    with its WARPS; for float32 operands two stages only (FMA dots gain little from a
+    deeper pipeline, and its buffers spilled); for a 3x3 depthwise kernel two or more, for
+    5x5 and 7x7 one (their taps hold more registers: the pipelined loads of the hidden
+    loop spilled). The autotuners prune with it before tuning."""
+    one_stage = kwargs.get("DW_KERNEL", 3) > 3
+    kept = [c for c in configs if c.num_warps == kwargs.get("WARPS") and (c.num_stages == 1) == one_stage
             and (c.num_stages <= 2 or not kwargs.get("IS_FP32"))]
     return kept or list(configs)
 
@@ -186,6 +212,13 @@ def _warps(rows, block_h, is_fp32):
     return 8 if is_fp32 or rows * block_h >= 2048 else 4
 
 
+def _halo_warps(warps, block_halo, block_h, k):
+    """WARPS of a forward or statistics launch with a k x k depthwise kernel: ``warps``, or
+    eight for 5x5 and 7x7 where its [halo, hidden chunk] tiles take the whole budget _HALO
+    (their tap loops hold more registers than 3x3's: four warps spilled)."""
+    return 8 if k > 3 and block_halo * block_h >= _HALO else warps
+
+
 _PRUNE = {"early_config_prune": lambda configs, named_args, **kwargs: configs_for(configs, kwargs)}
 
 
@@ -193,10 +226,20 @@ def _pow2(v):
     return max(16, triton.next_power_of_2(int(v)))
 
 
-def _halo_side(t, stride):
-    """Input rows (or columns) under t output rows of the depthwise convolution (of a phase:
-    ``stride`` the kernels' STRIDE, rows of the phase's input lattice; see _lattice)."""
-    return (t - 1) * stride + DW_KERNEL
+def _halo_side(t, stride, k):
+    """Input rows (or columns) under t output rows of the k x k depthwise convolution (of a
+    phase: ``stride`` the kernels' STRIDE, rows of the phase's input lattice; see _lattice)."""
+    return (t - 1) * stride + k
+
+
+def _halo_cap(max_halo, span):
+    """The largest halo (padded pixels) of a tile: ``max_halo`` (at most _MAX_HALO), or the
+    halo of a single pixel where that is larger: ``span`` x ``span``, k for the outputs of a
+    k x k depthwise convolution, 2k - 1 for the input-gradient kernel's halo A of one input
+    pixel (the outputs that read it, and their inputs). The same budgets for every k: the
+    3x3 kernels take up to 255 registers at the largest halos, and larger halos for 5x5 and
+    7x7 spilled (tests/test_triton_compile.py)."""
+    return max(min(max_halo, _MAX_HALO), _pow2(span * span))
 
 
 def _hidden_chunk(block_halo, is_fp32):
@@ -208,24 +251,25 @@ def _hidden_chunk(block_halo, is_fp32):
 
 
 @functools.lru_cache(maxsize=1024)
-def _out_tile(ho, wo, stride, cin_pad, cout_pad, cout_budget, cin_budget, max_halo):
+def _out_tile(ho, wo, stride, cin_pad, cout_pad, cout_budget, cin_budget, max_halo, k):
     """(TH, TW) of the kernels tiled over the output (forward, statistics, weight gradient),
-    for a phase's ho x wo outputs and the kernels' STRIDE (see _lattice): the tile that
-    minimises the estimated work per image (halo expand, depthwise, project; pow2-padded),
-    within the budgets (0: none): [TH*TW, Cout] elements at most ``cout_budget``, [halo, Cin]
-    at most ``cin_budget``, at most ``max_halo`` halo rows.
-    A 1 x 1 tile when none fits."""
+    for a phase's ho x wo outputs, the kernels' STRIDE (see _lattice) and a k x k depthwise
+    convolution: the tile that minimises the estimated work per image (halo expand,
+    depthwise, project; pow2-padded), within the budgets (0: none): [TH*TW, Cout] elements at
+    most ``cout_budget``, [halo, Cin] at most ``cin_budget``, at most ``max_halo`` halo rows
+    (_halo_cap). A 1 x 1 tile when none fits."""
     best = ((0,), 1, 1)
+    max_halo = _halo_cap(max_halo, k)
     for th in range(1, min(ho, 16) + 1):
         for tw in range(1, min(wo, 16) + 1):
             block_p = _pow2(th * tw)
-            block_halo = _pow2(_halo_side(th, stride) * _halo_side(tw, stride))
-            if block_p > _MAX_P or block_halo > min(max_halo, _MAX_HALO):
+            block_halo = _pow2(_halo_side(th, stride, k) * _halo_side(tw, stride, k))
+            if block_p > _MAX_P or block_halo > max_halo:
                 continue
             if (cout_budget and block_p * cout_pad > cout_budget) or (cin_budget and block_halo * cin_pad > cin_budget):
                 continue
             tiles = triton.cdiv(ho, th) * triton.cdiv(wo, tw)
-            cost = tiles * (block_halo * cin_pad + block_p * (cout_pad + 2 * DW_TAPS))
+            cost = tiles * (block_halo * cin_pad + block_p * (cout_pad + 2 * k * k))
             key = (cost, -th * tw, abs(th - tw))
             if best[0] == (0,) or key < best[0]:
                 best = (key, th, tw)
@@ -233,41 +277,44 @@ def _out_tile(ho, wo, stride, cin_pad, cout_pad, cout_budget, cin_budget, max_ha
 
 
 @functools.lru_cache(maxsize=1024)
-def _in_tile(h, w, stride, cin_pad, cout_pad, acc, max_halo):
+def _in_tile(h, w, stride, cin_pad, cout_pad, acc, max_halo, k):
     """(TQH, TQW) of the input-gradient kernel, tiled over the input (a phase's input lattice
-    of h x w pixels, the kernels' STRIDE; see _lattice): each tile needs the
-    outputs of its halo O and their own halo A (see _bwd_input_kernel). Minimises the
-    estimated work per image within the budgets ([TQH*TQW, Cin] accumulator, [A, BLOCK_H]
-    halo); even sides for stride 2."""
+    of h x w pixels, the kernels' STRIDE; see _lattice), for a k x k depthwise convolution:
+    each tile needs the outputs of its halo O and their own halo A (see _bwd_input_kernel).
+    Minimises the estimated work per image within the budgets ([TQH*TQW, Cin] accumulator,
+    [A, BLOCK_H] halo at most ``max_halo``, _halo_cap); even sides for stride 2."""
     step = 2 if stride == 2 else 1
     best = ((0,), step, step)
+    max_halo = _halo_cap(max_halo, 2 * k - 1)
     for tqh in range(step, 17, step):
         for tqw in range(step, 17, step):
             if tqh > h + step or tqw > w + step:
                 continue
-            oth, otw, ah, aw = _in_halos(tqh, tqw, stride)
+            oth, otw, ah, aw = _in_halos(tqh, tqw, stride, k)
             block_q, block_o, block_a = _pow2(tqh * tqw), _pow2(oth * otw), _pow2(ah * aw)
-            if block_q > _MAX_P or max(block_a, 2 * block_o) > min(max_halo, _MAX_HALO) or block_q * cin_pad > acc:
+            if block_q > _MAX_P or max(block_a, 2 * block_o) > max_halo or block_q * cin_pad > acc:
                 continue
             tiles = triton.cdiv(h, tqh) * triton.cdiv(w, tqw)
-            cost = tiles * (block_a * cin_pad + block_o * (cout_pad + 2 * DW_TAPS) + block_q * (cin_pad + DW_TAPS))
+            cost = tiles * (block_a * cin_pad + block_o * (cout_pad + 2 * k * k) + block_q * (cin_pad + k * k))
             key = (cost, -tqh * tqw, abs(tqh - tqw))
             if best[0] == (0,) or key < best[0]:
                 best = (key, tqh, tqw)
     return best[1], best[2]
 
 
-def _in_halos(tqh, tqw, stride):
+def _in_halos(tqh, tqw, stride, k):
     """(OTH, OTW, AH, AW): the output halo O of an input tile TQH x TQW (the outputs whose
-    depthwise window meets the tile) and O's own input halo A."""
+    k x k depthwise window meets the tile) and O's own input halo A."""
+    pad = k // 2
     if stride == 1:
-        oth, otw = tqh + 2 * DW_PAD, tqw + 2 * DW_PAD
+        oth, otw = tqh + 2 * pad, tqw + 2 * pad
     else:
-        oth, otw = tqh // 2 + DW_PAD, tqw // 2 + DW_PAD
-    return oth, otw, _halo_side(oth, stride), _halo_side(otw, stride)
+        oth, otw = tqh // 2 + pad, tqw // 2 + pad
+    return oth, otw, _halo_side(oth, stride, k), _halo_side(otw, stride, k)
 
 
-_KEY = ["CIN", "HID", "COUT", "H", "W", "STRIDE", "DIL", "PHASES", "HAS_EXPAND", "RESIDUAL", "IS_FP32", "BLOCK_H"]
+_KEY = ["CIN", "HID", "COUT", "H", "W", "STRIDE", "DIL", "PHASES", "HAS_EXPAND", "RESIDUAL", "IS_FP32", "BLOCK_H",
+        "DW_KERNEL", "RELU6"]
 _KEY_BWD = _KEY + ["MOMENTS"]
 # Integer arguments the kernels only compare and divide (batch, sides, item counts), never
 # use as strides: not specialised, so that Triton compiles one kernel for all their values
@@ -301,20 +348,34 @@ def _dot(a, b, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _relu6(z):
-    return tl.minimum(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
-                      propagate_nan=tl.PropagateNan.ALL)
+def _act(z, RELU6: tl.constexpr):
+    """The block's activation: relu6(z) when RELU6, else relu(z); a NaN stays NaN."""
+    a = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if RELU6:
+        a = tl.minimum(a, 6.0, propagate_nan=tl.PropagateNan.ALL)
+    return a
+
+
+@triton.jit
+def _act_passes(z, RELU6: tl.constexpr):
+    """Where the activation passes its gradient (act'(z) = 1): 0 < z < 6 for ReLU6, z > 0
+    for ReLU."""
+    if RELU6:
+        m = (z > 0.0) & (z < 6.0)
+    else:
+        m = z > 0.0
+    return m
 
 
 @triton.jit
 def _halo(x_base, ih0, iw0, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, hh, h_mask, CIN,
-          HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DIL: tl.constexpr,
-          HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr,
-          BLOCK_CI: tl.constexpr):
+          HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, RELU6: tl.constexpr,
+          DIL: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_HALO: tl.constexpr,
+          BLOCK_H: tl.constexpr, BLOCK_CI: tl.constexpr):
     """(z1, a1, inb) of a hidden chunk on a halo tile: the HALO_H x HALO_W input pixels from
     image pixel (ih0, iw0), DIL apart (a phase's input lattice), row-major in BLOCK_HALO rows.
     z1 [BLOCK_HALO, BLOCK_H] = x @ w_expand[hh]^T + b_expand (one dot per BLOCK_CI slice of
-    Cin: bounded registers for any Cin); a1 = relu6(z1),
+    Cin: bounded registers for any Cin); a1 = act(z1) (_act),
     exactly zero outside the image (the depthwise zero padding applies to a1) and in the
     padding rows. Without the expand (t == 1) z1 = a1 = x. inb: the pixel is in the image."""
     i = tl.arange(0, BLOCK_HALO)
@@ -337,7 +398,7 @@ def _halo(x_base, ih0, iw0, H, W, sxh, sxw, sxc, w_expand_ptr, b_expand_ptr, hh,
             z1 += _dot(xt, w_expand_k, IS_FP32, UPCAST)
         b_expand = tl.load(b_expand_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
         z1 += b_expand[None, :]
-        a1 = tl.where(m, _relu6(z1), 0.0)
+        a1 = tl.where(m, _act(z1, RELU6), 0.0)
     else:
         a1 = tl.load(x_base + pix[:, None] + hh.to(tl.int64)[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
         z1 = a1
@@ -465,7 +526,7 @@ def _fwd_kernel(
     H, W, HO, WO, CIN, HID, COUT,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr,
+    RELU6: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr,
     BLOCK_CI: tl.constexpr, COUT_PAD: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_P: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr, WARPS: tl.constexpr,
@@ -475,8 +536,9 @@ def _fwd_kernel(
     # halo, once (_halo), the depthwise taps gathered from it, the project of the whole
     # Cout into one [BLOCK_P, COUT_PAD] accumulator.
     # Expand work: each expanded value (input pixel x hidden channel) once per tile whose
-    # halo holds it: (TH+2)(TW+2)/(TH*TW) times at stride 1 (1.56x at 8x8), about
-    # (2TH+1)(2TW+1)/(4*TH*TW) at stride 2; with the halo's padding to BLOCK_HALO rows,
+    # halo holds it: (TH+k-1)(TW+k-1)/(TH*TW) times at stride 1 for a k x k depthwise
+    # convolution (1.56x at 8x8 for 3x3), about (2TH+k-2)(2TW+k-2)/(4*TH*TW) at stride 2;
+    # with the halo's padding to BLOCK_HALO rows, for 3x3,
     # 1.4x to 2.6x at MobileNetV2's blocks (5.2x for the last, whose 320-channel Cout
     # keeps the tile to 16 pixels). Once for the whole Cout.
     n_tw = tl.cdiv(tl.cdiv(WO, PHASES), TW)
@@ -495,11 +557,11 @@ def _fwd_kernel(
         h_mask = hh < HID
         _, a1, _ = _halo(x_base, _halo_origin(ph, oh0, STRIDE, DIL, PHASES, DW_PAD),
                          _halo_origin(pw, ow0, STRIDE, DIL, PHASES, DW_PAD), H, W, sxh, sxw, sxc,
-                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, DIL,
+                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, RELU6, DIL,
                          HALO_H, HALO_W, BLOCK_HALO, BLOCK_H, BLOCK_CI)
         acc_dw = _depthwise(a1, r, c, ok, w_dw_ptr, hh, h_mask, STRIDE, DW_KERNEL, HALO_W, BLOCK_P, BLOCK_H)
         b_dw = tl.load(b_dw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
-        a2 = _relu6(acc_dw + b_dw[None, :])
+        a2 = _act(acc_dw + b_dw[None, :], RELU6)
         # w_project^T chunk [BLOCK_H, COUT_PAD]
         w_project_t = tl.load(w_project_ptr + co[None, :] * HID + hh[:, None],
                               mask=h_mask[:, None] & co_mask[None, :], other=0.0)
@@ -527,9 +589,9 @@ def _bwd_weight_kernel(
     N, H, W, HO, WO, CIN, HID, COUT, N_SPLITS,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr,
-    DW_TAPS_PAD: tl.constexpr, CIN_PAD: tl.constexpr, COUT_PAD: tl.constexpr, BLOCK_CO: tl.constexpr,
-    CO_W: tl.constexpr,
+    MOMENTS: tl.constexpr, RELU6: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr,
+    PHASES: tl.constexpr, DW_TAPS_PAD: tl.constexpr, CIN_PAD: tl.constexpr, COUT_PAD: tl.constexpr,
+    BLOCK_CO: tl.constexpr, CO_W: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_P: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr, WARPS: tl.constexpr,
 ):
@@ -543,7 +605,8 @@ def _bwd_weight_kernel(
     # BLOCK_H] accumulator over 128 channels would spill.)
     # Each program stores its [split, chunk] slice of the float32 per-split partial
     # buffers once, at the end: g_w_expand [S, HID, CIN], g_b_expand [S, HID], g_w_dw
-    # [S, HID, DW_TAPS], g_b_dw [S, HID], g_w_project [S, COUT, HID]. The host reduces them
+    # [S, HID, DW_TAPS] (DW_TAPS_PAD: DW_TAPS padded to a power of two, the tap axis of the
+    # accumulator), g_b_dw [S, HID], g_w_project [S, COUT, HID]. The host reduces them
     # with .sum(0): deterministic, no atomics, no thread exchange through memory.
     # Expand work: once per tile's halo, as the forward, times the Cout blocks (1.4x to
     # 2.3x at MobileNetV2's blocks, 3.9x to 11.8x for the four with a 7x7 output).
@@ -598,7 +661,7 @@ def _bwd_weight_kernel(
             w_expand_t = tl.load(w_expand_ptr + hh[None, :] * CIN + ci[:, None],
                                  mask=ci_mask[:, None] & h_mask[None, :], other=0.0)
             z1 = _dot(xh, w_expand_t, IS_FP32, UPCAST) + b_expand[None, :]
-            a1 = tl.where(inb[:, None] & h_mask[None, :], _relu6(z1), 0.0)
+            a1 = tl.where(inb[:, None] & h_mask[None, :], _act(z1, RELU6), 0.0)
         else:
             a1 = tl.load(x_base + pix[:, None] + hh.to(tl.int64)[None, :] * sxc,
                          mask=inb[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
@@ -608,7 +671,7 @@ def _bwd_weight_kernel(
         if MOMENTS:
             g_z2 = tl.where(p_mask[:, None], alpha[None, :] + beta[None, :] * z2, 0.0)
         else:
-            a2 = tl.where(p_mask[:, None], _relu6(z2), 0.0)
+            a2 = tl.where(p_mask[:, None], _act(z2, RELU6), 0.0)
             gy_pix = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
             # (the weight chunks are loaded per item, from cache, rather than held in registers)
             g_a2 = _grad_a2(gy_ptr, gy_pix, p_mask, sgc, w_project_ptr, hh, h_mask, COUT, HID, IS_FP32, UPCAST,
@@ -617,7 +680,7 @@ def _bwd_weight_kernel(
             gy = tl.load(gy_ptr + gy_pix[:, None] + co.to(tl.int64)[None, :] * sgc,
                          mask=p_mask[:, None] & co_mask[None, :], other=0.0)
             acc_g_w_project += _dot(tl.trans(gy), a2.to(dt), IS_FP32, UPCAST)
-            g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & p_mask[:, None], g_a2, 0.0)
+            g_z2 = tl.where(_act_passes(z2, RELU6) & p_mask[:, None], g_a2, 0.0)
         if pid_co == 0:
             acc_g_b_dw += tl.sum(g_z2, axis=0)
 
@@ -632,7 +695,7 @@ def _bwd_weight_kernel(
                     g_a1 += _transpose_taps(g_z2, hr, hc, i_ok, tap, TH, TW, STRIDE, DW_KERNEL,
                                             BLOCK_HALO, BLOCK_H) * w_dw_tap[None, :]
             if HAS_EXPAND:
-                g_z1 = tl.where(inb[:, None] & (z1 > 0.0) & (z1 < 6.0), g_a1, 0.0)
+                g_z1 = tl.where(inb[:, None] & _act_passes(z1, RELU6), g_a1, 0.0)
                 acc_g_b_expand += tl.sum(g_z1, axis=0)
                 acc_g_w_expand += _dot(tl.trans(g_z1.to(dt)), xh, IS_FP32, UPCAST)
 
@@ -659,8 +722,8 @@ def _bwd_input_kernel(
     N, H, W, HO, WO, CIN, HID, COUT, NPROG,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
     STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, RESIDUAL: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    MOMENTS: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr,
-    CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    MOMENTS: tl.constexpr, RELU6: tl.constexpr, DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr,
+    PHASES: tl.constexpr, CIN_PAD: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     TQH: tl.constexpr, TQW: tl.constexpr, BLOCK_Q: tl.constexpr, OTH: tl.constexpr, OTW: tl.constexpr,
     BLOCK_O: tl.constexpr, AH: tl.constexpr, AW: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr,
     WARPS: tl.constexpr,
@@ -669,7 +732,7 @@ def _bwd_input_kernel(
     # TQH x TQW from (qh0, qw0) per item. For each hidden chunk: the expand on A, the input
     # halo of Q's output halo O (the outputs whose window meets Q), once; z2 on O by
     # gathering the taps from a1(A); g_z2 on O; g_a1 on Q by gathering the transposed taps
-    # from g_z2(O); z1 on Q gathered from z1(A); g_x[Q] += relu6'(z1) g_a1 @ w_expand[chunk]
+    # from g_z2(O); z1 on Q gathered from z1(A); g_x[Q] += act'(z1) g_a1 @ w_expand[chunk]
     # in a [BLOCK_Q, CIN_PAD] accumulator; + grad_y for the residual.
     # O starts at (oh0, ow0) = (qh0 - DW_PAD, qw0 - DW_PAD) at stride 1 and at
     # (qh0 / 2 - DW_PAD // 2, ...) at stride 2 (TQH, TQW even); A at O's origin times the
@@ -745,7 +808,7 @@ def _bwd_input_kernel(
             hh = h0 + hl
             h_mask = hh < HID
             z1, a1, _ = _halo(x_base, ph * PHASE_STEP + ah0 * DIL, pw * PHASE_STEP + aw0 * DIL, H, W, sxh, sxw, sxc,
-                              w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, DIL,
+                              w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, RELU6, DIL,
                               AH, AW, BLOCK_A, BLOCK_H, BLOCK_CI)
             b_dw = tl.load(b_dw_ptr + hh, mask=h_mask, other=0.0).to(tl.float32)
             z2 = _depthwise(a1, o_r, o_c, o_ok, w_dw_ptr, hh, h_mask, STRIDE, DW_KERNEL, AW, BLOCK_O,
@@ -758,7 +821,7 @@ def _bwd_input_kernel(
                 # g_a2 on O
                 g_a2 = _grad_a2(gy_ptr, gy_pix, o_mask, sgc, w_project_ptr, hh, h_mask, COUT, HID, IS_FP32,
                                 UPCAST, BLOCK_O, BLOCK_H, BLOCK_CO)
-                g_z2 = tl.where((z2 > 0.0) & (z2 < 6.0) & o_mask[:, None], g_a2, 0.0)
+                g_z2 = tl.where(_act_passes(z2, RELU6) & o_mask[:, None], g_a2, 0.0)
             # g_a1 on Q: the transposed taps, gathered from g_z2 on O (Q's pixels sit at
             # O-local (qh_l - oh0) * STRIDE + DW_PAD - dy, ...)
             g_a1 = tl.zeros([BLOCK_Q, BLOCK_H], dtype=tl.float32)
@@ -768,7 +831,7 @@ def _bwd_input_kernel(
                                         OTH, OTW, STRIDE, DW_KERNEL, BLOCK_Q, BLOCK_H) * w_dw_tap[None, :]
             if HAS_EXPAND:
                 z1q = tl.gather(z1, tl.broadcast_to(q_in_a[:, None], (BLOCK_Q, BLOCK_H)), 0)
-                g_z1 = tl.where((z1q > 0.0) & (z1q < 6.0), g_a1, 0.0)
+                g_z1 = tl.where(_act_passes(z1q, RELU6), g_a1, 0.0)
                 # w_expand chunk [BLOCK_H, CIN_PAD]
                 w_expand_c = tl.load(w_expand_ptr + hh[:, None] * CIN + ci[None, :],
                                      mask=h_mask[:, None] & ci_mask[None, :], other=0.0)
@@ -793,13 +856,13 @@ def _bwd_input_kernel(
 # Train-mode bn2 statistics: moments of the depthwise output (no bias).
 
 @triton.autotune(configs=_configs(), key=["CIN", "HID", "H", "W", "STRIDE", "DIL", "PHASES", "HAS_EXPAND", "IS_FP32",
-                                           "BLOCK_H", "TH", "TW"], prune_configs_by=_PRUNE)
+                                           "BLOCK_H", "DW_KERNEL", "RELU6", "TH", "TW"], prune_configs_by=_PRUNE)
 @_jit
 def _moments_kernel(
     x_ptr, w_expand_ptr, b_expand_ptr, w_dw_ptr, part_ptr,
     N, H, W, HO, WO, CIN, HID, N_SPLITS,
     sxn, sxc, sxh, sxw,
-    STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    STRIDE: tl.constexpr, HAS_EXPAND: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, RELU6: tl.constexpr,
     DW_KERNEL: tl.constexpr, DW_PAD: tl.constexpr, DIL: tl.constexpr, PHASES: tl.constexpr, BLOCK_CI: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_P: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     BLOCK_HALO: tl.constexpr, BLOCK_H: tl.constexpr, WARPS: tl.constexpr,
@@ -823,7 +886,7 @@ def _moments_kernel(
         n, ph, pw, oh0, ow0, oh, ow, r, c, ok, p_mask = _tile(item, n_tw, n_tiles, p, HO, WO, TH, TW, PHASES)
         _, a1, _ = _halo(x_ptr + n * sxn, _halo_origin(ph, oh0, STRIDE, DIL, PHASES, DW_PAD),
                          _halo_origin(pw, ow0, STRIDE, DIL, PHASES, DW_PAD), H, W, sxh, sxw, sxc,
-                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, DIL,
+                         w_expand_ptr, b_expand_ptr, hh, h_mask, CIN, HAS_EXPAND, IS_FP32, UPCAST, RELU6, DIL,
                          HALO_H, HALO_W, BLOCK_HALO, BLOCK_H, BLOCK_CI)
         z2 = _depthwise(a1, r, c, ok, w_dw_ptr, hh, h_mask, STRIDE, DW_KERNEL, HALO_W, BLOCK_P, BLOCK_H)
         # cnt >= 1 without dilation: every tile holds an output pixel; a dilated phase's tile
@@ -849,7 +912,7 @@ def _moments_kernel(
 # Host side.
 
 def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, grad_y=None,
-                 dilation=1):
+                 dilation=1, activation="relu6"):
     """Validates the block's arguments; returns (hidden, cout). Raises ValueError/RuntimeError."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"mnv2 triton: x must be a 4-D tensor (N, C, H, W), got "
@@ -860,6 +923,7 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
         raise ValueError(f"mnv2 triton: stride must be 1 or 2, got {stride}")
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"mnv2 triton: dilation must be an integer >= 1, got {dilation!r}")
+    relu6_flag(activation)
     if (w_expand is None) != (b_expand is None):
         raise ValueError("mnv2 triton: w_expand and b_expand must be given together")
     for name, t in (("w_expand", w_expand), ("b_expand", b_expand), ("w_dw", w_dw), ("b_dw", b_dw),
@@ -875,8 +939,11 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
     if x.device.type != "cuda" and INTERPRET and x.device.type != "cpu":
         raise RuntimeError(f"mnv2 triton: unsupported device {x.device}")
     n, cin, h, w = x.shape
-    if w_dw.dim() != 3 or tuple(w_dw.shape[1:]) != (DW_KERNEL, DW_KERNEL):
-        raise ValueError(f"mnv2 triton: w_dw must be (hidden, {DW_KERNEL}, {DW_KERNEL}), got {tuple(w_dw.shape)}")
+    if w_dw.dim() != 3:
+        raise ValueError(f"mnv2 triton: w_dw must be (hidden, k, k), got {tuple(w_dw.shape)}")
+    if w_dw.shape[1] != w_dw.shape[2] or kernel_size(w_dw) not in DW_KERNELS:
+        raise ValueError(f"mnv2 triton: w_dw must be (hidden, k, k): the depthwise kernel must be 3x3, 5x5 or 7x7, "
+                         f"got {w_dw.shape[1]}x{w_dw.shape[2]}")
     hidden = w_dw.shape[0]
     if tuple(b_dw.shape) != (hidden,):
         raise ValueError(f"mnv2 triton: b_dw must be ({hidden},), got {tuple(b_dw.shape)}")
@@ -897,7 +964,7 @@ def check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride
     if min(cin, hidden, cout) < 1:
         raise ValueError(f"mnv2 triton: empty channel dimension: Cin {cin}, hidden {hidden}, Cout {cout}")
     if grad_y is not None:
-        ho, wo = output_size(h, w, stride, dilation)
+        ho, wo = output_size(h, w, stride, dilation, kernel_size=kernel_size(w_dw))
         if tuple(grad_y.shape) != (n, cout, ho, wo):
             raise ValueError(f"mnv2 triton: grad_y must be {(n, cout, ho, wo)}, got {tuple(grad_y.shape)}")
     return hidden, cout
@@ -918,10 +985,11 @@ def output_like(x, cout, ho, wo):
 
 
 def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, y,
-                    dilation=1):
+                    dilation=1, activation="relu6"):
     """Launches the forward kernel (through torch.library.wrap_triton when ``traceable``)."""
     n, cin, h, w = x.shape
     hidden, cout = w_dw.shape[0], w_project.shape[0]
+    k = kernel_size(w_dw)
     ho, wo = y.shape[2], y.shape[3]
     dilation = _effective_dilation(dilation, h, w)
     lattice_stride, phases = _lattice(stride, dilation)
@@ -936,9 +1004,10 @@ def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_p
     # dot's [BLOCK_H, Cout] operand
     warps = 8 if is_fp32 and cout_pad >= 256 else 4
     th, tw = _out_tile(hp, wp, lattice_stride, cin_pad if has_expand else 0, cout_pad,
-                       _ACC // 2 * (warps // 4) if is_fp32 else _ACC, 0, 64 if is_fp32 else 256)
-    halo_h, halo_w = _halo_side(th, lattice_stride), _halo_side(tw, lattice_stride)
+                       _ACC // 2 * (warps // 4) if is_fp32 else _ACC, 0, 64 if is_fp32 else 256, k)
+    halo_h, halo_w = _halo_side(th, lattice_stride, k), _halo_side(tw, lattice_stride, k)
     block_halo = _pow2(halo_h * halo_w)
+    block_h = _hidden_chunk(block_halo, is_fp32)
     grid = (n * phases * phases * triton.cdiv(hp, th) * triton.cdiv(wp, tw),)
     (wrap_triton(_fwd_kernel) if traceable else _fwd_kernel)[grid](
         x, w_expand_arg, b_expand_arg, w_dw, b_dw, w_project, b_project, y,
@@ -946,37 +1015,40 @@ def _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_p
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         STRIDE=lattice_stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=x.dtype == torch.float32,
-        UPCAST=_upcast(x), DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases,
+        UPCAST=_upcast(x), RELU6=relu6_flag(activation), DW_KERNEL=k, DW_PAD=k // 2, DIL=dilation, PHASES=phases,
         BLOCK_CI=_block_ci(cin, x.dtype), COUT_PAD=cout_pad,
         TH=th, TW=tw, BLOCK_P=_pow2(th * tw), HALO_H=halo_h, HALO_W=halo_w, BLOCK_HALO=block_halo,
-        BLOCK_H=_hidden_chunk(block_halo, is_fp32), WARPS=warps,
+        BLOCK_H=block_h, WARPS=_halo_warps(warps, block_halo, block_h, k),
     )
     return y
 
 
 def forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1,
-            traceable=False):
-    """The fused block (see mnv2_kernels.reference.inverted_residual), with the depthwise
-    convolution dilated by ``dilation`` (padding DW_PAD * dilation: the output size does not
-    change); y in x's memory format."""
-    check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=dilation)
+            activation="relu6", traceable=False):
+    """The fused block (see mnv2_kernels.reference.inverted_residual): the depthwise convolution
+    of w_dw's kernel size k (3, 5 or 7), dilated by ``dilation`` (padding k // 2 * dilation: the
+    output size does not change), ``activation`` ("relu6" or "relu") after the expand and after
+    the depthwise step; y in x's memory format."""
+    check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=dilation,
+                 activation=activation)
     w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
         _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
-    ho, wo = output_size(x.shape[2], x.shape[3], stride, dilation)
+    ho, wo = output_size(x.shape[2], x.shape[3], stride, dilation, kernel_size=kernel_size(w_dw))
     y = output_like(x, w_project.shape[0], ho, wo)
     if y.numel() == 0:
         return y
     return _launch_forward(traceable, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project,
-                           stride, residual, y, dilation)
+                           stride, residual, y, dilation, activation)
 
 
 def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
-             dilation=1, traceable=False):
+             dilation=1, activation="relu6", traceable=False):
     """The 7 gradients (grad_x, grad_w_expand, grad_b_expand, grad_w_dw, grad_b_dw,
     grad_w_project, grad_b_project) of forward(), in the input dtypes. Without w_expand,
     grad_w_expand is (0, 0) and grad_b_expand is (0,)."""
     hidden, cout = check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                residual, grad_y=grad_y, dilation=dilation)
+                                residual, grad_y=grad_y, dilation=dilation, activation=activation)
+    k = kernel_size(w_dw)
     w_expand, b_expand, w_dw, b_dw, w_project, b_project = map(
         _contig_w, (w_expand, b_expand, w_dw, b_dw, w_project, b_project))
     n, cin, h, w = x.shape
@@ -987,9 +1059,10 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
             return torch.zeros(shape, dtype=x.dtype, device=dev)
         return (torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_memory_format(x)).zero_(),
                 z(hidden, cin) if has_expand else z(0, 0), z(hidden) if has_expand else z(0),
-                z(hidden, DW_KERNEL, DW_KERNEL), z(hidden), z(cout, hidden), z(cout))
+                z(hidden, k, k), z(hidden), z(cout, hidden), z(cout))
     grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, g_b_dw_parts, g_w_project_parts = _launch_backward(
-        traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual, None, dilation)
+        traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual, None, dilation,
+        activation)
     dt = x.dtype
     if has_expand:
         g_w_expand = g_w_expand_parts.sum(0).to(dt)
@@ -997,7 +1070,7 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
     else:
         g_w_expand = x.new_empty((0, 0))
         g_b_expand = x.new_empty((0,))
-    g_w_dw = g_w_dw_parts.sum(0).view(hidden, DW_KERNEL, DW_KERNEL).to(dt)
+    g_w_dw = g_w_dw_parts.sum(0).view(hidden, k, k).to(dt)
     g_b_dw = g_b_dw_parts.sum(0).to(dt)
     g_w_project = g_w_project_parts.sum(0).to(dt)
     g_b_project = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(dt)
@@ -1005,14 +1078,16 @@ def backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, st
 
 
 def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, stride, residual,
-                     moments, dilation=1):
+                     moments, dilation=1, activation="relu6"):
     """Launches the weight-gradient and input-gradient kernels; returns grad_x and the float32
     per-split partials of (g_w_expand, g_b_expand, g_w_dw, g_b_dw, g_w_project). ``moments`` =
     (alpha, beta): the backward of the depthwise moments instead (grad_y and w_project are then
     not read)."""
     n, cin, h, w = x.shape
     hidden, cout = w_dw.shape[0], w_project.shape[0]
-    ho, wo = output_size(h, w, stride, dilation)
+    k = kernel_size(w_dw)
+    relu6 = relu6_flag(activation)
+    ho, wo = output_size(h, w, stride, dilation, kernel_size=k)
     dilation = _effective_dilation(dilation, h, w)
     lattice_stride, phases = _lattice(stride, dilation)
     # the outputs of a phase, and the input pixels of a phase's lattice (the largest)
@@ -1039,8 +1114,8 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
     budget = _ACC // 2 if is_fp32 else _ACC
     max_halo = 32 if is_fp32 and x.stride(1) != 1 else 64
     th, tw = _out_tile(hp, wp, lattice_stride, cin_pad if has_expand else 0, min(cout_pad, 128), budget,
-                       budget if has_expand else 0, max_halo)
-    halo_h, halo_w = _halo_side(th, lattice_stride), _halo_side(tw, lattice_stride)
+                       budget if has_expand else 0, max_halo, k)
+    halo_h, halo_w = _halo_side(th, lattice_stride, k), _halo_side(tw, lattice_stride, k)
     block_halo = _pow2(halo_h * halo_w)
     block_h = 16  # (its [halo, BLOCK_H] tiles a1, z1, g_a1 and the accumulators)
     n_chunks = triton.cdiv(hidden, block_h)
@@ -1049,7 +1124,7 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
     he = hidden if has_expand else 1
     g_w_expand_parts = torch.empty((n_splits, he, cin if has_expand else 1), dtype=f32, device=dev)
     g_b_expand_parts = torch.empty((n_splits, he), dtype=f32, device=dev)
-    g_w_dw_parts = torch.empty((n_splits, hidden, DW_TAPS), dtype=f32, device=dev)
+    g_w_dw_parts = torch.empty((n_splits, hidden, k * k), dtype=f32, device=dev)
     g_b_dw_parts = torch.empty((n_splits, hidden), dtype=f32, device=dev)
     g_w_project_parts = torch.empty((n_splits, cout, hidden) if moments is None else (1, 1, 1), dtype=f32,
                                     device=dev)
@@ -1061,8 +1136,8 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         STRIDE=lattice_stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases,
-        DW_TAPS_PAD=DW_TAPS_PAD,
+        MOMENTS=moments is not None, RELU6=relu6, DW_KERNEL=k, DW_PAD=k // 2, DIL=dilation, PHASES=phases,
+        DW_TAPS_PAD=triton.next_power_of_2(k * k),
         CIN_PAD=cin_pad, COUT_PAD=cout_pad, BLOCK_CO=min(cout_pad, 32 if max_halo == 32 else 64), CO_W=co_w,
         TH=th, TW=tw, BLOCK_P=_pow2(th * tw), HALO_H=halo_h, HALO_W=halo_w, BLOCK_HALO=block_halo,
         BLOCK_H=block_h, WARPS=_warps(block_halo, block_h, is_fp32),
@@ -1075,8 +1150,8 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
         # others are under no depthwise tap, and the kernel does not visit them)
         grad_x.zero_()
     tqh, tqw = _in_tile(hl, wl, lattice_stride, cin_pad if has_expand else 0, cout_pad, _ACC // 2,
-                        max_halo if is_fp32 else 256)
-    oth, otw, ah, aw = _in_halos(tqh, tqw, lattice_stride)
+                        max_halo if is_fp32 else 256, k)
+    oth, otw, ah, aw = _in_halos(tqh, tqw, lattice_stride, k)
     block_a = _pow2(ah * aw)
     n_items = n * phases * phases * triton.cdiv(hl, tqh) * triton.cdiv(wl, tqw)
     nprog = max(1, min(n_items, 4 * sms if not INTERPRET else 2))
@@ -1088,8 +1163,8 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
         grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3),
         grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
         STRIDE=lattice_stride, HAS_EXPAND=has_expand, RESIDUAL=bool(residual), IS_FP32=is_fp32, UPCAST=_upcast(x),
-        MOMENTS=moments is not None, DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases,
-        CIN_PAD=cin_pad, BLOCK_CI=_block_ci(cin, x.dtype), BLOCK_CO=min(cout_pad, 64),
+        MOMENTS=moments is not None, RELU6=relu6, DW_KERNEL=k, DW_PAD=k // 2, DIL=dilation, PHASES=phases,
+        CIN_PAD=cin_pad, BLOCK_CI=_block_ci(cin, x.dtype, block_a), BLOCK_CO=min(cout_pad, 64),
         TQH=tqh, TQW=tqw, BLOCK_Q=_pow2(tqh * tqw), OTH=oth, OTW=otw, BLOCK_O=_pow2(oth * otw),
         AH=ah, AW=aw, BLOCK_A=block_a, BLOCK_H=block_h, WARPS=_warps(block_a, block_h, is_fp32),
     )
@@ -1097,16 +1172,17 @@ def _launch_backward(traceable, grad_y, x, w_expand, b_expand, w_dw, b_dw, w_pro
     return grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, g_b_dw_parts, g_w_project_parts
 
 
-def moments(x, w_expand, b_expand, w_dw, stride, dilation=1):
+def moments(x, w_expand, b_expand, w_dw, stride, dilation=1, activation="relu6"):
     """Train-mode bn2 statistics: the per-channel mean and biased variance (float32) of the
-    depthwise output z2 = dw3x3(relu6(x @ w_expand^T + b_expand)) (no bias; z2 = dw3x3(x) when
-    w_expand is None; dilated by ``dilation``), streamed: per-program (count, mean, M2) partials
-    merged with Chan's formula, then combined in float64 on the host. Nothing hidden-sized is
-    stored."""
-    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation)
+    depthwise output z2 = dw(act(x @ w_expand^T + b_expand)) (no bias; z2 = dw(x) when
+    w_expand is None; dw: w_dw's k x k, dilated by ``dilation``; act: ``activation``),
+    streamed: per-program (count, mean, M2) partials merged with Chan's formula, then
+    combined in float64 on the host. Nothing hidden-sized is stored."""
+    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation, activation)
     n, cin, h, w = x.shape
     hidden = w_dw.shape[0]
-    ho, wo = output_size(h, w, stride, dilation)
+    k = kernel_size(w_dw)
+    ho, wo = output_size(h, w, stride, dilation, kernel_size=k)
     dilation = _effective_dilation(dilation, h, w)
     lattice_stride, phases = _lattice(stride, dilation)
     hp, wp = triton.cdiv(ho, phases), triton.cdiv(wo, phases)
@@ -1118,8 +1194,8 @@ def moments(x, w_expand, b_expand, w_dw, stride, dilation=1):
         return nan, nan.clone()
     cin_pad = _pad(cin)
     is_fp32 = x.dtype == torch.float32
-    th, tw = _out_tile(hp, wp, lattice_stride, cin_pad if has_expand else 0, 16, 0, 0, 64 if is_fp32 else 256)
-    halo_h, halo_w = _halo_side(th, lattice_stride), _halo_side(tw, lattice_stride)
+    th, tw = _out_tile(hp, wp, lattice_stride, cin_pad if has_expand else 0, 16, 0, 0, 64 if is_fp32 else 256, k)
+    halo_h, halo_w = _halo_side(th, lattice_stride, k), _halo_side(tw, lattice_stride, k)
     block_halo = _pow2(halo_h * halo_w)
     block_h = _hidden_chunk(block_halo, is_fp32)
     items = n * phases * phases * triton.cdiv(hp, th) * triton.cdiv(wp, tw)
@@ -1131,9 +1207,10 @@ def moments(x, w_expand, b_expand, w_dw, stride, dilation=1):
         n, h, w, ho, wo, cin, hidden, n_splits,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         STRIDE=lattice_stride, HAS_EXPAND=has_expand, IS_FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
-        DW_KERNEL=DW_KERNEL, DW_PAD=DW_PAD, DIL=dilation, PHASES=phases, BLOCK_CI=_block_ci(cin, x.dtype),
+        RELU6=relu6_flag(activation), DW_KERNEL=k, DW_PAD=k // 2, DIL=dilation, PHASES=phases,
+        BLOCK_CI=_block_ci(cin, x.dtype),
         TH=th, TW=tw, BLOCK_P=_pow2(th * tw), HALO_H=halo_h, HALO_W=halo_w, BLOCK_HALO=block_halo,
-        BLOCK_H=block_h, WARPS=4,
+        BLOCK_H=block_h, WARPS=_halo_warps(4, block_halo, block_h, k),
     )
     cnt, mean_s, m2_s = part.double().unbind(0)
     total = cnt.sum(0)
@@ -1142,13 +1219,14 @@ def moments(x, w_expand, b_expand, w_dw, stride, dilation=1):
     return mean.float(), (m2 / total).float()
 
 
-def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta, dilation=1):
+def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta, dilation=1, activation="relu6"):
     """Gradients (x, w_expand, b_expand, w_dw) of sum_c sum_pixels (alpha_c z2 + beta_c z2^2 / 2):
     the backward of moments() with grad_z2 = alpha + beta * z2, recomputed per tile by the
     fused backward kernels in their moments mode. In the input dtypes; None for the absent
     expand."""
-    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation)
+    _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation, activation)
     hidden = w_dw.shape[0]
+    k = kernel_size(w_dw)
     w_expand, b_expand, w_dw = map(_contig_w, (w_expand, b_expand, w_dw))
     alpha = alpha.to(torch.float32).contiguous()
     beta = beta.to(torch.float32).contiguous()
@@ -1164,14 +1242,15 @@ def moments_backward(x, w_expand, b_expand, w_dw, stride, alpha, beta, dilation=
     zero_bias = torch.zeros(hidden, dtype=dt, device=x.device)
     stand_in_project = w_dw.new_zeros((1, hidden))  # never read in the moments mode
     grad_x, g_w_expand_parts, g_b_expand_parts, g_w_dw_parts, _, _ = _launch_backward(
-        False, x, x, w_expand, b_expand, w_dw, zero_bias, stand_in_project, stride, False, (alpha, beta), dilation)
-    g_w_dw = g_w_dw_parts.sum(0).view(hidden, DW_KERNEL, DW_KERNEL).to(dt)
+        False, x, x, w_expand, b_expand, w_dw, zero_bias, stand_in_project, stride, False, (alpha, beta), dilation,
+        activation)
+    g_w_dw = g_w_dw_parts.sum(0).view(hidden, k, k).to(dt)
     if not has_expand:
         return grad_x, None, None, g_w_dw
     return grad_x, g_w_expand_parts.sum(0).to(dt), g_b_expand_parts.sum(0).to(dt), g_w_dw
 
 
-def _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation):
+def _check_moments_inputs(x, w_expand, b_expand, w_dw, stride, dilation, activation):
     hidden = w_dw.shape[0] if isinstance(w_dw, torch.Tensor) and w_dw.dim() == 3 else 1
     check_inputs(x, w_expand, b_expand, w_dw, w_dw.new_zeros(hidden) if isinstance(w_dw, torch.Tensor) else None,
-                 x.new_zeros((1, hidden)), x.new_zeros(1), stride, False, dilation=dilation)
+                 x.new_zeros((1, hidden)), x.new_zeros(1), stride, False, dilation=dilation, activation=activation)

@@ -4,15 +4,17 @@
 
     mnv2::triton_fused_inverted_residual(Tensor x, Tensor? w_expand, Tensor? b_expand,
         Tensor w_dw, Tensor b_dw, Tensor w_project, Tensor b_project, int stride,
-        bool residual, int dilation=1) -> Tensor
+        bool residual, int dilation=1, str activation="relu6") -> Tensor
     mnv2::triton_fused_inverted_residual_backward(Tensor grad_y, <same arguments>)
         -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)
 
 with ``torch.library.triton_op`` (kernels launched through
 ``torch.library.wrap_triton``, so torch.compile(fullgraph=True) traces into
 them), and autograd on the forward operator (saves x and the weights only;
-the backward operator recomputes the rest). ``dilation`` dilates the depthwise
-step (padding dilation, the output size of dilation 1: atrous MobileNetV2).
+the backward operator recomputes the rest). The depthwise kernel size is w_dw's,
+(hidden, k, k) with k 3, 5 or 7 (padding k // 2); ``dilation`` dilates the depthwise
+step (padding dilation * (k // 2), the output size of dilation 1: atrous MobileNetV2);
+``activation`` ("relu6" or "relu") follows the expand and the depthwise step.
 
 Interpreter notes (decided by trying, torch 2.14 / triton 3.8): under
 TRITON_INTERPRET=1, wrap_triton hands the interpreted kernel back unwrapped.
@@ -44,10 +46,11 @@ FWD = "mnv2::triton_fused_inverted_residual"
 BWD = "mnv2::triton_fused_inverted_residual_backward"
 
 FWD_SCHEMA = ("(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, Tensor b_dw, "
-              "Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1) -> Tensor")
+              "Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1, "
+              "str activation=\"relu6\") -> Tensor")
 BWD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, Tensor b_dw, "
-              "Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1) "
-              "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+              "Tensor w_project, Tensor b_project, int stride, bool residual, int dilation=1, "
+              "str activation=\"relu6\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 USED_TRITON_OP = None  # set by register(): True (triton_op) or False (custom_op fallback)
 
@@ -61,24 +64,27 @@ def _op_exists(name):
         return False
 
 
-def _fake_forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1):
+def _fake_forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1,
+                  activation="relu6"):
     _, cout = fused_ir.check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
-                                    dilation=dilation)
-    ho, wo = fused_ir.output_size(x.shape[2], x.shape[3], stride, dilation)
+                                    dilation=dilation, activation=activation)
+    ho, wo = fused_ir.output_size(x.shape[2], x.shape[3], stride, dilation, kernel_size=fused_ir.kernel_size(w_dw))
     return fused_ir.output_like(x, cout, ho, wo)
 
 
-def _fake_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1):
+def _fake_backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation=1,
+                   activation="relu6"):
     hidden, cout = fused_ir.check_inputs(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                         residual, grad_y=grad_y, dilation=dilation)
+                                         residual, grad_y=grad_y, dilation=dilation, activation=activation)
     cin = x.shape[1]
+    k = fused_ir.kernel_size(w_dw)
     has = w_expand is not None
     from torch._prims_common import suggest_memory_format
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x)),
         x.new_empty((hidden, cin) if has else (0, 0)),
         x.new_empty((hidden,) if has else (0,)),
-        x.new_empty((hidden, fused_ir.DW_KERNEL, fused_ir.DW_KERNEL)),
+        x.new_empty((hidden, k, k)),
         x.new_empty((hidden,)),
         x.new_empty((cout, hidden)),
         x.new_empty((cout,)),
@@ -104,15 +110,16 @@ def _define(fwd_name: str, bwd_name: str, use_triton_op: bool) -> None:
 
     def fwd_impl(x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor], w_dw: Tensor,
                  b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int, residual: bool,
-                 dilation: int = 1) -> Tensor:
+                 dilation: int = 1, activation: str = "relu6") -> Tensor:
         return fused_ir.forward(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual,
-                                dilation, traceable=use_triton_op)
+                                dilation, activation, traceable=use_triton_op)
 
     def bwd_impl(grad_y: Tensor, x: Tensor, w_expand: Optional[Tensor], b_expand: Optional[Tensor],
                  w_dw: Tensor, b_dw: Tensor, w_project: Tensor, b_project: Tensor, stride: int,
-                 residual: bool, dilation: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 residual: bool, dilation: int = 1,
+                 activation: str = "relu6") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         return fused_ir.backward(grad_y, x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride,
-                                 residual, dilation, traceable=use_triton_op)
+                                 residual, dilation, activation, traceable=use_triton_op)
 
     if use_triton_op:
         fwd_op = torch.library.triton_op(fwd_name, fwd_impl, mutates_args=(), schema=FWD_SCHEMA)

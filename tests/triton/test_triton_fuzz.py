@@ -1,13 +1,14 @@
-"""A few hypothesis examples of the Triton kernels (forward and fused backward, with the
-depthwise step dilated by 1, 2 or 4) against the float64 reference, and NaN / Inf
-propagation.
+"""A few hypothesis examples of the Triton kernels (forward and fused backward, with a
+depthwise step of 3x3, 5x5 or 7x7 dilated by 1, 2 or 4, ReLU6 or ReLU) against the float64
+reference, and NaN / Inf propagation.
 
 Run with tests/triton (TRITON_INTERPRET=1 on the CPU, see conftest.py). The
 interpreter takes seconds per block, so the shapes are tiny (H, W <= 8,
 channels <= 16) and the CI profile draws 3 examples (30 under
 HYPOTHESIS_PROFILE=fuzz); tests/test_fuzz.py fuzzes the CPU kernel at length.
-Float32 data are dyadic, as in tests/test_fuzz.py, so that the ReLU6 masks are
-exactly the reference's.
+Float32 data are dyadic, as in tests/test_fuzz.py, so that the activations' masks are
+exactly the reference's. The larger kernels take fewer channels (their taps cost the
+interpreter more).
 """
 
 import os
@@ -29,7 +30,9 @@ def _dyadic(t, bits, bound):
     return (t * scale).round().clamp(-bound * scale, bound * scale) / scale
 
 
-def _args(n, cin, cout, t, stride, h, w, residual, channels_last, seed, dilation=1):
+def _args(n, cin, cout, t, stride, h, w, residual, channels_last, seed, dilation=1, kernel_size=3,
+          activation="relu6"):
+    """The operator's arguments, the dilation and the activation last."""
     g = torch.Generator().manual_seed(seed)
     hidden = cin * t
 
@@ -40,20 +43,25 @@ def _args(n, cin, cout, t, stride, h, w, residual, channels_last, seed, dilation
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     we, be = (r(hidden, cin, scale=0.5), r(hidden)) if t != 1 else (None, None)
-    return [x, we, be, r(hidden, 3, 3, scale=0.5), r(hidden), r(cout, hidden, scale=0.3), r(cout),
-            stride, residual, dilation]
+    # (the depthwise weights scale as 1.5 / kernel_size: its outputs keep their size, and reach
+    # both of ReLU6's kinks, at every kernel size)
+    return [x, we, be, r(hidden, kernel_size, kernel_size, scale=1.5 / kernel_size), r(hidden),
+            r(cout, hidden, scale=0.3), r(cout), stride, residual, dilation, activation]
 
 
 @st.composite
 def blocks(draw):
     stride = draw(st.sampled_from([1, 2]))
-    cin = draw(st.integers(1, 16))
-    cout = cin if draw(st.booleans()) else draw(st.integers(1, 16))
+    kernel_size = draw(st.sampled_from(fused_ir.DW_KERNELS))
+    max_c = 16 if kernel_size == 3 else 8
+    cin = draw(st.integers(1, max_c))
+    cout = cin if draw(st.booleans()) else draw(st.integers(1, max_c))
     return dict(n=draw(st.integers(1, 2)), cin=cin, cout=cout, t=draw(st.sampled_from([1, 2, 6])),
                 stride=stride, h=draw(st.integers(1, 8)), w=draw(st.integers(1, 8)),
                 residual=stride == 1 and cin == cout and draw(st.booleans()),
                 channels_last=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
-                dilation=draw(st.sampled_from([1, 2, 4])))
+                dilation=draw(st.sampled_from([1, 2, 4])), kernel_size=kernel_size,
+                activation=draw(st.sampled_from(fused_ir.ACTIVATIONS)))
 
 
 @settings(max_examples=EXAMPLES)
@@ -80,16 +88,19 @@ def test_triton_matches_reference(block):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmul
-def test_nan_and_inf_propagate_as_in_the_reference():
-    """ReLU6 keeps a NaN (torch.clamp does: relu6(nan) = nan) and clamps +-Inf."""
+@pytest.mark.parametrize("activation", fused_ir.ACTIVATIONS)
+def test_nan_and_inf_propagate_as_in_the_reference(activation):
+    """ReLU6 keeps a NaN (torch.clamp does: relu6(nan) = nan) and clamps +-Inf; ReLU keeps a
+    NaN and +Inf (a 5x5 depthwise step)."""
     for t in (2, 1):
-        args = _args(1, 4, 4, t, 1, 5, 5, True, False, seed=3)[:9]
+        args = _args(1, 4, 4, t, 1, 8, 8, True, False, seed=3, kernel_size=5, activation=activation)
         x = args[0].clone()
         x[0, 1, 2, 2] = float("nan")
         x[0, 2, 0, 4] = float("inf")
         x[0, 3, 4, 0] = float("-inf")
         args[0] = x
         ref = reference.inverted_residual(*[a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args])
+        assert torch.isnan(ref).any(), t
         got = fused_ir.forward(*args).cpu()
         assert torch.equal(torch.isnan(got), torch.isnan(ref)), t
         assert torch.equal(torch.isposinf(got), torch.isposinf(ref)), t
@@ -109,12 +120,13 @@ def test_train_mode_statistics_at_batch_1(block):
 
     block = dict(block, n=1)
     x, we, be, wd = _args(**block)[:4]
-    mean, var = fused_ir.moments(x, we, be, wd, block["stride"], block["dilation"])
-    if block["dilation"] == 1:
+    stride, dilation, activation = block["stride"], block["dilation"], block["activation"]
+    mean, var = fused_ir.moments(x, we, be, wd, stride, dilation, activation)
+    if dilation == 1 and block["kernel_size"] == 3 and activation == "relu6":
         ref_mean, ref_var = depthwise_moments_torch(
-            *(None if a is None else a.double().cpu() for a in (x, we, be, wd)), block["stride"])
+            *(None if a is None else a.double().cpu() for a in (x, we, be, wd)), stride)
     else:
-        z2 = _moments_reference(x, we, be, wd, block["stride"], block["dilation"])[2].detach()
+        z2 = _moments_reference(x, we, be, wd, stride, dilation, activation)[2].detach()
         ref_var, ref_mean = torch.var_mean(z2, dim=(0, 2, 3), correction=0)
     # (means near 0 are judged against the standard deviation, not their own size)
     scale = ref_var.sqrt().clamp_min(1e-3)

@@ -3,6 +3,10 @@
 Runs under Triton's interpreter on the CPU (TRITON_INTERPRET=1, set before
 triton is imported; see conftest.py) or, without the interpreter, on a CUDA
 GPU. Small shapes only: the interpreter is slow.
+
+The block family (depthwise kernels of 3, 5 and 7, ReLU6 or ReLU) is checked on
+its own small cases (FAMILY_CASES); the other cases are MobileNetV2's 3x3 ReLU6
+block.
 """
 
 import os
@@ -33,8 +37,10 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def make_args(n, cin, h, w, t, cout, stride, residual, channels_last=False, seed=0, dtype=torch.float32):
-    """Modest random data (ReLU6 kinks are rarely hit), fixed seed."""
+def make_args(n, cin, h, w, t, cout, stride, residual, channels_last=False, seed=0, dtype=torch.float32,
+              kernel_size=3):
+    """Modest random data (ReLU6 kinks are rarely hit), fixed seed; a kernel_size x kernel_size
+    depthwise step."""
     g = torch.Generator().manual_seed(seed)
     hidden = cin * t
 
@@ -45,28 +51,46 @@ def make_args(n, cin, h, w, t, cout, stride, residual, channels_last=False, seed
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     we, be = (r(hidden, cin), r(hidden, shift=1.0)) if t != 1 else (None, None)
-    return [x, we, be, r(hidden, 3, 3), r(hidden, scale=0.1, shift=0.5), r(cout, hidden), r(cout, scale=0.1),
-            stride, residual]
+    return [x, we, be, r(hidden, kernel_size, kernel_size), r(hidden, scale=0.1, shift=0.5), r(cout, hidden),
+            r(cout, scale=0.1), stride, residual]
 
 
-def dilated_reference(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, stride, residual, dilation):
-    """The block with its depthwise step dilated (padding = dilation), from torch's dilated
-    convolution."""
-    a1 = x if w_expand is None else F.conv2d(x, w_expand[:, :, None, None], b_expand).clamp(0, 6)
-    a2 = F.conv2d(a1, w_dw[:, None], b_dw, stride=stride, padding=dilation, dilation=dilation,
-                  groups=w_dw.shape[0]).clamp(0, 6)
-    y = F.conv2d(a2, w_project[:, :, None, None], b_project)
-    return y + x if residual else y
+def dyadic(t, bits, bound):
+    """t rounded to multiples of 2^-bits within +-bound: sums of a few products of such numbers
+    are exact in float32, so that the activations' masks (0 < z < 6, z > 0) are exactly the
+    float64 reference's."""
+    scale = 2.0 ** bits
+    return (t * scale).round().clamp(-bound * scale, bound * scale) / scale
+
+
+def make_family_args(n, cin, h, w, t, cout, stride, residual, kernel_size, channels_last=False, seed=0):
+    """Dyadic data for a block of the family (see dyadic) whose expand and depthwise outputs
+    reach beyond 6 in places and below 0 in others, so that ReLU and ReLU6 differ after both
+    steps: the depthwise weights scale as 1 / kernel_size, so that its outputs keep their
+    size as the taps multiply."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = cin * t
+
+    def r(*shape, scale=1.0, shift=0.0, bits=6, bound=4.0):
+        return dyadic(scale * torch.randn(*shape, generator=g) + shift, bits, bound).to(DEVICE)
+
+    x = r(n, cin, h, w, scale=2.0, bits=4, bound=8.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    we, be = (r(hidden, cin), r(hidden, scale=2.0, shift=2.0)) if t != 1 else (None, None)
+    w_dw = r(hidden, kernel_size, kernel_size, scale=3.0 / kernel_size, shift=0.5 / kernel_size)
+    return [x, we, be, w_dw, r(hidden, scale=2.0), r(cout, hidden, scale=0.5), r(cout), stride, residual]
 
 
 def block_reference(*args):
-    """The reference of operator arguments, with or without a trailing dilation."""
-    return reference.inverted_residual(*args) if len(args) == 9 else dilated_reference(*args)
+    """The reference of operator arguments, with or without the trailing dilation and
+    activation (the kernel size is w_dw's)."""
+    return reference.inverted_residual(*args)
 
 
 def reference_grads(args, grad_y=None, seed=1):
     """(y64, grad_y, grads64) of the float64 reference; grads64[i] is None for absent inputs.
-    ``args``: the operator's, with or without a trailing dilation."""
+    ``args``: the operator's, with or without the trailing dilation and activation."""
     a64 = [a.detach().double().cpu().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     y = block_reference(*a64)
     if grad_y is None:
@@ -133,6 +157,12 @@ def check_forward_backward(n, cin, h, w, t, cout, stride, residual, cl, dilation
     args = make_args(n, cin, h, w, t, cout, stride, residual, channels_last=cl)
     if dilation is not None:
         args.append(dilation)
+    check_block(args, cl)
+
+
+def check_block(args, cl):
+    """fused_ir.forward and backward of operator arguments ``args`` (x channels_last when
+    ``cl``) against the float64 reference."""
     y64, gy64, g64 = reference_grads(args)
 
     y = fused_ir.forward(*args)
@@ -172,6 +202,98 @@ def test_dilation_beyond_the_image_runs_as_its_larger_side():
     assert torch.equal(fused_ir.forward(*args, 5), fused_ir.forward(*args, 1000))
     y64, _, _ = reference_grads(args + [1000])
     assert rel_err(fused_ir.forward(*args, 1000), y64) <= OUT_RTOL
+
+
+# The block family: (kernel size, activation, t, stride, residual), every combination, on
+# images of a few tiles (the interpreter's tiles hold at most 16 outputs) and one hidden
+# chunk (16 channels under the interpreter; the 3x3 cases above and the fuzz have several).
+FAMILY_CASES = [(k, act, t, stride, residual)
+                for k in fused_ir.DW_KERNELS for act in fused_ir.ACTIVATIONS for t in (1, 6) for stride in (1, 2)
+                for residual in ((False, True) if stride == 1 else (False,))]
+
+
+def family_case_id(c):
+    k, act, t, stride, residual = c
+    return f"k{k}-{act}-t{t}-s{stride}{'-res' if residual else ''}"
+
+
+def family_block(k, t, stride, residual, channels_last=None):
+    """(args, channels_last) of a FAMILY_CASES block: Cin 2 (t 6) or 4 (t 1), Cout Cin or 3;
+    7 x 5 images at stride 1, 9 x 7 at stride 2 (outputs 5 x 4)."""
+    cin = 4 if t == 1 else 2
+    h, w = (7, 5) if stride == 1 else (9, 7)
+    cl = (k + t + stride) % 2 == 0 if channels_last is None else channels_last
+    return make_family_args(1, cin, h, w, t, cin if residual else 3, stride, residual, k, channels_last=cl,
+                            seed=k * 100 + t * 10 + stride), cl
+
+
+def assert_activations_clip(x, w_expand, b_expand, w_dw, b_dw, stride):
+    """The data reach both activations' kinks: the expand's and the depthwise step's
+    outputs are above 6 in places and below 0 in others, so that ReLU and ReLU6 differ."""
+    x, w_expand, b_expand, w_dw, b_dw = (None if a is None else a.double().cpu()
+                                        for a in (x, w_expand, b_expand, w_dw, b_dw))
+    a1 = x
+    if w_expand is not None:
+        z1 = F.conv2d(x, w_expand[:, :, None, None], b_expand)
+        assert (z1 > 6).any() and (z1 < 0).any()
+        a1 = z1.clamp(0, 6)
+    z2 = F.conv2d(a1, w_dw[:, None], b_dw, stride=stride, padding=w_dw.shape[-1] // 2, groups=w_dw.shape[0])
+    assert (z2 > 6).any() and (z2 < 0).any()
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=family_case_id)
+def test_family_forward_backward(case):
+    """Depthwise kernels of 3, 5 and 7 with ReLU6 or ReLU: the output and every gradient
+    against the float64 reference."""
+    k, act, t, stride, residual = case
+    args, cl = family_block(k, t, stride, residual)
+    assert_activations_clip(*args[:5], stride)
+    check_block(args + [1, act], cl)
+
+
+# The statistics of the family's blocks: the activation acts only with the expand (z2 is
+# the depthwise output before its activation).
+FAMILY_MOMENTS_CASES = [(k, act, t, stride) for k in fused_ir.DW_KERNELS for t in (1, 6)
+                        for act in (fused_ir.ACTIVATIONS if t != 1 else ("relu6",)) for stride in (1, 2)]
+
+
+@pytest.mark.parametrize("case", FAMILY_MOMENTS_CASES, ids=lambda c: "k{}-{}-t{}-s{}".format(*c))
+def test_family_depthwise_moments(case):
+    """Train-mode bn2 statistics of the family's blocks and their backward against float64
+    PyTorch."""
+    k, act, t, stride = case
+    args, cl = family_block(k, t, stride, False)
+    check_moments(*args[:4], stride, cl, activation=act)
+
+
+def test_family_kernel_size_and_activation_reach_the_kernels():
+    """ReLU and ReLU6 give different blocks on these data, and so do 5x5 and 7x7 weights from
+    3x3 ones padded with zeros (the same block): a kernel that ignored either would fail."""
+    args, _ = family_block(5, 6, 1, True)
+    relu6, relu = fused_ir.forward(*args, 1, "relu6"), fused_ir.forward(*args, 1, "relu")
+    assert rel_err(relu6, relu) > 1e-2
+    assert rel_err(relu, block_reference(*[a.double() if isinstance(a, torch.Tensor) else a for a in args],
+                                         1, "relu")) <= OUT_RTOL
+    small = make_args(1, 4, 7, 6, 2, 4, 1, True)
+    y3 = fused_ir.forward(*small)
+    for k in (5, 7):
+        padded = list(small)
+        padded[3] = F.pad(small[3], [(k - 3) // 2] * 4)
+        assert torch.allclose(fused_ir.forward(*padded), y3, rtol=1e-5, atol=1e-6), k
+        ring = torch.ones(k, k, device=DEVICE)
+        c = (k - 3) // 2
+        ring[c:c + 3, c:c + 3] = 0
+        padded[3] = padded[3] + 0.1 * ring  # the taps outside the 3x3 now count
+        assert rel_err(fused_ir.forward(*padded), y3) > 1e-2, k
+
+
+@pytest.mark.parametrize("k", [5, 7])
+def test_family_dilated(k):
+    """A dilated 5x5 or 7x7 depthwise step (padding dilation * (k // 2)), odd dilation at
+    stride 2 (phases whose input lattices start before the image) with ReLU (3x3:
+    DILATED_CASES)."""
+    args = make_family_args(1, 2, 6, 5, 6, 3, 2, False, k, seed=k) + [3, "relu"]
+    check_block(args, False)
 
 
 def test_strided_input():
@@ -232,6 +354,32 @@ def test_registered_op_autograd():
     _, _, g64 = reference_grads(args, grad_y=torch.ones(y.shape, dtype=torch.float64))
     assert rel_err(x.grad, g64[0]) <= GRAD_RTOL
     assert w_dw.grad is None
+
+
+def test_registered_op_family():
+    """The operator's activation and w_dw's kernel size reach the kernels, the fake kernel,
+    autograd and the decomposition; opcheck on both operators."""
+    from torch._decomp import decomposition_table
+
+    op = torch.ops.mnv2.triton_fused_inverted_residual
+    args = make_family_args(1, 2, 5, 4, 6, 2, 1, True, 7, channels_last=True, seed=7) + [1, "relu"]
+    y64, gy64, g64 = reference_grads(args)
+    leaves = [a.clone().requires_grad_() for a in args[:7]]
+    y = op(*leaves, *args[7:])
+    assert rel_err(y, y64) <= OUT_RTOL
+    y.backward(gy64.float().to(DEVICE).contiguous(memory_format=torch.channels_last))
+    for name, leaf, want in zip(NAMES, leaves, g64):
+        assert rel_err(leaf.grad, want) <= GRAD_RTOL, name
+    assert rel_err(op(*args[:9], activation="relu"), y64) <= OUT_RTOL
+    assert rel_err(decomposition_table[op.default](*args), y64) <= OUT_RTOL
+
+    args = make_args(1, 8, 3, 3, 2, 8, 2, False, kernel_size=5)
+    for i in range(7):
+        args[i] = args[i].requires_grad_()
+    torch.library.opcheck(op.default, tuple(args) + (1, "relu"))
+    gy = torch.randn(1, 8, 2, 2, device=DEVICE)
+    torch.library.opcheck(torch.ops.mnv2.triton_fused_inverted_residual_backward.default,
+                          (gy, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args], 2, "relu"))
 
 
 def test_registered_op_dilated():
@@ -363,6 +511,51 @@ def test_bad_input():
         torch.ops.mnv2.triton_fused_inverted_residual(*args, 0)
 
 
+@pytest.mark.parametrize("shape", [(48, 4, 4), (48, 9, 9), (48, 1, 1), (48, 3, 5), (48, 5, 3), (48, 2, 2)],
+                         ids=lambda s: "x".join(map(str, s[1:])))
+def test_bad_kernel_size(shape):
+    """A depthwise kernel other than 3x3, 5x5 or 7x7 (or not square) is refused by name, by
+    every entry point and by the operators' fake kernels."""
+    args = make_args(1, 8, 5, 5, 6, 8, 1, True)
+    args[3] = torch.zeros(shape, device=DEVICE)
+    match = "depthwise kernel must be 3x3, 5x5 or 7x7"
+    with pytest.raises(ValueError, match=match):
+        fused_ir.forward(*args)
+    with pytest.raises(ValueError, match=match):
+        fused_ir.backward(torch.zeros(1, 8, 5, 5, device=DEVICE), *args)
+    with pytest.raises(ValueError, match=match):
+        fused_ir.moments(*args[:4], 1)
+    with pytest.raises(ValueError, match=match):
+        fused_ir.moments_backward(*args[:4], 1, torch.zeros(48), torch.zeros(48))
+    with pytest.raises(ValueError, match=match):
+        torch.ops.mnv2.triton_fused_inverted_residual(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=match):
+            torch.ops.mnv2.triton_fused_inverted_residual(*fake)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "ReLU6", "", None, 6])
+def test_bad_activation(activation):
+    """An activation other than "relu6" or "relu" is refused by name, before any launch."""
+    args = make_args(1, 8, 5, 5, 6, 8, 1, True, kernel_size=5)
+    match = "activation must be 'relu6' or 'relu'"
+    with pytest.raises(ValueError, match=match):
+        fused_ir.forward(*args, 1, activation)
+    with pytest.raises(ValueError, match=match):
+        fused_ir.backward(torch.zeros(1, 8, 5, 5, device=DEVICE), *args, 1, activation)
+    with pytest.raises(ValueError, match=match):
+        fused_ir.moments(*args[:4], 1, 1, activation)
+    with pytest.raises(ValueError, match=match):
+        fused_ir.moments_backward(*args[:4], 1, torch.zeros(48), torch.zeros(48), 1, activation)
+    if isinstance(activation, str):  # (the schema takes strings only)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.mnv2.triton_fused_inverted_residual(*args, 1, activation)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.mnv2.triton_fused_inverted_residual_backward(torch.zeros(1, 8, 5, 5, device=DEVICE), *args, 1,
+                                                                   activation)
+
+
 MOMENTS_CASES = [
     # n, cin, t, h, w, stride, channels_last
     (2, 8, 3, 7, 5, 1, False),
@@ -386,15 +579,15 @@ DILATED_MOMENTS_CASES = [
 ]
 
 
-def _moments_reference(x, w_expand, b_expand, w_dw, stride, dilation=1):
-    """z2 = dw3x3(relu6(expand(x))) without bias (dilated, padding = dilation), float64
-    PyTorch with autograd."""
+def _moments_reference(x, w_expand, b_expand, w_dw, stride, dilation=1, activation="relu6"):
+    """z2 = dw(act(expand(x))) without bias (w_dw's k x k, dilated, padding dilation * (k // 2)),
+    float64 PyTorch with autograd."""
     xa = x.detach().double().cpu().requires_grad_()
     params = [None if t is None else t.detach().double().cpu().requires_grad_() for t in (w_expand, b_expand, w_dw)]
     we, be, wd = params
-    a1 = xa if we is None else torch.nn.functional.conv2d(xa, we[:, :, None, None], be).clamp(0, 6)
-    z2 = torch.nn.functional.conv2d(a1, wd[:, None], None, stride=stride, padding=dilation, dilation=dilation,
-                                    groups=a1.shape[1])
+    a1 = xa if we is None else reference.activation_fn(activation)(F.conv2d(xa, we[:, :, None, None], be))
+    z2 = F.conv2d(a1, wd[:, None], None, stride=stride, padding=dilation * (wd.shape[-1] // 2), dilation=dilation,
+                  groups=a1.shape[1])
     return xa, params, z2
 
 
@@ -413,8 +606,13 @@ def test_dilated_depthwise_moments_kernels(case):
 
 def check_depthwise_moments(n, cin, t, h, w, stride, channels_last, dilation=1):
     x, we, be, wd, *_ = make_args(n, cin, h, w, t, cin, stride, False, channels_last=channels_last, seed=3)
-    mean, var = fused_ir.moments(x, we, be, wd, stride, dilation)
-    xa, params, z2 = _moments_reference(x, we, be, wd, stride, dilation)
+    check_moments(x, we, be, wd, stride, channels_last, dilation)
+
+
+def check_moments(x, we, be, wd, stride, channels_last, dilation=1, activation="relu6"):
+    """fused_ir.moments and moments_backward against float64 PyTorch."""
+    mean, var = fused_ir.moments(x, we, be, wd, stride, dilation, activation)
+    xa, params, z2 = _moments_reference(x, we, be, wd, stride, dilation, activation)
     var64, mean64 = torch.var_mean(z2.detach(), dim=(0, 2, 3), correction=0)
     assert mean.dtype == torch.float32 and mean.shape == (wd.shape[0],)
     assert rel_err(mean, mean64) < OUT_RTOL and rel_err(var, var64) < OUT_RTOL
@@ -422,7 +620,7 @@ def check_depthwise_moments(n, cin, t, h, w, stride, channels_last, dilation=1):
     g = torch.Generator().manual_seed(4)
     alpha = torch.randn(wd.shape[0], generator=g)
     beta = torch.randn(wd.shape[0], generator=g)
-    grads = fused_ir.moments_backward(x, we, be, wd, stride, alpha.to(DEVICE), beta.to(DEVICE), dilation)
+    grads = fused_ir.moments_backward(x, we, be, wd, stride, alpha.to(DEVICE), beta.to(DEVICE), dilation, activation)
     loss = (alpha.double()[None, :, None, None] * z2 + 0.5 * beta.double()[None, :, None, None] * z2 * z2).sum()
     loss.backward()
     expected = [xa.grad] + [None if p is None else p.grad for p in params]
