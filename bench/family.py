@@ -58,7 +58,8 @@ from mnv2_kernels.testing import randomize_batch_norm  # noqa: E402
 
 from bench import peers  # noqa: E402
 from bench.machine import machine_info, machine_slug  # noqa: E402
-from bench.memory_report import Checkpointed  # noqa: E402
+from bench.memory_report import checkpoint_blocks  # noqa: E402
+from bench.paired_model import paired_best  # noqa: E402
 
 CL = torch.channels_last
 MB = 1e6
@@ -141,13 +142,7 @@ def convert(model: nn.Module):
 def checkpoint_family_blocks(model: nn.Module) -> nn.Module:
     """Every block (block_types()) wrapped in torch.utils.checkpoint, in place: in training
     its activations are recomputed in backward instead of kept."""
-    types = block_types()
-    for name, child in list(model.named_children()):
-        if isinstance(child, types):
-            setattr(model, name, Checkpointed(child))
-        else:
-            checkpoint_family_blocks(child)
-    return model
+    return checkpoint_blocks(model, block_types())
 
 
 def block_geometry(block: nn.Module) -> dict:
@@ -203,23 +198,6 @@ def warm_up(fns: dict, calls: int = 3, optional=()) -> dict:
             failed[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             del fns[name]
     return failed
-
-
-def paired_best(fns: dict, rounds: int, calls: int) -> dict:
-    """{name: [the best of `calls` calls, per round]}: each round times every function in turn,
-    in an order rotated by one each round."""
-    names = list(fns)
-    best = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[name]
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            best[name].append(min(times))
-    return best
 
 
 def ratio_stats(best: dict, name: str, other: str):

@@ -72,16 +72,20 @@ class Checkpointed(nn.Module):
         return self.block(x)
 
 
-def checkpoint_blocks(model: nn.Module) -> nn.Module:
-    from torchvision.models.mobilenetv2 import InvertedResidual
+def checkpoint_blocks(model: nn.Module, types: tuple = ()) -> nn.Module:
+    """Every block of `types` (default: torchvision's InvertedResidual) wrapped in
+    torch.utils.checkpoint, in place (a block itself is returned wrapped)."""
+    if not types:
+        from torchvision.models.mobilenetv2 import InvertedResidual
 
-    if isinstance(model, InvertedResidual):
+        types = (InvertedResidual,)
+    if isinstance(model, types):
         return Checkpointed(model)
     for name, child in list(model.named_children()):
-        if isinstance(child, InvertedResidual):
+        if isinstance(child, types):
             setattr(model, name, Checkpointed(child))
         else:
-            checkpoint_blocks(child)
+            checkpoint_blocks(child, types)
     return model
 
 

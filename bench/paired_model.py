@@ -33,19 +33,24 @@ def paired(batch: int, rounds: int):
     for name in names:  # warm-up (compilation, caches, first-call packing)
         for _ in range(3):
             impls[name]()
-    calls = max(3, 24 // batch)
+    return names, paired_best({name: impls[name] for name in names}, rounds, max(3, 24 // batch))
+
+
+def paired_best(fns: dict, rounds: int, calls: int) -> dict:
+    """{name: [the best of `calls` calls, per round]}: each round times every function in turn,
+    in an order rotated by one each round."""
+    names = list(fns)
     best = {name: [] for name in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            fn = impls[name]
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             times = []
             for _ in range(calls):
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)
             best[name].append(min(times))
-    return names, best
+    return best
 
 
 def ratios(best, name, peer):

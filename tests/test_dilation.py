@@ -18,7 +18,7 @@ import mnv2_kernels
 from mnv2_kernels import ops
 from conftest import FP32_RTOL, make_pair, rel_err
 from test_blocks import LAYOUTS, _block_errors, _compare_block, _input
-from test_memory import _activations, _extras, _largest_allocation, _sizes, saved_tensors
+from test_memory import assert_nothing_hidden_sized
 from test_ops import sample_inputs
 
 # (inp, oup, stride built, t, dilation, stride after the surgery, H, W, N); a block built
@@ -148,18 +148,8 @@ def test_flops_of_a_dilated_block_are_torchvisions(cpu_backend):
 def test_dilated_block_allocates_and_saves_nothing_hidden_sized(train, cpu_backend):
     case = (96, 96, 1, 6, 2, 1, 14, 14, 8)
     _, fused = dilated_pair(case)
-    fused.train(train)
     x = torch.randn(8, 96, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
-    sz = _sizes(fused, 8, 96, 14)
-    saved, y = saved_tensors(lambda: fused(x))
-    # the input, parameter-sized tensors and, in train mode, bn3's (bottleneck-sized) input
-    assert _activations(_extras(fused, x, saved)) == ([(8, 96, 14, 14)] if train else [])
-
-    def step():
-        fused(x).square().sum().backward()
-
-    step()
-    assert _largest_allocation(step) < sz["hidden"]
+    assert_nothing_hidden_sized(fused, x, train)
 
 
 def test_cached_inference_follows_surgery_made_after_it(cpu_backend):

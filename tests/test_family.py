@@ -25,7 +25,7 @@ import mnv2_kernels
 from mnv2_kernels import FusedInvertedResidual, ops
 from conftest import FP32_RTOL, randomize_bn, rel_err
 from test_blocks import LAYOUTS, _block_errors, _compare_block, _input
-from test_memory import _activations, _extras, _largest_allocation, _sizes, saved_tensors
+from test_memory import assert_nothing_hidden_sized
 
 timm = pytest.importorskip("timm", reason="timm is a test dependency (make test installs it)")
 
@@ -208,18 +208,8 @@ def test_flops_count_the_kernel_taps(k, cpu_backend):
 @pytest.mark.parametrize("k", [5, 7])
 def test_block_allocates_and_saves_nothing_hidden_sized(k, train, cpu_backend):
     _, fused = family_pair((96, 96, 1, 6, k, "relu"))
-    fused.train(train)
     x = torch.randn(8, 96, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
-    sz = _sizes(fused, 8, 96, 14)
-    saved, y = saved_tensors(lambda: fused(x))
-    # the input, parameter-sized tensors and, in train mode, bn3's (bottleneck-sized) input
-    assert _activations(_extras(fused, x, saved)) == ([(8, 96, 14, 14)] if train else [])
-
-    def step():
-        fused(x).square().sum().backward()
-
-    step()
-    assert _largest_allocation(step) < sz["hidden"]
+    assert_nothing_hidden_sized(fused, x, train)
 
 
 def test_operators_reject_kernels_and_activations_they_do_not_compute(cpu_backend):

@@ -88,6 +88,23 @@ def test_train_saves_nothing_hidden_sized(shape, cpu_backend):
     y.sum().backward()
 
 
+def assert_nothing_hidden_sized(block, x, train):
+    """A block's call on x saves for backward only x, parameter-sized tensors and, in train
+    mode, bn3's (bottleneck-sized) input; and no allocation of its training step (forward and
+    backward) is as large as the hidden tensor. x: (n, inp, h, h), requiring grad."""
+    n, inp, h, _ = x.shape
+    block.train(train)
+    sz = _sizes(block, n, inp, h)
+    saved, y = saved_tensors(lambda: block(x))
+    assert _activations(_extras(block, x, saved)) == ([tuple(y.shape)] if train else [])
+
+    def step():
+        block(x).square().sum().backward()
+
+    step()
+    assert _largest_allocation(step) < sz["hidden"]
+
+
 def _largest_allocation(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
