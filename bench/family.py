@@ -43,11 +43,6 @@ import warnings
 
 MMAP_THRESHOLD = "65536"
 
-if __name__ == "__main__" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
-    # malloc reads this at start-up: run again with it set (as bench.memory_report)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-    os.execve(sys.executable, [sys.executable, "-m", "bench.family", *sys.argv[1:]], env)
-
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -340,9 +335,10 @@ def train_case(model: nn.Module, batch: int, resolution: int) -> dict:
 
 
 def mmap_large_blocks() -> None:
-    """What MALLOC_MMAP_THRESHOLD_ does, for a process that imported this module rather than
-    running it (a test): glibc's mallopt(M_MMAP_THRESHOLD) makes malloc serve large blocks by
-    mmap from now on, so resident memory follows the live tensors."""
+    """What MALLOC_MMAP_THRESHOLD_ does, from now on: glibc's mallopt(M_MMAP_THRESHOLD) makes
+    malloc serve large blocks by mmap, so resident memory follows the live tensors. Called
+    after the timings: every large allocation then costs page faults, which would slow the
+    PyTorch implementations (a new output tensor per layer) more than the runtimes (arenas)."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") == MMAP_THRESHOLD or not sys.platform.startswith("linux"):
         return
     try:
@@ -483,7 +479,6 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="the folder --write writes to (default: bench/results/<machine>)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    mmap_large_blocks()
     batches = [int(b) for b in args.batches.split(",") if b]
     peer_names = [p for p in args.peers.split(",") if p]
     unknown = set(peer_names) - set(PEERS[1:])
@@ -525,6 +520,7 @@ def main(argv=None):
 
     split = {name: time_split(models[name], res) for name in model_names}
 
+    mmap_large_blocks()  # (for the peaks; the timings are done)
     train = {}
     for name in model_names:
         try:
