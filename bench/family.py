@@ -334,6 +334,37 @@ def train_case(model: nn.Module, batch: int, resolution: int) -> dict:
     return peaks
 
 
+def train_rows(model_names, batch: int, resolution: int) -> dict:
+    """{model: peaks} of the training step, in this process (see train_peaks_in_fresh_process)."""
+    mmap_large_blocks()
+    train = {}
+    for name in model_names:
+        try:
+            train[name] = train_case(build_model(name), batch, resolution)
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            train[name] = {"error": f"failed: {type(e).__name__}"}
+        gc.collect()
+    return train
+
+
+def train_peaks_in_fresh_process(model_names, batch: int, resolution: int, threads: int) -> dict:
+    """The training-step peaks measured in a new process started with malloc serving large
+    blocks by mmap: in this one, the heap that the timings left behind would absorb part of
+    each step's allocations, and the timings themselves must not run with that setting."""
+    import subprocess
+
+    code = (f"import json, torch; from bench import family; torch.set_num_threads({threads}); "
+            f"print(json.dumps(family.train_rows({list(model_names)!r}, {batch}, {resolution})))")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        return {name: {"error": "failed: the measuring process exited with an error"} for name in model_names}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def mmap_large_blocks() -> None:
     """What MALLOC_MMAP_THRESHOLD_ does, from now on: glibc's mallopt(M_MMAP_THRESHOLD) makes
     malloc serve large blocks by mmap, so resident memory follows the live tensors. Called
@@ -520,15 +551,7 @@ def main(argv=None):
 
     split = {name: time_split(models[name], res) for name in model_names}
 
-    mmap_large_blocks()  # (for the peaks; the timings are done)
-    train = {}
-    for name in model_names:
-        try:
-            train[name] = train_case(models[name], args.train_batch, res)
-        except Exception as e:
-            traceback.print_exc(file=sys.stderr)
-            train[name] = {"error": f"failed: {type(e).__name__}"}
-        gc.collect()
+    train = train_peaks_in_fresh_process(model_names, args.train_batch, res, args.threads)
 
     try:
         import timm
