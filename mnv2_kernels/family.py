@@ -36,22 +36,46 @@ def _plain_conv(conv: nn.Module, what: str) -> None:
              "or mixed convolutions are not fused)")
 
 
-class FusedMNASNetBlock(FusedInvertedResidual):
+class _AroundBlock(FusedInvertedResidual):
+    """A fused block made around another library's block: it holds that block's submodules
+    and attributes under their own names, and runs the block's own forward (on itself)
+    wherever the block runs unfused."""
+
+    @classmethod
+    def from_block(cls, block: nn.Module):
+        """The fused block sharing ``block``'s submodules (in order: the same state_dict keys)
+        and copying its public attributes (apply_residual, has_skip, conv_s2d = None, ...)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for name, child in block.named_children():
+            setattr(fused, name, child)
+        for name, value in vars(block).items():
+            if not name.startswith("_") and name != "training":
+                setattr(fused, name, value)
+        fused.training = block.training
+        fused._block_forward = type(block).forward
+        fused._adopt(block)
+        fused._check_structure()
+        return fused
+
+    def _adopt(self, block: nn.Module) -> None:
+        """What a subclass reads from the block besides its submodules and attributes."""
+        raise NotImplementedError
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        return self._block_forward(self, x)
+
+    def _forward_unfused(self, x: Tensor, parts) -> Tensor:
+        return self._block_forward(self, x)
+
+
+class FusedMNASNetBlock(_AroundBlock):
     """torchvision's MNASNet block (``torchvision.models.mnasnet._InvertedResidual``) as one
     fused operator: same submodules (``layers``: 1x1 conv, BN, ReLU, depthwise 3x3 or 5x5,
     BN, ReLU, 1x1 conv, BN) and ``state_dict`` keys."""
 
-    @classmethod
-    def from_block(cls, block: nn.Module) -> "FusedMNASNetBlock":
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.layers = block.layers
-        fused.apply_residual = block.apply_residual
-        fused.use_res_connect = block.apply_residual
-        fused.training = block.training
-        fused._block_forward = type(block).forward
-        fused._check_structure()
-        return fused
+    def _adopt(self, block: nn.Module) -> None:
+        self.use_res_connect = bool(block.apply_residual)
 
     def _parts(self):
         m = self.layers._modules
@@ -71,14 +95,8 @@ class FusedMNASNetBlock(FusedInvertedResidual):
                  f"and {type(m['5']).__name__}")
         return act
 
-    def _forward_modules(self, x: Tensor) -> Tensor:
-        return self._block_forward(self, x)
 
-    def _forward_unfused(self, x: Tensor, parts) -> Tensor:
-        return self._block_forward(self, x)
-
-
-class FusedTimmBlock(FusedInvertedResidual):
+class FusedTimmBlock(_AroundBlock):
     """timm's ``InvertedResidual`` or ``DepthwiseSeparableConv`` (timm.models._efficientnet_blocks)
     as one fused operator, with the block's own submodules under their names (``conv_pw``,
     ``bn1``, ``conv_dw``, ..., ``drop_path``), so ``state_dict`` keys are unchanged. Its
@@ -86,21 +104,9 @@ class FusedTimmBlock(FusedInvertedResidual):
     (``drop_path``, train mode) applies to the branch before the residual add, as in timm.
     """
 
-    @classmethod
-    def from_block(cls, block: nn.Module) -> "FusedTimmBlock":
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for name, child in block.named_children():  # (in order: the same state_dict keys)
-            setattr(fused, name, child)
-        for name, value in vars(block).items():  # has_skip, conv_s2d = None, ...
-            if not name.startswith("_") and name != "training":
-                setattr(fused, name, value)
-        fused.use_res_connect = bool(block.has_skip)
-        fused.training = block.training
-        fused._block_forward = type(block).forward
-        fused._separable = not hasattr(block, "conv_pwl")
-        fused._check_structure()
-        return fused
+    def _adopt(self, block: nn.Module) -> None:
+        self.use_res_connect = bool(block.has_skip)
+        self._separable = not hasattr(block, "conv_pwl")
 
     def _parts(self):
         m = self._modules
@@ -141,9 +147,3 @@ class FusedTimmBlock(FusedInvertedResidual):
         if drop is None or type(drop) is nn.Identity or not drop.training or not getattr(drop, "drop_prob", 0.0):
             return None
         return drop
-
-    def _forward_modules(self, x: Tensor) -> Tensor:
-        return self._block_forward(self, x)
-
-    def _forward_unfused(self, x: Tensor, parts) -> Tensor:
-        return self._block_forward(self, x)

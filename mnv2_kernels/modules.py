@@ -337,12 +337,7 @@ class FusedInvertedResidual(nn.Module):
         c = self.conv
         if len(c) not in (3, 4):
             raise TypeError(f"FusedInvertedResidual: unexpected block layout {c}")
-        stages = [c[0], c[1]] if len(c) == 4 else [c[0]]
-        names = {activation_name(stage[2]) if len(stage) == 3 else None for stage in stages}
-        if len(names) != 1 or None in names:
-            raise TypeError("FusedInvertedResidual: every conv stage must be conv -> norm -> ReLU6 (or ReLU, the "
-                            f"same in both stages), got {list(stages)}")
-        self._check_parts(names.pop())
+        self._check_parts(self._activation_now())
 
     def _check_parts(self, activation: str) -> None:
         """Checks the six parts the kernels compute; sets the TorchScript constants."""
@@ -369,11 +364,11 @@ class FusedInvertedResidual(nn.Module):
         """The activation of the stages as they are now (a ReLU6 replaced by a ReLU in
         place, as torchvision's quantization preparation does, is followed)."""
         c = self.conv._modules
-        names = {activation_name(stage[2]) if len(stage) == 3 else None
-                 for stage in ((c["0"], c["1"]) if len(c) == 4 else (c["0"],))}
+        stages = (c["0"], c["1"]) if len(c) == 4 else (c["0"],)
+        names = {activation_name(stage[2]) if len(stage) == 3 else None for stage in stages}
         if len(names) != 1 or None in names:
-            raise TypeError("FusedInvertedResidual: every conv stage must end in ReLU6 (or ReLU, the same in both "
-                            "stages)")
+            raise TypeError("FusedInvertedResidual: every conv stage must be conv -> norm -> ReLU6 (or ReLU, the "
+                            f"same in both stages), got {list(stages)}")
         return names.pop()
 
     def _drop_path(self) -> Optional[Callable[[Tensor], Tensor]]:
